@@ -1,0 +1,150 @@
+"""Channel labels: the bookkeeping behind `trace`.
+
+Every tensor seen while tracing gets a *label*: an int64 tensor of the same rank whose element says
+which channel id that element belongs to, i.e. which channel's removal deletes it. Labels are kept
+*compressed*: a dimension along which the label is constant has size 1, so a `(B, C, H, W)`
+activation of a conv carries a `(1, C, 1, 1)` label. `FIXED` marks elements no channel owns (the
+model input, outputs of ops the tracer does not understand): they can never be removed.
+
+`Coupling` is the mutable state of one trace: a union-find over channel ids (two ids in one set
+must be removed together), the ids that must not be removed (with a readable reason), and the
+tensor slices ("slots") that lose positions when ids are removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FIXED = -1
+"""Label of an element that no channel owns: it can never be removed."""
+
+Slot = tuple[str, str, int]
+"""(qualified module name, tensor attribute name, dim) of a tensor that loses slices."""
+
+
+def compress(label: torch.Tensor) -> torch.Tensor:
+    """Shrink every dimension along which `label` is constant to size 1."""
+    for d in range(label.dim()):
+        if label.shape[d] > 1:
+            first = label.narrow(d, 0, 1)
+            if bool((label == first).all()):
+                label = first
+    return label.contiguous()
+
+
+def varying_dims(label: torch.Tensor) -> set[int]:
+    """Dims along which a compressed label changes."""
+    return {d for d in range(label.dim()) if label.shape[d] > 1}
+
+
+def fixed_label(ndim: int) -> torch.Tensor:
+    return torch.full((1,) * ndim, FIXED, dtype=torch.long)
+
+
+def expand_full(label: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The label at the value's full shape (a copy, safe to reshape)."""
+    return label.expand(tuple(shape)).contiguous()
+
+
+def along(values: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """Place a 1-D vector of ids along `dim` of an otherwise compressed rank-`ndim` label."""
+    shape = [1] * ndim
+    shape[dim] = values.numel()
+    return values.reshape(shape)
+
+
+@dataclass
+class Coupling:
+    """Union-find over channel ids plus what a trace learned about them."""
+
+    parent: list[int] = field(default_factory=list)
+    blocked: dict[int, str] = field(default_factory=dict)
+    slots: dict[Slot, torch.Tensor] = field(default_factory=dict)
+    output_slots: set[Slot] = field(default_factory=set)
+    origins: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # -- ids ----------------------------------------------------------------------------------
+    def fresh(self, n: int) -> torch.Tensor:
+        base = len(self.parent)
+        self.parent.extend(range(base, base + n))
+        return torch.arange(base, base + n, dtype=torch.long)
+
+    def origin(self, module: str, n: int) -> torch.Tensor:
+        """The ids of a module's `n` output channels; the same ids each time it is called."""
+        if module not in self.origins:
+            self.origins[module] = self.fresh(n)
+        return self.origins[module]
+
+    def param(self, target: str, value: torch.Tensor) -> torch.Tensor:
+        """One id per element of a loose parameter or buffer (read through `get_attr`)."""
+        if target not in self.params:
+            self.params[target] = self.fresh(value.numel()).reshape(value.shape)
+        return self.params[target]
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # keep the older id as root so that roots follow creation order
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    def roots(self, label: torch.Tensor) -> torch.Tensor:
+        """Replace each id by its current root; FIXED stays FIXED."""
+        if label.numel() == 0:
+            return label
+        uniq, inverse = torch.unique(label, return_inverse=True)
+        mapped = torch.tensor([self.find(i) if i >= 0 else i for i in uniq.tolist()], dtype=torch.long)
+        return mapped[inverse]
+
+    # -- constraints --------------------------------------------------------------------------
+    def block(self, label: torch.Tensor | None, reason: str) -> None:
+        """Ids in `label` must never be removed."""
+        if label is None:
+            return
+        for i in torch.unique(label).tolist():
+            if i >= 0 and i not in self.blocked:
+                self.blocked[i] = reason
+
+    def unify(self, a: torch.Tensor, b: torch.Tensor, reason: str) -> None:
+        """Positions of `a` and `b` (same shape) must be removed together.
+
+        An id facing a FIXED element cannot be removed at all (`reason` says why).
+        """
+        a, b = torch.broadcast_tensors(a, b)
+        both = (a >= 0) & (b >= 0)
+        if bool(both.any()):
+            pairs = torch.unique(torch.stack([a[both], b[both]], dim=1), dim=0)
+            for x, y in pairs.tolist():
+                self.union(x, y)
+        self.block(a[(a >= 0) & (b == FIXED)], reason)
+        self.block(b[(b >= 0) & (a == FIXED)], reason)
+
+    def record(self, slot: Slot, ids: torch.Tensor, output: bool = False) -> None:
+        """`ids[i]` owns position i along the slot's dim. A reused module unifies its calls."""
+        ids = ids.reshape(-1)
+        if slot in self.slots:
+            self.unify(self.slots[slot], ids, f"{slot[0]} is called on tensors whose channels differ")
+        else:
+            self.slots[slot] = ids
+        if output:
+            self.output_slots.add(slot)
+
+    def channel_vector(self, label: torch.Tensor, dim: int, size: int, what: str) -> torch.Tensor:
+        """The ids along `dim` of a label; ids that also vary along other dims are blocked."""
+        others = varying_dims(label) - {dim}
+        if others:
+            self.block(label, f"{what} sees channels spread over more than its channel dimension")
+        index = [slice(None) if d == dim else slice(0, 1) for d in range(label.dim())]
+        return label[tuple(index)].reshape(-1).expand(size).contiguous()

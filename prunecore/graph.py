@@ -1,0 +1,420 @@
+"""`trace`: find the groups of channels that must be removed together.
+
+The model is symbolically traced with `torch.fx` and run once on the example inputs; beside every
+value the tracer carries a label saying which channel owns each element (see `_labels.py`), and
+each op moves the labels by a rule (see `_rules.py`). Channels that an op ties together (a
+residual add, the two halves of a chunk, a depthwise conv's input and output) end up in one set;
+producers whose channels share a set form one `ChannelGroup`.
+
+Example:
+    >>> graph = trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> g = graph["layer1.0.conv1"]
+    >>> g.size, g.producers
+    (64, ('layer1.0.conv1',))
+    >>> [(m.module, m.tensor, m.dim) for m in g.members][:3]
+    [('layer1.0.conv1', 'weight', 0), ('layer1.0.bn1', 'weight', 0), ...]
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from prunecore import _rules
+from prunecore._labels import Coupling, Slot, compress, varying_dims
+
+__all__ = ["ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message names the failing part and what to do."""
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One tensor dimension that loses positions when units of a group are removed.
+
+    `unit_of[i]` is the index of the group unit that owns position `i` along `dim`, or -1 when the
+    position belongs to another group or to no group.
+    """
+
+    module: str
+    tensor: str
+    dim: int
+    unit_of: torch.Tensor  # (tensor.shape[dim],) long
+
+    @property
+    def path(self) -> str:
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels that must be removed together, counted in *units*.
+
+    A unit is one channel for ordinary convs and Linears; where a grouped conv forces whole conv
+    groups out together, a unit is one conv group. `size` is the number of units: sparsity and
+    rounding apply to units.
+    """
+
+    name: str
+    size: int
+    producers: tuple[str, ...]
+    members: tuple[Member, ...]
+    prunable: bool
+    reason: str = ""
+    channels: int = 0  # output channels of the first producer
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"not prunable: {self.reason}"
+        return f"ChannelGroup({self.name!r}, size={self.size}, members={len(self.members)}, {state})"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Shape and dtype of one example input, enough to re-trace a model later."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> InputSpec:
+        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+    def example(self) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype)
+        if dtype.is_floating_point:
+            return torch.randn(self.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        return torch.zeros(self.shape, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGraph:
+    """All channel groups of a model, in the order their first producer runs."""
+
+    groups: tuple[ChannelGroup, ...]
+    inputs: tuple[InputSpec, ...]
+    model_type: str = ""
+    unreached: tuple[str, ...] = field(default=())
+
+    def __getitem__(self, name: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no channel group named {name!r}; the model has: {', '.join(g.name for g in self.groups)}")
+
+    def __contains__(self, name: object) -> bool:
+        return any(g.name == name for g in self.groups)
+
+    def __iter__(self) -> Iterator[ChannelGroup]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def prunable(self) -> tuple[ChannelGroup, ...]:
+        return tuple(g for g in self.groups if g.prunable)
+
+    def summary(self) -> str:
+        lines = [f"{self.model_type}: {len(self.groups)} channel groups, {len(self.prunable)} prunable"]
+        for g in self.groups:
+            state = "" if g.prunable else f"  [fixed: {g.reason}]"
+            lines.append(f"  {g.name:<40} {g.size:>6} units  {len(g.members):>3} members{state}")
+        return "\n".join(lines)
+
+
+# -- tracing --------------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self.extra_leaves = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
+
+
+class _LabelInterpreter(fx.Interpreter):
+    """Runs the graph for real and computes every node's label beside its value."""
+
+    def __init__(self, gm: fx.GraphModule, st: Coupling):
+        super().__init__(gm, garbage_collect_values=False)
+        self.st = st
+        self.labels: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        labels = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
+        klabels = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
+        self.labels[n] = self._label(n, value, labels, klabels)
+        return value
+
+    def _label(self, n: fx.Node, value: Any, labels: Any, klabels: Any) -> Any:
+        if n.op == "placeholder":
+            return _rules.fixed_like(value)
+        if n.op == "output":
+            _rules.output(self.st, labels)
+            return None
+        if n.op == "get_attr":
+            if isinstance(value, torch.Tensor) and value.numel() <= 1 << 22:
+                return self.st.param(n.target, value)
+            return _rules.fixed_like(value)
+        if not _has_tensor(value):
+            return None
+        args = fx.node.map_arg(n.args, lambda a: self.env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        call = _rules.Call(n, tuple(args), dict(kwargs), tuple(labels), dict(klabels), value, self.st, module)
+        if not _has_label(labels) and not _has_label(klabels):
+            if module is None:
+                return _rules.fixed_like(value)
+        rule = _rules.module_rule(module) if module is not None else _rules.function_rule(n)
+        try:
+            label = rule(call)
+        except Exception as exc:  # a rule that cannot follow an op must not crash the trace
+            _rules.block_inputs(call, f"reaches {call.where}, which prunecore could not follow ({exc})")
+            label = _rules.fixed_like(value)
+        return _rules.finish(self.st, label)
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+def _has_label(labels: Any) -> bool:
+    return any(True for _ in _rules.walk_labels(labels))
+
+
+def _symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> fx.GraphModule:
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = _failing_frame(exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. "
+            "Data-dependent control flow and some Python constructs cannot be traced; pass the "
+            "offending submodule types as `leaf_modules=(...)` so prunecore treats them as opaque "
+            "(their channels are then kept), or rewrite that code path."
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _failing_frame(exc: BaseException) -> str:
+    """Name the user-code line fx was tracing when it failed."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in filename and "prunecore" not in filename:
+            last = tb
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    code = last.tb_frame.f_code
+    return f" (in {code.co_name}, {code.co_filename}:{last.tb_lineno})"
+
+
+def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+
+
+class _TrainingFlags:
+    """Temporarily set training flags (BatchNorm stays in eval so no statistics move)."""
+
+    def __init__(self, model: nn.Module, training: bool):
+        self.model, self.training = model, training
+
+    def __enter__(self) -> None:
+        self.saved = {m: m.training for m in self.model.modules()}
+        for m in self.model.modules():
+            m.training = self.training and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.saved.items():
+            m.training = flag
+
+
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leaves: tuple[type, ...]) -> set[str]:
+    gm = _symbolic_trace(model, leaves)
+    interp = _LabelInterpreter(gm, st)
+    try:
+        with torch.no_grad():
+            interp.run(*inputs)
+    except TraceError:
+        raise
+    except Exception as exc:
+        node = interp.env and list(interp.env)[-1]
+        raise TraceError(
+            f"running the traced {type(model).__name__} on the example inputs failed after node "
+            f"{getattr(node, 'name', '?')!r}: {type(exc).__name__}: {exc}. Check that the example "
+            "inputs have the shape the model expects."
+        ) from None
+    used = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            used.add(n.target)
+        elif n.op == "get_attr":
+            used.add(n.target.rpartition(".")[0])
+    return used
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    leaf_modules: Sequence[type] = (),
+) -> ChannelGraph:
+    """Find every group of channels of `model` that must be removed together.
+
+    The model is traced in eval mode; modules that only run in training mode (auxiliary heads)
+    are found by a second trace in training mode, so pruning keeps them consistent too. The model
+    is not changed (its training flags are restored).
+    """
+    inputs = _as_tuple(example_inputs)
+    leaves = tuple(leaf_modules)
+    st = Coupling()
+    with _TrainingFlags(model, training=False):
+        used = _run(model, inputs, st, leaves)
+    with_params = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    unreached = with_params - used
+    if unreached:
+        try:
+            with _TrainingFlags(model, training=True):
+                used |= _run(model, inputs, st, leaves)
+        except TraceError as exc:
+            warnings.warn(
+                f"{len(unreached)} modules run only in training mode ({', '.join(sorted(unreached)[:3])}, ...) "
+                f"and could not be traced on the example inputs ({exc}); pruning leaves them as they "
+                "are, so the pruned model works in eval mode only. Trace with a larger input to include them.",
+                stacklevel=2,
+            )
+        unreached = with_params - used
+    groups = _build_groups(model, st)
+    return ChannelGraph(
+        groups=groups,
+        inputs=tuple(InputSpec.of(x) for x in inputs),
+        model_type=type(model).__name__,
+        unreached=tuple(sorted(unreached)),
+    )
+
+
+# -- from ids to groups ---------------------------------------------------------------------------
+def _param_slots(st: Coupling) -> dict[Slot, torch.Tensor]:
+    """Loose parameters (read via get_attr) become slots along the one dim their channels vary."""
+    slots = {}
+    for target, ids in st.params.items():
+        roots = compress(st.roots(ids))
+        if not bool((roots >= 0).any()):
+            continue
+        module, _, tensor = target.rpartition(".")
+        varying = varying_dims(roots)
+        if len(varying) == 1:
+            (dim,) = varying
+            index = tuple(slice(None) if d == dim else 0 for d in range(roots.dim()))
+            slots[(module, tensor, dim)] = roots[index]
+        elif varying:
+            st.block(ids, f"parameter {target!r} carries channels along several dims")
+    return slots
+
+
+def _build_groups(model: nn.Module, st: Coupling) -> tuple[ChannelGroup, ...]:
+    slots = {slot: st.roots(ids) for slot, ids in st.slots.items()}
+    slots.update(_param_slots(st))
+    blocked: dict[int, str] = {}
+    for i, reason in st.blocked.items():
+        blocked.setdefault(st.find(i), reason)
+
+    # producers sharing any root form one group
+    order = list(st.origins)
+    owner: dict[int, int] = {}
+    parent = list(range(len(order)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    origin_roots = [st.roots(st.origins[name]) for name in order]
+    for p, roots in enumerate(origin_roots):
+        for r in torch.unique(roots).tolist():
+            if r in owner:
+                a, b = find(p), find(owner[r])
+                parent[max(a, b)] = min(a, b)
+            else:
+                owner[r] = p
+
+    members_of: dict[int, list[int]] = {}
+    for p in range(len(order)):
+        members_of.setdefault(find(p), []).append(p)
+
+    # unit index of every root, per group
+    unit_index: dict[int, tuple[int, int]] = {}
+    group_units: list[list[int]] = []
+    heads = sorted(members_of)
+    for gi, head in enumerate(heads):
+        units: list[int] = []
+        seen: set[int] = set()
+        for p in members_of[head]:
+            for r in origin_roots[p].tolist():
+                if r not in seen:
+                    seen.add(r)
+                    unit_index[r] = (gi, len(units))
+                    units.append(r)
+        group_units.append(units)
+
+    members: list[list[Member]] = [[] for _ in heads]
+    producers: list[list[str]] = [[] for _ in heads]
+    for slot, roots in slots.items():
+        uniq, inverse = torch.unique(roots, return_inverse=True)
+        found = [unit_index.get(r, (-1, -1)) for r in uniq.tolist()]
+        for gi in {g for g, _ in found if g >= 0}:
+            lookup = torch.tensor([u if g == gi else -1 for g, u in found], dtype=torch.long)
+            module, tensor, dim = slot
+            members[gi].append(Member(module, tensor, dim, lookup[inverse]))
+            if slot in st.output_slots and module not in producers[gi]:
+                producers[gi].append(module)
+
+    groups = []
+    for gi, head in enumerate(heads):
+        name = order[members_of[head][0]]
+        units = group_units[gi]
+        reason = next((blocked[r] for r in units if r in blocked), "")
+        if not reason and len(units) < 2:
+            reason = "has a single unit; removing it would remove the whole layer"
+        origin_names = [order[p] for p in members_of[head]]
+        ordered_producers = tuple(dict.fromkeys(origin_names + producers[gi]))
+        groups.append(
+            ChannelGroup(
+                name=name,
+                size=len(units),
+                producers=ordered_producers,
+                members=tuple(sorted(members[gi], key=_member_order(model))),
+                prunable=not reason,
+                reason=reason,
+                channels=int(st.origins[name].numel()),
+            )
+        )
+    return tuple(groups)
+
+
+def _member_order(model: nn.Module):
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+    def key(m: Member) -> tuple[int, str, int]:
+        return (position.get(m.module, len(position)), m.tensor, m.dim)
+
+    return key
+

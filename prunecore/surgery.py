@@ -1,0 +1,131 @@
+"""`apply_plan`: materialise a plan as a smaller dense model (or a masked one of the same size).
+
+Slicing is driven entirely by the members that `trace` recorded: every (module, tensor, dim)
+loses the positions of removed units. Module attributes that describe shapes (`in_channels`,
+`num_features`, ...) are then re-derived from the sliced tensors by a small per-type table.
+
+`mode="mask"` zeroes the same parameter slices instead of removing them. Zeroing a removed
+channel's producer *and* every consumer slice means nothing it carries reaches a kept output, so
+the masked model computes what the pruned one computes: the invariant the tests pin.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from prunecore._labels import Slot
+from prunecore.graph import ChannelGraph, trace
+from prunecore.plan import Plan
+
+__all__ = ["apply_plan", "kept_positions"]
+
+
+def kept_positions(graph: ChannelGraph, plan: Plan) -> dict[Slot, torch.Tensor]:
+    """For every member slot touched by the plan: a bool mask of the positions that stay."""
+    plan.check(graph)
+    keep: dict[Slot, torch.Tensor] = {}
+    for group in graph.groups:
+        gp = plan.groups.get(group.name)
+        if gp is None or len(gp.keep) == group.size:
+            continue
+        removed = torch.ones(group.size, dtype=torch.bool)
+        removed[list(gp.keep)] = False
+        for m in group.members:
+            slot = (m.module, m.tensor, m.dim)
+            mask = keep.get(slot)
+            if mask is None:
+                mask = torch.ones(m.unit_of.numel(), dtype=torch.bool)
+            owned = m.unit_of >= 0
+            gone = torch.zeros_like(mask)
+            gone[owned] = removed[m.unit_of[owned]]
+            keep[slot] = mask & ~gone
+    return keep
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    mode: Literal["remove", "mask"] = "remove",
+    graph: ChannelGraph | None = None,
+) -> nn.Module:
+    """A NEW model with the plan applied; `model` is left untouched.
+
+    `graph` skips re-tracing when the caller already has the model's graph; otherwise the model is
+    traced on inputs of the shapes the plan records.
+    """
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
+    if graph is None:
+        graph = trace(model, tuple(spec.example() for spec in plan.inputs))
+    keep = kept_positions(graph, plan)
+    new = copy.deepcopy(model)
+    touched: set[str] = set()
+    for (module_name, tensor_name, dim), mask in keep.items():
+        module = new.get_submodule(module_name)
+        old = getattr(module, tensor_name)
+        if mode == "mask":
+            if isinstance(old, nn.Parameter):
+                with torch.no_grad():
+                    index = [slice(None)] * old.dim()
+                    index[dim] = ~mask
+                    old[tuple(index)] = 0
+            continue
+        _replace(module, tensor_name, old, torch.index_select(old.detach(), dim, mask.nonzero().flatten()))
+        touched.add(module_name)
+    for name in touched:
+        module = new.get_submodule(name)
+        for types, fix in _SHAPE_FIXES:
+            if isinstance(module, types):
+                fix(module)
+                break
+    return new
+
+
+def _replace(module: nn.Module, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(data.clone(), requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, data.clone())
+
+
+# -- attributes derived from the sliced tensors ------------------------------------------------------
+def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
+    w = m.weight  # conv: (out, in/groups, *k); transposed: (in, out/groups, *k)
+    if m.transposed:
+        per_group = m.in_channels // m.groups
+        m.groups = w.shape[0] // per_group if m.groups > 1 else 1
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    else:
+        per_group = m.out_channels // m.groups
+        m.groups = w.shape[0] // per_group if m.groups > 1 else 1
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+def _fix_linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_norm(m: nn.Module) -> None:
+    stats = m.weight if m.weight is not None else m.running_mean
+    m.num_features = stats.shape[0]
+
+
+def _fix_embedding(m: nn.Embedding) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _fix_prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.shape[0]
+
+
+_SHAPE_FIXES: list[tuple[type | tuple[type, ...], Callable[[nn.Module], None]]] = [
+    (nn.modules.conv._ConvNd, _fix_conv),
+    (nn.Linear, _fix_linear),
+    ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), _fix_norm),
+    (nn.Embedding, _fix_embedding),
+    (nn.PReLU, _fix_prelu),
+]
