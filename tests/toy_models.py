@@ -1,0 +1,316 @@
+"""Tiny models, each covering one coupling topology. Inputs: `model.example()`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Toy(nn.Module):
+    input_shape: tuple[int, ...] = (2, 3, 8, 8)
+
+    def example(self) -> torch.Tensor:
+        return torch.randn(self.input_shape, generator=torch.Generator().manual_seed(1))
+
+
+class TwoResiduals(Toy):
+    """One channel space feeds two residual adds: stem, block1 and block2 outputs are one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.block1 = nn.Sequential(conv_bn(8, 6), nn.Conv2d(6, 8, 3, padding=1))
+        self.block2 = nn.Sequential(conv_bn(8, 5), nn.Conv2d(5, 8, 3, padding=1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.block1(x))
+        x = F.relu(x + self.block2(x))
+        return self.head(x.mean((2, 3)))
+
+
+class Concat(Toy):
+    """torch.cat of two branches: the consumer's input channels map to two groups by offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 4)
+        self.b = conv_bn(3, 6)
+        self.fuse = conv_bn(10, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.fuse(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3)))
+
+
+class Chunk(Toy):
+    """chunk(2): a channel removed from one half must go from the other half too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.left = nn.Conv2d(4, 6, 1)
+        self.right = nn.Conv2d(4, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        return self.head((self.left(a) + self.right(b)).mean((2, 3)))
+
+
+class FixedSplit(Toy):
+    """split with literal sizes cannot change size after pruning: the split channels are fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.left = nn.Conv2d(3, 4, 1)
+        self.right = nn.Conv2d(5, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), [3, 5], dim=1)
+        return self.head((self.left(a) + self.right(b)).mean((2, 3)))
+
+
+class SharedInput(Toy):
+    """Two branches read the same tensor; their outputs are added."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 6)
+        self.p = conv_bn(6, 7, k=1)
+        self.q = conv_bn(6, 7, k=3)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((self.p(x) + self.q(x)).mean((2, 3)))
+
+
+class FlattenLinear(Toy):
+    """flatten into a Linear: one channel becomes H*W input features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 6), nn.MaxPool2d(2))
+        self.fc1 = nn.Linear(6 * 4 * 4, 10)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class ViewLinear(Toy):
+    """x.view(x.size(0), -1): the flattened size is recomputed, so pruning is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 6)
+        self.fc = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class HardcodedView(Toy):
+    """x.view(-1, 384) hard-codes the channel count: those channels must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 6)
+        self.fc = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).view(2, 384))
+
+
+class Depthwise(Toy):
+    """MobileNet block: depthwise conv ties its input and output channels; BN between."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = conv_bn(3, 8, k=1)
+        self.dw = conv_bn(8, 8, k=3, groups=8)
+        self.mult = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # channel multiplier 2
+        self.project = nn.Conv2d(16, 5, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.project(self.mult(self.dw(self.expand(x)))).mean((2, 3)))
+
+
+class Grouped(Toy):
+    """ResNeXt-style grouped conv: whole conv groups are removed together."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = conv_bn(3, 8, k=1)
+        self.grouped = conv_bn(8, 12, k=3, groups=4)
+        self.expand = nn.Conv2d(12, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.expand(self.grouped(self.reduce(x))).mean((2, 3)))
+
+
+class SqueezeExcite(Toy):
+    """SE block: the excitation's output channels multiply, so they join the feature group."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 8)
+        self.squeeze = nn.Conv2d(8, 4, 1)
+        self.excite = nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.features(x)
+        s = torch.sigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head((x * s).mean((2, 3)))
+
+
+class SpatialAttention(Toy):
+    """A 1-channel map broadcast over all channels does not tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 8)
+        self.attn = nn.Conv2d(8, 1, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.head((x * torch.sigmoid(self.attn(x))).mean((2, 3)))
+
+
+class Transposed(Toy):
+    """ConvTranspose2d as consumer and producer (weight is (in, out, k, k))."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = conv_bn(3, 6)
+        self.up = nn.ConvTranspose2d(6, 5, 2, stride=2)
+        self.bn = nn.BatchNorm2d(5)
+        self.out = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.bn(self.up(self.down(x)))))
+
+
+class Conv1dNet(Toy):
+    """Conv1d + BatchNorm1d on sequences, pooled into a Linear."""
+
+    input_shape = (2, 3, 16)
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv1d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.c2(F.relu(self.bn(self.c1(x)))).amax(-1))
+
+
+class ChannelShuffle(Toy):
+    """ShuffleNet's view -> transpose -> view: channels move in whole columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 4)
+        self.b = conv_bn(3, 4)
+        self.after = nn.Conv2d(8, 5, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(self.after(x).mean((2, 3)))
+
+
+class LooseParameter(Toy):
+    """A bare nn.Parameter scaling channels (layer scale) is sliced with its group."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1))
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.out(self.features(x) * self.scale).mean((2, 3))
+
+
+class Reused(Toy):
+    """One conv applied twice (shared weights): its input and output channels become one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.shared(F.relu(self.shared(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class UnknownOp(Toy):
+    """cumsum over channels is not understood: the channels reaching it must be kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 8)
+        self.mid = conv_bn(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.features(x).cumsum(dim=1)
+        return self.head(self.mid(x).mean((2, 3)))
+
+
+class DataDependent(Toy):
+    """Python control flow on tensor values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 8)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > 0:
+            x = x * 2
+        return x
+
+
+PRUNABLE_TOYS = [
+    TwoResiduals, Concat, Chunk, FixedSplit, SharedInput, FlattenLinear, ViewLinear, HardcodedView,
+    Depthwise, Grouped, SqueezeExcite, SpatialAttention, Transposed, Conv1dNet, ChannelShuffle,
+    LooseParameter, Reused, UnknownOp,
+]  # fmt: skip
+
+
+def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so masked channels would show if they leaked."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
