@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from prunecore import _rules
 from prunecore._labels import Coupling, Slot, compress, varying_dims
+from prunecore._modes import eval_mode, training_flags
 
 __all__ = ["ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace"]
 
@@ -145,8 +146,10 @@ class _LabelInterpreter(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.st = st
         self.labels: dict[fx.Node, Any] = {}
+        self.current: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         value = super().run_node(n)
         labels = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
         klabels = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
@@ -231,22 +234,6 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise TypeError("example_inputs must be a tensor or a tuple of tensors")
 
 
-class _TrainingFlags:
-    """Temporarily set training flags (BatchNorm stays in eval so no statistics move)."""
-
-    def __init__(self, model: nn.Module, training: bool):
-        self.model, self.training = model, training
-
-    def __enter__(self) -> None:
-        self.saved = {m: m.training for m in self.model.modules()}
-        for m in self.model.modules():
-            m.training = self.training and not isinstance(m, nn.modules.batchnorm._BatchNorm)
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.saved.items():
-            m.training = flag
-
-
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leaves: tuple[type, ...]) -> set[str]:
     gm = _symbolic_trace(model, leaves)
     interp = _LabelInterpreter(gm, st)
@@ -256,11 +243,12 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leave
     except TraceError:
         raise
     except Exception as exc:
-        node = interp.env and list(interp.env)[-1]
+        node = interp.current
+        where = f"at {node.op} {node.target!r}" if node is not None else "before the first op"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(
-            f"running the traced {type(model).__name__} on the example inputs failed after node "
-            f"{getattr(node, 'name', '?')!r}: {type(exc).__name__}: {exc}. Check that the example "
-            "inputs have the shape the model expects."
+            f"running {type(model).__name__} on the example inputs failed {where}: "
+            f"{type(exc).__name__}: {first_line}. Check that the example inputs have the shape the model expects."
         ) from None
     used = set()
     for n in gm.graph.nodes:
@@ -285,13 +273,14 @@ def trace(
     inputs = _as_tuple(example_inputs)
     leaves = tuple(leaf_modules)
     st = Coupling()
-    with _TrainingFlags(model, training=False):
+    with eval_mode(model):
         used = _run(model, inputs, st, leaves)
     with_params = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     unreached = with_params - used
     if unreached:
         try:
-            with _TrainingFlags(model, training=True):
+            # BatchNorm stays in eval so that no running statistics move
+            with training_flags(model, lambda m: not isinstance(m, nn.modules.batchnorm._BatchNorm)):
                 used |= _run(model, inputs, st, leaves)
         except TraceError as exc:
             warnings.warn(

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunecore._modes import eval_mode
+from prunecore.evaluate import split_batch
 from prunecore.graph import ChannelGraph, ChannelGroup, Member
 
 __all__ = ["Criterion", "list_criteria", "register_criterion", "score"]
@@ -86,28 +88,41 @@ def _parameter(model: nn.Module, m: Member) -> torch.Tensor | None:
     return value if isinstance(value, nn.Parameter) else None
 
 
-def _norm_scores(model: nn.Module, graph: ChannelGraph, power: int) -> dict[str, torch.Tensor]:
+def _member_scores(
+    model: nn.Module, graph: ChannelGraph, per_position: Callable[[torch.Tensor, int], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Sum `per_position(param, dim)` into unit scores over every parameter member of each group.
+
+    A tensor shared by many groups (a DenseNet layer reading every earlier layer's output) is
+    reduced once, not once per group.
+    """
+    cache: dict[tuple[str, int], torch.Tensor] = {}
     scores = {}
     for g in graph.prunable:
         acc = torch.zeros(g.size, dtype=torch.float64)
         for m in g.members:
-            p = _parameter(model, m)
-            if p is not None:
-                _per_unit(g, m, _reduce_to_dim(p.detach().abs() ** power, m.dim), acc)
-        scores[g.name] = acc if power == 1 else acc.sqrt()
+            key = (m.path, m.dim)
+            if key not in cache:
+                p = _parameter(model, m)
+                with torch.no_grad():
+                    cache[key] = per_position(p, m.dim) if p is not None else None
+            if cache[key] is not None:
+                _per_unit(g, m, cache[key], acc)
+        scores[g.name] = acc
     return scores
 
 
 @register_criterion("l1")
 def l1(model: nn.Module, graph: ChannelGraph, **_: Any) -> dict[str, torch.Tensor]:
     """Sum of |w| over every parameter a unit removes (Li et al. 2017, extended to groups)."""
-    return _norm_scores(model, graph, 1)
+    return _member_scores(model, graph, lambda p, dim: _reduce_to_dim(p.abs(), dim))
 
 
 @register_criterion("l2")
 def l2(model: nn.Module, graph: ChannelGraph, **_: Any) -> dict[str, torch.Tensor]:
     """Euclidean norm of every parameter a unit removes."""
-    return _norm_scores(model, graph, 2)
+    squares = _member_scores(model, graph, lambda p, dim: _reduce_to_dim(p.square(), dim))
+    return {name: s.sqrt() for name, s in squares.items()}
 
 
 @register_criterion("bn_scale")
@@ -134,15 +149,14 @@ def bn_scale(model: nn.Module, graph: ChannelGraph, **_: Any) -> dict[str, torch
 def taylor(model: nn.Module, graph: ChannelGraph, data: Iterable[Any], batches: int = 16, **_: Any):
     """|sum of w * dL/dw| over a unit's parameters: first-order loss change (Molchanov 2019)."""
     grads = _mean_gradients(model, data, batches)
-    scores = {}
-    for g in graph.prunable:
-        acc = torch.zeros(g.size, dtype=torch.float64)
-        for m in g.members:
-            p = _parameter(model, m)
-            if p is not None and m.path in grads:
-                _per_unit(g, m, _reduce_to_dim(p.detach() * grads[m.path], m.dim), acc)
-        scores[g.name] = acc.abs()
-    return scores
+    by_param = {id(p): grads[n] for n, p in model.named_parameters() if n in grads}
+
+    def w_times_grad(p: torch.Tensor, dim: int) -> torch.Tensor:
+        g = by_param.get(id(p))
+        return _reduce_to_dim(p * g, dim) if g is not None else torch.zeros(p.shape[dim])
+
+    scores = _member_scores(model, graph, w_times_grad)
+    return {name: s.abs() for name, s in scores.items()}
 
 
 @register_criterion("random")
@@ -159,14 +173,10 @@ def _mean_gradients(model: nn.Module, data: Iterable[Any], batches: int) -> dict
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     totals = {n: torch.zeros_like(p) for n, p in named}
-    training = {m: m.training for m in model.modules()}
-    model.eval()
     count = 0
-    try:
+    with eval_mode(model):
         for batch in islice(data, batches):
-            inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch, None)
-            if isinstance(inputs, (tuple, list)):
-                inputs = inputs[0]
+            inputs, targets = split_batch(batch)
             device = next(model.parameters()).device
             logits = model(inputs.to(device))
             if targets is None:
@@ -176,9 +186,6 @@ def _mean_gradients(model: nn.Module, data: Iterable[Any], batches: int) -> dict
                 if g is not None:
                     totals[n] += g
             count += 1
-    finally:
-        for m, flag in training.items():
-            m.training = flag
     if count == 0:
         raise ValueError("criterion 'taylor' got no batches of data")
     return {n: t / count for n, t in totals.items()}

@@ -41,6 +41,8 @@ def make_plan(
             if s > 0 and not graph[name].prunable:
                 raise PlanError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
     else:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         targets = {g.name: float(sparsity) for g in graph.prunable}
     for name, s in targets.items():
         if not 0.0 <= s < 1.0:

@@ -1,0 +1,146 @@
+"""The `prunecore` command: a thin face over the Python API.
+
+    prunecore inspect --model torchvision:resnet18
+    prunecore prune --model torchvision:resnet18 --sparsity 0.5 --round-to 8 --check --out pruned.pt
+    prunecore criteria
+
+Bad input (an unknown model, an unreadable weights file, a sparsity out of range, a model that
+cannot be traced) ends with a one-line message and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from prunecore.cost import count, latency
+from prunecore.graph import ChannelGraph, TraceError, trace
+from prunecore.importance import get_criterion, list_criteria
+from prunecore.models import ModelSpecError, load_model
+from prunecore.plan import PlanError
+from prunecore.prune import make_plan
+from prunecore.surgery import apply_plan
+
+_USER_ERRORS = (ModelSpecError, TraceError, PlanError, ValueError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except _USER_ERRORS as exc:
+        print(f"prunecore: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunecore: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunecore", description="Structured pruning for PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="trace a model and list its channel groups")
+    _model_args(inspect)
+    inspect.set_defaults(run=_inspect)
+
+    prune = sub.add_parser("prune", help="prune every prunable group to one sparsity")
+    _model_args(prune)
+    prune.add_argument("--sparsity", type=float, required=True, help="fraction of units to remove, in [0, 1)")
+    prune.add_argument("--criterion", default="l1", choices=list_criteria(), help="importance criterion")
+    prune.add_argument("--round-to", type=int, default=1, help="round kept channel counts to a multiple")
+    prune.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
+    prune.add_argument("--out", type=Path, help="write the pruned state_dict here, and the plan beside it")
+    prune.set_defaults(run=_prune)
+
+    criteria = sub.add_parser("criteria", help="list the importance criteria")
+    criteria.set_defaults(run=_criteria)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="torchvision:NAME or package.module:function")
+    p.add_argument("--weights", type=Path, help="a state_dict file (loaded with weights_only=True)")
+    p.add_argument("--input", type=_shape, default=(1, 3, 224, 224), help="example input shape, e.g. 1,3,224,224")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must be comma-separated integers, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"input shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, ChannelGraph]:
+    model = load_model(args.model, args.weights)
+    example = torch.randn(args.input, generator=torch.Generator().manual_seed(0))
+    return model, example, trace(model, example)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, example, graph = _load(args)
+    cost = count(model, example)
+    print(f"{args.model}  input {'x'.join(map(str, args.input))}  {_num(cost.params)} params  {_num(cost.flops)} MACs")
+    print(graph.summary())
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    model, example, graph = _load(args)
+    if get_criterion(args.criterion).needs_data:
+        raise ValueError(f"criterion {args.criterion!r} needs data; the prune command has none yet")
+    plan = make_plan(model, graph, args.sparsity, args.criterion, args.round_to)
+    pruned = apply_plan(model, plan, graph=graph)
+    before, after = count(model, example), count(pruned, example)
+    t_before, t_after = latency(model, example), latency(pruned, example)
+    print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
+    print(f"groups     {len(graph.groups)} ({len(graph.prunable)} prunable)")
+    print(f"plan       {args.criterion}, sparsity {args.sparsity:g}, round_to {args.round_to}")
+    print(f"{'':10} {'dense':>10} {'pruned':>10}   kept")
+    print(f"{'params':10} {_num(before.params):>10} {_num(after.params):>10}   {after.params / before.params:6.1%}")
+    print(f"{'MACs':10} {_num(before.flops):>10} {_num(after.flops):>10}   {after.flops / before.flops:6.1%}")
+    print(
+        f"{'latency':10} {t_before * 1e3:>8.1f}ms {t_after * 1e3:>8.1f}ms   "
+        f"{t_before / t_after:.2f}x faster (CPU, median of 10)"
+    )
+    status = 0
+    if args.check:
+        masked = apply_plan(model, plan, mode="mask", graph=graph)
+        with torch.no_grad():
+            a, b = pruned(example), masked(example)
+        diff = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+        ok = diff < 1e-4
+        print(f"check      max |pruned - masked| / max |masked| = {diff:.1e}  {'OK' if ok else 'MISMATCH'}")
+        status = 0 if ok else 1
+    if args.out is not None:
+        plan_path = args.out.with_suffix(".plan.json")
+        torch.save(pruned.state_dict(), args.out)
+        plan_path.write_text(plan.to_json())
+        print(f"saved      {args.out} (state_dict) and {plan_path} (plan)")
+        print("rebuild    apply_plan(load_model(MODEL), Plan.from_json(PLAN_TEXT)).load_state_dict(STATE_DICT)")
+    return status
+
+
+def _criteria(args: argparse.Namespace) -> int:
+    for name in list_criteria():
+        crit = get_criterion(name)
+        print(f"{name:10} {'(needs data) ' if crit.needs_data else ''}{crit.doc}")
+    return 0
+
+
+def _num(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

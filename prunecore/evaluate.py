@@ -1,0 +1,174 @@
+"""Metrics for a (pruned) model, and BatchNorm re-estimation after pruning.
+
+Every metric is a per-sample sum divided by the sample count at the end, so results are exact
+over the data whatever the batch sizes. Label-free metrics compare the model with a `reference`
+(the dense model) on the same inputs, so pruning can be judged without labelled data.
+
+Example:
+    >>> evaluate(pruned, loader, metric=["accuracy", "kl"], reference=dense)
+    {'accuracy': 0.71, 'kl': 0.042}
+    >>> recalibrate_bn_(pruned, loader, batches=50)  # EagleEye's adaptive BN
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import chain, islice
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunecore._modes import training_flags
+
+__all__ = ["Metric", "evaluate", "list_metrics", "recalibrate_bn_"]
+
+# (logits, reference logits or None, targets or None) -> float64 sum over the batch's samples
+_SumFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: what it needs, and how to sum it over a batch."""
+
+    name: str
+    needs_labels: bool
+    needs_reference: bool
+    batch_sum: _SumFn
+    doc: str
+
+
+def _kl_sum(logits: torch.Tensor, ref: torch.Tensor | None, _t: torch.Tensor | None) -> torch.Tensor:
+    # KL(p_ref || p_model) = sum p_ref * (log p_ref - log p_model); kl_div takes (log q, log p).
+    log_q, log_p = F.log_softmax(logits.double(), dim=1), F.log_softmax(ref.double(), dim=1)
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+
+
+_METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("accuracy", True, False, lambda lg, _r, t: (lg.argmax(1) == t).sum().double(), "top-1 accuracy, 0..1"),
+        Metric("agreement", False, True, lambda lg, r, _t: (lg.argmax(1) == r.argmax(1)).sum().double(),
+               "fraction of samples whose top-1 equals the reference's"),
+        Metric("kl", False, True, _kl_sum, "mean KL(p_reference || p_model) in nats"),
+        Metric("loss", True, False, lambda lg, _r, t: F.cross_entropy(lg.double(), t, reduction="sum"),
+               "mean cross-entropy per sample"),
+    )
+}
+
+
+def list_metrics() -> list[str]:
+    """Names of the registered metrics, sorted (feeds the CLI choices and the dashboard)."""
+    return sorted(_METRICS)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(inputs, targets)`, `(inputs,)` or bare `inputs` -> (inputs, targets or None)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return batch[0], (torch.as_tensor(batch[1]) if len(batch) == 2 else None)
+    raise ValueError(f"a batch must be a tensor, (inputs,) or (inputs, targets); got {type(batch).__name__}")
+
+
+def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    out = model(inputs.to(_device(model)))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"expected the model to return logits of shape (B, C); got {getattr(out, 'shape', type(out))}")
+    return out
+
+
+def _limit(data: Iterable[Any], batches: int | None) -> Iterable[Any]:
+    if batches is not None and batches < 0:
+        raise ValueError(f"batches must be >= 0 or None, got {batches}")
+    return data if batches is None else islice(data, batches)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Iterable[Any],
+    metric: str | Sequence[str] = "accuracy",
+    reference: nn.Module | None = None,
+    batches: int | None = None,
+) -> dict[str, float]:
+    """Mean of each requested metric over the samples of `data`, in one pass.
+
+    The model (and reference) run in eval mode under no_grad; their training flags are restored
+    afterwards, so evaluating never changes them. `batches` caps the batches used (None = all).
+    """
+    names = list(dict.fromkeys([metric] if isinstance(metric, str) else metric))
+    unknown = [n for n in names if n not in _METRICS]
+    if unknown or not names:
+        what = f"unknown metric(s) {unknown}" if unknown else "no metric requested"
+        raise ValueError(f"{what}; valid metrics: {', '.join(list_metrics())}")
+    specs = [_METRICS[n] for n in names]
+    if reference is None and any(s.needs_reference for s in specs):
+        needy = [s.name for s in specs if s.needs_reference]
+        raise ValueError(f"metric(s) {needy} compare with the dense model: pass reference=")
+    use_ref = reference is not None and any(s.needs_reference for s in specs)
+    device = _device(model)
+    sums = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
+    samples = 0
+    ref_eval = training_flags(reference, lambda m: False) if use_ref else nullcontext()
+    with torch.no_grad(), training_flags(model, lambda m: False), ref_eval:
+        for batch in _limit(data, batches):
+            inputs, targets = split_batch(batch)
+            if targets is None and any(s.needs_labels for s in specs):
+                needy = [s.name for s in specs if s.needs_labels]
+                raise ValueError(f"metric(s) {needy} need labels but the data has no targets; "
+                                 "use a label-free metric (kl, agreement) with a reference")
+            logits = _logits(model, inputs)  # (B, C)
+            ref = _logits(reference, inputs).to(device) if use_ref else None  # (B, C)
+            targets = targets.to(device) if targets is not None else None
+            for s in specs:
+                sums[s.name] += s.batch_sum(logits, ref, targets)
+            samples += logits.shape[0]
+    if samples == 0:
+        raise ValueError("evaluate got no samples: the data is empty (or batches=0)")
+    return {n: (sums[n] / samples).item() for n in names}
+
+
+def _tracked_bn(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None = 50) -> nn.Module:
+    """Re-estimate BatchNorm running statistics from `data`, in place; returns `model`.
+
+    Pruning changes the features each BatchNorm sees, so its stored statistics go stale; a few
+    forward passes re-estimate them (EagleEye, ECCV 2020). Momentum is set to None for the pass,
+    so the statistics are the exact average over the batches, independent of their order. Only
+    BatchNorm runs in train mode: dropout stays off so the statistics match inference. Labels
+    are ignored. Momentum and training flags are restored; on an error the old statistics are too.
+    """
+    bns = _tracked_bn(model)
+    if not bns:
+        return model
+    it = iter(_limit(data, batches))
+    first = next(it, None)
+    if first is None:
+        raise ValueError("recalibrate_bn_ got no batches: the data is empty (or batches=0)")
+    saved = [(bn, bn.momentum, {k: v.clone() for k, v in bn.named_buffers(recurse=False)}) for bn in bns]
+    bn_set, device = set(bns), _device(model)
+    try:
+        with torch.no_grad(), training_flags(model, lambda m: m in bn_set):
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+            for batch in chain([first], it):
+                model(split_batch(batch)[0].to(device))
+    except BaseException:
+        for bn, _, buffers in saved:
+            for k, v in buffers.items():
+                getattr(bn, k).copy_(v)
+        raise
+    finally:
+        for bn, momentum, _ in saved:
+            bn.momentum = momentum
+    return model
