@@ -411,7 +411,11 @@ def unbind(c: Call) -> Label:
 
 # -- modules that own channels ----------------------------------------------------------------------
 def conv(c: Call) -> Label:
-    """Conv1d/2d/3d. Grouped convs lose whole groups: the input channels of a group are tied."""
+    """Conv and ConvTranspose 1d/2d/3d; weight is (out, in/g, *k), or (in, out/g, *k) transposed.
+
+    Grouped convs lose whole conv groups: the input channels of a group are tied, its outputs
+    share the group's id, and only weight dim 0 (which spans all groups) loses positions.
+    """
     m, name = c.module, c.node.target
     x, lab = c.args[0], c.labels[0]
     cdim = x.dim() - len(m.kernel_size) - 1
@@ -419,27 +423,12 @@ def conv(c: Call) -> Label:
     ids_in = st.channel_vector(lab, cdim, m.in_channels, f"{type(m).__name__} {name!r}")
     if m.groups == 1:
         ids_out = st.origin(name, m.out_channels)
-        st.record((name, "weight", 1), ids_in)
+        in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
+        st.record((name, "weight", in_dim), ids_in)
+        st.record((name, "weight", out_dim), ids_out, output=True)
     else:
         ids_out = _grouped(st, ids_in, m.groups, m.out_channels, name)
-    st.record((name, "weight", 0), ids_out, output=True)
-    if m.bias is not None:
-        st.record((name, "bias", 0), ids_out)
-    return along(ids_out, cdim, c.out.dim())
-
-
-def conv_transpose(c: Call) -> Label:
-    m, name = c.module, c.node.target
-    x, lab = c.args[0], c.labels[0]
-    cdim = x.dim() - len(m.kernel_size) - 1
-    st = c.st
-    ids_in = st.channel_vector(lab, cdim, m.in_channels, f"{type(m).__name__} {name!r}")
-    if m.groups == 1:
-        ids_out = st.origin(name, m.out_channels)
-        st.record((name, "weight", 1), ids_out, output=True)
-    else:
-        ids_out = _grouped(st, ids_in, m.groups, m.out_channels, name)
-    st.record((name, "weight", 0), ids_in)
+        st.record((name, "weight", 0), ids_in if m.transposed else ids_out, output=True)
     if m.bias is not None:
         st.record((name, "bias", 0), ids_out)
     return along(ids_out, cdim, c.out.dim())
@@ -522,8 +511,7 @@ _SPATIAL = (
 )  # fmt: skip
 
 MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv),
-    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose),
+    (nn.modules.conv._ConvNd, conv),
     (nn.Linear, linear),
     (nn.Embedding, embedding),
     ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), batchnorm),

@@ -143,7 +143,7 @@ class _LabelInterpreter(fx.Interpreter):
     """Runs the graph for real and computes every node's label beside its value."""
 
     def __init__(self, gm: fx.GraphModule, st: Coupling):
-        super().__init__(gm, garbage_collect_values=False)
+        super().__init__(gm)
         self.st = st
         self.labels: dict[fx.Node, Any] = {}
         self.current: fx.Node | None = None
@@ -151,12 +151,14 @@ class _LabelInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         value = super().run_node(n)
+        # the arguments are still in the environment: fx frees them only after this node
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
         labels = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
         klabels = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
-        self.labels[n] = self._label(n, value, labels, klabels)
+        self.labels[n] = self._label(n, value, args, kwargs, labels, klabels)
         return value
 
-    def _label(self, n: fx.Node, value: Any, labels: Any, klabels: Any) -> Any:
+    def _label(self, n: fx.Node, value: Any, args: tuple, kwargs: dict, labels: Any, klabels: Any) -> Any:
         if n.op == "placeholder":
             return _rules.fixed_like(value)
         if n.op == "output":
@@ -168,13 +170,10 @@ class _LabelInterpreter(fx.Interpreter):
             return _rules.fixed_like(value)
         if not _has_tensor(value):
             return None
-        args = fx.node.map_arg(n.args, lambda a: self.env[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        if module is None and not _has_label((labels, klabels)):
+            return _rules.fixed_like(value)  # made from constants alone (torch.zeros, arange, ...)
         call = _rules.Call(n, tuple(args), dict(kwargs), tuple(labels), dict(klabels), value, self.st, module)
-        if not _has_label(labels) and not _has_label(klabels):
-            if module is None:
-                return _rules.fixed_like(value)
         rule = _rules.module_rule(module) if module is not None else _rules.function_rule(n)
         try:
             label = rule(call)

@@ -112,6 +112,15 @@ def test_conv_transpose_weight_dims():
     assert up[("up", "weight", 1)] == list(range(5)) and up[("bn", "running_mean", 0)] == list(range(5))
 
 
+def test_grouped_conv_transpose():
+    g = graph_of(toys.GroupedTransposed)
+    group = g["down.0"]
+    assert group.size == 4 and "up" in group.producers
+    m = members(group)
+    assert m[("up", "weight", 0)] == [c for c in range(4) for _ in range(2)]
+    assert m[("out", "weight", 1)] == [c for c in range(4) for _ in range(3)]
+
+
 def test_conv1d():
     g = graph_of(toys.Conv1dNet)
     assert members(g["c1"])[("bn", "weight", 0)] == list(range(8))

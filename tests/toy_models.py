@@ -206,6 +206,19 @@ class Transposed(Toy):
         return self.out(F.relu(self.bn(self.up(self.down(x)))))
 
 
+class GroupedTransposed(Toy):
+    """A grouped ConvTranspose2d: weight dim 0 spans the input groups, which go whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = conv_bn(3, 8, k=1)
+        self.up = nn.ConvTranspose2d(8, 12, 2, stride=2, groups=4)
+        self.out = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up(self.down(x))))
+
+
 class Conv1dNet(Toy):
     """Conv1d + BatchNorm1d on sequences, pooled into a Linear."""
 
@@ -296,7 +309,7 @@ class DataDependent(Toy):
 
 PRUNABLE_TOYS = [
     TwoResiduals, Concat, Chunk, FixedSplit, SharedInput, FlattenLinear, ViewLinear, HardcodedView,
-    Depthwise, Grouped, SqueezeExcite, SpatialAttention, Transposed, Conv1dNet, ChannelShuffle,
+    Depthwise, Grouped, SqueezeExcite, SpatialAttention, Transposed, GroupedTransposed, Conv1dNet, ChannelShuffle,
     LooseParameter, Reused, UnknownOp,
 ]  # fmt: skip
 
