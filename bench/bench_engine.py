@@ -7,8 +7,9 @@
    FLOPs reduction` says how much of the saved MACs really turn into saved time (1.0: all of them;
    the aim is >= 0.8). `round_to=8` keeps channel counts multiples of 8, which vectorised kernels like.
 
-On a shared 2-core CPU only ratios from one run mean anything: latencies are medians over several
-reps, dense is timed first and again last (both reported), speed-ups use the mean of the two.
+On a shared 2-core CPU only ratios from one run mean anything. Each latency is a median over reps;
+the sequence dense, pruned models, dense again is timed in 3 rounds and each model keeps its median
+round (one slow spell then spoils no row); speed-ups are against the mean of the two dense rows.
 Run: `.venv/bin/python bench/bench_engine.py [--quick] [--json PATH]` (`--quick`: smoke test only).
 """
 
@@ -48,6 +49,7 @@ class Row:
     flops_reduction: float  # dense MACs / pruned MACs
     speedup: float  # dense latency (mean of both dense runs) / this latency
     efficiency: float  # speedup / flops_reduction
+    rounds_ms: tuple[float, ...]  # latency of each round; latency_ms is their median
 
 
 def cpu_model() -> str:
@@ -66,8 +68,8 @@ def engine_overhead(model: nn.Module, example: torch.Tensor, reps: int) -> dict[
     return {"trace_s": trace_s, "apply_s": statistics.median(apply)}
 
 
-def latency_rows(model: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> list[Row]:
-    """Dense, the six pruned models, dense again; ratios against the mean of the two dense runs."""
+def latency_rows(model: nn.Module, x: torch.Tensor, reps: int, warmup: int, rounds: int) -> list[Row]:
+    """Time dense, the six pruned models, dense again, `rounds` times; keep each model's median round."""
     graph = prunecore.trace(model, x[:1])
     models: list[tuple[str, float, int, nn.Module]] = [("dense (first)", 0.0, 1, model)]
     for s in SPARSITIES:
@@ -76,46 +78,37 @@ def latency_rows(model: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> l
             models.append((f"pruned {s:.0%}", s, r, prunecore.apply_plan(model, plan, graph=graph)))
     models.append(("dense (last)", 0.0, 1, model))
     dense = prunecore.count(model, x[:1])  # MACs are per example, so one example is enough
-    timed = [
-        (name, s, r, *prunecore.count(m, x[:1]).ratio(dense), 1e3 * latency(m, x, reps=reps, warmup=warmup))
-        for name, s, r, m in models
+    kept = [prunecore.count(m, x[:1]).ratio(dense) for *_, m in models]
+    timed = [[1e3 * latency(m, x, reps=reps, warmup=warmup) for *_, m in models] for _ in range(rounds)]
+    med = [statistics.median(t) for t in zip(*timed)]
+    dense_ms = (med[0] + med[-1]) / 2
+    return [  # efficiency = speed-up / (1 / macs kept)
+        Row(name, s, r, params, macs, ms, 1 / macs, dense_ms / ms, dense_ms / ms * macs, tuple(t))
+        for (name, s, r, _), (params, macs), ms, t in zip(models, kept, med, zip(*timed))
     ]
-    dense_ms = (timed[0][-1] + timed[-1][-1]) / 2
-    return [Row(n, s, r, p, f, ms, 1 / f, dense_ms / ms, dense_ms / ms * f) for n, s, r, p, f, ms in timed]
 
 
 def markdown(info: dict[str, Any], rows: list[Row]) -> str:
     """The whole report as Markdown, ready to paste into a README."""
     b, _, h, _ = info["input"]
-    out: list[str] = [
+    eff = [r.efficiency for r in rows if r.sparsity > 0]
+    steps = (("trace", info["trace_s"]), ("apply_plan (uniform 50 %)", info["apply_s"]))
+    return "\n".join([
         f"torch {info['torch']}, torchvision {info['torchvision']}, {info['threads']} threads, CPU: {info['cpu']}"
-        + (" (quick smoke run: numbers mean nothing)" if info["quick"] else ""),
-        "",
+        + (" (quick smoke run: the numbers mean nothing)\n" if info["quick"] else "\n"),
         f"Engine overhead, resnet50, trace input {'x'.join(map(str, info['trace_input']))}, "
-        f"median of {info['engine_reps']}:",
-        "",
-        "| step | seconds | aim < 1 s |",
-        "|---|---:|---|",
-    ]
-    steps = (("trace", "trace_s"), ("apply_plan (uniform 50 %)", "apply_s"))
-    out += [f"| {step} | {info[k]:.3f} | {'met' if info[k] < 1 else 'NOT met'} |" for step, k in steps]
-    out += [
-        "",
-        f"Latency vs FLOPs, resnet50, input {b}x3x{h}x{h} ({h} px{info['size_note']}), "
-        f"latency = median of {info['reps']} reps after {info['warmup']} warm-up:",
-        "",
+        f"median of {info['engine_reps']}:\n",
+        "| step | seconds | aim < 1 s |\n|---|---:|---|",
+        *(f"| {step} | {sec:.3f} | {'met' if sec < 1 else 'NOT met'} |" for step, sec in steps),
+        f"\nLatency vs FLOPs, resnet50, input {b}x3x{h}x{h} ({h} px{info['size_note']}), latency = median over "
+        f"{info['rounds']} rounds of (median of {info['reps']} reps after {info['warmup']} warm-up):\n",
         "| model | round_to | params kept % | MACs kept % | FLOPs reduction | latency ms | speed-up | efficiency |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    out += [
-        f"| {r.model} | {r.round_to} | {100 * r.params_kept:.1f} | {100 * r.macs_kept:.1f} | "
-        f"{r.flops_reduction:.2f}x | {r.latency_ms:.0f} | {r.speedup:.2f}x | {r.efficiency:.2f} |"
-        for r in rows
-    ]
-    eff = [r.efficiency for r in rows if r.sparsity > 0]
-    out += ["", f"Efficiency aim >= 0.8: met by {sum(e >= 0.8 for e in eff)}/{len(eff)} pruned models "
-            f"(min {min(eff):.2f}, max {max(eff):.2f})."]
-    return "\n".join(out)
+        *(f"| {r.model} | {r.round_to} | {100 * r.params_kept:.1f} | {100 * r.macs_kept:.1f} | "
+          f"{r.flops_reduction:.2f}x | {r.latency_ms:.0f} | {r.speedup:.2f}x | {r.efficiency:.2f} |" for r in rows),
+        f"\nEfficiency aim >= 0.8: met by {sum(e >= 0.8 for e in eff)}/{len(eff)} pruned models "
+        f"(min {min(eff):.2f}, max {max(eff):.2f}).",
+    ])
 
 
 def main() -> None:
@@ -125,20 +118,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
-    engine_reps, reps, warmup = (1, 1, 0) if args.quick else (3, 5, 1)
+    engine_reps, rounds, reps, warmup = (1, 1, 1, 0) if args.quick else (3, 3, 5, 1)
     example = torch.randn(1, 3, 64, 64) if args.quick else torch.randn(1, 3, 224, 224)
     info: dict[str, Any] = dict(
         torch=torch.__version__, torchvision=torchvision.__version__, threads=torch.get_num_threads(),
         cpu=cpu_model(), quick=args.quick, trace_input=list(example.shape), engine_reps=engine_reps,
+        **engine_overhead(model, example, engine_reps),
     )
-    info |= engine_overhead(model, example, engine_reps)
     batch, size, note = (2, 64, ", quick") if args.quick else (32, 160, ", the issue allows 224 or smaller")
     x = torch.randn(batch, 3, size, size)  # (B, C, H, W)
     if not args.quick and latency(model, x, reps=1, warmup=0) > SLOW_DENSE_S:
         size, note = 128, f", dropped from 160 because one dense forward took > {SLOW_DENSE_S:.0f} s"
         x = torch.randn(batch, 3, size, size)
-    info |= dict(input=[batch, 3, size, size], size_note=note, reps=reps, warmup=warmup)
-    rows = latency_rows(model, x, reps, warmup)
+    info |= dict(input=[batch, 3, size, size], size_note=note, rounds=rounds, reps=reps, warmup=warmup)
+    rows = latency_rows(model, x, reps, warmup, rounds)
     print(markdown(info, rows))
     if args.json:
         args.json.write_text(json.dumps({**info, "rows": [asdict(r) for r in rows]}, indent=2))

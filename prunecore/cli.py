@@ -121,6 +121,7 @@ def _prune(args: argparse.Namespace) -> int:
         status = 0 if ok else 1
     if args.out is not None:
         plan_path = args.out.with_suffix(".plan.json")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(pruned.state_dict(), args.out)
         plan_path.write_text(plan.to_json())
         print(f"saved      {args.out} (state_dict) and {plan_path} (plan)")
