@@ -71,7 +71,22 @@ def fixed_like(value: Any) -> Label:
         return fixed_label(value.dim())
     if isinstance(value, (tuple, list)):
         return tuple(fixed_like(v) for v in value)
+    if isinstance(value, dict):
+        return {k: fixed_like(v) for k, v in value.items()}
     return None
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """Ops that read a tensor's metadata, not its values: channels pass them unconstrained."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS
+    return node.target in (len, torch.numel)
 
 
 def walk_labels(labels: Any):
@@ -326,7 +341,7 @@ def getitem(c: Call) -> Label:
     container, lab = c.args[0], c.labels[0]
     index = c.args[1]
     if not isinstance(container, torch.Tensor):
-        return lab[index] if isinstance(lab, (tuple, list)) else None
+        return lab[index] if isinstance(lab, (tuple, list, dict)) else None
     full = expand_full(lab, container.shape)
     varying = varying_dims(lab)
     items = index if isinstance(index, tuple) else (index,)
@@ -617,5 +632,7 @@ def finish(st: Coupling, label: Label) -> Label:
         return compress(st.roots(label))
     if isinstance(label, (tuple, list)):
         return tuple(finish(st, item) for item in label)
+    if isinstance(label, dict):
+        return {k: finish(st, v) for k, v in label.items()}
     return None
 

@@ -169,6 +169,10 @@ class _LabelInterpreter(fx.Interpreter):
                 return self.st.param(n.target, value)
             return _rules.fixed_like(value)
         if not _has_tensor(value):
+            if not _rules.is_shape_query(n) and _has_label((labels, klabels)):
+                # a value computed from the channels leaves the tensor world (x.tolist(), a dict)
+                _rules.block_inputs(_rules.Call(n, args, kwargs, labels, klabels, value, self.st),
+                                    f"is turned into a non-tensor value by {n.op} {n.target!r}")
             return None
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         if module is None and not _has_label((labels, klabels)):
@@ -188,6 +192,8 @@ def _has_tensor(value: Any) -> bool:
         return True
     if isinstance(value, (tuple, list)):
         return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
     return False
 
 

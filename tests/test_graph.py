@@ -153,6 +153,11 @@ def test_unknown_op_blocks_with_reason():
     assert g["mid.0"].prunable
 
 
+def test_values_leaving_the_tensor_world_block_their_channels():
+    g = graph_of(toys.ToList)
+    assert not g["features.0"].prunable and "non-tensor" in g["features.0"].reason
+
+
 def test_model_output_is_not_prunable():
     g = graph_of(toys.Concat)
     assert not g["head"].prunable and g["head"].reason == "reaches the model output"

@@ -293,6 +293,19 @@ class UnknownOp(Toy):
         return self.head(self.mid(x).mean((2, 3)))
 
 
+class ToList(Toy):
+    """Channel values leave the tensor world (tolist): those channels must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn(3, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.features(x).mean((2, 3))
+        return self.head(x), x.tolist()
+
+
 class DataDependent(Toy):
     """Python control flow on tensor values: torch.fx cannot trace it."""
 
