@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/prunecore prune --model torchvision:resnet18 --input 1,3,224,224 --sparsity 0.5 --round-to 8 --check --out build/pruned_resnet18.pt
+	$(VENV)/bin/prunecore prune --model sample:resnet20 --sparsity 0.3 --data sample --check --out build/pruned_resnet20.pt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -14,6 +14,7 @@ from prunecore.importance import list_criteria, register_criterion, score
 from prunecore.models import ModelSpecError, load_model
 from prunecore.plan import SCHEMA, GroupPlan, Plan, PlanError, kept_units
 from prunecore.prune import make_plan, prune
+from prunecore.samples import Sample, SampleError, list_samples, load_sample
 from prunecore.surgery import apply_plan
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __all__ = [
     "ModuleCost",
     "Plan",
     "PlanError",
+    "Sample",
+    "SampleError",
     "TraceError",
     "apply_plan",
     "count",
@@ -37,7 +40,9 @@ __all__ = [
     "kept_units",
     "list_criteria",
     "list_metrics",
+    "list_samples",
     "load_model",
+    "load_sample",
     "make_plan",
     "prune",
     "recalibrate_bn_",

@@ -1,7 +1,8 @@
 """The `prunecore` command: a thin face over the Python API.
 
-    prunecore inspect --model torchvision:resnet18
-    prunecore prune --model torchvision:resnet18 --sparsity 0.5 --round-to 8 --check --out pruned.pt
+    prunecore inspect --model sample:resnet20
+    prunecore prune --model sample:resnet20 --sparsity 0.3 --data sample --check --out pruned.pt
+    prunecore prune --model torchvision:resnet18 --sparsity 0.5 --round-to 8 --out pruned.pt
     prunecore criteria
 
 Bad input (an unknown model, an unreadable weights file, a sparsity out of range, a model that
@@ -11,6 +12,7 @@ cannot be traced) ends with a one-line message and a non-zero exit status, never
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,14 +20,17 @@ from typing import Sequence
 import torch
 
 from prunecore.cost import count, latency
+from prunecore.datasets import DataSpecError, EvalData, load_data
+from prunecore.evaluate import evaluate, recalibrate_bn_
 from prunecore.graph import ChannelGraph, TraceError, trace
 from prunecore.importance import get_criterion, list_criteria
-from prunecore.models import ModelSpecError, load_model
+from prunecore.models import ModelSpecError, default_input_shape, load_model
 from prunecore.plan import PlanError
+from prunecore.samples import SampleError
 from prunecore.prune import make_plan
 from prunecore.surgery import apply_plan
 
-_USER_ERRORS = (ModelSpecError, TraceError, PlanError, ValueError, FileNotFoundError)
+_USER_ERRORS = (ModelSpecError, DataSpecError, SampleError, TraceError, PlanError, ValueError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--criterion", default="l1", choices=list_criteria(), help="importance criterion")
     prune.add_argument("--round-to", type=int, default=1, help="round kept channel counts to a multiple")
     prune.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
+    prune.add_argument("--data", help="'sample': also report held-out accuracy, with BatchNorm re-estimated")
     prune.add_argument("--out", type=Path, help="write the pruned state_dict here, and the plan beside it")
     prune.set_defaults(run=_prune)
 
@@ -63,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="torchvision:NAME or package.module:function")
+    p.add_argument("--model", required=True, help="sample:NAME, torchvision:NAME or package.module:function")
     p.add_argument("--weights", type=Path, help="a state_dict file (loaded with weights_only=True)")
-    p.add_argument("--input", type=_shape, default=(1, 3, 224, 224), help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--input", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -80,6 +86,10 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, ChannelGraph]:
     model = load_model(args.model, args.weights)
+    if args.input is None:
+        args.input = default_input_shape(args.model)
+        if args.input is None:
+            raise ValueError(f"pass --input: prunecore cannot know what input {args.model} expects")
     example = torch.randn(args.input, generator=torch.Generator().manual_seed(0))
     return model, example, trace(model, example)
 
@@ -110,6 +120,8 @@ def _prune(args: argparse.Namespace) -> int:
         f"{'latency':10} {t_before * 1e3:>8.1f}ms {t_after * 1e3:>8.1f}ms   "
         f"{t_before / t_after:.2f}x faster (CPU, median of 10)"
     )
+    if args.data is not None:
+        _report_accuracy(model, pruned, load_data(args.data))
     status = 0
     if args.check:
         masked = apply_plan(model, plan, mode="mask", graph=graph)
@@ -127,6 +139,15 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"saved      {args.out} (state_dict) and {plan_path} (plan)")
         print("rebuild    apply_plan(load_model(MODEL), Plan.from_json(PLAN_TEXT)).load_state_dict(STATE_DICT)")
     return status
+
+
+def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: EvalData) -> None:
+    """Dense vs pruned accuracy; the pruned model is also measured after BatchNorm re-estimation."""
+    dense = evaluate(model, data.evaluation, ["accuracy", "loss"])
+    raw = evaluate(pruned, data.evaluation, ["accuracy", "loss"])
+    recalibrated = evaluate(recalibrate_bn_(copy.deepcopy(pruned), data.calibration), data.evaluation, ["accuracy"])
+    print(f"{'accuracy':10} {dense['accuracy']:>10.2%} {raw['accuracy']:>10.2%}   "
+          f"{recalibrated['accuracy']:.2%} after BatchNorm re-estimation (no fine-tuning)")  # fmt: skip
 
 
 def _criteria(args: argparse.Namespace) -> int:

@@ -1,5 +1,9 @@
-"""Model specs shared by the CLI and the dashboard: `torchvision:NAME` or `package.module:function`.
+"""Model specs shared by the CLI and the dashboard.
 
+`sample:NAME` (a trained sample model), `torchvision:NAME` (random init unless weights are given)
+or `package.module:function` (any factory returning an `nn.Module`).
+
+    >>> model = load_model("sample:resnet20")
     >>> model = load_model("torchvision:resnet18", weights="resnet18.pt")
     >>> model = load_model("mypkg.nets:build_net")
 """
@@ -12,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ModelSpecError", "load_model", "load_weights_"]
+__all__ = ["ModelSpecError", "default_input_shape", "load_model", "load_weights_"]
 
 
 class ModelSpecError(ValueError):
@@ -21,16 +25,45 @@ class ModelSpecError(ValueError):
 
 def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     """Build the model a spec names (random init unless `weights` is given), in eval mode."""
-    kind, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise ModelSpecError(f"model spec {spec!r} must look like 'torchvision:NAME' or 'package.module:function'")
-    if kind == "torchvision":
+    kind, name = _split(spec)
+    if kind == "sample":
+        from prunecore.samples import SampleError, load_sample
+
+        try:
+            model = load_sample(name).model
+        except SampleError as exc:
+            raise ModelSpecError(str(exc)) from None
+    elif kind == "torchvision":
         model = _torchvision(name)
     else:
         model = _factory(kind, name)
     if weights is not None:
         load_weights_(model, weights)
     return model.eval()
+
+
+def default_input_shape(spec: str) -> tuple[int, ...] | None:
+    """The example input a spec's model expects, where it is known (None for arbitrary factories)."""
+    kind, name = _split(spec)
+    if kind == "sample":
+        from prunecore.samples import SampleError, get_spec
+
+        try:
+            return get_spec(name).input_shape
+        except SampleError as exc:
+            raise ModelSpecError(str(exc)) from None
+    if kind == "torchvision":
+        return (1, 3, 299, 299) if name == "inception_v3" else (1, 3, 224, 224)
+    return None
+
+
+def _split(spec: str) -> tuple[str, str]:
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ModelSpecError(
+            f"model spec {spec!r} must look like 'sample:NAME', 'torchvision:NAME' or 'package.module:function'"
+        )
+    return kind, name
 
 
 def _torchvision(name: str) -> nn.Module:
