@@ -34,7 +34,7 @@ from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 from prunecore.surgery import kept_positions
 
-__all__ = ["Cost", "ModuleCost", "count", "latency"]
+__all__ = ["Cost", "ModuleCost", "count", "latency", "plan_costs"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -77,12 +77,34 @@ def count(
     caller already traced the model. The model is not changed: hooks are removed and every
     module's training flag is restored.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
-    rows = {name: total // batch for name, total in _rows(model, inputs).items()}
+    inputs = _inputs(example_inputs)
     keep: dict[Slot, torch.Tensor] = {}
     if plan is not None:
         keep = kept_positions(graph if graph is not None else trace(model, inputs), plan)
+    return _cost(model, _per_example_rows(model, inputs), keep)
+
+
+def plan_costs(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    plans: Sequence[Plan],
+    graph: ChannelGraph,
+) -> list[Cost]:
+    """`count(model, x, plan=p, graph=graph)` for many plans from a single forward pass."""
+    rows = _per_example_rows(model, _inputs(example_inputs))
+    return [_cost(model, rows, kept_positions(graph, p)) for p in plans]
+
+
+def _inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _per_example_rows(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
+    return {name: total // batch for name, total in _rows(model, inputs).items()}
+
+
+def _cost(model: nn.Module, rows: Mapping[str, int], keep: Mapping[Slot, torch.Tensor]) -> Cost:
     modules: dict[str, ModuleCost] = {}
     seen: set[int] = set()
     total_params = 0

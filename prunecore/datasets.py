@@ -1,16 +1,35 @@
 """Data specs shared by the CLI and the dashboard.
 
-`sample` is the held-out split of the bundled digits (evaluation) with the calibration split (for
-BatchNorm re-estimation). More sources (image folders) come with the sensitivity sweeps.
+A spec is a string, so a command line, a dashboard text box and a saved sweep all name data alike:
+
+- `sample`: the bundled digits, the 1,000 held-out images for evaluation and the disjoint
+  500-image calibration split for BatchNorm re-estimation;
+- `imagefolder:PATH`: the user's images. Class subfolders (torchvision's `ImageFolder` layout)
+  give labelled data; image files directly in PATH give unlabelled batches of bare tensors, for
+  label-free metrics (KL, agreement with the dense model).
+
+    >>> data = load_data("imagefolder:val", input_shape=(1, 3, 224, 224), limit=500)
+    >>> data.description
+    'imagefolder val (500 images, 10 classes)'
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from torch.utils.data import DataLoader
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
 
 __all__ = ["DataSpecError", "EvalData", "load_data"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_RESIZE_RATIO = 256 / 224  # the standard eval transform: resize the shorter side to 256, crop 224
+_KINDS = "'sample' (the bundled held-out digits), 'imagefolder:PATH' (a folder of images)"
 
 
 class DataSpecError(ValueError):
@@ -20,13 +39,141 @@ class DataSpecError(ValueError):
 @dataclass(frozen=True, eq=False)
 class EvalData:
     evaluation: DataLoader  # what metrics are measured on
-    calibration: DataLoader  # what BatchNorm statistics are re-estimated on (disjoint from evaluation)
-    labelled: bool = True
+    calibration: DataLoader  # what BatchNorm statistics are re-estimated on
+    labelled: bool = True  # False: batches are bare input tensors, only label-free metrics apply
+    description: str = ""  # one line for reports, e.g. "imagefolder val (1,000 images, 10 classes)"
 
 
-def load_data(spec: str, batch_size: int = 250) -> EvalData:
+class _Images(Dataset):
+    """Image files decoded on access; `(image, target)` items when `targets` is given, else bare images."""
+
+    def __init__(self, files: list[Path], targets: list[int] | None, transform: Callable, mode: str) -> None:
+        self.files, self.targets, self.transform, self.mode = files, targets, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        try:
+            with Image.open(self.files[i]) as im:
+                image = self.transform(im.convert(self.mode))  # (C, H, W)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise DataSpecError(f"cannot decode image file {self.files[i]}: {exc}") from exc
+        return image if self.targets is None else (image, self.targets[i])
+
+
+def load_data(
+    spec: str,
+    batch_size: int = 250,
+    input_shape: tuple[int, ...] | None = None,
+    limit: int | None = None,
+    calibration_spec: str | None = None,
+) -> EvalData:
+    """Evaluation and calibration loaders for a data spec (`sample` or `imagefolder:PATH`).
+
+    `input_shape` is the model's example input shape, `(..., C, H, W)` with C 1 or 3; image folders
+    need it because the files have arbitrary sizes and modes. Images are converted to grayscale
+    (C=1) or RGB (C=3), resized like the standard eval transform (shorter side to 256/224 of the
+    crop, bilinear), centre-cropped to H x W and normalised with the statistics the model was most
+    likely trained with: ImageNet's mean/std for RGB, the sample digits' `MEAN`/`STD` for grayscale.
+
+    `limit` keeps the first N images in sorted file order (class by class for a labelled folder),
+    so repeated quick sweeps see the same images; for `sample` it caps both splits.
+
+    A user folder has no separate calibration split: calibration and evaluation share the images
+    (as separate DataLoaders) unless `calibration_spec` names other data, whose calibration loader
+    is used. An undecodable file raises `DataSpecError` when its batch is read, naming the file.
+    """
+    if limit is not None and limit < 1:
+        raise DataSpecError(f"limit must be >= 1 (or None for all images), got {limit}")
+    kind, _, arg = spec.partition(":")
     if spec == "sample":
-        from sample_models.data import mnist_loader
+        data = _sample(batch_size, input_shape, limit)
+    elif kind == "imagefolder" and arg:
+        data = _imagefolder(Path(arg).expanduser(), batch_size, input_shape, limit)
+    else:
+        raise DataSpecError(f"unknown data spec {spec!r}; supported: {_KINDS}")
+    if calibration_spec is None:
+        return data
+    other = load_data(calibration_spec, batch_size, input_shape, limit)
+    return EvalData(
+        data.evaluation, other.calibration, data.labelled, f"{data.description}; calibration: {other.description}"
+    )
 
-        return EvalData(mnist_loader("heldout", batch_size), mnist_loader("calibration", batch_size))
-    raise DataSpecError(f"unknown data spec {spec!r}; supported: 'sample' (the bundled held-out digits)")
+
+def _sample(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | None) -> EvalData:
+    from sample_models.data import mnist_split
+
+    if input_shape is not None and tuple(input_shape[-3:]) != (1, 28, 28):
+        raise DataSpecError(f"the sample digits are 1x28x28 but the model takes {_shape(input_shape)}")
+    held, calib = (_first(mnist_split(s), limit) for s in ("heldout", "calibration"))
+    description = f"sample held-out digits ({len(held):,} images; calibration {len(calib):,})"
+    return EvalData(DataLoader(held, batch_size), DataLoader(calib, batch_size), True, description)
+
+
+def _imagefolder(root: Path, batch_size: int, input_shape: tuple[int, ...] | None, limit: int | None) -> EvalData:
+    if input_shape is None:
+        raise DataSpecError("imagefolder data needs input_shape (the model's example input shape)")
+    if not root.exists():
+        raise DataSpecError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataSpecError(f"data path {root} is not a directory")
+    transform, mode = _transform(input_shape)
+    files, targets, classes = _scan(root)
+    files, targets = files[:limit], (None if targets is None else targets[:limit])
+    dataset = _Images(files, targets, transform, mode)
+    labels = "unlabelled" if targets is None else f"{len(classes):,} classes"
+    description = f"imagefolder {root} ({len(files):,} images, {labels})"
+    loaders = (DataLoader(dataset, batch_size), DataLoader(dataset, batch_size))
+    return EvalData(*loaders, labelled=targets is not None, description=description)
+
+
+def _scan(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    """Image files in sorted order, their class indices (None for a flat folder) and class names.
+
+    Every non-hidden subfolder is a class, indexed in sorted name order as `ImageFolder` does (even
+    one without images, so indices match a model trained on the full set); images are found
+    recursively inside it. Hidden files and folders (macOS `._x.jpg`, `.ipynb_checkpoints`) are skipped.
+    """
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    classes = [p for p in entries if p.is_dir()]
+    per_class = [[f for f in sorted(d.rglob("*")) if _is_image(f, d)] for d in classes]
+    flat = [p for p in entries if _is_image(p, root)]
+    if any(per_class):
+        if flat:
+            raise DataSpecError(f"data folder {root} mixes image files ({flat[0].name}) with class folders")
+        files = [f for fs in per_class for f in fs]
+        targets = [i for i, fs in enumerate(per_class) for _ in fs]
+        return files, targets, [d.name for d in classes]
+    if not flat:
+        raise DataSpecError(f"data folder {root} has no images (recognised: {' '.join(IMAGE_EXTENSIONS)})")
+    return flat, None, []
+
+
+def _is_image(path: Path, under: Path) -> bool:
+    hidden = any(part.startswith(".") for part in path.relative_to(under).parts)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file()
+
+
+def _transform(input_shape: tuple[int, ...]) -> tuple[Callable, str]:
+    """The eval transform for a model input shape, and the PIL mode to convert images to first."""
+    if len(input_shape) < 3 or input_shape[-3] not in (1, 3):
+        raise DataSpecError(f"image data needs an input shape (..., C, H, W) with C 1 or 3, got {_shape(input_shape)}")
+    c, h, w = input_shape[-3:]
+    if c == 1:
+        from sample_models.data import MEAN, STD
+
+        mean, std = (MEAN,), (STD,)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    resize = round(max(h, w) * _RESIZE_RATIO)  # shorter side, so the crop fits in both directions
+    steps = [transforms.Resize(resize), transforms.CenterCrop((h, w)), transforms.ToTensor()]
+    return transforms.Compose([*steps, transforms.Normalize(mean, std)]), ("L" if c == 1 else "RGB")
+
+
+def _first(dataset: Dataset, limit: int | None) -> Dataset:
+    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))

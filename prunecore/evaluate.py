@@ -23,7 +23,7 @@ from torch import nn
 
 from prunecore._modes import training_flags
 
-__all__ = ["Metric", "evaluate", "list_metrics", "recalibrate_bn_"]
+__all__ = ["Metric", "evaluate", "get_metric", "list_metrics", "recalibrate_bn_", "split_batch"]
 
 # (logits, reference logits or None, targets or None) -> float64 sum over the batch's samples
 _SumFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -57,6 +57,12 @@ _METRICS: dict[str, Metric] = {
                "mean cross-entropy per sample"),
     )
 }
+
+
+def get_metric(name: str) -> Metric:
+    if name not in _METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(list_metrics())}")
+    return _METRICS[name]
 
 
 def list_metrics() -> list[str]:

@@ -201,7 +201,8 @@ def _has_label(labels: Any) -> bool:
     return any(True for _ in _rules.walk_labels(labels))
 
 
-def _symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> fx.GraphModule:
+def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
+    """torch.fx graph of `model` sharing its modules; a clear `TraceError` when fx cannot trace it."""
     tracer = _Tracer(leaf_modules)
     try:
         graph = tracer.trace(model)
@@ -240,7 +241,7 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leaves: tuple[type, ...]) -> set[str]:
-    gm = _symbolic_trace(model, leaves)
+    gm = symbolic_trace(model, leaves)
     interp = _LabelInterpreter(gm, st)
     try:
         with torch.no_grad():

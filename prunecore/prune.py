@@ -16,7 +16,7 @@ from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan, PlanError, kept_units
 from prunecore.surgery import apply_plan
 
-__all__ = ["make_plan", "prune"]
+__all__ = ["make_plan", "prune", "select_units"]
 
 
 def make_plan(
@@ -48,18 +48,19 @@ def make_plan(
         if not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity of group {name!r} must be in [0, 1), got {s}")
     scores = score(model, graph, criterion, data=data, seed=seed) if any(targets.values()) else {}
-    groups = {}
-    for name, s in targets.items():
-        size = graph[name].size
-        n = kept_units(size, s, round_to)
-        if n == size:
-            keep = tuple(range(size))
-        else:
-            # stable: ties keep the earlier unit
-            order = torch.sort(scores[name], descending=True, stable=True).indices[:n]
-            keep = tuple(sorted(order.tolist()))
-        groups[name] = GroupPlan(size, keep)
+    groups = {
+        name: select_units(scores.get(name), graph[name].size, s, round_to) for name, s in targets.items()
+    }
     return Plan(groups, graph.inputs, graph.model_type, criterion, round_to)
+
+
+def select_units(scores: torch.Tensor | None, size: int, sparsity: float, round_to: int = 1) -> GroupPlan:
+    """Keep the `kept_units(...)` highest-scored units; ties keep the earlier unit."""
+    n = kept_units(size, sparsity, round_to)
+    if n == size:
+        return GroupPlan(size, tuple(range(size)))
+    order = torch.sort(scores, descending=True, stable=True).indices[:n]
+    return GroupPlan(size, tuple(sorted(order.tolist())))
 
 
 def prune(

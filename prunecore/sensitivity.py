@@ -1,0 +1,460 @@
+"""`sweep`: sensitivity curves, each channel group pruned alone at rising sparsity.
+
+    >>> curves = sweep(model, heldout, example, levels=[0.1, 0.3, 0.5], metric=["accuracy", "loss"])
+    >>> curves.head()      # one row per (group, sparsity), plus the dense baseline row
+         group  sparsity  kept  size  accuracy    loss  params   flops
+    0  (dense)       0.0   NaN   NaN     0.985  0.0612  272186  31021952
+    1     stem       0.1  14.0  16.0     0.981  0.0703  271898  29442816
+
+**Exact.** A point is the metric of the model with that one group pruned (physically pruned and
+masked models compute the same outputs: the invariant `apply_plan` is tested on), optionally
+after re-estimating BatchNorm statistics exactly as `recalibrate_bn_` does on the pruned copy.
+
+**Fast.** One private working copy of the model serves every point: a point zeroes its slices,
+runs, and restores them, so there is no per-point copy or re-trace. For each group the dense graph
+runs once per batch up to the first node the group touches; every level then runs only the rest of
+the graph from those cached activations (the "suffix"). Data streams in batches, so memory stays
+at about one forward pass. BatchNorm re-estimation reuses the same split: layers before the group
+get the dense model's re-estimated statistics (their inputs do not change), layers after it carry
+one set of statistics per point.
+
+**Persisted.** Given a `store`, each group's points are saved the moment the group finishes;
+re-running the same sweep (same model weights, data and settings) skips what is stored, so a
+sweep killed mid-way resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from prunecore._modes import eval_mode
+from prunecore.cost import plan_costs
+from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
+from prunecore.graph import ChannelGraph, symbolic_trace, trace
+from prunecore.importance import score
+from prunecore.plan import GroupPlan, Plan
+from prunecore.prune import select_units
+from prunecore.surgery import kept_positions
+
+__all__ = ["DEFAULT_LEVELS", "DENSE", "sweep"]
+
+DENSE = "(dense)"
+"""The `group` value of the dense baseline row."""
+DEFAULT_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+Progress = bool | Callable[[int, int], None]
+
+
+def sweep(
+    model: nn.Module,
+    data: Iterable[Any],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    criterion: str = "l1",
+    metric: str | Sequence[str] = "accuracy",
+    groups: Sequence[str] | None = None,
+    bn_recalibration: int = 0,
+    calibration: Iterable[Any] | None = None,
+    round_to: int = 1,
+    progress: Progress = True,
+    store: Any = None,
+    graph: ChannelGraph | None = None,
+    model_name: str = "",
+) -> pd.DataFrame:
+    """Sensitivity curves of every prunable group (or of `groups`), as a tidy DataFrame.
+
+    `data` yields `(inputs, targets)` batches, or bare inputs for the label-free metrics (`kl`,
+    `agreement`, measured against the dense model); it must iterate in the same order each time.
+    `bn_recalibration=N` re-estimates BatchNorm statistics on N batches of `calibration` (default:
+    `data`) for every point. `store` (a `RunStore` or a path) persists points and resumes.
+    `progress` is True for a progress bar, or a callable `(done, total)`.
+    """
+    levels = _check_levels(levels)
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    for name in metrics:
+        get_metric(name)
+    graph = graph if graph is not None else trace(model, example_inputs)
+    names = _check_groups(graph, groups)
+    calibration = data if calibration is None else calibration
+    config = {
+        "levels": levels, "criterion": criterion, "metrics": metrics, "groups": names,
+        "bn_recalibration": bn_recalibration, "round_to": round_to, "mode": "exact",
+    }  # fmt: skip
+    run = _Run.open(store, model, data, calibration if bn_recalibration else None, config, model_name)
+    pending = [(g, s) for g in names for s in levels if (g, s) not in run.done]
+    if (DENSE, 0.0) not in run.done:
+        run.add([_dense_row(model, data, example_inputs, metrics)])
+    if pending:
+        scores = score(model, graph, criterion, data=data)
+        points = {
+            (g, s): _Point(g, s, select_units(scores[g], graph[g].size, s, round_to)) for g, s in pending
+        }
+        costs = plan_costs(model, example_inputs, [_plan(graph, p) for p in points.values()], graph)
+        for p, cost in zip(points.values(), costs):
+            p.row.update(params=cost.params, flops=cost.flops)
+        engine = _Engine(model, graph, metrics, data, calibration, bn_recalibration, progress)
+        engine.run(points, on_group_done=run.add)
+    run.complete()
+    return run.frame()
+
+
+# -- points and their storage ---------------------------------------------------------------------
+@dataclass
+class _Point:
+    group: str
+    sparsity: float
+    keep: GroupPlan
+    sums: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    row: dict[str, Any] = field(default_factory=dict)
+
+    def finished_row(self) -> dict[str, Any]:
+        values = {name: total / self.samples for name, total in self.sums.items()}
+        return {"group": self.group, "sparsity": self.sparsity, "kept": len(self.keep.keep),
+                "size": self.keep.size, **values, **self.row}  # fmt: skip
+
+
+@dataclass
+class _Run:
+    """Rows of one sweep, kept in memory or in a `RunStore`."""
+
+    store: Any
+    run_id: str
+    rows: list[dict[str, Any]]
+    done: set[tuple[str, float]]
+
+    @classmethod
+    def open(cls, store: Any, model: nn.Module, data: Iterable, calibration: Iterable | None,
+             config: dict, model_name: str) -> _Run:  # fmt: skip
+        if store is None:
+            return cls(None, "", [], set())
+        from prunecore import store as store_module
+
+        if isinstance(store, (str, Path)):
+            store = store_module.RunStore(store)
+        data_fp = store_module.fingerprint_data(data)
+        if calibration is not None:
+            data_fp += ":" + store_module.fingerprint_data(calibration)
+        model_fp = store_module.fingerprint_model(model)
+        run_id = store_module.run_id(model_fp, data_fp, config)
+        expected = len(config["groups"]) * len(config["levels"]) + 1
+        store.open_run(run_id, model_name or type(model).__name__, model_fp, data_fp, config, expected)
+        return cls(store, run_id, [], store.done(run_id))
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.store is not None:
+                self.store.add_point(self.run_id, row)
+            else:
+                self.rows.append(row)
+
+    def complete(self) -> None:
+        if self.store is not None:
+            self.store.mark_complete(self.run_id)
+
+    def frame(self) -> pd.DataFrame:
+        frame = self.store.points(self.run_id) if self.store is not None else pd.DataFrame(self.rows)
+        frame.attrs["run_id"] = self.run_id
+        return frame
+
+
+def _dense_row(model: nn.Module, data: Iterable, example: Any, metrics: list[str]) -> dict[str, Any]:
+    needs_ref = any(get_metric(m).needs_reference for m in metrics)
+    values = evaluate(model, data, metrics, reference=model if needs_ref else None)
+    from prunecore.cost import count
+
+    cost = count(model, example)
+    return {"group": DENSE, "sparsity": 0.0, "kept": None, "size": None, **values,
+            "params": cost.params, "flops": cost.flops}  # fmt: skip
+
+
+def _plan(graph: ChannelGraph, p: _Point) -> Plan:
+    return Plan({p.group: p.keep}, graph.inputs, graph.model_type)
+
+
+def _check_levels(levels: Sequence[float]) -> list[float]:
+    out = sorted({round(float(s), 6) for s in levels})
+    if not out or any(not 0.0 <= s < 1.0 for s in out):
+        raise ValueError(f"levels must be sparsities in [0, 1), got {list(levels)}")
+    return out
+
+
+def _check_groups(graph: ChannelGraph, groups: Sequence[str] | None) -> list[str]:
+    if groups is None:
+        return [g.name for g in graph.prunable]
+    for name in groups:
+        if name not in graph:
+            raise ValueError(f"no channel group named {name!r} in {graph.model_type}")
+        if not graph[name].prunable:
+            raise ValueError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
+    return list(dict.fromkeys(groups))
+
+
+# -- the engine -------------------------------------------------------------------------------------
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}  # fmt: skip
+
+
+class _Engine:
+    """A private copy of the model as an fx graph that can resume from any node."""
+
+    def __init__(self, model, graph, metrics, data, calibration, bn_batches, progress):
+        self.original = model  # only ever run, for the reference outputs of label-free metrics
+        self.model = copy.deepcopy(model).eval()
+        self.gm = symbolic_trace(self.model)
+        _out_of_place_(self.gm)
+        self.nodes = list(self.gm.graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((index[u] for u in n.users), default=len(self.nodes)) for n in self.nodes}
+        self.modules = dict(self.gm.named_modules())
+        self.graph, self.metrics = graph, [get_metric(m) for m in metrics]
+        self.data, self.calibration, self.bn_batches = data, calibration, bn_batches
+        self.progress = progress
+        self.reference: list[torch.Tensor] = []
+        self.floor_seconds = 0.0  # time spent running suffixes: the work no reuse can avoid
+
+    # running the graph ------------------------------------------------------------------------
+    def start(self, inputs: torch.Tensor) -> dict[fx.Node, Any]:
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        return {placeholders[0]: inputs}
+
+    def advance(self, env: dict, start: int, stop: int) -> Any:
+        """Run nodes [start, stop) in `env`, freeing values after their last use."""
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "output":
+                return args[0]
+            env[node] = self._call(node, args, kwargs)
+            for inp in node.all_input_nodes:
+                if self.last_use[inp] == i:
+                    del env[inp]
+        return None
+
+    def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return _fetch(self.gm, node.target)  # get_attr
+
+    def suffix(self, env: dict, start: int) -> torch.Tensor:
+        began = time.perf_counter()
+        out = self.advance(dict(env), start, len(self.nodes))
+        self.floor_seconds += time.perf_counter() - began
+        return out
+
+    # the sweep --------------------------------------------------------------------------------
+    def run(self, points: dict[tuple[str, float], _Point], on_group_done: Callable[[list[dict]], None]) -> None:
+        by_group: dict[str, list[_Point]] = {}
+        for p in points.values():
+            by_group.setdefault(p.group, []).append(p)
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]  # fmt: skip
+        if self.bn_batches and bns:
+            recalibrate_bn_(self.model, self.calibration, batches=self.bn_batches)
+        dense_bn = _bn_state(bns)
+        n_batches = _length(self.data)
+        per_group = (n_batches or 0) + (self.bn_batches if bns else 0)
+        bar = _bar(self.progress, len(by_group) * per_group if n_batches else None)
+        try:
+            with torch.no_grad():
+                self._reference_outputs()
+                for group, pts in by_group.items():
+                    start = self._first_node(group)
+                    masks = _Masks(self.model, self.graph, [_plan(self.graph, p) for p in pts])
+                    after = [m for m in bns if m in self._modules_from(start)]
+                    states = None
+                    if self.bn_batches and bns:
+                        states = self._calibrate(start, pts, masks, after, dense_bn, bar)
+                    self._evaluate(start, pts, masks, after, states, dense_bn, bar)
+                    on_group_done([p.finished_row() for p in pts])
+        finally:
+            bar.close()
+
+    def _reference_outputs(self) -> None:
+        """The dense model's outputs per batch, for the label-free metrics (kl, agreement)."""
+        if not any(m.needs_reference for m in self.metrics):
+            return
+        with eval_mode(self.original):
+            self.reference = [self.original(split_batch(batch)[0]) for batch in self.data]
+
+    def _calibrate(self, start, pts, masks, after, dense_bn, bar):
+        """Per point: BatchNorm statistics of the layers after `start`, re-estimated as on the pruned copy."""
+        before = [m for m in dense_bn if m not in after]
+        states = {id(p): _fresh_state(after) for p in pts}
+        momenta = {m: m.momentum for m in dense_bn}
+        try:
+            for m in dense_bn:
+                m.train()
+                m.momentum = 0.0 if m in before else None  # layers before keep their statistics
+            for b, batch in enumerate(self.calibration):
+                if b >= self.bn_batches:
+                    break
+                env = self.start(split_batch(batch)[0])
+                self.advance(env, 0, start)
+                for i, p in enumerate(pts):
+                    _load_state(after, states[id(p)])
+                    with masks.applied(i):
+                        self.suffix(env, start)
+                    states[id(p)] = _bn_state(after)
+                bar.update(1)
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
+                m.eval()
+            _load_state(list(dense_bn), dense_bn)
+        return states
+
+    def _evaluate(self, start, pts, masks, after, states, dense_bn, bar) -> None:
+        for b, batch in enumerate(self.data):
+            inputs, targets = split_batch(batch)
+            env = self.start(inputs)
+            self.advance(env, 0, start)
+            reference = self.reference[b] if self.reference else None
+            for i, p in enumerate(pts):
+                if states is not None:
+                    _load_state(after, states[id(p)])
+                with masks.applied(i):
+                    out = self.suffix(env, start)
+                for metric in self.metrics:
+                    total = float(metric.batch_sum(out, reference, targets))
+                    p.sums[metric.name] = p.sums.get(metric.name, 0.0) + total
+                p.samples += out.shape[0]
+            if states is not None:
+                _load_state(after, {m: dense_bn[m] for m in after})
+            bar.update(1)
+
+    def _first_node(self, group: str) -> int:
+        touched = {m.module for m in self.graph[group].members}
+        for i, node in enumerate(self.nodes):
+            if node.op == "call_module" and node.target in touched:
+                return i
+            if node.op == "get_attr" and node.target.rpartition(".")[0] in touched:
+                return i
+        return len(self.nodes) - 1
+
+    def _modules_from(self, start: int) -> set[nn.Module]:
+        return {self.modules[n.target] for n in self.nodes[start:] if n.op == "call_module"}
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _out_of_place_(gm: fx.GraphModule) -> None:
+    """In-place ops would overwrite activations that other points reuse: make them out of place."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+            node.target = _OUT_OF_PLACE[node.target]
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            node.target = node.target[:-1]
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    for module in gm.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    gm.recompile()
+
+
+class _Masks:
+    """Zeroes one point's parameter slices in the working copy, and restores them."""
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, plans: list[Plan]):
+        self.slices = []
+        for plan in plans:
+            zero = []
+            for (module, tensor, dim), keep in kept_positions(graph, plan).items():
+                param = getattr(model.get_submodule(module), tensor)
+                if isinstance(param, nn.Parameter):
+                    zero.append((param, dim, (~keep).nonzero().flatten()))
+            self.slices.append(zero)
+        params = {id(p): p for zero in self.slices for p, _, _ in zero}
+        self.saved = {pid: p.detach().clone() for pid, p in params.items()}
+        self.params = params
+
+    def applied(self, i: int):
+        return _Applied(self, i)
+
+
+class _Applied:
+    def __init__(self, masks: _Masks, i: int):
+        self.masks, self.i = masks, i
+
+    def __enter__(self) -> None:
+        for param, dim, index in self.masks.slices[self.i]:
+            param.data.index_fill_(dim, index, 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        for param, _, _ in self.masks.slices[self.i]:
+            param.data.copy_(self.masks.saved[id(param)])
+
+
+def _bn_state(bns: Iterable[nn.Module]) -> dict[nn.Module, tuple[torch.Tensor, ...]]:
+    return {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns}
+
+
+def _fresh_state(bns: list[nn.Module]) -> dict[nn.Module, tuple[torch.Tensor, ...]]:
+    return {m: (torch.zeros_like(m.running_mean), torch.ones_like(m.running_var),
+                torch.zeros_like(m.num_batches_tracked)) for m in bns}  # fmt: skip
+
+
+def _load_state(bns: Iterable[nn.Module], state: dict) -> None:
+    for m in bns:
+        mean, var, n = state[m]
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(n)
+
+
+def _length(data: Iterable) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _CallbackBar:
+    def __init__(self, fn: Callable[[int, int], None], total: int | None):
+        self.fn, self.total, self.done = fn, total or 0, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.fn(self.done, self.total)
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress: Progress, total: int | None):
+    if callable(progress):
+        return _CallbackBar(progress, total)
+    if progress:
+        return tqdm(total=total, desc="sensitivity sweep", unit="batch")
+    return _NoBar()

@@ -1,0 +1,104 @@
+"""sweep(): every point equals the metric of the physically pruned copy, on the same data."""
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+import toy_models as toys
+from prunecore import evaluate, load_sample, recalibrate_bn_, trace
+from prunecore.cost import count
+from prunecore.prune import make_plan
+from prunecore.sensitivity import DENSE, sweep
+from prunecore.surgery import apply_plan
+
+
+def naive(model, data, example, levels, metrics, bn_batches=0, calibration=None, groups=None, criterion="l1"):
+    """The reference loop the sweep must reproduce: copy, prune, (recalibrate), evaluate."""
+    graph = trace(model, example)
+    needs_ref = any(m in ("kl", "agreement") for m in metrics)
+    rows = []
+    for g in groups or [g.name for g in graph.prunable]:
+        for s in levels:
+            plan = make_plan(model, graph, {g: s}, criterion=criterion, data=data)
+            pruned = apply_plan(model, plan, graph=graph)
+            if bn_batches:
+                recalibrate_bn_(pruned, calibration if calibration is not None else data, batches=bn_batches)
+            values = evaluate(pruned, data, metrics, reference=model if needs_ref else None)
+            cost = count(pruned, example)
+            rows.append({"group": g, "sparsity": s, **values, "params": cost.params, "flops": cost.flops})
+    return pd.DataFrame(rows)
+
+
+def assert_matches(fast, slow, metrics):
+    points = fast[fast.group != DENSE].reset_index(drop=True)
+    assert list(points.group) == list(slow.group) and list(points.sparsity) == list(slow.sparsity)
+    for m in metrics:
+        torch.testing.assert_close(torch.tensor(points[m].values), torch.tensor(slow[m].values), rtol=1e-4, atol=1e-5)
+    assert list(points.params) == list(slow.params) and list(points.flops) == list(slow.flops)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    s = load_sample("resnet20")
+    data = [(x[:100], y[:100]) for x, y in list(s.heldout)[:2]]  # 200 real digits, 2 batches
+    calibration = [(x[:100], y[:100]) for x, y in list(s.calibration)[:2]]
+    return s.model, data, calibration, s.example
+
+
+def test_sweep_equals_naive_loop_on_sample_resnet(resnet20):
+    model, data, _, example = resnet20
+    metrics = ["accuracy", "loss", "kl", "agreement"]
+    levels = [0.25, 0.5, 0.75]
+    fast = sweep(model, data, example, levels=levels, metric=metrics, progress=False)
+    assert_matches(fast, naive(model, data, example, levels, metrics), metrics)
+    dense = fast[fast.group == DENSE].iloc[0]
+    assert dense.kl == 0 and dense.agreement == 1 and dense.params == count(model, example).params
+
+
+def test_sweep_with_bn_recalibration_equals_naive(resnet20):
+    model, data, calibration, example = resnet20
+    groups = ["stem.0", "layer2.0.conv1", "layer3.1.conv1"]
+    kwargs = dict(levels=[0.3, 0.6], metric=["accuracy", "loss"], groups=groups)
+    fast = sweep(model, data, example, bn_recalibration=2, calibration=calibration, progress=False, **kwargs)
+    slow = naive(model, data, example, kwargs["levels"], kwargs["metric"], 2, calibration, groups)
+    assert_matches(fast, slow, kwargs["metric"])
+
+
+@pytest.mark.parametrize("cls", [toys.Concat, toys.SqueezeExcite, toys.LooseParameter, toys.Depthwise, toys.Reused])
+def test_sweep_equals_naive_on_toys(cls):
+    model = toys.randomize_norms_(cls()).eval()
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(model.input_shape, generator=gen), torch.randint(0, 3, (2,), generator=gen)) for _ in range(3)]
+    metrics = ["loss", "kl"]
+    fast = sweep(model, data, model.example(), levels=[0.3, 0.6], metric=metrics, progress=False, bn_recalibration=2)
+    assert_matches(fast, naive(model, data, model.example(), [0.3, 0.6], metrics, bn_batches=2), metrics)
+
+
+def test_sweep_does_not_touch_the_model(resnet20):
+    model, data, calibration, example = resnet20
+    before = copy.deepcopy(model.state_dict())
+    sweep(model, data, example, levels=[0.5], groups=["stem.0"], bn_recalibration=1, calibration=calibration,
+          progress=False)  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_bad_arguments(resnet20):
+    model, data, _, example = resnet20
+    with pytest.raises(ValueError, match=r"levels must be sparsities in \[0, 1\)"):
+        sweep(model, data, example, levels=[0.5, 1.0], progress=False)
+    with pytest.raises(ValueError, match="unknown metric 'acc'"):
+        sweep(model, data, example, metric="acc", progress=False)
+    with pytest.raises(ValueError, match="no channel group named 'nope'"):
+        sweep(model, data, example, groups=["nope"], progress=False)
+    with pytest.raises(ValueError, match="cannot be pruned: it reaches the model output"):
+        sweep(model, data, example, groups=["fc"], progress=False)
+
+
+def test_progress_callback(resnet20):
+    model, data, _, example = resnet20
+    seen = []
+    sweep(model, data, example, levels=[0.5], groups=["stem.0", "layer1.0.conv1"], progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (4, 4) and [d for d, _ in seen] == [1, 2, 3, 4]
