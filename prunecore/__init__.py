@@ -15,11 +15,14 @@ from prunecore.models import ModelSpecError, load_model
 from prunecore.plan import SCHEMA, GroupPlan, Plan, PlanError, kept_units
 from prunecore.prune import make_plan, prune
 from prunecore.samples import Sample, SampleError, list_samples, load_sample
+from prunecore.sensitivity import DENSE, sweep
+from prunecore.store import RunStore, StoreError
 from prunecore.surgery import apply_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DENSE",
     "SCHEMA",
     "ChannelGraph",
     "ChannelGroup",
@@ -31,8 +34,10 @@ __all__ = [
     "ModuleCost",
     "Plan",
     "PlanError",
+    "RunStore",
     "Sample",
     "SampleError",
+    "StoreError",
     "TraceError",
     "apply_plan",
     "count",
@@ -48,5 +53,6 @@ __all__ = [
     "recalibrate_bn_",
     "register_criterion",
     "score",
+    "sweep",
     "trace",
 ]

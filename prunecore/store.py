@@ -1,0 +1,245 @@
+"""The run store: sweep points kept in an embedded SQLite file, each committed the moment it is done.
+
+Runs are keyed by fingerprints of model, data and config, points by (group, sparsity), so a re-run
+finds its stored curve and a killed sweep resumes; WAL mode lets a dashboard and a CLI share the file.
+
+    >>> store.open_run(rid, "resnet18", model_fp, data_fp, {"criterion": "l1"}, expected=40)
+    >>> store.add_point(rid, {"group": "layer1.0.conv1", "sparsity": 0.5, "accuracy": 0.71})
+    >>> store.done(rid)
+    {('layer1.0.conv1', 0.5)}
+"""
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import pandas as pd
+import torch
+from torch import nn
+
+__all__ = ["RunInfo", "RunStore", "StoreError", "default_store_path", "fingerprint_data", "fingerprint_model", "run_id"]
+
+SCHEMA_VERSION = 1
+_DIGITS = 6  # sparsity is a key: rounded so that 0.1 + 0.2 and 0.3 name the same point
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, model_name TEXT, model_fp TEXT, data_fp TEXT,"
+    " config TEXT, created TEXT, expected INTEGER, complete INTEGER)",
+    "CREATE TABLE IF NOT EXISTS points (run_id TEXT, grp TEXT, sparsity REAL, data TEXT, seq INTEGER,"
+    " PRIMARY KEY (run_id, grp, sparsity))",
+)
+
+
+class StoreError(RuntimeError):
+    """The run store cannot do what was asked; the message names the run or the file and a way out."""
+
+
+def default_store_path() -> Path:
+    """$PRUNECORE_STORE, else $XDG_CACHE_HOME/prunecore/runs.sqlite, else ~/.cache/prunecore/runs.sqlite."""
+    if os.environ.get("PRUNECORE_STORE"):
+        return Path(os.environ["PRUNECORE_STORE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: relative is invalid
+    return cache / "prunecore" / "runs.sqlite"
+
+
+def _feed(h: Any, *parts: str | torch.Tensor) -> None:
+    """Length-prefix every part (a tensor: dtype, shape, raw bytes) so no two different inputs hash alike."""
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            _feed(h, str(t.dtype), str(tuple(t.shape)))
+            raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # zero-copy; bf16 and bool too
+        else:
+            raw = memoryview(part.encode())
+        h.update(raw.nbytes.to_bytes(8, "little"))
+        h.update(raw)
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """Hash of the class, the architecture (str) and every state_dict entry, so any weight edit is seen."""
+    h = hashlib.sha256()
+    _feed(h, f"{type(model).__module__}.{type(model).__qualname__}", str(model))
+    for name, value in model.state_dict().items():
+        _feed(h, name, value if isinstance(value, torch.Tensor) else repr(value))  # repr: extra_state objects
+    return h.hexdigest()
+
+
+def fingerprint_data(data: Iterable) -> str:
+    """Hash of all tensors of all batches (x, (x,) or (x, y)); one pass, so shuffling changes it."""
+    h = hashlib.sha256()
+    for i, batch in enumerate(data):
+        parts = batch if isinstance(batch, (tuple, list)) else (batch,)
+        if not all(isinstance(part, torch.Tensor) for part in parts):
+            raise TypeError(f"fingerprint_data: batch {i} must be a tensor or a tuple of tensors")
+        _feed(h, f"batch {i} of {len(parts)}", *parts)
+    return h.hexdigest()
+
+
+def run_id(model_fp: str, data_fp: str, config: Mapping[str, Any]) -> str:
+    """16 hex digits naming a sweep: the same model, data and config always find the same run."""
+    h = hashlib.sha256()
+    _feed(h, model_fp, data_fp, json.dumps(dict(config), sort_keys=True, separators=(",", ":")))
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One stored sweep; `points` counts stored points, `expected` how many the sweep will make."""
+
+    run_id: str
+    model_name: str
+    model_fp: str
+    data_fp: str
+    config: dict
+    created: str
+    points: int
+    expected: int
+    complete: bool
+
+
+def _plain(value: Any) -> Any:  # numpy and torch scalars or arrays, as metrics often come
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"run store: a point cannot hold a {type(value).__name__}")
+
+
+class RunStore:
+    """Sweep runs and their points in one SQLite file; safe across threads and processes."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_store_path()
+        self._lock = threading.Lock()  # one connection, so one operation at a time per instance
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._op(write=True) as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"run store {self.path} has schema version {version}, newer than this prunecore "
+                                 f"reads ({SCHEMA_VERSION}); upgrade, or pick another with PRUNECORE_STORE or store=")
+            if version < SCHEMA_VERSION:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():  # a connection must never cross a fork
+            # timeout=30 is busy_timeout: wait up to 30 s for another writer instead of failing
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._conn, self._pid = conn, os.getpid()
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")  # kept in the file: readers never block the writer
+            conn.execute("PRAGMA synchronous = NORMAL")  # in WAL a commit survives kill -9, not power loss
+        return self._conn
+
+    @contextmanager
+    def _op(self, write: bool = False, run: str | None = None) -> Iterator[sqlite3.Connection]:
+        """One transaction (on a known `run`); sqlite3 errors become StoreError naming the file."""
+        with self._lock:
+            try:
+                conn = self._connect()  # writes lock up front: a read upgraded to a write would skip busy_timeout
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+                try:
+                    if run is not None and not conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run,)).fetchone():
+                        known = [r[0] for r in conn.execute("SELECT run_id FROM runs ORDER BY created DESC LIMIT 6")]
+                        hint = f"known: {', '.join(known[:5])}{', ...' * (len(known) > 5)}" if known else "it is empty"
+                        raise StoreError(f"unknown run id {run!r} in run store {self.path}; {hint}")
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:  # an error, or a failed COMMIT: leave the connection clean
+                        conn.execute("ROLLBACK")
+            except sqlite3.DatabaseError as e:
+                bad = any(word in str(e) for word in ("not a database", "malformed"))
+                hint = " (not a readable SQLite database: delete it, or pick another with PRUNECORE_STORE or store=)"
+                raise StoreError(f"run store {self.path}: {e}{hint if bad else ''}") from e
+
+    def close(self) -> None:
+        """Release the file (tests, long-lived apps); the store reconnects if used again."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn, conn = None, self._conn
+                conn.close()
+
+    def open_run(
+        self, run_id: str, model_name: str, model_fp: str, data_fp: str, config: Mapping[str, Any], expected: int
+    ) -> None:
+        """Create the run if absent; an existing run (a resumed sweep) is left as it is."""
+        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        values = (run_id, model_name, model_fp, data_fp, json.dumps(dict(config), sort_keys=True), created, expected)
+        with self._op(write=True) as conn:
+            conn.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 0)", values)
+
+    def done(self, run_id: str) -> set[tuple[str, float]]:
+        """The (group, sparsity) keys already stored: what a resumed sweep skips."""
+        with self._op(run=run_id) as conn:
+            rows = conn.execute("SELECT grp, sparsity FROM points WHERE run_id = ?", (run_id,)).fetchall()
+        return {(grp, round(sparsity, _DIGITS)) for grp, sparsity in rows}
+
+    def add_point(self, run_id: str, row: Mapping[str, Any]) -> None:
+        """Store one point, committed at once; re-adding a key replaces its values but keeps its place."""
+        if "group" not in row or "sparsity" not in row:
+            raise ValueError(f"a point needs 'group' and 'sparsity', got columns {list(row)}")
+        grp, sparsity = str(row["group"]), round(float(row["sparsity"]), _DIGITS)
+        data = json.dumps({**row, "group": grp, "sparsity": sparsity}, default=_plain)
+        with self._op(write=True, run=run_id) as conn:
+            conn.execute(
+                "INSERT INTO points SELECT ?, ?, ?, ?, COALESCE(MAX(seq), 0) + 1 FROM points WHERE run_id = ?1"
+                " ON CONFLICT (run_id, grp, sparsity) DO UPDATE SET data = excluded.data",
+                (run_id, grp, sparsity, data),
+            )
+
+    def points(self, run_id: str) -> pd.DataFrame:
+        """The stored points in insertion order; columns in first-seen order after 'group' and 'sparsity'."""
+        with self._op(run=run_id) as conn:
+            found = conn.execute("SELECT data FROM points WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
+        rows = [json.loads(d) for (d,) in found]
+        columns = list(dict.fromkeys(["group", "sparsity", *(k for r in rows for k in r)]))
+        return pd.DataFrame(rows, columns=columns)
+
+    def mark_complete(self, run_id: str) -> None:
+        """Flag a sweep as finished, so the dashboard can tell it from one that was interrupted."""
+        with self._op(write=True, run=run_id) as conn:
+            conn.execute("UPDATE runs SET complete = 1 WHERE run_id = ?", (run_id,))
+
+    def _infos(self, conn: sqlite3.Connection, run_id: str | None = None) -> list[RunInfo]:
+        rows = conn.execute(
+            "SELECT run_id, model_name, model_fp, data_fp, config, created, (SELECT COUNT(*) FROM points p"
+            " WHERE p.run_id = r.run_id), expected, complete FROM runs r WHERE ?1 IS NULL OR run_id = ?1"
+            " ORDER BY created DESC, rowid DESC", (run_id,)
+        ).fetchall()
+        return [RunInfo(*r[:4], json.loads(r[4]), r[5], r[6], r[7], bool(r[8])) for r in rows]
+
+    def runs(self) -> list[RunInfo]:
+        """Every stored run, newest first."""
+        with self._op() as conn:
+            return self._infos(conn)
+
+    def get(self, run_id: str) -> RunInfo:
+        """The run's summary; StoreError naming a few known ids if there is none."""
+        with self._op(run=run_id) as conn:
+            return self._infos(conn, run_id)[0]
+
+    def delete(self, run_id: str) -> None:
+        """Remove the run and all its points in one transaction."""
+        with self._op(write=True, run=run_id) as conn:
+            conn.execute("DELETE FROM points WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    def export(self, run_id: str, path: str | Path) -> Path:
+        """Write the points as .csv or .parquet (chosen by suffix) and return the path."""
+        path = Path(path)
+        writer = {".csv": pd.DataFrame.to_csv, ".parquet": pd.DataFrame.to_parquet}.get(path.suffix.lower())
+        if writer is None:
+            raise StoreError(f"cannot export to {path.name!r}: supported formats are .csv and .parquet")
+        frame = self.points(run_id)  # before mkdir: an unknown run leaves no folder behind
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(frame, path, index=False)
+        return path
