@@ -70,6 +70,7 @@ def sweep(
     store: Any = None,
     graph: ChannelGraph | None = None,
     model_name: str = "",
+    mode: str = "exact",
 ) -> pd.DataFrame:
     """Sensitivity curves of every prunable group (or of `groups`), as a tidy DataFrame.
 
@@ -78,23 +79,34 @@ def sweep(
     `bn_recalibration=N` re-estimates BatchNorm statistics on N batches of `calibration` (default:
     `data`) for every point. `store` (a `RunStore` or a path) persists points and resumes.
     `progress` is True for a progress bar, or a callable `(done, total)`.
+
+    `mode="estimate"` predicts the `loss` curve from a few backward passes instead of measuring it
+    (see `prunecore.estimate`): a first look for large models, many times faster, less faithful.
     """
+    if mode not in ("exact", "estimate"):
+        raise ValueError(f"mode must be 'exact' or 'estimate', got {mode!r}")
     levels = _check_levels(levels)
     metrics = [metric] if isinstance(metric, str) else list(metric)
     for name in metrics:
         get_metric(name)
+    if mode == "estimate":
+        metrics = ["loss"]  # the one curve a Taylor expansion predicts
     graph = graph if graph is not None else trace(model, example_inputs)
     names = _check_groups(graph, groups)
     calibration = data if calibration is None else calibration
     config = {
         "levels": levels, "criterion": criterion, "metrics": metrics, "groups": names,
-        "bn_recalibration": bn_recalibration, "round_to": round_to, "mode": "exact",
+        "bn_recalibration": bn_recalibration if mode == "exact" else 0, "round_to": round_to, "mode": mode,
     }  # fmt: skip
-    run = _Run.open(store, model, data, calibration if bn_recalibration else None, config, model_name)
+    run = _Run.open(store, model, data, calibration if config["bn_recalibration"] else None, config, model_name)
     pending = [(g, s) for g in names for s in levels if (g, s) not in run.done]
+    began = time.perf_counter()
     if (DENSE, 0.0) not in run.done:
         run.add([_dense_row(model, data, example_inputs, metrics)])
-    if pending:
+    floor = 0.0
+    if pending and mode == "estimate":
+        _estimate(model, graph, data, example_inputs, pending, criterion, round_to, run)
+    elif pending:
         scores = score(model, graph, criterion, data=data)
         points = {
             (g, s): _Point(g, s, select_units(scores[g], graph[g].size, s, round_to)) for g, s in pending
@@ -104,8 +116,25 @@ def sweep(
             p.row.update(params=cost.params, flops=cost.flops)
         engine = _Engine(model, graph, metrics, data, calibration, bn_recalibration, progress)
         engine.run(points, on_group_done=run.add)
+        floor = engine.floor_seconds
     run.complete()
-    return run.frame()
+    frame = run.frame()
+    frame.attrs.update(seconds=time.perf_counter() - began, suffix_seconds=floor, mode=mode)
+    return frame
+
+
+def _estimate(model, graph, data, example, pending, criterion, round_to, run) -> None:
+    """Estimate mode: predicted loss per point, with the exact params and FLOPs of each point."""
+    from prunecore.estimate import estimate_loss
+
+    scores = score(model, graph, criterion, data=data)
+    keeps = {(g, s): select_units(scores[g], graph[g].size, s, round_to) for g, s in pending}
+    predicted, _ = estimate_loss(model, graph, data, keeps)
+    points = [_Point(g, s, keep) for (g, s), keep in keeps.items()]
+    costs = plan_costs(model, example, [_plan(graph, p) for p in points], graph)
+    run.add([{"group": p.group, "sparsity": p.sparsity, "kept": len(p.keep.keep), "size": p.keep.size,
+              "loss": predicted[(p.group, p.sparsity)], "params": c.params, "flops": c.flops}
+             for p, c in zip(points, costs)])  # fmt: skip
 
 
 # -- points and their storage ---------------------------------------------------------------------
@@ -164,7 +193,7 @@ class _Run:
 
     def frame(self) -> pd.DataFrame:
         frame = self.store.points(self.run_id) if self.store is not None else pd.DataFrame(self.rows)
-        frame.attrs["run_id"] = self.run_id
+        frame.attrs["run_id"] = self.run_id  # attrs also carry timings: seconds, suffix_seconds
         return frame
 
 

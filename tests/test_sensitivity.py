@@ -102,3 +102,26 @@ def test_progress_callback(resnet20):
     seen = []
     sweep(model, data, example, levels=[0.5], groups=["stem.0", "layer1.0.conv1"], progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (4, 4) and [d for d, _ in seen] == [1, 2, 3, 4]
+
+
+def test_estimate_mode_ranks_points_like_the_exact_sweep(resnet20):
+    model, data, _, example = resnet20
+    levels = [0.25, 0.5, 0.75]
+    exact = sweep(model, data, example, levels=levels, metric="loss", progress=False)
+    estimate = sweep(model, data, example, levels=levels, mode="estimate", progress=False)
+    assert list(estimate.columns) == ["group", "sparsity", "kept", "size", "loss", "params", "flops"]
+    a, b = exact[exact.group != DENSE], estimate[estimate.group != DENSE]
+    assert list(a.group) == list(b.group) and list(a.params) == list(b.params)
+    rank_correlation = a.loss.rank().corr(b.loss.rank())  # Spearman
+    assert rank_correlation > 0.7
+    assert estimate.attrs["mode"] == "estimate"
+
+
+def test_estimate_and_exact_runs_are_stored_apart(resnet20, tmp_path):
+    model, data, _, example = resnet20
+    kwargs = dict(levels=[0.5], groups=["stem.0"], metric="loss", progress=False, store=tmp_path / "s.sqlite")
+    exact = sweep(model, data, example, **kwargs)
+    estimate = sweep(model, data, example, mode="estimate", **kwargs)
+    assert exact.attrs["run_id"] != estimate.attrs["run_id"]
+    with pytest.raises(ValueError, match="mode must be 'exact' or 'estimate'"):
+        sweep(model, data, example, mode="guess", progress=False)
