@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
                        help="re-estimate BatchNorm statistics on N calibration batches per point")  # fmt: skip
     sweep.add_argument("--groups", type=_names, help="only these groups (comma-separated names)")
+    sweep.add_argument("--mode", choices=["exact", "estimate"], default="exact",
+                       help="exact: measure every point; estimate: predict the loss curve from gradients")  # fmt: skip
     sweep.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
     sweep.add_argument("--out", type=Path, help="also write the curves to a .csv or .parquet file")
     sweep.set_defaults(run=_sweep)
@@ -181,12 +183,14 @@ def _sweep(args: argparse.Namespace) -> int:
     model, example, graph = _load(args)
     data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
     metrics = args.metric or (["accuracy", "loss"] if data.labelled else ["kl", "agreement"])
+    if args.mode == "estimate":
+        metrics = ["loss"]
     store = RunStore(args.store)
     print(f"sweeping {args.model} on {data.description}: {len(graph.prunable)} groups x {len(args.levels)} levels")
     curves = sweep(
         model, data.evaluation, example, levels=args.levels, criterion=args.criterion, metric=metrics,
         groups=args.groups, bn_recalibration=args.bn_recalibration, calibration=data.calibration,
-        store=store, graph=graph, model_name=args.model,
+        store=store, graph=graph, model_name=args.model, mode=args.mode,
     )  # fmt: skip
     print(f"run {curves.attrs['run_id']} in {store.path}: {len(curves)} rows")
     print(_curve_table(curves, metrics[0]))

@@ -10,8 +10,9 @@
 masked models compute the same outputs: the invariant `apply_plan` is tested on), optionally
 after re-estimating BatchNorm statistics exactly as `recalibrate_bn_` does on the pruned copy.
 
-**Fast.** One private working copy of the model serves every point: a point zeroes its slices,
-runs, and restores them, so there is no per-point copy or re-trace. For each group the dense graph
+**Fast.** One private working copy of the model serves every point: a point swaps its pruned
+(smaller) tensors in, runs, and swaps the originals back, so there is no per-point copy or
+re-trace, and each point computes no more than the pruned model would. For each group the dense graph
 runs once per batch up to the first node the group touches; every level then runs only the rest of
 the graph from those cached activations (the "suffix"). Data streams in batches, so memory stays
 at about one forward pass. BatchNorm re-estimation reuses the same split: layers before the group
@@ -28,9 +29,10 @@ from __future__ import annotations
 import copy
 import operator
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -38,13 +40,15 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from prunecore._modes import eval_mode
-from prunecore.cost import plan_costs
+from prunecore.cost import count, plan_costs
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, symbolic_trace, trace
 from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan
 from prunecore.prune import select_units
-from prunecore.surgery import kept_positions
+from prunecore.store import RunStore, fingerprint_data, fingerprint_model
+from prunecore.store import run_id as make_run_id
+from prunecore.surgery import kept_positions, sliced_tensors, swap_tensors_
 
 __all__ = ["DEFAULT_LEVELS", "DENSE", "sweep"]
 
@@ -71,6 +75,7 @@ def sweep(
     graph: ChannelGraph | None = None,
     model_name: str = "",
     mode: str = "exact",
+    leaf_modules: Sequence[type] = (),
 ) -> pd.DataFrame:
     """Sensitivity curves of every prunable group (or of `groups`), as a tidy DataFrame.
 
@@ -91,7 +96,7 @@ def sweep(
         get_metric(name)
     if mode == "estimate":
         metrics = ["loss"]  # the one curve a Taylor expansion predicts
-    graph = graph if graph is not None else trace(model, example_inputs)
+    graph = graph if graph is not None else trace(model, example_inputs, leaf_modules)
     names = _check_groups(graph, groups)
     calibration = data if calibration is None else calibration
     config = {
@@ -114,7 +119,7 @@ def sweep(
         costs = plan_costs(model, example_inputs, [_plan(graph, p) for p in points.values()], graph)
         for p, cost in zip(points.values(), costs):
             p.row.update(params=cost.params, flops=cost.flops)
-        engine = _Engine(model, graph, metrics, data, calibration, bn_recalibration, progress)
+        engine = _Engine(model, graph, metrics, data, calibration, bn_recalibration, progress, tuple(leaf_modules))
         engine.run(points, on_group_done=run.add)
         floor = engine.floor_seconds
     run.complete()
@@ -167,15 +172,13 @@ class _Run:
              config: dict, model_name: str) -> _Run:  # fmt: skip
         if store is None:
             return cls(None, "", [], set())
-        from prunecore import store as store_module
-
         if isinstance(store, (str, Path)):
-            store = store_module.RunStore(store)
-        data_fp = store_module.fingerprint_data(data)
+            store = RunStore(store)
+        data_fp = fingerprint_data(data)
         if calibration is not None:
-            data_fp += ":" + store_module.fingerprint_data(calibration)
-        model_fp = store_module.fingerprint_model(model)
-        run_id = store_module.run_id(model_fp, data_fp, config)
+            data_fp += ":" + fingerprint_data(calibration)
+        model_fp = fingerprint_model(model)
+        run_id = make_run_id(model_fp, data_fp, config)
         expected = len(config["groups"]) * len(config["levels"]) + 1
         store.open_run(run_id, model_name or type(model).__name__, model_fp, data_fp, config, expected)
         return cls(store, run_id, [], store.done(run_id))
@@ -200,8 +203,6 @@ class _Run:
 def _dense_row(model: nn.Module, data: Iterable, example: Any, metrics: list[str]) -> dict[str, Any]:
     needs_ref = any(get_metric(m).needs_reference for m in metrics)
     values = evaluate(model, data, metrics, reference=model if needs_ref else None)
-    from prunecore.cost import count
-
     cost = count(model, example)
     return {"group": DENSE, "sparsity": 0.0, "kept": None, "size": None, **values,
             "params": cost.params, "flops": cost.flops}  # fmt: skip
@@ -237,10 +238,10 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, opera
 class _Engine:
     """A private copy of the model as an fx graph that can resume from any node."""
 
-    def __init__(self, model, graph, metrics, data, calibration, bn_batches, progress):
+    def __init__(self, model, graph, metrics, data, calibration, bn_batches, progress, leaf_modules=()):
         self.original = model  # only ever run, for the reference outputs of label-free metrics
         self.model = copy.deepcopy(model).eval()
-        self.gm = symbolic_trace(self.model)
+        self.gm = symbolic_trace(self.model, leaf_modules)
         _out_of_place_(self.gm)
         self.nodes = list(self.gm.graph.nodes)
         index = {n: i for i, n in enumerate(self.nodes)}
@@ -250,6 +251,7 @@ class _Engine:
         self.data, self.calibration, self.bn_batches = data, calibration, bn_batches
         self.progress = progress
         self.reference: list[torch.Tensor] = []
+        self.batch_keys: list[float] = []  # a checksum per batch: the data must come in the same order
         self.floor_seconds = 0.0  # time spent running suffixes: the work no reuse can avoid
 
     # running the graph ------------------------------------------------------------------------
@@ -306,7 +308,7 @@ class _Engine:
                 self._reference_outputs()
                 for group, pts in by_group.items():
                     start = self._first_node(group)
-                    masks = _Masks(self.model, self.graph, [_plan(self.graph, p) for p in pts])
+                    masks = _Variants(self.gm, self.graph, [_plan(self.graph, p) for p in pts])
                     after = [m for m in bns if m in self._modules_from(start)]
                     states = None
                     if self.bn_batches and bns:
@@ -321,12 +323,15 @@ class _Engine:
         if not any(m.needs_reference for m in self.metrics):
             return
         with eval_mode(self.original):
-            self.reference = [self.original(split_batch(batch)[0]) for batch in self.data]
+            for batch in self.data:
+                inputs = split_batch(batch)[0]
+                self.reference.append(self.original(inputs))
+                self.batch_keys.append(float(inputs.double().sum()))
 
     def _calibrate(self, start, pts, masks, after, dense_bn, bar):
         """Per point: BatchNorm statistics of the layers after `start`, re-estimated as on the pruned copy."""
         before = [m for m in dense_bn if m not in after]
-        states = {id(p): _fresh_state(after) for p in pts}
+        states: dict[int, dict] = {}
         momenta = {m: m.momentum for m in dense_bn}
         try:
             for m in dense_bn:
@@ -338,10 +343,10 @@ class _Engine:
                 env = self.start(split_batch(batch)[0])
                 self.advance(env, 0, start)
                 for i, p in enumerate(pts):
-                    _load_state(after, states[id(p)])
-                    with masks.applied(i):
+                    with masks.applied(i):  # the point's BatchNorms have the pruned shapes here
+                        _load_state(after, states[id(p)] if id(p) in states else _fresh_state(after))
                         self.suffix(env, start)
-                    states[id(p)] = _bn_state(after)
+                        states[id(p)] = _bn_state(after)
                 bar.update(1)
         finally:
             for m, momentum in momenta.items():
@@ -355,11 +360,18 @@ class _Engine:
             inputs, targets = split_batch(batch)
             env = self.start(inputs)
             self.advance(env, 0, start)
-            reference = self.reference[b] if self.reference else None
+            reference = None
+            if self.reference:
+                if b >= len(self.batch_keys) or float(inputs.double().sum()) != self.batch_keys[b]:
+                    raise ValueError(
+                        f"batch {b} differs between passes over the data: a sweep needs data that comes in the "
+                        "same order every time (e.g. a DataLoader without shuffle=True)"
+                    )
+                reference = self.reference[b]
             for i, p in enumerate(pts):
-                if states is not None:
-                    _load_state(after, states[id(p)])
                 with masks.applied(i):
+                    if states is not None:
+                        _load_state(after, states[id(p)])
                     out = self.suffix(env, start)
                 for metric in self.metrics:
                     total = float(metric.batch_sum(out, reference, targets))
@@ -404,37 +416,25 @@ def _out_of_place_(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-class _Masks:
-    """Zeroes one point's parameter slices in the working copy, and restores them."""
+class _Variants:
+    """Each point's pruned tensors, swapped into the working copy for the length of a `with` block.
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, plans: list[Plan]):
-        self.slices = []
-        for plan in plans:
-            zero = []
-            for (module, tensor, dim), keep in kept_positions(graph, plan).items():
-                param = getattr(model.get_submodule(module), tensor)
-                if isinstance(param, nn.Parameter):
-                    zero.append((param, dim, (~keep).nonzero().flatten()))
-            self.slices.append(zero)
-        params = {id(p): p for zero in self.slices for p, _, _ in zero}
-        self.saved = {pid: p.detach().clone() for pid, p in params.items()}
-        self.params = params
+    The suffix of the graph then runs on physically smaller layers, exactly as in the pruned
+    copy; no tensor that a point does not touch is copied. Swaps happen on the GraphModule, whose
+    submodules are the working copy's and which holds its own references to loose parameters.
+    """
 
-    def applied(self, i: int):
-        return _Applied(self, i)
+    def __init__(self, gm: fx.GraphModule, graph: ChannelGraph, plans: list[Plan]):
+        self.gm = gm
+        self.tensors = [sliced_tensors(gm, kept_positions(graph, plan)) for plan in plans]
 
-
-class _Applied:
-    def __init__(self, masks: _Masks, i: int):
-        self.masks, self.i = masks, i
-
-    def __enter__(self) -> None:
-        for param, dim, index in self.masks.slices[self.i]:
-            param.data.index_fill_(dim, index, 0.0)
-
-    def __exit__(self, *exc: object) -> None:
-        for param, _, _ in self.masks.slices[self.i]:
-            param.data.copy_(self.masks.saved[id(param)])
+    @contextmanager
+    def applied(self, i: int) -> Iterator[None]:
+        old = swap_tensors_(self.gm, self.tensors[i])
+        try:
+            yield
+        finally:
+            swap_tensors_(self.gm, old)
 
 
 def _bn_state(bns: Iterable[nn.Module]) -> dict[nn.Module, tuple[torch.Tensor, ...]]:

@@ -21,7 +21,7 @@ from prunecore._labels import Slot
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 
-__all__ = ["apply_plan", "kept_positions"]
+__all__ = ["apply_plan", "kept_positions", "sliced_tensors", "swap_tensors_"]
 
 
 def kept_positions(graph: ChannelGraph, plan: Plan) -> dict[Slot, torch.Tensor]:
@@ -63,33 +63,52 @@ def apply_plan(
         graph = trace(model, tuple(spec.example() for spec in plan.inputs))
     keep = kept_positions(graph, plan)
     new = copy.deepcopy(model)
-    touched: set[str] = set()
+    if mode == "remove":
+        swap_tensors_(new, sliced_tensors(new, keep))
+        return new
     for (module_name, tensor_name, dim), mask in keep.items():
-        module = new.get_submodule(module_name)
-        old = getattr(module, tensor_name)
-        if mode == "mask":
-            if isinstance(old, nn.Parameter):
-                with torch.no_grad():
-                    index = [slice(None)] * old.dim()
-                    index[dim] = ~mask
-                    old[tuple(index)] = 0
-            continue
-        _replace(module, tensor_name, old, torch.index_select(old.detach(), dim, mask.nonzero().flatten()))
-        touched.add(module_name)
-    for name in touched:
-        module = new.get_submodule(name)
+        old = getattr(new.get_submodule(module_name), tensor_name)
+        if isinstance(old, nn.Parameter):
+            with torch.no_grad():
+                old.index_fill_(dim, (~mask).nonzero().flatten(), 0.0)
+    return new
+
+
+def sliced_tensors(model: nn.Module, keep: dict[Slot, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """New tensors holding only the kept positions (along every sliced dim); `model` is not changed.
+
+    Parameters come back as `nn.Parameter`s (same `requires_grad`), buffers as tensors.
+    """
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for (module_name, tensor_name, dim), mask in keep.items():
+        key = (module_name, tensor_name)
+        value = out[key] if key in out else getattr(model.get_submodule(module_name), tensor_name).detach()
+        out[key] = torch.index_select(value, dim, mask.nonzero().flatten())
+    for (module_name, tensor_name), value in out.items():
+        old = getattr(model.get_submodule(module_name), tensor_name)
+        if isinstance(old, nn.Parameter):
+            out[(module_name, tensor_name)] = nn.Parameter(value, requires_grad=old.requires_grad)
+    return out
+
+
+def swap_tensors_(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """Put `tensors` into `model` in place, re-derive shape attributes, and return what they replaced.
+
+    Swapping the returned tensors back restores the model exactly: the sweep prunes and un-prunes
+    its working copy this way, and `apply_plan` uses it on a fresh copy.
+    """
+    old = {}
+    for (module_name, tensor_name), value in tensors.items():
+        module = model.get_submodule(module_name)
+        old[(module_name, tensor_name)] = getattr(module, tensor_name)
+        setattr(module, tensor_name, value)
+    for module_name in {m for m, _ in tensors}:
+        module = model.get_submodule(module_name)
         for types, fix in _SHAPE_FIXES:
             if isinstance(module, types):
                 fix(module)
                 break
-    return new
-
-
-def _replace(module: nn.Module, name: str, old: torch.Tensor, data: torch.Tensor) -> None:
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(data.clone(), requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, data.clone())
+    return old
 
 
 # -- attributes derived from the sliced tensors ------------------------------------------------------

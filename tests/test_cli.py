@@ -74,3 +74,41 @@ def test_console_script_runs():
         [sys.executable, "-m", "prunecore.cli", "criteria"], capture_output=True, text=True, check=True
     )
     assert result.stdout.split()[0] == "bn_scale" and "taylor" in result.stdout
+
+
+def test_sweep_and_runs(tmp_path, capsys):
+    store, out = tmp_path / "runs.sqlite", tmp_path / "curves.csv"
+    args = ["sweep", "--model", "sample:resnet20", "--data", "sample", "--limit", "50", "--levels", "0.5",
+            "--groups", "stem.0,layer1.0.conv1", "--store", str(store), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = capsys.readouterr().out
+    assert "accuracy (dense" in report and "layer1.0.conv1" in report
+    import pandas as pd
+
+    curves = pd.read_csv(out)
+    assert list(curves.group) == ["(dense)", "stem.0", "layer1.0.conv1"]
+    assert main(["runs", "--store", str(store)]) == 0
+    listing = capsys.readouterr().out
+    run_id = listing.split()[0]
+    assert "sample:resnet20" in listing and "complete" in listing
+    assert main(["runs", "--store", str(store), "--export", run_id, "--out", str(tmp_path / "c.parquet")]) == 0
+    assert pd.read_parquet(tmp_path / "c.parquet").shape[0] == 3
+    assert main(["runs", "--store", str(store), "--delete", run_id]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--store", str(store)]) == 0
+    assert "no stored sweeps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "sample", "--levels", "0.5,1.5"], r"levels must be sparsities in \[0, 1\)"),
+        (["--data", "imagefolder:/nonexistent/folder"], "does not exist"),
+        (["--data", "mnist"], "unknown data spec"),
+        (["--data", "sample", "--metric", "acc"], "unknown metric"),
+    ],
+)
+def test_sweep_bad_input(tmp_path, extra, message, capsys):
+    assert main(["sweep", "--model", "sample:resnet20", "--store", str(tmp_path / "s.sqlite"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunecore: error: ") and re.search(message, err) and len(err.strip().splitlines()) == 1

@@ -1,0 +1,249 @@
+"""Sensitivity-sweep benchmark: is `sweep` exact, how fast is it, and how far is it from the floor?
+
+1. Exact sweep vs the naive loop (trace once, then per point copy -> `make_plan({group: s})` ->
+   `apply_plan` -> `evaluate`), levels 0.1..0.9, metrics accuracy and loss, same points and data, on
+   the sample ResNet-20 (1,000 held-out digits, batches of 250) and torchvision resnet18 (random
+   init, 512 seeded random 3x32x32 images, batches of 128). Reported: speed-up (aim >= 2x), the
+   largest |difference| of any point (the sweep claims identical values), peak RSS, and the
+   *floor*: the forward passes no reuse can avoid (per group, one dense prefix pass up to the
+   group's first affected node, then one suffix pass per level, over all batches), timed alone
+   with the sweep's own `_Engine` (aim: sweep / floor <= 1.3x). The same comparison is run with
+   BatchNorm re-estimation on 4 calibration batches (`bn_recalibration=4` vs `recalibrate_bn_`).
+2. `mode="estimate"` (a Taylor prediction of the loss curve) vs the exact sweep on the three sample
+   models: speed-up (aim >= 20x) and Spearman rank correlation of the predicted loss with the exact
+   loss and with the exact accuracy drop, over all points: how far users may trust the estimate.
+
+Each measurement runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own; `load` is a
+subprocess that only loads the model and data and evaluates once, the baseline of the others. On a
+shared 2-core CPU only ratios from one run mean anything, and even those drift by 15 %: naive, sweep
+and floor are timed in 3 interleaved rounds and each keeps its median round (BN rows: one round);
+the estimate, which takes seconds, is the median of 3 calls.
+Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH]` (`--quick`: smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+import torchvision
+from scipy.stats import spearmanr
+from torch import nn
+
+import prunecore
+from prunecore.evaluate import split_batch
+from prunecore.sensitivity import DENSE, _Engine
+
+LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+METRICS = ["accuracy", "loss"]
+EXACT_MODELS = ("resnet20", "resnet18")  # sweep vs naive vs floor
+SAMPLES = ("resnet20", "mobilenet_v2", "vit")  # estimate vs exact
+BN_BATCHES = 4
+ESTIMATE_REPS = 3
+Setup = tuple[nn.Module, list[Any] | Iterable[Any], torch.Tensor, Iterable[Any], list[str] | None, tuple[float, ...]]
+
+
+def setup(name: str, quick: bool) -> Setup:
+    """(model, data, example, calibration, groups or None for all, levels) of one benchmark model."""
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+        gen = torch.Generator().manual_seed(1)
+        n, batch = (64, 32) if quick else (512, 128)
+        x, y = torch.randn(n + BN_BATCHES * batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+        data = [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]  # (B, 3, 32, 32), (B,)
+        calibration = [(x[i : i + batch],) for i in range(n, len(x), batch)]  # 4 batches of other images
+        example = x[:1]
+    else:
+        s = prunecore.load_sample(name)
+        model, data, calibration, example = s.model, s.heldout, s.calibration, s.example
+        if quick:
+            data, calibration = [(x[:50], y[:50]) for x, y in list(data)[:1]], list(calibration)[:1]
+    groups = [g.name for g in prunecore.trace(model, example).prunable][:2] if quick else None
+    return model, data, example, calibration, groups, (0.3, 0.6) if quick else LEVELS
+
+
+def naive(model: nn.Module, data: Iterable[Any], example: torch.Tensor, groups: list[str] | None,
+          levels: tuple[float, ...], calibration: Iterable[Any] | None) -> list[dict[str, Any]]:  # fmt: skip
+    """The reference loop: per point a pruned copy, optionally BN-recalibrated, evaluated."""
+    graph = prunecore.trace(model, example)
+    rows = []
+    for g in groups or [g.name for g in graph.prunable]:
+        for s in levels:
+            plan = prunecore.make_plan(model, graph, {g: s})
+            pruned = prunecore.apply_plan(model, plan, graph=graph)
+            if calibration is not None:
+                prunecore.recalibrate_bn_(pruned, calibration, batches=BN_BATCHES)
+            rows.append({"group": g, "sparsity": s, **prunecore.evaluate(pruned, data, METRICS)})
+    return rows
+
+
+def floor_seconds(model: nn.Module, data: Iterable[Any], example: torch.Tensor, groups: list[str] | None,
+                  levels: tuple[float, ...]) -> float:  # fmt: skip
+    """Time of only the unavoidable passes: per group and batch, one prefix and one suffix per level."""
+    graph = prunecore.trace(model, example)
+    engine = _Engine(model, graph, METRICS, data, None, 0, False)
+    end, total = len(engine.nodes), 0.0
+    with torch.no_grad():
+        for g in groups or [g.name for g in graph.prunable]:
+            start = engine._first_node(g)
+            for batch in data:
+                inputs = split_batch(batch)[0]
+                began = time.perf_counter()
+                env = engine.start(inputs)
+                engine.advance(env, 0, start)
+                for _ in levels:  # suffixes of masked and dense weights cost the same
+                    engine.advance(dict(env), start, end)
+                total += time.perf_counter() - began
+    return total
+
+
+def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
+    """One measurement, run in this (fresh) process: seconds, and the points where there are any."""
+    model, data, example, calibration, groups, levels = setup(name, quick)
+    bn = kind.endswith("_bn")
+    began = time.perf_counter()
+    if kind == "load":
+        return {"evaluate": prunecore.evaluate(model, data, METRICS), "seconds": time.perf_counter() - began}
+    if kind == "floor":
+        return {"seconds": floor_seconds(model, data, example, groups, levels)}
+    if kind.startswith("naive"):
+        rows = naive(model, data, example, groups, levels, calibration if bn else None)
+        return {"seconds": time.perf_counter() - began, "rows": rows}
+    if kind == "estimate":
+        times, frame = [], None
+        for _ in range(1 if quick else ESTIMATE_REPS):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            frame = prunecore.sweep(model, data, example, levels=levels, metric="loss", groups=groups,
+                                    progress=False, mode="estimate")  # fmt: skip
+            times.append(time.perf_counter() - t0)
+        return {"seconds": statistics.median(times), "rounds_s": times, "rows": frame.to_dict("records")}
+    extra = dict(bn_recalibration=BN_BATCHES, calibration=calibration) if bn else {}  # sweep, sweep_bn
+    frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False, **extra)
+    return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
+            "suffix_s": frame.attrs.get("suffix_seconds")}  # the sweep's own suffix time, if it reports it
+
+
+def spawn(name: str, kind: str, quick: bool) -> dict[str, Any]:
+    """Run `job` in a fresh interpreter; its result plus its peak RSS in MiB."""
+    print(f"  {name}: {kind} ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "job.json"
+        cmd = [sys.executable, __file__, "--job", f"{name}:{kind}", "--out", str(out)] + ["--quick"] * quick
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
+
+
+def median_round(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One job's rounds as one result: the median round's seconds, the peak RSS of any round."""
+    by_time = sorted(results, key=lambda r: r["seconds"])
+    mid = by_time[(len(by_time) - 1) // 2]
+    return {**mid, "rounds_s": [r["seconds"] for r in results], "rss_mib": max(r["rss_mib"] for r in results)}
+
+
+def points(result: dict[str, Any]) -> pd.DataFrame:
+    frame = pd.DataFrame(result["rows"])
+    return frame[frame.group != DENSE].set_index(["group", "sparsity"]).sort_index()
+
+
+def exact_row(name: str, r: dict[str, dict[str, Any]], suffix: str = "") -> dict[str, Any]:
+    """Sweep vs naive (and floor) of one model, from the jobs' results."""
+    fast, slow = points(r[f"sweep{suffix}"]), points(r[f"naive{suffix}"])
+    assert fast.index.equals(slow.index), "sweep and naive loop computed different points"
+    floor = r["floor"]["seconds"] if not suffix else None
+    sweep_s, naive_s = r[f"sweep{suffix}"]["seconds"], r[f"naive{suffix}"]["seconds"]
+    inside = r[f"sweep{suffix}"].get("suffix_s")  # suffix time the sweep itself recorded, same process
+    return dict(
+        model=name + (f" + BN recalibration ({BN_BATCHES})" if suffix else ""),
+        groups=fast.index.get_level_values(0).nunique(), points=len(fast), naive_s=naive_s, sweep_s=sweep_s,
+        speedup=naive_s / sweep_s, floor_s=floor,
+        sweep_over_floor=sweep_s / floor if floor else None, suffix_share=inside / sweep_s if inside else None,
+        **{f"max_diff_{m}": float((fast[m] - slow[m]).abs().max()) for m in METRICS},
+        rss_naive_mib=r[f"naive{suffix}"]["rss_mib"], rss_sweep_mib=r[f"sweep{suffix}"]["rss_mib"],
+        rss_load_mib=r["load"]["rss_mib"],
+    )  # fmt: skip
+
+
+def estimate_row(name: str, exact: dict[str, Any], est: dict[str, Any]) -> dict[str, Any]:
+    """Estimate vs exact sweep: speed-up and rank agreement over all points."""
+    full = pd.DataFrame(exact["rows"])
+    dense_acc = float(full.loc[full.group == DENSE, "accuracy"].iloc[0])
+    both = points(exact).assign(loss_est=points(est)["loss"]).dropna(subset=["loss_est"])
+    rho = lambda a, b: float(spearmanr(a, b)[0])  # noqa: E731
+    return dict(model=name, points=len(both), exact_s=exact["seconds"], estimate_s=est["seconds"],
+                speedup=exact["seconds"] / est["seconds"], rho_loss=rho(both.loss_est, both.loss),
+                rho_acc_drop=rho(both.loss_est, dense_acc - both.accuracy))  # fmt: skip
+
+
+def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[str, Any]]) -> str:
+    opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    quick = " (quick smoke run: the numbers mean nothing)" if info["quick"] else ""
+    lines = [f"torch {info['torch']}, torchvision {info['torchvision']}, {info['threads']} threads, "
+             f"{info['rounds']} round(s) of naive / sweep / floor{quick}", "",
+             "| model | groups | points | naive s | sweep s | speed-up | floor s | sweep / floor | suffix share "
+             "| max abs diff accuracy | max abs diff loss |", "|---|" + "---:|" * 10]  # fmt: skip
+    lines += [f"| {r['model']} | {r['groups']} | {r['points']} | {r['naive_s']:.1f} | {r['sweep_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {opt(r['floor_s'], '.1f')} | {opt(r['sweep_over_floor'], '.2f')} | "
+              f"{opt(r['suffix_share'], '.0%')} | {r['max_diff_accuracy']:.1e} | {r['max_diff_loss']:.1e} |"
+              for r in exact]  # fmt: skip
+    lines += ["", "| model | peak RSS naive MiB | peak RSS sweep MiB | load + evaluate MiB |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['rss_naive_mib']:.0f} | {r['rss_sweep_mib']:.0f} | {r['rss_load_mib']:.0f} |"
+              for r in exact]  # fmt: skip
+    if not est:
+        return "\n".join(lines + ["", "`sweep` has no `mode` parameter yet: estimate mode not measured."])
+    lines += ["", "| model | points | exact s | estimate s | speed-up | Spearman(est. loss, exact loss) "
+              "| Spearman(est. loss, exact accuracy drop) |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['model']} | {r['points']} | {r['exact_s']:.1f} | {r['estimate_s']:.2f} | {r['speedup']:.1f}x | "
+              f"{r['rho_loss']:.2f} | {r['rho_acc_drop']:.2f} |" for r in est]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="prunecore sensitivity-sweep benchmark")
+    parser.add_argument("--quick", action="store_true", help="2 groups, 2 levels, 50 images: only checks it runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of naive, sweep and floor")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: MODEL:KIND, run in a subprocess
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        result = job(*args.job.split(":"), quick=args.quick)
+        result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        args.out.write_text(json.dumps(result, default=str))
+        return
+    has_estimate = "mode" in inspect.signature(prunecore.sweep).parameters
+    timed: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(1 if args.quick else args.rounds):  # interleaved, so drift spoils no single ratio
+        for name in EXACT_MODELS:
+            for kind in ("naive", "sweep", "floor"):
+                timed.setdefault((name, kind), []).append(spawn(name, kind, args.quick))
+    runs = {n: {k: median_round(timed[n, k]) for k in ("naive", "sweep", "floor")} for n in EXACT_MODELS}
+    for name in dict.fromkeys(EXACT_MODELS + SAMPLES):
+        kinds = ["load", "naive_bn", "sweep_bn"] if name in EXACT_MODELS else ["sweep"]
+        kinds += ["estimate"] if name in SAMPLES and has_estimate else []
+        runs.setdefault(name, {}).update({kind: spawn(name, kind, args.quick) for kind in kinds})
+    exact = [exact_row(n, runs[n], s) for n in EXACT_MODELS for s in ("", "_bn")]
+    est = [estimate_row(n, runs[n]["sweep"], runs[n]["estimate"]) for n in SAMPLES if has_estimate]
+    info = dict(torch=torch.__version__, torchvision=torchvision.__version__, threads=torch.get_num_threads(),
+                quick=args.quick, rounds=1 if args.quick else args.rounds, levels=list(LEVELS), metrics=METRICS,
+                bn_batches=BN_BATCHES)  # fmt: skip
+    print(markdown(info, exact, est))
+    if args.json:
+        args.json.write_text(json.dumps({**info, "exact": exact, "estimate": est, "runs": runs}, indent=2, default=str))
+        print(f"\nJSON written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
