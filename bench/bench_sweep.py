@@ -6,9 +6,10 @@
    init, 512 seeded random 3x32x32 images, batches of 128). Reported: speed-up (aim >= 2x), the
    largest |difference| of any point (the sweep claims identical values), peak RSS, and the
    *floor*: the forward passes no reuse can avoid (per group, one dense prefix pass up to the
-   group's first affected node, then one suffix pass per level, over all batches), timed alone
-   with the sweep's own `_Engine` (aim: sweep / floor <= 1.3x). The same comparison is run with
-   BatchNorm re-estimation on 4 calibration batches (`bn_recalibration=4` vs `recalibrate_bn_`).
+   group's first affected node, then one suffix pass of the pruned layers per level, over all
+   batches), timed alone with the sweep's own `_Engine` and `_Variants` (aim: sweep / floor <= 1.3x).
+   The same comparison runs with BatchNorm re-estimation on 4 calibration batches
+   (`bn_recalibration=4` vs `recalibrate_bn_`).
 2. `mode="estimate"` (a Taylor prediction of the loss curve) vs the exact sweep on the three sample
    models: speed-up (aim >= 20x) and Spearman rank correlation of the predicted loss with the exact
    loss and with the exact accuracy drop, over all points: how far users may trust the estimate.
@@ -24,7 +25,6 @@ Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import resource
 import statistics
@@ -43,7 +43,7 @@ from torch import nn
 
 import prunecore
 from prunecore.evaluate import split_batch
-from prunecore.sensitivity import DENSE, _Engine
+from prunecore.sensitivity import DENSE, _Engine, _Variants
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 METRICS = ["accuracy", "loss"]
@@ -98,14 +98,17 @@ def floor_seconds(model: nn.Module, data: Iterable[Any], example: torch.Tensor, 
     with torch.no_grad():
         for g in groups or [g.name for g in graph.prunable]:
             start = engine._first_node(g)
+            variants = _Variants(engine.gm, graph, [prunecore.make_plan(model, graph, {g: s}) for s in levels])
             for batch in data:
-                inputs = split_batch(batch)[0]
                 began = time.perf_counter()
-                env = engine.start(inputs)
+                env = engine.start(split_batch(batch)[0])
                 engine.advance(env, 0, start)
-                for _ in levels:  # suffixes of masked and dense weights cost the same
-                    engine.advance(dict(env), start, end)
                 total += time.perf_counter() - began
+                for i in range(len(levels)):
+                    with variants.applied(i):  # the point's smaller tensors, as in the sweep; not timed
+                        began = time.perf_counter()
+                        engine.advance(dict(env), start, end)
+                        total += time.perf_counter() - began
     return total
 
 
@@ -201,8 +204,6 @@ def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[s
     lines += ["", "| model | peak RSS naive MiB | peak RSS sweep MiB | load + evaluate MiB |", "|---|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['rss_naive_mib']:.0f} | {r['rss_sweep_mib']:.0f} | {r['rss_load_mib']:.0f} |"
               for r in exact]  # fmt: skip
-    if not est:
-        return "\n".join(lines + ["", "`sweep` has no `mode` parameter yet: estimate mode not measured."])
     lines += ["", "| model | points | exact s | estimate s | speed-up | Spearman(est. loss, exact loss) "
               "| Spearman(est. loss, exact accuracy drop) |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['model']} | {r['points']} | {r['exact_s']:.1f} | {r['estimate_s']:.2f} | {r['speedup']:.1f}x | "
@@ -223,7 +224,6 @@ def main() -> None:
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         args.out.write_text(json.dumps(result, default=str))
         return
-    has_estimate = "mode" in inspect.signature(prunecore.sweep).parameters
     timed: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(1 if args.quick else args.rounds):  # interleaved, so drift spoils no single ratio
         for name in EXACT_MODELS:
@@ -232,10 +232,10 @@ def main() -> None:
     runs = {n: {k: median_round(timed[n, k]) for k in ("naive", "sweep", "floor")} for n in EXACT_MODELS}
     for name in dict.fromkeys(EXACT_MODELS + SAMPLES):
         kinds = ["load", "naive_bn", "sweep_bn"] if name in EXACT_MODELS else ["sweep"]
-        kinds += ["estimate"] if name in SAMPLES and has_estimate else []
+        kinds += ["estimate"] if name in SAMPLES else []
         runs.setdefault(name, {}).update({kind: spawn(name, kind, args.quick) for kind in kinds})
     exact = [exact_row(n, runs[n], s) for n in EXACT_MODELS for s in ("", "_bn")]
-    est = [estimate_row(n, runs[n]["sweep"], runs[n]["estimate"]) for n in SAMPLES if has_estimate]
+    est = [estimate_row(n, runs[n]["sweep"], runs[n]["estimate"]) for n in SAMPLES]
     info = dict(torch=torch.__version__, torchvision=torchvision.__version__, threads=torch.get_num_threads(),
                 quick=args.quick, rounds=1 if args.quick else args.rounds, levels=list(LEVELS), metrics=METRICS,
                 bn_batches=BN_BATCHES)  # fmt: skip
