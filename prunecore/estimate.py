@@ -21,12 +21,11 @@ from itertools import islice
 from typing import Any, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prunecore._modes import eval_mode
 from prunecore.evaluate import split_batch
 from prunecore.graph import ChannelGraph
+from prunecore.importance import batch_gradients, unit_sums_of_w_times_grad
 from prunecore.plan import GroupPlan
 
 __all__ = ["estimate_loss"]
@@ -57,44 +56,23 @@ def _unit_terms(
     model: nn.Module, graph: ChannelGraph, groups: list[str], data: Iterable[Any], samples: int, micro: int
 ) -> tuple[dict[str, torch.Tensor], float]:
     """T[group]: (micro-batches, units) of sum(w * g_b) per unit; and the mean loss over the samples."""
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rows: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
     total_loss, seen = 0.0, 0
-    device = next(model.parameters()).device
-    with eval_mode(model):
-        for inputs, targets in islice(_micro_batches(data, micro), max(1, samples // micro)):
-            logits = model(inputs.to(device))
-            if targets is None:
-                targets = logits.detach().argmax(dim=-1)
-            loss = F.cross_entropy(logits, targets.to(device))
-            grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()), allow_unused=True)))
-            total_loss += float(loss.detach()) * inputs.shape[0]
-            seen += inputs.shape[0]
-            for g in groups:
-                rows[g].append(_per_unit(graph, g, named, grads))
+    for grads, loss, n in batch_gradients(model, islice(_micro_batches(data, micro), max(1, samples // micro))):
+        terms = unit_sums_of_w_times_grad(model, graph, grads)
+        for g in groups:
+            rows[g].append(terms[g])
+        total_loss += loss * n
+        seen += n
     if seen == 0:
         raise ValueError("estimate mode got no data")
     return {g: torch.stack(r) for g, r in rows.items()}, total_loss / seen
 
 
-def _per_unit(graph: ChannelGraph, group: str, named: dict, grads: dict) -> torch.Tensor:
-    grp = graph[group]
-    out = torch.zeros(grp.size, dtype=torch.float64)
-    for m in grp.members:
-        grad = grads.get(m.path)
-        if grad is None:
-            continue
-        wg = (named[m.path].detach() * grad).double()
-        dims = [d for d in range(wg.dim()) if d != m.dim]
-        per_position = wg.sum(dim=dims) if dims else wg  # (tensor.shape[dim],)
-        owned = m.unit_of >= 0
-        out.index_add_(0, m.unit_of[owned], per_position[owned])
-    return out
-
-
-def _micro_batches(data: Iterable[Any], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def _micro_batches(data: Iterable[Any], size: int) -> Iterator[Any]:
     """Re-slice the data into micro-batches of `size` samples (the Fisher estimate's unit)."""
     for batch in data:
         inputs, targets = split_batch(batch)
         for start in range(0, inputs.shape[0] - size + 1, size):
-            yield inputs[start : start + size], None if targets is None else targets[start : start + size]
+            window = slice(start, start + size)
+            yield inputs[window] if targets is None else (inputs[window], targets[window])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -148,15 +148,47 @@ def bn_scale(model: nn.Module, graph: ChannelGraph, **_: Any) -> dict[str, torch
 @register_criterion("taylor", needs_data=True)
 def taylor(model: nn.Module, graph: ChannelGraph, data: Iterable[Any], batches: int = 16, **_: Any):
     """|sum of w * dL/dw| over a unit's parameters: first-order loss change (Molchanov 2019)."""
-    grads = _mean_gradients(model, data, batches)
-    by_param = {id(p): grads[n] for n, p in model.named_parameters() if n in grads}
+    totals: dict[int, torch.Tensor] = {}
+    count = 0
+    for grads, _, _ in batch_gradients(model, islice(data, batches)):
+        for key, g in grads.items():
+            totals[key] = totals[key] + g if key in totals else g
+        count += 1
+    if count == 0:
+        raise ValueError("criterion 'taylor' got no batches of data")
+    mean = {key: g / count for key, g in totals.items()}
+    return {name: s.abs() for name, s in unit_sums_of_w_times_grad(model, graph, mean).items()}
+
+
+def unit_sums_of_w_times_grad(
+    model: nn.Module, graph: ChannelGraph, grads: dict[int, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per prunable group, per unit: sum of w * g over the unit's parameters (`grads` keyed by id(param))."""
 
     def w_times_grad(p: torch.Tensor, dim: int) -> torch.Tensor:
-        g = by_param.get(id(p))
-        return _reduce_to_dim(p * g, dim) if g is not None else torch.zeros(p.shape[dim])
+        g = grads.get(id(p))
+        return _reduce_to_dim((p * g).double(), dim) if g is not None else torch.zeros(p.shape[dim])
 
-    scores = _member_scores(model, graph, w_times_grad)
-    return {name: s.abs() for name, s in scores.items()}
+    return _member_scores(model, graph, w_times_grad)
+
+
+def batch_gradients(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[dict[int, torch.Tensor], float, int]]:
+    """Per batch: gradients of its mean loss keyed by id(param), the loss, and the batch size.
+
+    Labelled batches use cross-entropy; unlabelled ones use the model's own top-1 as target. The
+    model runs in eval mode (restored afterwards) and `.grad` is never written.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for batch in batches:
+            inputs, targets = split_batch(batch)
+            logits = model(inputs.to(device))
+            if targets is None:
+                targets = logits.detach().argmax(dim=-1)
+            loss = F.cross_entropy(logits, targets.to(device))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            yield {id(p): g for p, g in zip(params, grads) if g is not None}, float(loss.detach()), inputs.shape[0]
 
 
 @register_criterion("random")
@@ -164,28 +196,3 @@ def random(model: nn.Module, graph: ChannelGraph, seed: int = 0, **_: Any) -> di
     """Seeded uniform noise: the baseline any criterion must beat."""
     gen = torch.Generator().manual_seed(seed)
     return {g.name: torch.rand(g.size, generator=gen, dtype=torch.float64) for g in graph.prunable}
-
-
-def _mean_gradients(model: nn.Module, data: Iterable[Any], batches: int) -> dict[str, torch.Tensor]:
-    """Gradients of the mean loss, without touching `.grad` or the model's mode for good.
-
-    Labelled batches use cross-entropy; unlabelled ones use the model's own top-1 as target.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    totals = {n: torch.zeros_like(p) for n, p in named}
-    count = 0
-    with eval_mode(model):
-        for batch in islice(data, batches):
-            inputs, targets = split_batch(batch)
-            device = next(model.parameters()).device
-            logits = model(inputs.to(device))
-            if targets is None:
-                targets = logits.detach().argmax(dim=-1)
-            loss = F.cross_entropy(logits, targets.to(device))
-            for (n, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)):
-                if g is not None:
-                    totals[n] += g
-            count += 1
-    if count == 0:
-        raise ValueError("criterion 'taylor' got no batches of data")
-    return {n: t / count for n, t in totals.items()}
