@@ -7,12 +7,22 @@
     >>> pc.count(smaller, example).flops                   # MACs per example
 """
 
-from prunecore.cost import Cost, ModuleCost, count
-from prunecore.evaluate import evaluate, list_metrics, recalibrate_bn_
+from prunecore.allocate import (
+    AllocationError,
+    AllocationProblem,
+    allocate,
+    allocation_problem,
+    list_methods,
+    pareto,
+    register_method,
+    solve,
+)
+from prunecore.cost import Cost, CostModel, ModuleCost, cost_model, count
+from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
 from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
 from prunecore.importance import list_criteria, register_criterion, score
 from prunecore.models import ModelSpecError, load_model
-from prunecore.plan import SCHEMA, GroupPlan, Plan, PlanError, kept_units
+from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
 from prunecore.prune import make_plan, prune
 from prunecore.samples import Sample, SampleError, list_samples, load_sample
 from prunecore.sensitivity import DENSE, sweep
@@ -24,9 +34,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DENSE",
     "SCHEMA",
+    "Allocation",
+    "AllocationError",
+    "AllocationProblem",
+    "Budget",
     "ChannelGraph",
     "ChannelGroup",
     "Cost",
+    "CostModel",
     "GroupPlan",
     "InputSpec",
     "Member",
@@ -38,21 +53,30 @@ __all__ = [
     "Sample",
     "SampleError",
     "StoreError",
+    "Totals",
     "TraceError",
+    "allocate",
+    "allocation_problem",
     "apply_plan",
+    "cost_model",
     "count",
     "evaluate",
+    "evaluate_plan",
     "kept_units",
     "list_criteria",
+    "list_methods",
     "list_metrics",
     "list_samples",
     "load_model",
     "load_sample",
     "make_plan",
+    "pareto",
     "prune",
     "recalibrate_bn_",
     "register_criterion",
+    "register_method",
     "score",
+    "solve",
     "sweep",
     "trace",
 ]

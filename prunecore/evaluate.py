@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunecore._modes import training_flags
+from prunecore.graph import ChannelGraph
+from prunecore.plan import Plan
+from prunecore.surgery import apply_plan
 
-__all__ = ["Metric", "evaluate", "get_metric", "list_metrics", "recalibrate_bn_", "split_batch"]
+__all__ = ["Metric", "evaluate", "evaluate_plan", "get_metric", "list_metrics", "recalibrate_bn_", "split_batch"]
 
 # (logits, reference logits or None, targets or None) -> float64 sum over the batch's samples
 _SumFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -38,6 +42,8 @@ class Metric:
     needs_reference: bool
     batch_sum: _SumFn
     doc: str
+    higher_is_better: bool
+    bounds: tuple[float, float] = (0.0, math.inf)  # the values it can take; predictions are clipped to them
 
 
 def _kl_sum(logits: torch.Tensor, ref: torch.Tensor | None, _t: torch.Tensor | None) -> torch.Tensor:
@@ -49,12 +55,13 @@ def _kl_sum(logits: torch.Tensor, ref: torch.Tensor | None, _t: torch.Tensor | N
 _METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("accuracy", True, False, lambda lg, _r, t: (lg.argmax(1) == t).sum().double(), "top-1 accuracy, 0..1"),
+        Metric("accuracy", True, False, lambda lg, _r, t: (lg.argmax(1) == t).sum().double(),
+               "top-1 accuracy, 0..1", True, (0.0, 1.0)),
         Metric("agreement", False, True, lambda lg, r, _t: (lg.argmax(1) == r.argmax(1)).sum().double(),
-               "fraction of samples whose top-1 equals the reference's"),
-        Metric("kl", False, True, _kl_sum, "mean KL(p_reference || p_model) in nats"),
+               "fraction of samples whose top-1 equals the reference's", True, (0.0, 1.0)),
+        Metric("kl", False, True, _kl_sum, "mean KL(p_reference || p_model) in nats", False),
         Metric("loss", True, False, lambda lg, _r, t: F.cross_entropy(lg.double(), t, reduction="sum"),
-               "mean cross-entropy per sample"),
+               "mean cross-entropy per sample", False),
     )
 }
 
@@ -178,3 +185,28 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None =
         for bn, momentum, _ in saved:
             bn.momentum = momentum
     return model
+
+
+def evaluate_plan(
+    model: nn.Module,
+    plan: Plan,
+    data: Iterable[Any],
+    metric: str | Sequence[str] = "accuracy",
+    bn_recalibration: bool | int = True,
+    calibration: Iterable[Any] | None = None,
+    graph: ChannelGraph | None = None,
+) -> dict[str, float]:
+    """Measured metrics of `apply_plan(model, plan)`: the numbers a plan's prediction is checked against.
+
+    `bn_recalibration` re-estimates the pruned model's BatchNorm statistics first (True: 50
+    batches, an int: that many) on `calibration` (default: `data`), because pruning shifts the
+    statistics every following BatchNorm saw. Label-free metrics compare with the dense `model`.
+    `model` is not changed.
+    """
+    names = [metric] if isinstance(metric, str) else list(metric)
+    pruned = apply_plan(model, plan, graph=graph)
+    if bn_recalibration:
+        batches = 50 if bn_recalibration is True else int(bn_recalibration)
+        recalibrate_bn_(pruned, data if calibration is None else calibration, batches=batches)
+    needs_reference = any(get_metric(m).needs_reference for m in names)
+    return evaluate(pruned, data, names, reference=model if needs_reference else None)

@@ -17,8 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -120,6 +122,22 @@ class ChannelGraph:
     @property
     def prunable(self) -> tuple[ChannelGroup, ...]:
         return tuple(g for g in self.groups if g.prunable)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of the channel structure (groups, their members and unit maps), not of the weights.
+
+        Two models a plan can be applied to identically have equal fingerprints: a fresh copy of
+        the architecture, a fine-tuned one, the same model traced again. A plan records it so that
+        applying it to another architecture is refused.
+        """
+        h = hashlib.sha256(self.model_type.encode())
+        for g in self.groups:
+            h.update(f"|{g.name}:{g.size}:{g.prunable}".encode())
+            for m in g.members:
+                h.update(f"|{m.module}.{m.tensor}:{m.dim}".encode())
+                h.update(m.unit_of.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def summary(self) -> str:
         lines = [f"{self.model_type}: {len(self.groups)} channel groups, {len(self.prunable)} prunable"]

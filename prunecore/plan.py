@@ -2,6 +2,11 @@
 
 A plan is keyed by group names (stable strings from `trace`) and unit indices, never by module
 objects, so it serialises, survives a reload and can be re-applied to a fresh copy of the model.
+Beside the kept units it records where it came from (the model's channel-structure fingerprint,
+the criterion, the budget and allocation method) and what it is expected to do (params and FLOPs
+before and after, the predicted metric, and the measured one once `evaluate_plan` has run). The
+format is closed: `Plan.from_json` rejects unknown fields, and `plan.schema.json` in this package
+is its JSON Schema.
 
 Example:
     >>> plan = make_plan(model, graph, 0.5)
@@ -15,11 +20,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
 from typing import Any, Mapping
 
 from prunecore.graph import ChannelGraph, InputSpec
 
-__all__ = ["SCHEMA", "GroupPlan", "Plan", "PlanError", "kept_units"]
+__all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals", "kept_units"]
 
 SCHEMA = "prunecore.plan/1"
 
@@ -49,11 +56,95 @@ def kept_units(size: int, sparsity: float, round_to: int = 1) -> int:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What a pruned model may keep: FLOPs or params, as a fraction in (0, 1] or an absolute amount.
+
+    >>> Budget(flops=0.5).target(2_000_000)      # keep half the MACs
+    1000000.0
+    >>> Budget(params=150_000).target(272_474)   # an absolute parameter count
+    150000.0
+    """
+
+    flops: float | None = None
+    params: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.flops, self.params) if v is not None]
+        if len(given) != 1:
+            raise ValueError("a budget names exactly one of flops= or params=")
+        value = given[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"budget {self.kind} must be a positive number, got {value!r}")
+
+    @property
+    def kind(self) -> str:
+        return "flops" if self.flops is not None else "params"
+
+    @property
+    def value(self) -> float:
+        return float(self.flops if self.flops is not None else self.params)  # type: ignore[arg-type]
+
+    @property
+    def is_fraction(self) -> bool:
+        return self.value <= 1.0
+
+    def target(self, dense: float) -> float:
+        """The most FLOPs (or params) a plan may keep, given the dense model's total."""
+        return self.value * dense if self.is_fraction else self.value
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """`"flops=0.5"`, `"params=0.3"` or `"flops=2.5e7"` (the CLI's --budget)."""
+        kind, sep, value = text.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in ("flops", "params"):
+            raise ValueError(f"budget must look like flops=0.5 or params=0.3, got {text!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"budget value must be a number, got {value.strip()!r}") from None
+        return cls(**{kind: number})
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a plan's sparsities were chosen: the method, the budget it met, the metric it protected."""
+
+    method: str
+    budget: Budget
+    metric: str = ""
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Params and FLOPs (MACs per example) of the dense and of the pruned model."""
+
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+
+
+@dataclass(frozen=True)
 class GroupPlan:
-    """Kept unit indices (sorted) of one group of `size` units."""
+    """Kept unit indices (sorted) of one group of `size` units.
+
+    `channels` is the group's width in channels (a unit is several channels where a grouped conv
+    forces whole conv groups out); `predicted_change` is the metric change the sensitivity curve
+    predicts for this group alone, when the plan came from `allocate`.
+    """
 
     size: int
     keep: tuple[int, ...]
+    channels: int | None = None
+    predicted_change: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.channels is None:
+            object.__setattr__(self, "channels", self.size)  # one channel per unit
 
     @property
     def sparsity(self) -> float:
@@ -64,10 +155,33 @@ class GroupPlan:
         kept = set(self.keep)
         return tuple(i for i in range(self.size) if i not in kept)
 
+    @property
+    def channels_before(self) -> int:
+        return self.channels  # type: ignore[return-value]  # never None after __post_init__
+
+    @property
+    def channels_after(self) -> int:
+        return self.channels_before // self.size * len(self.keep)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("prunecore")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Per-group kept units plus what is needed to re-trace the model they belong to."""
+    """Per-group kept units, what is needed to re-trace the model they belong to, and provenance.
+
+    `fingerprint` is `ChannelGraph.fingerprint` of the model the plan was made for (empty: not
+    recorded); `predicted` and `measured` map metric names to values of the pruned model.
+    """
 
     groups: Mapping[str, GroupPlan]
     inputs: tuple[InputSpec, ...]
@@ -75,69 +189,116 @@ class Plan:
     criterion: str = "l1"
     round_to: int = 1
     meta: Mapping[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    fingerprint: str = ""
+    allocation: Allocation | None = None
+    totals: Totals | None = None
+    predicted: Mapping[str, float] = field(default_factory=dict)
+    measured: Mapping[str, float] = field(default_factory=dict)
+    version: str = field(default_factory=_version)
+    created: str = field(default_factory=_now)
+
+    @property
+    def sparsities(self) -> dict[str, float]:
+        return {name: g.sparsity for name, g in self.groups.items()}
 
     def to_dict(self) -> dict[str, Any]:
+        alloc = self.allocation
         return {
             "schema": SCHEMA,
-            "model_type": self.model_type,
+            "prunecore_version": self.version,
+            "created": self.created,
+            "model": {"name": self.model_name, "type": self.model_type, "fingerprint": self.fingerprint},
             "inputs": [{"shape": list(s.shape), "dtype": s.dtype} for s in self.inputs],
             "criterion": self.criterion,
             "round_to": self.round_to,
+            "allocation": None
+            if alloc is None
+            else {"method": alloc.method, "budget": {alloc.budget.kind: alloc.budget.value}, "metric": alloc.metric},
             "groups": {
-                name: {"size": g.size, "keep": list(g.keep), "sparsity": round(g.sparsity, 6)}
+                name: {
+                    "size": g.size,
+                    "channels_before": g.channels_before,
+                    "channels_after": g.channels_after,
+                    "sparsity": round(g.sparsity, 6),
+                    "keep": list(g.keep),
+                    "predicted_change": g.predicted_change,
+                }
                 for name, g in self.groups.items()
             },
+            "totals": None if self.totals is None else dict(vars(self.totals)),
+            "metrics": {"predicted": dict(self.predicted), "measured": dict(self.measured)},
             "meta": dict(self.meta),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str | bytes) -> Plan:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise PlanError("plan is not valid JSON: nested too deeply") from None
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         _expect(isinstance(data, dict), "plan must be a JSON object")
         _expect(data.get("schema") == SCHEMA, f"plan schema must be {SCHEMA!r}, got {data.get('schema')!r}")
-        allowed = {"schema", "model_type", "inputs", "criterion", "round_to", "groups", "meta"}
-        _no_unknown(data, allowed, "plan")
-        for key in ("model_type", "inputs", "groups"):
+        _no_unknown(data, set(_TOP_LEVEL), "plan")
+        for key in ("model", "inputs", "groups"):
             _expect(key in data, f"plan is missing {key!r}")
-        _expect(isinstance(data["model_type"], str), "model_type must be a string")
-        inputs = data["inputs"]
-        _expect(isinstance(inputs, list) and inputs, "inputs must be a non-empty list")
-        specs = []
-        for i, spec in enumerate(inputs):
-            _expect(isinstance(spec, dict), f"inputs[{i}] must be an object")
-            _no_unknown(spec, {"shape", "dtype"}, f"inputs[{i}]")
-            shape = spec.get("shape")
-            _expect(
-                isinstance(shape, list) and all(_is_int(s) and s > 0 for s in shape),
-                f"inputs[{i}].shape must be a list of positive integers",
-            )
-            _expect(isinstance(spec.get("dtype", "float32"), str), f"inputs[{i}].dtype must be a string")
-            specs.append(InputSpec(tuple(shape), spec.get("dtype", "float32")))
+        model = data["model"]
+        _expect(isinstance(model, dict), "model must be an object")
+        _no_unknown(model, {"name", "type", "fingerprint"}, "model")
+        _expect(isinstance(model.get("type"), str), "model.type must be a string")
+        for key in ("name", "fingerprint"):
+            _expect(isinstance(model.get(key, ""), str), f"model.{key} must be a string")
         round_to = data.get("round_to", 1)
         _expect(_is_int(round_to) and round_to >= 1, "round_to must be a positive integer")
         criterion = data.get("criterion", "l1")
         _expect(isinstance(criterion, str), "criterion must be a string")
+        version, created = data.get("prunecore_version", "unknown"), data.get("created", "")
+        _expect(isinstance(version, str), "prunecore_version must be a string")
+        _expect(isinstance(created, str), "created must be a string")
         meta = data.get("meta", {})
         _expect(isinstance(meta, dict), "meta must be an object")
         raw = data["groups"]
         _expect(isinstance(raw, dict), "groups must be an object keyed by group name")
-        groups = {name: _group_from_dict(name, g) for name, g in raw.items()}
-        return cls(groups, tuple(specs), data["model_type"], criterion, round_to, meta)
+        predicted, measured = _metrics_from_dict(data.get("metrics", {}))
+        return cls(
+            groups={name: _group_from_dict(name, g) for name, g in raw.items()},
+            inputs=_inputs_from_list(data["inputs"]),
+            model_type=model["type"],
+            criterion=criterion,
+            round_to=round_to,
+            meta=meta,
+            model_name=model.get("name", ""),
+            fingerprint=model.get("fingerprint", ""),
+            allocation=_allocation_from_dict(data.get("allocation")),
+            totals=_totals_from_dict(data.get("totals")),
+            predicted=predicted,
+            measured=measured,
+            version=version,
+            created=created,
+        )
 
-    def check(self, graph: ChannelGraph) -> None:
-        """Raise `PlanError` unless this plan fits the traced model."""
+    def check(self, graph: ChannelGraph, force: bool = False) -> None:
+        """Raise `PlanError` unless this plan fits the traced model.
+
+        A recorded fingerprint that differs from the model's means the plan was made for another
+        architecture; `force=True` skips that test (the per-group checks still run).
+        """
         if self.model_type != graph.model_type:
             raise PlanError(f"plan is for a {self.model_type}, the model is a {graph.model_type}")
+        if self.fingerprint and not force and self.fingerprint != graph.fingerprint:
+            raise PlanError(
+                f"plan was made for another model: its fingerprint is {self.fingerprint}, this model's is "
+                f"{graph.fingerprint} (same class, different channel structure); pass force=True to try anyway"
+            )
         for name, g in self.groups.items():
             if name not in graph:
                 raise PlanError(f"plan names group {name!r}, which the model does not have")
@@ -148,10 +309,36 @@ class Plan:
                 raise PlanError(f"plan prunes group {name!r}, which cannot be pruned: it {group.reason}")
 
 
+_TOP_LEVEL = (
+    "schema", "prunecore_version", "created", "model", "inputs", "criterion", "round_to", "allocation",
+    "groups", "totals", "metrics", "meta",
+)  # fmt: skip
+
+
+def _inputs_from_list(inputs: Any) -> tuple[InputSpec, ...]:
+    _expect(isinstance(inputs, list) and inputs, "inputs must be a non-empty list")
+    specs = []
+    for i, spec in enumerate(inputs):
+        _expect(isinstance(spec, dict), f"inputs[{i}] must be an object")
+        _no_unknown(spec, {"shape", "dtype"}, f"inputs[{i}]")
+        shape = spec.get("shape")
+        _expect(
+            isinstance(shape, list) and bool(shape) and all(_is_int(s) and s > 0 for s in shape),
+            f"inputs[{i}].shape must be a non-empty list of positive integers",
+        )
+        dtype = spec.get("dtype", "float32")
+        _expect(dtype in _DTYPES, f"inputs[{i}].dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        specs.append(InputSpec(tuple(shape), dtype))
+    return tuple(specs)
+
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
+
+
 def _group_from_dict(name: str, g: Any) -> GroupPlan:
     where = f"groups[{name!r}]"
     _expect(isinstance(g, dict), f"{where} must be an object")
-    _no_unknown(g, {"size", "keep", "sparsity"}, where)
+    _no_unknown(g, {"size", "keep", "sparsity", "channels_before", "channels_after", "predicted_change"}, where)
     size, keep = g.get("size"), g.get("keep")
     _expect(_is_int(size) and size >= 1, f"{where}.size must be a positive integer")
     _expect(isinstance(keep, list) and all(_is_int(i) for i in keep), f"{where}.keep must be a list of integers")
@@ -160,13 +347,70 @@ def _group_from_dict(name: str, g: Any) -> GroupPlan:
     _expect(len(set(keep)) == len(keep), f"{where}.keep has duplicate indices")
     if "sparsity" in g:
         s = g["sparsity"]
-        _expect(isinstance(s, (int, float)) and 0 <= s < 1, f"{where}.sparsity must be in [0, 1)")
+        _expect(_is_number(s) and 0 <= s < 1, f"{where}.sparsity must be a number in [0, 1)")
         _expect(abs(s - (1 - len(keep) / size)) < 1e-4, f"{where}.sparsity does not match its kept units")
-    return GroupPlan(size, tuple(sorted(keep)))
+    channels = g.get("channels_before")
+    if channels is not None:
+        _expect(_is_int(channels) and channels >= size and channels % size == 0,
+                f"{where}.channels_before must be a positive multiple of size ({size})")  # fmt: skip
+    plan = GroupPlan(size, tuple(sorted(keep)), channels, None)
+    if "channels_after" in g:
+        _expect(g["channels_after"] == plan.channels_after,
+                f"{where}.channels_after must be {plan.channels_after} for its kept units")  # fmt: skip
+    change = g.get("predicted_change")
+    _expect(change is None or _is_number(change), f"{where}.predicted_change must be a number or null")
+    return GroupPlan(size, plan.keep, channels, None if change is None else float(change))
+
+
+def _allocation_from_dict(a: Any) -> Allocation | None:
+    if a is None:
+        return None
+    _expect(isinstance(a, dict), "allocation must be an object or null")
+    _no_unknown(a, {"method", "budget", "metric"}, "allocation")
+    _expect(isinstance(a.get("method"), str), "allocation.method must be a string")
+    _expect(isinstance(a.get("metric", ""), str), "allocation.metric must be a string")
+    budget = a.get("budget")
+    _expect(isinstance(budget, dict) and len(budget) == 1, "allocation.budget must be {\"flops\": x} or {\"params\": x}")
+    (kind, value), = budget.items()
+    _expect(kind in ("flops", "params"), "allocation.budget must be {\"flops\": x} or {\"params\": x}")
+    _expect(_is_number(value) and value > 0, f"allocation.budget.{kind} must be a positive number")
+    return Allocation(a["method"], Budget(**{kind: float(value)}), a.get("metric", ""))
+
+
+def _totals_from_dict(t: Any) -> Totals | None:
+    if t is None:
+        return None
+    _expect(isinstance(t, dict), "totals must be an object or null")
+    fields = ("params_before", "params_after", "flops_before", "flops_after")
+    _no_unknown(t, set(fields), "totals")
+    for key in fields:
+        _expect(_is_int(t.get(key)) and t[key] >= 0, f"totals.{key} must be a non-negative integer")
+    return Totals(*(t[key] for key in fields))
+
+
+def _metrics_from_dict(m: Any) -> tuple[dict[str, float], dict[str, float]]:
+    _expect(isinstance(m, dict), "metrics must be an object")
+    _no_unknown(m, {"predicted", "measured"}, "metrics")
+    out = []
+    for key in ("predicted", "measured"):
+        values = m.get(key, {})
+        _expect(isinstance(values, dict), f"metrics.{key} must be an object of metric name: number")
+        for name, v in values.items():
+            _expect(_is_number(v), f"metrics.{key}.{name} must be a number")
+        out.append({name: float(v) for name, v in values.items()})
+    return out[0], out[1]
+
+
+def _reject_constant(name: str) -> Any:
+    raise PlanError(f"plan is not valid JSON: {name} is not a number JSON allows")
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _expect(ok: bool, message: str) -> None:

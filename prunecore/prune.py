@@ -16,7 +16,7 @@ from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan, PlanError, kept_units
 from prunecore.surgery import apply_plan
 
-__all__ = ["make_plan", "prune", "select_units"]
+__all__ = ["keep_top", "make_plan", "prune", "select_units"]
 
 
 def make_plan(
@@ -49,18 +49,25 @@ def make_plan(
             raise ValueError(f"sparsity of group {name!r} must be in [0, 1), got {s}")
     scores = score(model, graph, criterion, data=data, seed=seed) if any(targets.values()) else {}
     groups = {
-        name: select_units(scores.get(name), graph[name].size, s, round_to) for name, s in targets.items()
+        name: select_units(scores.get(name), graph[name].size, s, round_to, graph[name].channels or None)
+        for name, s in targets.items()
     }
-    return Plan(groups, graph.inputs, graph.model_type, criterion, round_to)
+    return Plan(groups, graph.inputs, graph.model_type, criterion, round_to, fingerprint=graph.fingerprint)
 
 
-def select_units(scores: torch.Tensor | None, size: int, sparsity: float, round_to: int = 1) -> GroupPlan:
+def select_units(
+    scores: torch.Tensor | None, size: int, sparsity: float, round_to: int = 1, channels: int | None = None
+) -> GroupPlan:
     """Keep the `kept_units(...)` highest-scored units; ties keep the earlier unit."""
-    n = kept_units(size, sparsity, round_to)
+    return keep_top(scores, size, kept_units(size, sparsity, round_to), channels)
+
+
+def keep_top(scores: torch.Tensor | None, size: int, n: int, channels: int | None = None) -> GroupPlan:
+    """Keep the `n` highest-scored of `size` units (`scores` may be None when `n == size`)."""
     if n == size:
-        return GroupPlan(size, tuple(range(size)))
+        return GroupPlan(size, tuple(range(size)), channels)
     order = torch.sort(scores, descending=True, stable=True).indices[:n]
-    return GroupPlan(size, tuple(sorted(order.tolist())))
+    return GroupPlan(size, tuple(sorted(order.tolist())), channels)
 
 
 def prune(

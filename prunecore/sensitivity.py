@@ -124,7 +124,7 @@ def sweep(
         floor = engine.floor_seconds
     run.complete()
     frame = run.frame()
-    frame.attrs.update(seconds=time.perf_counter() - began, suffix_seconds=floor, mode=mode)
+    frame.attrs.update(seconds=time.perf_counter() - began, suffix_seconds=floor, mode=mode, config=config)
     return frame
 
 
@@ -196,7 +196,7 @@ class _Run:
 
     def frame(self) -> pd.DataFrame:
         frame = self.store.points(self.run_id) if self.store is not None else pd.DataFrame(self.rows)
-        frame.attrs["run_id"] = self.run_id  # attrs also carry timings: seconds, suffix_seconds
+        frame.attrs["run_id"] = self.run_id  # sweep() adds timings, mode and the config
         return frame
 
 

@@ -197,12 +197,19 @@ class RunStore:
             )
 
     def points(self, run_id: str) -> pd.DataFrame:
-        """The stored points in insertion order; columns in first-seen order after 'group' and 'sparsity'."""
+        """The stored points in insertion order; columns in first-seen order after 'group' and 'sparsity'.
+
+        `frame.attrs` carries the run's id, model name and sweep config (criterion, levels, ...),
+        which `allocate` reads to stay consistent with how the curves were measured.
+        """
         with self._op(run=run_id) as conn:
             found = conn.execute("SELECT data FROM points WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
+            info = self._infos(conn, run_id)[0]
         rows = [json.loads(d) for (d,) in found]
         columns = list(dict.fromkeys(["group", "sparsity", *(k for r in rows for k in r)]))
-        return pd.DataFrame(rows, columns=columns)
+        frame = pd.DataFrame(rows, columns=columns)
+        frame.attrs.update(run_id=run_id, model_name=info.model_name, config=info.config)
+        return frame
 
     def mark_complete(self, run_id: str) -> None:
         """Flag a sweep as finished, so the dashboard can tell it from one that was interrupted."""

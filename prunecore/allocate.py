@@ -1,0 +1,623 @@
+"""`allocate`: per-group sparsities that meet a FLOPs or params budget with the least predicted damage.
+
+The sensitivity curves say what pruning each group *alone* costs in accuracy (or loss, or
+divergence); allocation assumes those effects add up and picks one sparsity per group:
+
+    >>> curves = sweep(model, data, example, metric=["accuracy", "loss"])
+    >>> plan = allocate(curves, graph, Budget(flops=0.5), method="dp", model=model)
+    >>> plan.predicted, plan.totals.flops_after / plan.totals.flops_before
+    ({'accuracy': 0.962, 'loss': 0.131}, 0.4994)
+
+Cost is exact under coupling: a conv between two pruned groups costs (kept in) x (kept out), and
+`CostModel` prices every candidate exactly as `count()` measures the applied model, so the
+returned plan always meets its budget. Methods live in a registry (`list_methods()`):
+
+- `uniform`: one sparsity for every group, the smallest that meets the budget;
+- `threshold`: every group takes its largest sparsity whose predicted damage stays under one
+  tolerance, the smallest tolerance that meets the budget (Li et al. 2017);
+- `greedy`: repeatedly take the move with the least damage per FLOP (or param) saved;
+- `dp`: the multiple-choice knapsack over the curves solved exactly by dynamic programming, with
+  the coupled cost re-linearised around the current solution until it settles (SPDY-style);
+- `global`: one ranking of all units by the criterion, each group's scores divided by their mean,
+  cut at the threshold that meets the budget (Torch-Pruning's global pruning; ignores the curves).
+
+Curve-driven methods never go past a group's largest measured sparsity; between measured points
+the curves are interpolated linearly. For repeated allocation on one model (the dashboard, a
+Pareto front), build the `AllocationProblem` once and call `solve`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from prunecore.cost import CostModel, cost_model
+from prunecore.evaluate import get_metric, list_metrics
+from prunecore.graph import ChannelGraph
+from prunecore.importance import score
+from prunecore.plan import Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
+from prunecore.prune import keep_top
+from prunecore.sensitivity import DENSE
+
+__all__ = [
+    "AllocationError",
+    "AllocationProblem",
+    "Method",
+    "allocate",
+    "allocation_problem",
+    "list_methods",
+    "pareto",
+    "register_method",
+    "solve",
+]
+
+_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate sparsities of the curve-driven methods
+_METRIC_PREFERENCE = ("loss", "kl", "accuracy", "agreement")
+
+
+class AllocationError(ValueError):
+    """The budget cannot be met under the given bounds, or the curves do not fit the model."""
+
+
+# -- the problem: curves, costs and scores of one model, precomputed --------------------------------
+@dataclass(frozen=True, eq=False)
+class Curve:
+    """One group's measured metrics at the pruned fractions it was swept at, (0, dense) included."""
+
+    fractions: np.ndarray  # (L,) increasing, fractions[0] == 0
+    values: Mapping[str, np.ndarray]  # metric -> (L,)
+
+    def at(self, metric: str, fraction: float | np.ndarray) -> np.ndarray:
+        """Linear interpolation; flat beyond the largest measured fraction."""
+        return np.interp(fraction, self.fractions, self.values[metric])
+
+
+@dataclass(frozen=True, eq=False)
+class AllocationProblem:
+    """Everything allocation needs, computed once: curves, exact cost model, unit ranking.
+
+    `metric` is the curve allocation protects; `dense` holds the dense model's value of every
+    curve metric. Without curves (`curves={}`) only `uniform` and `global` can run and plans
+    carry no prediction.
+    """
+
+    graph: ChannelGraph
+    cost: CostModel
+    scores: Mapping[str, torch.Tensor]
+    curves: Mapping[str, Curve]
+    metric: str
+    dense: Mapping[str, float]
+    criterion: str
+    round_to: int
+    model_name: str = ""
+
+    def kept(self, sparsities: Mapping[str, float]) -> dict[str, int]:
+        """Kept units per named group, by the one rounding rule."""
+        return {n: kept_units(self.graph[n].size, s, self.round_to) for n, s in sparsities.items()}
+
+    def price(self, sparsities: Mapping[str, float]) -> tuple[int, int]:
+        """(params, flops) of the model pruned to `sparsities` (other groups dense)."""
+        return self.cost.price(self.kept(sparsities))
+
+    def change(self, name: str, sparsity: float, metric: str | None = None) -> float | None:
+        """Predicted change of `metric` when group `name` alone loses `sparsity`; None without a curve."""
+        curve = self.curves.get(name)
+        if curve is None:
+            return None
+        metric = metric or self.metric
+        fraction = 1.0 - self.kept({name: sparsity})[name] / self.graph[name].size
+        return float(curve.at(metric, fraction)) - self.dense[metric]
+
+    def predict(self, sparsities: Mapping[str, float]) -> dict[str, float]:
+        """Predicted metrics of the model pruned to `sparsities`, adding up the groups' changes.
+
+        Sums are clipped to the metric's range (accuracy stays in [0, 1]). Empty when a pruned
+        group has no curve: its effect cannot be predicted.
+        """
+        pruned = {n: s for n, s in sparsities.items() if self.kept({n: s})[n] < self.graph[n].size}
+        if any(n not in self.curves for n in pruned):
+            return {}
+        out = {}
+        for m, dense in self.dense.items():
+            low, high = get_metric(m).bounds
+            out[m] = min(max(dense + sum(self.change(n, s, m) for n, s in pruned.items()), low), high)
+        return out
+
+    def damage(self, name: str, kept: np.ndarray) -> np.ndarray:
+        """Predicted harm (positive = worse) of group `name` keeping each of `kept` units."""
+        size = self.graph[name].size
+        change = self.curves[name].at(self.metric, 1.0 - np.asarray(kept) / size) - self.dense[self.metric]
+        return -change if get_metric(self.metric).higher_is_better else change
+
+
+def allocation_problem(
+    curves: pd.DataFrame | None,
+    graph: ChannelGraph,
+    model: nn.Module,
+    metric: str | None = None,
+    criterion: str | None = None,
+    round_to: int | None = None,
+    data: Iterable[Any] | None = None,
+    model_name: str = "",
+) -> AllocationProblem:
+    """Build the `AllocationProblem` of `model` from its sweep (`curves`, as `sweep` returns them).
+
+    The criterion and `round_to` default to the ones the curves were measured with (from
+    `curves.attrs["config"]`), so the units a plan keeps are the units the curves measured;
+    `metric` defaults to the first of loss, kl, accuracy, agreement the curves have.
+    """
+    config = dict(curves.attrs.get("config", {})) if curves is not None else {}
+    criterion = _consistent("criterion", criterion, config.get("criterion"), "l1")
+    round_to = _consistent("round_to", round_to, config.get("round_to"), 1)
+    parsed, dense = _parse_curves(curves, graph) if curves is not None else ({}, {})
+    if parsed:
+        metric = metric or next((m for m in _METRIC_PREFERENCE if m in dense), None)
+        if metric not in dense:
+            raise AllocationError(f"the curves have no {metric!r} column; they have {', '.join(dense)}")
+    else:
+        metric = ""
+    scores = score(model, graph, criterion, data=data)
+    example = tuple(spec.example() for spec in graph.inputs)
+    name = model_name or (curves.attrs.get("model_name", "") if curves is not None else "")
+    return AllocationProblem(
+        graph, cost_model(model, example, graph, scores), scores, parsed, metric, dense, criterion, round_to, name
+    )
+
+
+def _consistent(what: str, given: Any, measured: Any, default: Any) -> Any:
+    if given is not None and measured is not None and given != measured:
+        raise AllocationError(f"the curves were measured with {what} {measured!r}; allocate with the same, not {given!r}")
+    return given if given is not None else measured if measured is not None else default
+
+
+def _parse_curves(curves: pd.DataFrame, graph: ChannelGraph) -> tuple[dict[str, Curve], dict[str, float]]:
+    metrics = [m for m in list_metrics() if m in curves.columns]
+    if not metrics:
+        raise AllocationError(f"the curves have no metric column ({', '.join(list_metrics())})")
+    base = curves[curves.group == DENSE]
+    if base.empty:
+        raise AllocationError(f"the curves have no {DENSE!r} row: pass the whole frame sweep() returned")
+    dense = {m: float(base[m].iloc[0]) for m in metrics}
+    parsed = {}
+    for name, rows in curves[curves.group != DENSE].groupby("group", sort=False):
+        if name not in graph:
+            raise AllocationError(f"the curves are for another model: it has no group named {name!r}")
+        size = graph[name].size
+        if (rows["size"] != size).any():
+            raise AllocationError(f"the curves give group {name!r} {int(rows['size'].iloc[0])} units, the model {size}")
+        if not graph[name].prunable:
+            raise AllocationError(f"the curves prune group {name!r}, which cannot be pruned: it {graph[name].reason}")
+        fractions = 1.0 - rows["kept"].to_numpy(dtype=float) / size
+        table = pd.DataFrame({"f": fractions, **{m: rows[m].to_numpy(dtype=float) for m in metrics}})
+        table = pd.concat([pd.DataFrame([{"f": 0.0, **dense}]), table]).groupby("f", sort=True).mean()
+        parsed[name] = Curve(table.index.to_numpy(), {m: table[m].to_numpy() for m in metrics})
+    return parsed, dense
+
+
+# -- the registry ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[_Search], np.ndarray]
+    needs_curves: bool
+    doc: str
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, needs_curves: bool = True):
+    """Register `fn(search) -> kept vector` as an allocation method (see the built-in ones)."""
+
+    def wrap(fn: Callable[[_Search], np.ndarray]):
+        _METHODS[name] = Method(name, fn, needs_curves, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"unknown allocation method {name!r}; choose one of {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+# -- solving --------------------------------------------------------------------------------------
+Bound = float | Mapping[str, float]
+
+
+def allocate(
+    curves: pd.DataFrame | None,
+    graph: ChannelGraph,
+    budget: Budget,
+    method: str = "dp",
+    *,
+    model: nn.Module,
+    min_sparsity: Bound = 0.0,
+    max_sparsity: Bound = 0.9,
+    locked: Mapping[str, float] | None = None,
+    exclude: Sequence[str] = (),
+    metric: str | None = None,
+    criterion: str | None = None,
+    round_to: int | None = None,
+    data: Iterable[Any] | None = None,
+    model_name: str = "",
+) -> Plan:
+    """The plan of `method` that keeps at most `budget` of the model's FLOPs or params.
+
+    `model` ranks the units to keep (by the criterion the curves were measured with) and gives
+    the layer shapes the cost is computed from. `min_sparsity` / `max_sparsity` bound every group
+    (a number) or the named ones (a mapping); `locked` pins groups to a sparsity and `exclude`
+    keeps groups dense. Raises `AllocationError` when no plan within the bounds meets the budget.
+    """
+    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name)
+    return solve(problem, budget, method, min_sparsity, max_sparsity, locked, exclude)
+
+
+def solve(
+    problem: AllocationProblem,
+    budget: Budget,
+    method: str = "dp",
+    min_sparsity: Bound = 0.0,
+    max_sparsity: Bound = 0.9,
+    locked: Mapping[str, float] | None = None,
+    exclude: Sequence[str] = (),
+) -> Plan:
+    """`allocate` on a prepared problem: no model pass, no scoring, milliseconds for small models."""
+    m = get_method(method)
+    if m.needs_curves and not problem.curves:
+        raise AllocationError(f"method {method!r} needs sensitivity curves; run a sweep first, or use uniform or global")
+    search = _Search.build(problem, budget, m.needs_curves, min_sparsity, max_sparsity, locked or {}, exclude)
+    if search.needs_pruning():
+        search.check_feasible(budget)
+        kept = m.fn(search)
+    else:
+        kept = search.hi.copy()
+    if search.cost(kept) > search.target + 0.5:  # a method bug, never the user's fault
+        raise AssertionError(f"method {method!r} returned a plan over budget")
+    return _plan(problem, search, kept, Allocation(method, budget, problem.metric))
+
+
+def pareto(
+    problem: AllocationProblem,
+    budgets: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
+    methods: Sequence[str] | None = None,
+    kind: str = "flops",
+    **bounds: Any,
+) -> pd.DataFrame:
+    """Predicted metric against cost over a range of budget fractions, per method.
+
+    One row per (method, budget) that could be met: method, budget, params, flops, and the
+    predicted value of each curve metric. Feeds the dashboard's Pareto chart and the CLI.
+    """
+    methods = list(methods) if methods is not None else [
+        n for n in list_methods() if problem.curves or not get_method(n).needs_curves
+    ]  # fmt: skip
+    rows = []
+    for name in methods:
+        for b in budgets:
+            try:
+                plan = solve(problem, Budget(**{kind: b}), name, **bounds)
+            except AllocationError:
+                continue
+            assert plan.totals is not None
+            rows.append({"method": name, "budget": b, "params": plan.totals.params_after,
+                         "flops": plan.totals.flops_after, **plan.predicted})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@dataclass(eq=False)
+class _Search:
+    """The search space of one `solve` call, in kept units over the cost model's groups.
+
+    `free` groups are allocated between `lo` and `hi` kept units (their max and min sparsity);
+    every other group stays at `hi` (dense, or where it is locked). `options[g]` are the kept
+    counts a curve-driven method may choose, `hi` first, and `harm[g]` their predicted damage.
+    """
+
+    problem: AllocationProblem
+    kind: str
+    target: float
+    free: list[int]
+    lo: np.ndarray
+    hi: np.ndarray
+    options: dict[int, np.ndarray] = field(default_factory=dict)
+    harm: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, problem: AllocationProblem, budget: Budget, curve_driven: bool, min_s: Bound, max_s: Bound,
+              locked: Mapping[str, float], exclude: Sequence[str]) -> _Search:  # fmt: skip
+        cm, graph, r = problem.cost, problem.graph, problem.round_to
+        pinned = {**{n: 0.0 for n in exclude}, **locked}
+        for name, s in pinned.items():
+            if name not in graph:
+                raise AllocationError(f"no channel group named {name!r} in {graph.model_type}")
+            if s > 0 and not graph[name].prunable:
+                raise AllocationError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
+            _check_sparsity(f"locked sparsity of {name!r}", s)
+        for bound in (min_s, max_s):
+            for name in bound if isinstance(bound, Mapping) else ():
+                if name not in cm.groups:
+                    raise AllocationError(f"sparsity bound names {name!r}, which is not a prunable group")
+        hi, lo = cm.sizes.copy(), cm.sizes.copy()
+        free = []
+        for g, name in enumerate(cm.groups):
+            size = int(cm.sizes[g])
+            if name in pinned:
+                hi[g] = lo[g] = kept_units(size, pinned[name], r)
+                continue
+            if curve_driven and name not in problem.curves:
+                continue  # no curve: it stays dense
+            smin, smax = _bound(min_s, name, "min_sparsity"), _bound(max_s, name, "max_sparsity")
+            if smin > smax:
+                raise AllocationError(f"min_sparsity {smin} exceeds max_sparsity {smax} for group {name!r}")
+            hi[g], lo[g] = kept_units(size, smin, r), kept_units(size, smax, r)
+            if curve_driven:
+                measured = problem.curves[name].fractions[-1]
+                lo[g] = max(lo[g], math.ceil(size * (1 - measured) - 1e-9))
+            if lo[g] < hi[g]:
+                free.append(g)
+        dense = problem.cost.dense[0 if budget.kind == "params" else 1]
+        search = cls(problem, budget.kind, budget.target(dense), free, lo, hi)
+        if curve_driven:
+            for g in free:
+                size = int(cm.sizes[g])
+                grid = {kept_units(size, float(s), r) for s in _GRID}
+                kept = sorted({k for k in grid if lo[g] <= k <= hi[g]} | {int(lo[g]), int(hi[g])}, reverse=True)
+                search.options[g] = np.array(kept, dtype=np.int64)
+                search.harm[g] = problem.damage(cm.groups[g], search.options[g])
+        return search
+
+    def costs(self, kept: np.ndarray) -> np.ndarray:
+        """The budgeted quantity for kept vectors `(G,)` or `(G, N)`: `(N,)`."""
+        params, flops = self.problem.cost.evaluate(kept)
+        return flops if self.kind == "flops" else params
+
+    def cost(self, kept: np.ndarray) -> float:
+        return float(self.costs(kept)[0])
+
+    def needs_pruning(self) -> bool:
+        return self.cost(self.hi) > self.target
+
+    def check_feasible(self, budget: Budget) -> None:
+        floor = self.cost(self.lo)
+        if floor > self.target:
+            dense = self.problem.cost.dense[0 if self.kind == "params" else 1]
+            raise AllocationError(
+                f"budget {budget} cannot be met: with every allowed group at its largest sparsity the model keeps "
+                f"{floor:.4g} {self.kind} ({floor / dense:.1%} of dense); raise max_sparsity, unlock groups, "
+                "sweep to higher sparsities, or loosen the budget"
+            )
+
+    def with_group(self, kept: np.ndarray, g: int, values: np.ndarray) -> np.ndarray:
+        """Columns of `kept` with group `g` set to each of `values`: `(G, len(values))`."""
+        out = np.repeat(kept[:, None], len(values), axis=1)
+        out[g] = values
+        return out
+
+
+def _bound(bound: Bound, name: str, what: str) -> float:
+    value = bound.get(name, 0.0 if what == "min_sparsity" else 0.9) if isinstance(bound, Mapping) else bound
+    _check_sparsity(what, value)
+    return float(value)
+
+
+def _check_sparsity(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise AllocationError(f"{what} must be a number in [0, 1), got {value!r}")
+
+
+def _plan(problem: AllocationProblem, search: _Search, kept: np.ndarray, allocation: Allocation) -> Plan:
+    graph, cm = problem.graph, problem.cost
+    groups = {}
+    sparsities = {}
+    for g, name in enumerate(cm.groups):
+        size = int(cm.sizes[g])
+        sparsities[name] = 1.0 - int(kept[g]) / size
+        change = problem.change(name, sparsities[name]) if int(kept[g]) < size else 0.0
+        groups[name] = keep_top(problem.scores.get(name), size, int(kept[g]), graph[name].channels or None)
+        groups[name] = GroupPlan(size, groups[name].keep, groups[name].channels, change)
+    (p0, f0), (p1, f1) = cm.dense, cm.price({n: int(k) for n, k in zip(cm.groups, kept)})
+    return Plan(
+        groups, graph.inputs, graph.model_type, problem.criterion, problem.round_to,
+        model_name=problem.model_name, fingerprint=graph.fingerprint, allocation=allocation,
+        totals=Totals(p0, p1, f0, f1), predicted=problem.predict(sparsities),
+    )  # fmt: skip
+
+
+# -- the methods ----------------------------------------------------------------------------------
+@register_method("uniform", needs_curves=False)
+def _uniform(search: _Search) -> np.ndarray:
+    """One sparsity for every free group: the smallest that meets the budget."""
+    sizes, r = search.problem.cost.sizes, search.problem.round_to
+
+    def kept_at(s: float) -> np.ndarray:
+        kept = search.hi.copy()
+        for g in search.free:
+            kept[g] = min(max(kept_units(int(sizes[g]), s, r), search.lo[g]), search.hi[g])
+        return kept
+
+    low, high = 0.0, 0.999999
+    for _ in range(50):  # kept_units is monotone in s: bisect for the smallest s that meets the budget
+        mid = (low + high) / 2
+        low, high = (low, mid) if search.cost(kept_at(mid)) <= search.target else (mid, high)
+    return kept_at(high)
+
+
+@register_method("threshold")
+def _threshold(search: _Search) -> np.ndarray:
+    """Each group takes its largest sparsity with damage under one tolerance; the least tolerance that fits."""
+
+    def kept_at(tolerance: float) -> np.ndarray:
+        kept = search.hi.copy()
+        for g in search.free:
+            over = np.flatnonzero(search.harm[g] > tolerance)
+            last = (over[0] - 1) if over.size else len(search.options[g]) - 1  # the prefix under tolerance
+            kept[g] = search.options[g][max(last, 0)]
+        return kept
+
+    candidates = np.unique(np.concatenate([search.harm[g] for g in search.free]))
+    low, high = 0, len(candidates) - 1  # the largest candidate prunes every group to its lowest option
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if search.cost(kept_at(candidates[mid])) <= search.target else (mid + 1, high)
+    return kept_at(candidates[high])
+
+
+@register_method("greedy")
+def _greedy(search: _Search) -> np.ndarray:
+    """Repeatedly take the move with the least predicted damage per unit of cost saved."""
+    start = search.hi.copy()
+    return _greedy_from(search, start, {g: 0 for g in search.free})
+
+
+def _greedy_from(search: _Search, kept: np.ndarray, at: dict[int, int]) -> np.ndarray:
+    """Greedy descent from `kept` (group g at option index `at[g]`) until the budget is met.
+
+    A group's possible moves are to any of its sparser options, so a curve with a bump (damage
+    that falls again at higher sparsity) is not a wall. Only the moved group and the groups
+    coupled to it (sharing a weight) need their moves re-priced after a step. The last step takes
+    the least harmful move that reaches the budget, so the plan does not overshoot it needlessly.
+    """
+    coupled = search.problem.cost.coupled()
+    kept = kept.copy()
+    current = search.cost(kept)
+    moves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # g -> (option idx, harm, saving)
+
+    def price(g: int) -> None:
+        idx = np.arange(at[g] + 1, len(search.options[g]))
+        if idx.size == 0:
+            moves.pop(g, None)
+            return
+        after = search.costs(search.with_group(kept, g, search.options[g][idx]))
+        moves[g] = (idx, search.harm[g][idx] - search.harm[g][at[g]], current - after)
+
+    for g in search.free:
+        price(g)
+    while current > search.target:
+        needed = current - search.target
+        best: tuple[float, int, int, bool] | None = None  # (ratio, group, option, reaches the budget)
+        finish: tuple[float, int, int] | None = None  # the least harmful move that reaches the budget
+        for g, (idx, harm, saving) in moves.items():
+            useful = saving > 0
+            if not useful.any():
+                continue
+            ratio = np.where(useful, harm / np.where(useful, saving, 1.0), np.inf)
+            j = int(np.argmin(ratio))
+            if best is None or ratio[j] < best[0]:
+                best = (float(ratio[j]), g, int(idx[j]), bool(saving[j] >= needed))
+            done = saving >= needed
+            if done.any():
+                k = int(np.argmin(np.where(done, harm, np.inf)))
+                if finish is None or harm[k] < finish[0]:
+                    finish = (float(harm[k]), g, int(idx[k]))
+        if best is None:
+            raise AllocationError("greedy allocation ran out of moves before meeting the budget")
+        # the best-ratio move normally; once it would reach the budget, the cheapest move that does
+        _, g, j = finish if best[3] and finish is not None else best[:3]
+        at[g] = j
+        kept[g] = search.options[g][j]
+        current = search.cost(kept)
+        for h in ({g} | coupled[g]) & set(at):
+            price(h)
+    return kept
+
+
+@register_method("dp")
+def _dp(search: _Search, bins: int = 2000, rounds: int = 8) -> np.ndarray:
+    """The least total damage within the budget: a multiple-choice knapsack solved by DP.
+
+    The cost is not a sum over groups (a conv between two pruned groups costs their product), so
+    each round linearises it around the current solution, exactly along each group, and solves
+    the knapsack; the best solution that really meets the budget wins, and a greedy pass finishes
+    one that does not.
+    """
+    kept = search.hi.copy()
+    best: tuple[float, np.ndarray] | None = None
+    seen: set[bytes] = set()
+    for _ in range(rounds):
+        choice = _knapsack(search, kept, bins)
+        kept = search.hi.copy()
+        for g, j in choice.items():
+            kept[g] = search.options[g][j]
+        if search.cost(kept) <= search.target:
+            harm = sum(float(search.harm[g][j]) for g, j in choice.items())
+            if best is None or harm < best[0]:
+                best = (harm, kept.copy())
+        if kept.tobytes() in seen:
+            break
+        seen.add(kept.tobytes())
+    if best is not None:
+        return best[1]
+    at = {g: int(np.flatnonzero(search.options[g] == kept[g])[0]) for g in search.free}
+    return _greedy_from(search, kept, at)
+
+
+def _knapsack(search: _Search, around: np.ndarray, bins: int) -> dict[int, int]:
+    """Option index per free group minimising total harm with the cost linearised at `around`."""
+    base = search.cost(around)
+    deltas = {g: search.costs(search.with_group(around, g, search.options[g])) - base for g in search.free}
+    floor = {g: float(d.min()) for g, d in deltas.items()}
+    capacity = search.target - base - sum(floor.values())
+    if capacity <= 0:  # even the sparsest options look over budget from here: take them
+        return {g: len(search.options[g]) - 1 for g in search.free}
+    unit = capacity / bins
+    best = np.zeros(bins + 1)  # best[c]: least harm of the groups so far within weight c
+    picks = []
+    for g in search.free:
+        weight = np.ceil((deltas[g] - floor[g]) / unit - 1e-9).astype(np.int64)  # rounded up: never optimistic
+        # ties in harm go to the less sparse option (listed first), so flat curves are not cut for nothing
+        new = np.full(bins + 1, np.inf)
+        pick = np.zeros(bins + 1, dtype=np.int64)
+        for j, (w, h) in enumerate(zip(weight, search.harm[g])):
+            if w > bins:
+                continue
+            candidate = np.full(bins + 1, np.inf)
+            candidate[w:] = best[: bins + 1 - w] + h
+            better = candidate < new
+            new[better], pick[better] = candidate[better], j
+        best = new
+        picks.append(pick)
+    choice, c = {}, bins
+    for g, pick in zip(reversed(search.free), reversed(picks)):
+        j = int(pick[c])
+        choice[g] = j
+        c -= int(np.ceil((deltas[g][j] - floor[g]) / unit - 1e-9))
+    return choice
+
+
+@register_method("global", needs_curves=False)
+def _global(search: _Search) -> np.ndarray:
+    """One ranking of all units by the criterion (scores divided by their group's mean); cut to fit."""
+    cm, r = search.problem.cost, search.problem.round_to
+    normalised = {}
+    for g in search.free:
+        s = search.problem.scores[cm.groups[g]].double()
+        mean = float(s.mean())
+        normalised[g] = np.sort((s / mean if mean > 0 else torch.ones_like(s)).numpy())  # ascending
+
+    def kept_at(threshold: float) -> np.ndarray:
+        kept = search.hi.copy()
+        for g, s in normalised.items():
+            survivors = len(s) - int(np.searchsorted(s, threshold, side="right"))  # scores above threshold
+            size = len(s)
+            k = kept_units(size, 1.0 - max(survivors, 1) / size, r)
+            kept[g] = min(max(k, search.lo[g]), search.hi[g])
+        return kept
+
+    candidates = np.unique(np.concatenate([[-np.inf], *normalised.values()]))
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if search.cost(kept_at(candidates[mid])) <= search.target else (mid + 1, high)
+    return kept_at(candidates[high])
