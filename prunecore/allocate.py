@@ -534,33 +534,36 @@ def _greedy_from(search: _Search, kept: np.ndarray, at: dict[int, int]) -> np.nd
 
 
 @register_method("dp")
-def _dp(search: _Search, bins: int = 2000, rounds: int = 8) -> np.ndarray:
+def _dp(search: _Search, bins: int = 2000, rounds: int = 6) -> np.ndarray:
     """The least total damage within the budget: a multiple-choice knapsack solved by DP.
 
-    The cost is not a sum over groups (a conv between two pruned groups costs their product), so
-    each round linearises it around the current solution, exactly along each group, and solves
-    the knapsack; the best solution that really meets the budget wins, and a greedy pass finishes
-    one that does not.
+    The knapsack is exact when the cost is a sum over groups. Here it is not (a conv between two
+    pruned groups costs their product), so each round linearises the cost around the current
+    solution, exactly along each group, and solves the knapsack there. Rounds start from the dense
+    model and from the greedy solution; the least harmful candidate that really meets the budget
+    wins, so `dp` is never worse than `greedy`.
     """
-    kept = search.hi.copy()
-    best: tuple[float, np.ndarray] | None = None
-    seen: set[bytes] = set()
-    for _ in range(rounds):
-        choice = _knapsack(search, kept, bins)
-        kept = search.hi.copy()
-        for g, j in choice.items():
-            kept[g] = search.options[g][j]
-        if search.cost(kept) <= search.target:
-            harm = sum(float(search.harm[g][j]) for g, j in choice.items())
-            if best is None or harm < best[0]:
+    greedy = _greedy(search)
+    best = (_harm(search, greedy), greedy)
+    for start in (search.hi.copy(), greedy):
+        kept, seen = start, set()
+        for _ in range(rounds):
+            choice = _knapsack(search, kept, bins)
+            kept = search.hi.copy()
+            for g, j in choice.items():
+                kept[g] = search.options[g][j]
+            harm = _harm(search, kept)
+            if search.cost(kept) <= search.target and harm < best[0]:
                 best = (harm, kept.copy())
-        if kept.tobytes() in seen:
-            break
-        seen.add(kept.tobytes())
-    if best is not None:
-        return best[1]
-    at = {g: int(np.flatnonzero(search.options[g] == kept[g])[0]) for g in search.free}
-    return _greedy_from(search, kept, at)
+            if kept.tobytes() in seen:
+                break
+            seen.add(kept.tobytes())
+    return best[1]
+
+
+def _harm(search: _Search, kept: np.ndarray) -> float:
+    """Total predicted damage of a kept vector (all free groups are at one of their options)."""
+    return sum(float(search.harm[g][np.flatnonzero(search.options[g] == kept[g])[0]]) for g in search.free)
 
 
 def _knapsack(search: _Search, around: np.ndarray, bins: int) -> dict[int, int]:

@@ -4,8 +4,12 @@
     prunecore prune --model sample:resnet20 --sparsity 0.3 --data sample --check --out pruned.pt
     prunecore prune --model torchvision:resnet18 --sparsity 0.5 --round-to 8 --out pruned.pt
     prunecore sweep --model sample:resnet20 --data sample --levels 0.1,0.3,0.5,0.7 --out curves.csv
+    prunecore allocate --model sample:resnet20 --budget flops=0.5 --method dp --out plan.json
+    prunecore apply plan.json --model sample:resnet20 --out pruned.pt --check
+    prunecore evaluate --model sample:resnet20 --plan plan.json --data sample --update
     prunecore runs
     prunecore criteria
+    prunecore methods
 
 Bad input (an unknown model, an unreadable weights file, a sparsity out of range, a model that
 cannot be traced) ends with a one-line message and a non-zero exit status, never a traceback.
@@ -15,27 +19,31 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import pandas as pd
 import torch
 
-from prunecore.cost import count, latency
+from prunecore.allocate import AllocationError, allocation_problem, get_method, list_methods, solve
+from prunecore.cost import Cost, count, latency
 from prunecore.datasets import DataSpecError, EvalData, load_data
-from prunecore.evaluate import evaluate, recalibrate_bn_
+from prunecore.evaluate import evaluate, evaluate_plan, get_metric, recalibrate_bn_
 from prunecore.graph import ChannelGraph, TraceError, trace
 from prunecore.importance import get_criterion, list_criteria
-from prunecore.models import ModelSpecError, default_input_shape, load_model
-from prunecore.plan import PlanError
+from prunecore.models import ModelSpecError, default_input_shape, load_model, load_pruned, save_pruned, write_atomic
+from prunecore.plan import Budget, Plan, PlanError
 from prunecore.samples import SampleError
 from prunecore.sensitivity import DEFAULT_LEVELS, DENSE, sweep
-from prunecore.store import RunStore, StoreError
+from prunecore.store import RunStore, StoreError, fingerprint_model
 from prunecore.prune import make_plan
 from prunecore.surgery import apply_plan
 
 _USER_ERRORS = (
-    ModelSpecError, DataSpecError, SampleError, StoreError, TraceError, PlanError, ValueError, FileNotFoundError,
+    ModelSpecError, DataSpecError, SampleError, StoreError, TraceError, PlanError, AllocationError, ValueError,
+    FileNotFoundError,
 )  # fmt: skip
 
 
@@ -66,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=int, default=1, help="round kept channel counts to a multiple")
     prune.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
     prune.add_argument("--data", help="'sample': also report held-out accuracy, with BatchNorm re-estimated")
-    prune.add_argument("--out", type=Path, help="write the pruned state_dict here, and the plan beside it")
+    prune.add_argument("--out", type=Path, help="write the pruned model here (load_pruned reads it), the plan beside")
     prune.set_defaults(run=_prune)
 
     sweep = sub.add_parser("sweep", help="sensitivity curves: prune each group alone at rising sparsity")
@@ -94,13 +102,63 @@ def _parser() -> argparse.ArgumentParser:
 
     criteria = sub.add_parser("criteria", help="list the importance criteria")
     criteria.set_defaults(run=_criteria)
+
+    _allocate_parser(sub)
+    methods = sub.add_parser("methods", help="list the allocation methods")
+    methods.set_defaults(run=_methods)
+
+    apply = sub.add_parser("apply", help="apply a plan file to a model and save the smaller model")
+    apply.add_argument("plan", type=Path, help="a plan JSON file (from allocate or prune --out)")
+    _model_args(apply, with_input=False)
+    apply.add_argument("--out", type=Path, required=True, help="write the pruned model here (load_pruned reads it)")
+    apply.add_argument("--force", action="store_true", help="apply a plan made for a model of another fingerprint")
+    apply.add_argument("--export", type=Path, metavar="PROGRAM.pt2", help="also save a torch.export program")
+    apply.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
+    apply.set_defaults(run=_apply)
+
+    ev = sub.add_parser("evaluate", help="measure the dense and the pruned model on data")
+    _model_args(ev)
+    pruned = ev.add_mutually_exclusive_group()
+    pruned.add_argument("--plan", type=Path, help="a plan JSON file, applied to the model")
+    pruned.add_argument("--pruned", type=Path, help="a pruned-model file (from apply or prune --out)")
+    ev.add_argument("--data", required=True, help="'sample' or imagefolder:PATH")
+    ev.add_argument("--metric", type=_names, help="metrics, e.g. accuracy,loss (default: the plan's predicted ones)")
+    ev.add_argument("--bn-recalibration", type=int, default=50, metavar="N",
+                    help="re-estimate the pruned model's BatchNorm statistics on N batches (0: off)")  # fmt: skip
+    ev.add_argument("--limit", type=int, help="use at most N images")
+    ev.add_argument("--update", action="store_true", help="write the measured metrics into the --plan file")
+    ev.set_defaults(run=_evaluate)
     return parser
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _allocate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("allocate", help="per-group sparsities that meet a FLOPs or params budget, from sweep curves")
+    _model_args(p)
+    p.add_argument("--budget", required=True, help="flops=0.5 or params=0.3 (fractions of dense), flops=2e7 (absolute)")
+    p.add_argument("--method", default="dp", choices=list_methods(), help="allocation method (see `prunecore methods`)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--run", dest="run_id", metavar="RUN_ID", help="a stored sweep (default: the newest complete one of --model)")
+    source.add_argument("--curves", type=Path, help="curves exported by sweep --out or runs --export (.csv, .parquet)")
+    p.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
+    p.add_argument("--metric", help="the curve metric to protect (default: loss, kl, accuracy or agreement)")
+    p.add_argument("--min-sparsity", type=float, default=0.0, help="every group prunes at least this fraction")
+    p.add_argument("--max-sparsity", type=float, default=0.9, help="no group prunes more than this fraction")
+    p.add_argument("--lock", default="", help="pin groups to sparsities, e.g. stem.0=0.25,layer1.0.conv1=0")
+    p.add_argument("--exclude", type=_names, default=[], help="keep these groups dense (comma-separated)")
+    p.add_argument("--out", type=Path, required=True, help="write the plan JSON here")
+    p.add_argument("--data", help="with --evaluate: measure the plan on this data ('sample' or imagefolder:PATH)")
+    p.add_argument("--evaluate", action="store_true", help="measure the plan on --data and record it in the plan")
+    p.add_argument("--bn-recalibration", type=int, default=50, metavar="N",
+                   help="with --evaluate: BatchNorm re-estimation batches (0: off)")  # fmt: skip
+    p.add_argument("--limit", type=int, help="with --evaluate: use at most N images")
+    p.set_defaults(run=_allocate)
+
+
+def _model_args(p: argparse.ArgumentParser, with_input: bool = True) -> None:
     p.add_argument("--model", required=True, help="sample:NAME, torchvision:NAME or package.module:function")
     p.add_argument("--weights", type=Path, help="a state_dict file (loaded with weights_only=True)")
-    p.add_argument("--input", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
+    if with_input:
+        p.add_argument("--input", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -115,12 +173,17 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, ChannelGraph]:
     model = load_model(args.model, args.weights)
+    example = _example(args)
+    return model, example, trace(model, example)
+
+
+def _example(args: argparse.Namespace) -> torch.Tensor:
+    """The example input --input (or the model's known default) describes; sets `args.input`."""
     if args.input is None:
         args.input = default_input_shape(args.model)
         if args.input is None:
             raise ValueError(f"pass --input: prunecore cannot know what input {args.model} expects")
-    example = torch.randn(args.input, generator=torch.Generator().manual_seed(0))
-    return model, example, trace(model, example)
+    return torch.randn(args.input, generator=torch.Generator().manual_seed(0))
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -137,37 +200,44 @@ def _prune(args: argparse.Namespace) -> int:
         raise ValueError(f"criterion {args.criterion!r} needs data; the prune command has none yet")
     plan = make_plan(model, graph, args.sparsity, args.criterion, args.round_to)
     pruned = apply_plan(model, plan, graph=graph)
-    before, after = count(model, example), count(pruned, example)
-    t_before, t_after = latency(model, example), latency(pruned, example)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
     print(f"groups     {len(graph.groups)} ({len(graph.prunable)} prunable)")
     print(f"plan       {args.criterion}, sparsity {args.sparsity:g}, round_to {args.round_to}")
-    print(f"{'':10} {'dense':>10} {'pruned':>10}   kept")
-    print(f"{'params':10} {_num(before.params):>10} {_num(after.params):>10}   {after.params / before.params:6.1%}")
-    print(f"{'MACs':10} {_num(before.flops):>10} {_num(after.flops):>10}   {after.flops / before.flops:6.1%}")
+    _report_costs(model, pruned, (example,))
+    if args.data is not None:
+        _report_accuracy(model, pruned, load_data(args.data))
+    status = _check(model, pruned, plan, graph) if args.check else 0
+    if args.out is not None:
+        plan_path = args.out.with_suffix(".plan.json")
+        save_pruned(args.out, pruned, plan, args.model)
+        write_atomic(plan_path, plan.to_json())
+        print(f"saved      {args.out} (pruned model) and {plan_path} (plan)")
+        print("rebuild    pruned, plan = prunecore.models.load_pruned(PATH)")
+    return status
+
+
+def _report_costs(model: torch.nn.Module, pruned: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Cost:
+    """Print params, MACs and CPU latency of the dense and the pruned model; return the pruned cost."""
+    before, after = count(model, example), count(pruned, example)
+    t_before, t_after = latency(model, example), latency(pruned, example)
+    print(_cost_lines(before.params, after.params, before.flops, after.flops))
     print(
         f"{'latency':10} {t_before * 1e3:>8.1f}ms {t_after * 1e3:>8.1f}ms   "
         f"{t_before / t_after:.2f}x faster (CPU, median of 10)"
     )
-    if args.data is not None:
-        _report_accuracy(model, pruned, load_data(args.data))
-    status = 0
-    if args.check:
-        masked = apply_plan(model, plan, mode="mask", graph=graph)
-        with torch.no_grad():
-            a, b = pruned(example), masked(example)
-        diff = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
-        ok = diff < 1e-4
-        print(f"check      max |pruned - masked| / max |masked| = {diff:.1e}  {'OK' if ok else 'MISMATCH'}")
-        status = 0 if ok else 1
-    if args.out is not None:
-        plan_path = args.out.with_suffix(".plan.json")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(pruned.state_dict(), args.out)
-        plan_path.write_text(plan.to_json())
-        print(f"saved      {args.out} (state_dict) and {plan_path} (plan)")
-        print("rebuild    apply_plan(load_model(MODEL), Plan.from_json(PLAN_TEXT)).load_state_dict(STATE_DICT)")
-    return status
+    return after
+
+
+def _check(model: torch.nn.Module, pruned: torch.nn.Module, plan: Plan, graph: ChannelGraph) -> int:
+    """Compare the pruned model with its masked twin on the plan's inputs: 0 if they agree, else 1."""
+    masked = apply_plan(model, plan, mode="mask", graph=graph)
+    example = tuple(spec.example() for spec in graph.inputs)
+    with torch.no_grad():
+        a, b = pruned(*example), masked(*example)
+    diff = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+    ok = diff < 1e-4
+    print(f"check      max |pruned - masked| / max |masked| = {diff:.1e}  {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
 
 
 def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: EvalData) -> None:
@@ -182,7 +252,7 @@ def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: Eval
 def _sweep(args: argparse.Namespace) -> int:
     model, example, graph = _load(args)
     data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
-    metrics = args.metric or (["accuracy", "loss"] if data.labelled else ["kl", "agreement"])
+    metrics = args.metric or _default_metrics(data)
     if args.mode == "estimate":
         metrics = ["loss"]
     store = RunStore(args.store)
@@ -245,6 +315,241 @@ def _criteria(args: argparse.Namespace) -> int:
         crit = get_criterion(name)
         print(f"{name:10} {'(needs data) ' if crit.needs_data else ''}{crit.doc}")
     return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    for name in list_methods():
+        method = get_method(name)
+        print(f"{name:10} {'' if method.needs_curves else '(no curves needed) '}{method.doc}")
+    return 0
+
+
+# -- allocate, apply, evaluate ---------------------------------------------------------------------
+def _allocate(args: argparse.Namespace) -> int:
+    budget, locked = Budget.parse(args.budget), _locks(args.lock)
+    if args.evaluate != (args.data is not None):
+        raise ValueError("--evaluate and --data go together: --evaluate --data SPEC measures the plan")
+    model, example, graph = _load(args)
+    curves, source = _curves(args, model)
+    problem = allocation_problem(curves, graph, model, metric=args.metric, model_name=args.model)
+    plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude)
+    print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
+    print(f"curves     {source}")
+    print(f"plan       {args.method}, budget {budget}, protecting {problem.metric or 'nothing (no curves)'}")
+    print(_group_table(plan, problem.metric))
+    assert plan.totals is not None  # solve always prices its plan
+    t = plan.totals
+    print(_cost_lines(t.params_before, t.params_after, t.flops_before, t.flops_after))
+    columns: dict[str, Mapping[str, float]] = {"dense": problem.dense, "predicted": plan.predicted}
+    if args.evaluate:
+        data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
+        metrics = list(plan.predicted) or _default_metrics(data)
+        print(f"measured   on {data.description}, {_bn_note(args.bn_recalibration)}")
+        measured = evaluate_plan(model, plan, data.evaluation, metrics, args.bn_recalibration, data.calibration, graph)
+        plan = dataclasses.replace(plan, measured=measured)
+        columns["measured"] = measured
+    if any(columns.values()):
+        print(_metric_table(columns))
+    write_atomic(args.out, plan.to_json())
+    print(f"wrote      {args.out}")
+    return 0
+
+
+def _curves(args: argparse.Namespace, model: torch.nn.Module) -> tuple[pd.DataFrame, str]:
+    """The sweep curves --curves or --run names (default: the newest complete sweep of --model)."""
+    if args.curves is not None:
+        return _read_curves(args.curves), f"file {args.curves}"
+    store = RunStore(args.store)
+    if args.run_id is None:
+        runs = [r for r in store.runs() if r.complete and r.model_name == args.model]
+        if not runs:
+            raise StoreError(f"no complete sweep of {args.model} in run store {store.path}; run "
+                             f"`prunecore sweep --model {args.model} --data ...` first, or pass --curves")  # fmt: skip
+        info = runs[0]
+    else:
+        info = store.get(args.run_id)
+        if info.model_name != args.model:
+            raise AllocationError(f"run {info.run_id} is a sweep of {info.model_name}, not of {args.model}")
+    if not info.complete:
+        _warn(f"run {info.run_id} is incomplete ({info.points}/{info.expected} points): unswept groups stay dense")
+    if info.model_fp != fingerprint_model(model):
+        _warn(f"run {info.run_id} measured other weights than these; its predictions may not hold for this model")
+    groups, levels = len(info.config.get("groups", [])), len(info.config.get("levels", []))
+    detail = f"{groups} groups x {levels} levels, {info.config.get('criterion')}"
+    return store.points(info.run_id), f"run {info.run_id} in {store.path} ({detail})"
+
+
+def _read_curves(path: Path) -> pd.DataFrame:
+    readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"curves file {path.name!r} must be .csv or .parquet")
+    if not path.is_file():
+        raise ValueError(f"curves file {str(path)!r} does not exist")
+    try:
+        return reader(path)
+    except Exception as exc:  # pandas and pyarrow raise many kinds for a bad file
+        raise ValueError(f"cannot read curves file {str(path)!r}: {_first_line(exc)}") from None
+
+
+def _locks(text: str) -> dict[str, float]:
+    """`"stem.0=0.25,fc=0"` -> {"stem.0": 0.25, "fc": 0.0}; the range is checked by `solve`."""
+    locked = {}
+    for item in _names(text):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            locked[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--lock must look like group=sparsity[,group=sparsity...], got {item!r}") from None
+    return locked
+
+
+def _apply(args: argparse.Namespace) -> int:
+    plan = _read_plan(args.plan)
+    model = load_model(args.model, args.weights)
+    example = tuple(spec.example() for spec in plan.inputs)
+    graph = trace(model, example)
+    try:
+        plan.check(graph, force=args.force)
+    except PlanError as exc:
+        raise PlanError(str(exc).replace("force=True", "--force")) from None
+    pruned = apply_plan(model, plan, graph=graph)
+    shapes = ", ".join("x".join(map(str, spec.shape)) for spec in plan.inputs)
+    pruned_groups = sum(len(g.keep) < g.size for g in plan.groups.values())
+    print(f"model      {args.model} ({graph.model_type}), input {shapes}")
+    print(f"plan       {args.plan}: {pruned_groups} of {len(plan.groups)} groups pruned")
+    after = _report_costs(model, pruned, example)
+    _check_totals(plan, after, args.force)
+    status = _check(model, pruned, plan, graph) if args.check else 0
+    if plan.fingerprint and plan.fingerprint != graph.fingerprint:  # forced: record what it was applied to
+        meta = {**plan.meta, "forced_from_fingerprint": plan.fingerprint}
+        plan = dataclasses.replace(plan, fingerprint=graph.fingerprint, meta=meta)
+    save_pruned(args.out, pruned, plan, args.model)
+    print(f"saved      {args.out} (pruned model; prunecore.models.load_pruned reads it)")
+    if args.export is not None:
+        _export(pruned, example, args.export)
+    return status
+
+
+def _check_totals(plan: Plan, after: Cost, forced: bool) -> None:
+    """The applied model must cost what the plan says it does; with --force a mismatch only warns."""
+    t = plan.totals
+    if t is None or (after.params, after.flops) == (t.params_after, t.flops_after):
+        return
+    message = (f"the pruned model has {after.params} params and {after.flops} MACs, "
+               f"the plan's totals say {t.params_after} and {t.flops_after}")  # fmt: skip
+    if not forced:
+        raise PlanError(f"{message}; was the plan made for another model or input shape?")
+    _warn(message)
+
+
+def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    """Save a torch.export program; a model export cannot capture is a warning, not a failure."""
+    try:
+        program = torch.export.export(pruned.eval(), example)
+        write_atomic(path, lambda f: torch.export.save(program, f))
+    except Exception as exc:  # export fails in many ways on dynamic models
+        _warn(f"torch.export could not export the pruned model, so {path} was not written: {_first_line(exc)}")
+        return
+    print(f"exported   {path} (torch.export.load reads it)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.update and args.plan is None:
+        raise ValueError("--update writes the measured metrics into a plan file: pass --plan PLAN.json")
+    model = load_model(args.model, args.weights)
+    pruned, plan = load_pruned(args.pruned) if args.pruned is not None else (None, None)
+    if args.plan is not None:
+        plan = _read_plan(args.plan)
+    example = tuple(spec.example() for spec in plan.inputs) if plan is not None else (_example(args),)
+    graph = trace(model, example) if plan is not None else None
+    if plan is not None:
+        plan.check(graph)  # the dense model must be the one the plan (or pruned file) was made from
+    data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
+    metrics = args.metric or (list(plan.predicted) if plan is not None and plan.predicted else _default_metrics(data))
+    reference = model if any(get_metric(m).needs_reference for m in metrics) else None
+    columns: dict[str, Mapping[str, float]] = {"dense": evaluate(model, data.evaluation, metrics, reference=reference)}
+    print(f"model      {args.model}, {args.pruned or args.plan or 'no plan: the dense model only'}")
+    print(f"data       {data.description}")
+    if plan is not None:
+        print(f"pruned     {_bn_note(args.bn_recalibration)}")
+        if pruned is None:
+            measured = evaluate_plan(
+                model, plan, data.evaluation, metrics, args.bn_recalibration, data.calibration, graph
+            )
+        else:
+            calibrated = copy.deepcopy(pruned)
+            if args.bn_recalibration:
+                recalibrate_bn_(calibrated, data.calibration, batches=args.bn_recalibration)
+            measured = evaluate(calibrated, data.evaluation, metrics, reference=reference)
+        columns.update(predicted=plan.predicted, measured=measured)
+    print(_metric_table(columns))
+    if args.update:
+        write_atomic(args.plan, dataclasses.replace(plan, measured=measured).to_json())
+        print(f"updated    {args.plan} (metrics.measured)")
+    return 0
+
+
+def _read_plan(path: Path) -> Plan:
+    if not path.is_file():
+        raise PlanError(f"plan file {str(path)!r} does not exist")
+    try:
+        return Plan.from_json(path.read_bytes())
+    except PlanError as exc:
+        raise PlanError(f"plan file {str(path)!r}: {exc}") from None
+
+
+# -- report helpers ---------------------------------------------------------------------------------
+def _default_metrics(data: EvalData) -> list[str]:
+    return ["accuracy", "loss"] if data.labelled else ["kl", "agreement"]
+
+
+def _bn_note(batches: int) -> str:
+    return f"BatchNorm re-estimated on {batches} calibration batches" if batches else "no BatchNorm re-estimation"
+
+
+def _group_table(plan: Plan, metric: str) -> str:
+    """One row per group: units before -> after, sparsity, the curve's predicted change."""
+    change = f"{metric} change" if metric else "change"
+    lines = [f"{'group':<32} {'units':>12} {'sparsity':>9} {change:>16}"]
+    for name, g in plan.groups.items():
+        units = f"{g.size} -> {len(g.keep)}"
+        delta = "-" if g.predicted_change is None else f"{g.predicted_change:+.4f}"
+        lines.append(f"{name:<32} {units:>12} {g.sparsity:>9.1%} {delta:>16}")
+    return "\n".join(lines)
+
+
+def _cost_lines(params_before: int, params_after: int, flops_before: int, flops_after: int) -> str:
+    return (
+        f"{'':10} {'dense':>10} {'pruned':>10}   kept\n"
+        f"{'params':10} {_num(params_before):>10} {_num(params_after):>10}   {params_after / params_before:6.1%}\n"
+        f"{'MACs':10} {_num(flops_before):>10} {_num(flops_after):>10}   {flops_after / flops_before:6.1%}"
+    )
+
+
+def _metric_table(columns: Mapping[str, Mapping[str, float]]) -> str:
+    """Metrics as rows, the given columns (dense, predicted, measured) side by side; '-' where absent."""
+    names = list(dict.fromkeys(m for values in columns.values() for m in values))
+    lines = [f"{'metric':10} " + " ".join(f"{c:>10}" for c in columns)]
+    for m in names:
+        cells = [_metric(m, values[m]) if m in values else "-" for values in columns.values()]
+        lines.append(f"{m:10} " + " ".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
+def _metric(name: str, value: float) -> str:
+    return f"{value:.2%}" if get_metric(name).bounds == (0.0, 1.0) else f"{value:.4f}"
+
+
+def _warn(message: str) -> None:
+    print(f"prunecore: warning: {message}", file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _num(n: float) -> str:

@@ -150,7 +150,8 @@ class CostModel:
 
     def evaluate(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(params, flops) for one kept vector `(G,)` or many as columns `(G, N)`; each `(N,)`."""
-        k = np.asarray(kept, dtype=np.int64).reshape(len(self.groups), -1)  # (G, N)
+        k = np.asarray(kept, dtype=np.int64)
+        k = k[:, None] if k.ndim == 1 else k  # (G, N)
         n = k.shape[1]
         owned = self.cumulative[self.pair_start[:, None] + k[self.pair_group]]  # (P, N)
         dims = np.repeat(self.fixed[:, None], n, axis=1).astype(np.float64)  # (D, N)

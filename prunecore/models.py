@@ -1,4 +1,4 @@
-"""Model specs shared by the CLI and the dashboard.
+"""Model specs shared by the CLI and the dashboard, and pruned-model files.
 
 `sample:NAME` (a trained sample model), `torchvision:NAME` (random init unless weights are given)
 or `package.module:function` (any factory returning an `nn.Module`).
@@ -6,17 +6,42 @@ or `package.module:function` (any factory returning an `nn.Module`).
     >>> model = load_model("sample:resnet20")
     >>> model = load_model("torchvision:resnet18", weights="resnet18.pt")
     >>> model = load_model("mypkg.nets:build_net")
+
+A pruned model has new layer shapes, so its state_dict alone fits no class; a pruned-model file
+keeps the model spec and the plan beside it, enough to rebuild the architecture and load it:
+
+    >>> save_pruned("pruned.pt", apply_plan(model, plan), plan, "sample:resnet20")
+    >>> pruned, plan = load_pruned("pruned.pt")
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 from pathlib import Path
+from typing import IO, Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["ModelSpecError", "default_input_shape", "load_model", "load_weights_"]
+from prunecore.graph import trace
+from prunecore.plan import Plan, PlanError
+from prunecore.surgery import apply_plan
+
+__all__ = [
+    "PRUNED_FORMAT",
+    "ModelSpecError",
+    "default_input_shape",
+    "load_model",
+    "load_pruned",
+    "load_weights_",
+    "save_pruned",
+    "write_atomic",
+]
+
+PRUNED_FORMAT = "prunecore.pruned/1"
+_PRUNED_KEYS = ("format", "model", "plan", "state_dict")
 
 
 class ModelSpecError(ValueError):
@@ -115,3 +140,98 @@ def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
         detail = " ".join(line.strip() for line in first[:3])
         raise ModelSpecError(f"weights file {str(path)!r} does not fit {type(model).__name__}: {detail}") from None
     return model
+
+
+# -- pruned-model files ---------------------------------------------------------------------------
+def write_atomic(path: str | Path, content: str | bytes | Callable[[IO[bytes]], None]) -> Path:
+    """Write `content` (text, bytes, or a function writing to a binary file) to `path` atomically.
+
+    The data goes to a temporary file in the same directory, which then replaces `path` in one
+    step, so a failure midway (a full disk, an exception, Ctrl-C) never leaves a half-written file
+    nor loses the one that was there.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_pruned(path: str | Path, pruned: nn.Module, plan: Plan, model_spec: str) -> Path:
+    """Save `pruned` (the result of applying `plan` to `load_model(model_spec)`) so it can be rebuilt.
+
+    The file is a `torch.save` of plain data (format tag, spec, plan JSON, state_dict), readable
+    with `weights_only=True`: loading it never unpickles code.
+    """
+    payload = {"format": PRUNED_FORMAT, "model": model_spec, "plan": plan.to_json(), "state_dict": pruned.state_dict()}
+    return write_atomic(path, lambda f: torch.save(payload, f))
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, Plan]:
+    """Rebuild the model `save_pruned` wrote: its architecture, the plan applied, then its weights.
+
+    The architecture comes from the recorded spec (its own weights are overwritten), is re-traced
+    on the plan's inputs and pruned by the plan, so the state_dict must fit exactly (strict load).
+    Raises `ModelSpecError` for an unreadable or foreign file, `PlanError` for a plan that does
+    not fit the model.
+    """
+    payload = _read_pruned(Path(path))
+    where = f"pruned-model file {str(path)!r}"
+    try:
+        plan = Plan.from_json(payload["plan"])
+    except PlanError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    model = load_model(payload["model"])
+    graph = trace(model, tuple(spec.example() for spec in plan.inputs))
+    try:
+        plan.check(graph)
+    except PlanError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    pruned = apply_plan(model, plan, graph=graph)
+    try:
+        pruned.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
+        message = f"{where}: its weights do not fit {payload['model']} pruned by its plan: {detail}"
+        raise ModelSpecError(message) from None
+    return pruned.eval(), plan
+
+
+def _read_pruned(path: Path) -> dict[str, Any]:
+    """The validated payload of a pruned-model file; `ModelSpecError` saying what is wrong otherwise."""
+    where = f"pruned-model file {str(path)!r}"
+    if not path.is_file():
+        raise ModelSpecError(f"{where} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        message = f"{where} is not readable (corrupt, truncated, or not saved with torch.save): {detail}"
+        raise ModelSpecError(message) from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        plain = isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values())
+        what = "a plain state_dict" if plain else f"a {type(payload).__name__}"
+        raise ModelSpecError(f"{where} holds {what}, not a pruned model ({PRUNED_FORMAT}); save one with save_pruned")
+    if payload["format"] != PRUNED_FORMAT:
+        raise ModelSpecError(f"{where} has format {payload['format']!r}; this prunecore reads {PRUNED_FORMAT!r}")
+    missing, unknown = set(_PRUNED_KEYS) - set(payload), set(payload) - set(_PRUNED_KEYS)
+    if missing or unknown:
+        problem = f"lacks {sorted(missing)}" if missing else f"has unknown keys {sorted(map(str, unknown))}"
+        raise ModelSpecError(f"{where} {problem}")
+    for key, kind in (("model", str), ("plan", str), ("state_dict", dict)):
+        if not isinstance(payload[key], kind):
+            raise ModelSpecError(f"{where}: {key!r} must be a {kind.__name__}, got {type(payload[key]).__name__}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        raise ModelSpecError(f"{where}: 'state_dict' must map names to tensors")
+    return payload

@@ -73,7 +73,7 @@ class Budget:
         if len(given) != 1:
             raise ValueError("a budget names exactly one of flops= or params=")
         value = given[0]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not _is_number(value) or value <= 0:
             raise ValueError(f"budget {self.kind} must be a positive number, got {value!r}")
 
     @property
@@ -143,6 +143,7 @@ class GroupPlan:
     predicted_change: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", tuple(sorted(self.keep)))
         if self.channels is None:
             object.__setattr__(self, "channels", self.size)  # one channel per unit
 
@@ -220,7 +221,7 @@ class Plan:
                     "size": g.size,
                     "channels_before": g.channels_before,
                     "channels_after": g.channels_after,
-                    "sparsity": round(g.sparsity, 6),
+                    "sparsity": min(round(g.sparsity, 6), 0.999999),
                     "keep": list(g.keep),
                     "predicted_change": g.predicted_change,
                 }
@@ -237,8 +238,10 @@ class Plan:
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        except PlanError:
+            raise
+        except ValueError as exc:  # bad syntax or encoding, an integer literal over 4300 digits
             raise PlanError(f"plan is not valid JSON: {exc}") from None
         except RecursionError:
             raise PlanError("plan is not valid JSON: nested too deeply") from None
@@ -350,12 +353,12 @@ def _group_from_dict(name: str, g: Any) -> GroupPlan:
         _expect(_is_number(s) and 0 <= s < 1, f"{where}.sparsity must be a number in [0, 1)")
         _expect(abs(s - (1 - len(keep) / size)) < 1e-4, f"{where}.sparsity does not match its kept units")
     channels = g.get("channels_before")
-    if channels is not None:
+    if "channels_before" in g:
         _expect(_is_int(channels) and channels >= size and channels % size == 0,
                 f"{where}.channels_before must be a positive multiple of size ({size})")  # fmt: skip
     plan = GroupPlan(size, tuple(sorted(keep)), channels, None)
     if "channels_after" in g:
-        _expect(g["channels_after"] == plan.channels_after,
+        _expect(_is_int(g["channels_after"]) and g["channels_after"] == plan.channels_after,
                 f"{where}.channels_after must be {plan.channels_after} for its kept units")  # fmt: skip
     change = g.get("predicted_change")
     _expect(change is None or _is_number(change), f"{where}.predicted_change must be a number or null")
@@ -410,7 +413,19 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise PlanError(f"plan is not valid JSON: {text} does not fit a float")
+    return value
 
 
 def _expect(ok: bool, message: str) -> None:

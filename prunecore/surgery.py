@@ -24,9 +24,9 @@ from prunecore.plan import Plan
 __all__ = ["apply_plan", "kept_positions", "sliced_tensors", "swap_tensors_"]
 
 
-def kept_positions(graph: ChannelGraph, plan: Plan) -> dict[Slot, torch.Tensor]:
+def kept_positions(graph: ChannelGraph, plan: Plan, force: bool = False) -> dict[Slot, torch.Tensor]:
     """For every member slot touched by the plan: a bool mask of the positions that stay."""
-    plan.check(graph)
+    plan.check(graph, force=force)
     keep: dict[Slot, torch.Tensor] = {}
     for group in graph.groups:
         gp = plan.groups.get(group.name)
@@ -51,17 +51,19 @@ def apply_plan(
     plan: Plan,
     mode: Literal["remove", "mask"] = "remove",
     graph: ChannelGraph | None = None,
+    force: bool = False,
 ) -> nn.Module:
     """A NEW model with the plan applied; `model` is left untouched.
 
     `graph` skips re-tracing when the caller already has the model's graph; otherwise the model is
-    traced on inputs of the shapes the plan records.
+    traced on inputs of the shapes the plan records. A plan recorded for another channel structure
+    (its fingerprint differs) is refused unless `force=True`; group names and sizes must fit anyway.
     """
     if mode not in ("remove", "mask"):
         raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
     if graph is None:
         graph = trace(model, tuple(spec.example() for spec in plan.inputs))
-    keep = kept_positions(graph, plan)
+    keep = kept_positions(graph, plan, force=force)
     new = copy.deepcopy(model)
     if mode == "remove":
         swap_tensors_(new, sliced_tensors(new, keep))
