@@ -21,7 +21,7 @@ from prunecore.cost import Cost, CostModel, ModuleCost, cost_model, count
 from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
 from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
 from prunecore.importance import list_criteria, register_criterion, score
-from prunecore.models import ModelSpecError, load_model
+from prunecore.models import PRUNED_FORMAT, ModelSpecError, load_model, load_pruned, save_pruned
 from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
 from prunecore.prune import make_plan, prune
 from prunecore.samples import Sample, SampleError, list_samples, load_sample
@@ -46,6 +46,7 @@ __all__ = [
     "InputSpec",
     "Member",
     "ModelSpecError",
+    "PRUNED_FORMAT",
     "ModuleCost",
     "Plan",
     "PlanError",
@@ -68,11 +69,13 @@ __all__ = [
     "list_metrics",
     "list_samples",
     "load_model",
+    "load_pruned",
     "load_sample",
     "make_plan",
     "pareto",
     "prune",
     "recalibrate_bn_",
+    "save_pruned",
     "register_criterion",
     "register_method",
     "score",

@@ -41,7 +41,7 @@ from prunecore.cost import CostModel, cost_model
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
 from prunecore.importance import score
-from prunecore.plan import Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
+from prunecore.plan import Allocation, Budget, GroupPlan, Plan, Totals, kept_units
 from prunecore.prune import keep_top
 from prunecore.sensitivity import DENSE
 
@@ -172,7 +172,9 @@ def allocation_problem(
 
 def _consistent(what: str, given: Any, measured: Any, default: Any) -> Any:
     if given is not None and measured is not None and given != measured:
-        raise AllocationError(f"the curves were measured with {what} {measured!r}; allocate with the same, not {given!r}")
+        raise AllocationError(
+            f"the curves were measured with {what} {measured!r}; allocate with the same, not {given!r}"
+        )
     return given if given is not None else measured if measured is not None else default
 
 
@@ -276,7 +278,9 @@ def solve(
     """`allocate` on a prepared problem: no model pass, no scoring, milliseconds for small models."""
     m = get_method(method)
     if m.needs_curves and not problem.curves:
-        raise AllocationError(f"method {method!r} needs sensitivity curves; run a sweep first, or use uniform or global")
+        raise AllocationError(
+            f"method {method!r} needs sensitivity curves; run a sweep first, or use uniform or global"
+        )
     search = _Search.build(problem, budget, m.needs_curves, min_sparsity, max_sparsity, locked or {}, exclude)
     if search.needs_pruning():
         search.check_feasible(budget)

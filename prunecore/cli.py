@@ -137,7 +137,8 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", required=True, help="flops=0.5 or params=0.3 (fractions of dense), flops=2e7 (absolute)")
     p.add_argument("--method", default="dp", choices=list_methods(), help="allocation method (see `prunecore methods`)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--run", dest="run_id", metavar="RUN_ID", help="a stored sweep (default: the newest complete one of --model)")
+    source.add_argument("--run", dest="run_id", metavar="RUN_ID",
+                        help="a stored sweep (default: the newest complete one of --model)")  # fmt: skip
     source.add_argument("--curves", type=Path, help="curves exported by sweep --out or runs --export (.csv, .parquet)")
     p.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
     p.add_argument("--metric", help="the curve metric to protect (default: loss, kl, accuracy or agreement)")
@@ -398,11 +399,12 @@ def _locks(text: str) -> dict[str, float]:
     for item in _names(text):
         name, sep, value = item.partition("=")
         try:
-            if not sep or not name.strip():
-                raise ValueError
-            locked[name.strip()] = float(value)
+            sparsity = float(value)
         except ValueError:
-            raise ValueError(f"--lock must look like group=sparsity[,group=sparsity...], got {item!r}") from None
+            sparsity = None
+        if not sep or not name.strip() or sparsity is None:
+            raise ValueError(f"--lock must look like group=sparsity[,group=sparsity...], got {item!r}")
+        locked[name.strip()] = sparsity
     return locked
 
 
@@ -415,6 +417,9 @@ def _apply(args: argparse.Namespace) -> int:
         plan.check(graph, force=args.force)
     except PlanError as exc:
         raise PlanError(str(exc).replace("force=True", "--force")) from None
+    if plan.fingerprint and plan.fingerprint != graph.fingerprint:  # forced: record what it is applied to
+        meta = {**plan.meta, "forced_from_fingerprint": plan.fingerprint}
+        plan = dataclasses.replace(plan, fingerprint=graph.fingerprint, meta=meta)
     pruned = apply_plan(model, plan, graph=graph)
     shapes = ", ".join("x".join(map(str, spec.shape)) for spec in plan.inputs)
     pruned_groups = sum(len(g.keep) < g.size for g in plan.groups.values())
@@ -423,9 +428,6 @@ def _apply(args: argparse.Namespace) -> int:
     after = _report_costs(model, pruned, example)
     _check_totals(plan, after, args.force)
     status = _check(model, pruned, plan, graph) if args.check else 0
-    if plan.fingerprint and plan.fingerprint != graph.fingerprint:  # forced: record what it was applied to
-        meta = {**plan.meta, "forced_from_fingerprint": plan.fingerprint}
-        plan = dataclasses.replace(plan, fingerprint=graph.fingerprint, meta=meta)
     save_pruned(args.out, pruned, plan, args.model)
     print(f"saved      {args.out} (pruned model; prunecore.models.load_pruned reads it)")
     if args.export is not None:
@@ -453,7 +455,8 @@ def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
     except Exception as exc:  # export fails in many ways on dynamic models
         _warn(f"torch.export could not export the pruned model, so {path} was not written: {_first_line(exc)}")
         return
-    print(f"exported   {path} (torch.export.load reads it)")
+    shapes = ", ".join("x".join(map(str, x.shape)) for x in example)
+    print(f"exported   {path} (torch.export program for input {shapes}; torch.export.load reads it)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -461,29 +464,28 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--update writes the measured metrics into a plan file: pass --plan PLAN.json")
     model = load_model(args.model, args.weights)
     pruned, plan = load_pruned(args.pruned) if args.pruned is not None else (None, None)
-    if args.plan is not None:
-        plan = _read_plan(args.plan)
+    plan = _read_plan(args.plan) if args.plan is not None else plan
     example = tuple(spec.example() for spec in plan.inputs) if plan is not None else (_example(args),)
     graph = trace(model, example) if plan is not None else None
     if plan is not None:
-        plan.check(graph)  # the dense model must be the one the plan (or pruned file) was made from
+        plan.check(graph)  # the dense model must be the one the plan (or the pruned file) was made from
     data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
     metrics = args.metric or (list(plan.predicted) if plan is not None and plan.predicted else _default_metrics(data))
     reference = model if any(get_metric(m).needs_reference for m in metrics) else None
-    columns: dict[str, Mapping[str, float]] = {"dense": evaluate(model, data.evaluation, metrics, reference=reference)}
-    print(f"model      {args.model}, {args.pruned or args.plan or 'no plan: the dense model only'}")
+    what = " (dense only)" if plan is None else f", pruned by {args.plan or args.pruned}"
+    print(f"model      {args.model}{what}")
     print(f"data       {data.description}")
+    columns: dict[str, Mapping[str, float]] = {"dense": evaluate(model, data.evaluation, metrics, reference=reference)}
     if plan is not None:
         print(f"pruned     {_bn_note(args.bn_recalibration)}")
         if pruned is None:
-            measured = evaluate_plan(
-                model, plan, data.evaluation, metrics, args.bn_recalibration, data.calibration, graph
-            )
-        else:
-            calibrated = copy.deepcopy(pruned)
+            bn = args.bn_recalibration
+            measured = evaluate_plan(model, plan, data.evaluation, metrics, bn, data.calibration, graph)
+        else:  # the loaded model as it is, BatchNorm re-estimated on a copy like evaluate_plan does
+            pruned = copy.deepcopy(pruned)
             if args.bn_recalibration:
-                recalibrate_bn_(calibrated, data.calibration, batches=args.bn_recalibration)
-            measured = evaluate(calibrated, data.evaluation, metrics, reference=reference)
+                recalibrate_bn_(pruned, data.calibration, batches=args.bn_recalibration)
+            measured = evaluate(pruned, data.evaluation, metrics, reference=reference)
         columns.update(predicted=plan.predicted, measured=measured)
     print(_metric_table(columns))
     if args.update:
@@ -507,17 +509,16 @@ def _default_metrics(data: EvalData) -> list[str]:
 
 
 def _bn_note(batches: int) -> str:
-    return f"BatchNorm re-estimated on {batches} calibration batches" if batches else "no BatchNorm re-estimation"
+    return f"BatchNorm re-estimated on up to {batches} calibration batches" if batches else "no BatchNorm re-estimation"
 
 
 def _group_table(plan: Plan, metric: str) -> str:
     """One row per group: units before -> after, sparsity, the curve's predicted change."""
     change = f"{metric} change" if metric else "change"
-    lines = [f"{'group':<32} {'units':>12} {'sparsity':>9} {change:>16}"]
+    lines = [f"{'group':<32} {'units':^14} {'sparsity':>9} {change:>16}"]
     for name, g in plan.groups.items():
-        units = f"{g.size} -> {len(g.keep)}"
         delta = "-" if g.predicted_change is None else f"{g.predicted_change:+.4f}"
-        lines.append(f"{name:<32} {units:>12} {g.sparsity:>9.1%} {delta:>16}")
+        lines.append(f"{name:<32} {g.size:>5} -> {len(g.keep):<5} {g.sparsity:>9.1%} {delta:>16}")
     return "\n".join(lines)
 
 

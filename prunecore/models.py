@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -124,10 +124,9 @@ def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSpecError(
             f"weights file {str(path)!r} is not a readable PyTorch weights file (corrupt, truncated, or not "
-            f"saved with torch.save; loading is restricted to weights_only=True): {detail[:200]}"
+            f"saved with torch.save; loading is restricted to weights_only=True): {_load_failure(exc)}"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -152,7 +151,8 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[IO[bytes]], 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(content):
@@ -192,7 +192,10 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, Plan]:
         plan = Plan.from_json(payload["plan"])
     except PlanError as exc:
         raise PlanError(f"{where}: {exc}") from None
-    model = load_model(payload["model"])
+    try:
+        model = load_model(payload["model"])
+    except ModelSpecError as exc:
+        raise ModelSpecError(f"{where}: {exc}") from None
     graph = trace(model, tuple(spec.example() for spec in plan.inputs))
     try:
         plan.check(graph)
@@ -216,13 +219,13 @@ def _read_pruned(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        message = f"{where} is not readable (corrupt, truncated, or not saved with torch.save): {detail}"
+        message = f"{where} is not readable (corrupt, truncated, or not saved with torch.save): {_load_failure(exc)}"
         raise ModelSpecError(message) from None
     if not isinstance(payload, dict) or "format" not in payload:
         plain = isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values())
         what = "a plain state_dict" if plain else f"a {type(payload).__name__}"
-        raise ModelSpecError(f"{where} holds {what}, not a pruned model ({PRUNED_FORMAT}); save one with save_pruned")
+        raise ModelSpecError(f"{where} holds {what}, not a pruned model ({PRUNED_FORMAT}, written by "
+                             "`prunecore apply` or save_pruned)")  # fmt: skip
     if payload["format"] != PRUNED_FORMAT:
         raise ModelSpecError(f"{where} has format {payload['format']!r}; this prunecore reads {PRUNED_FORMAT!r}")
     missing, unknown = set(_PRUNED_KEYS) - set(payload), set(payload) - set(_PRUNED_KEYS)
@@ -235,3 +238,11 @@ def _read_pruned(path: Path) -> dict[str, Any]:
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
         raise ModelSpecError(f"{where}: 'state_dict' must map names to tensors")
     return payload
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The informative line of a `torch.load` error: the unpickler's reason, not its weights_only advice."""
+    text = str(exc)
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (reason if found else text).splitlines() if line.strip()]
+    return lines[0].split(" was not an allowed global")[0][:200] if lines else type(exc).__name__

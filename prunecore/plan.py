@@ -373,9 +373,10 @@ def _allocation_from_dict(a: Any) -> Allocation | None:
     _expect(isinstance(a.get("method"), str), "allocation.method must be a string")
     _expect(isinstance(a.get("metric", ""), str), "allocation.metric must be a string")
     budget = a.get("budget")
-    _expect(isinstance(budget, dict) and len(budget) == 1, "allocation.budget must be {\"flops\": x} or {\"params\": x}")
+    shape = 'allocation.budget must be {"flops": x} or {"params": x}'
+    _expect(isinstance(budget, dict) and len(budget) == 1, shape)
     (kind, value), = budget.items()
-    _expect(kind in ("flops", "params"), "allocation.budget must be {\"flops\": x} or {\"params\": x}")
+    _expect(kind in ("flops", "params"), shape)
     _expect(_is_number(value) and value > 0, f"allocation.budget.{kind} must be a positive number")
     return Allocation(a["method"], Budget(**{kind: float(value)}), a.get("metric", ""))
 

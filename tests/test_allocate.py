@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 import prunecore as pc
-from prunecore.allocate import AllocationError, _Search, get_method
+from prunecore.allocate import AllocationError, _Search
 from prunecore.cost import cost_model
 from prunecore.datasets import load_data
 from prunecore.prune import keep_top
@@ -31,6 +31,11 @@ def synthetic_curves(graph: pc.ChannelGraph, seed: int = 0, levels=LEVELS) -> pd
             rows.append({"group": g.name, "sparsity": s, "kept": pc.kept_units(g.size, s), "size": g.size,
                          "accuracy": 0.98 - 0.3 * a * f**p, "loss": 0.1 + a * f**p})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def kept_plan(graph: pc.ChannelGraph, scores, kept: dict[str, int]) -> pc.Plan:
+    """The plan keeping the `kept[name]` best-scored units of each named group."""
+    return pc.Plan({n: keep_top(scores[n], graph[n].size, k) for n, k in kept.items()}, graph.inputs, graph.model_type)
 
 
 def toy_problem(toy, seed: int = 0, **kw):
@@ -62,7 +67,7 @@ def test_cost_model_prices_every_kept_vector_as_count_measures_it(toy, criterion
     rng = np.random.default_rng(0)
     for _ in range(5):
         kept = {g.name: int(rng.integers(1, g.size + 1)) for g in graph.prunable}
-        plan = pc.Plan({n: keep_top(scores[n], graph[n].size, k) for n, k in kept.items()}, graph.inputs, graph.model_type)
+        plan = kept_plan(graph, scores, kept)
         pruned = pc.count(pc.apply_plan(model, plan, graph=graph), x)
         assert cm.price(kept) == (pruned.params, pruned.flops)
 
@@ -75,7 +80,7 @@ def test_cost_model_is_exact_where_units_own_unequal_positions():
         scores = pc.score(model, graph, "random")
         cm = cost_model(model, x, graph, scores)
         kept = {g.name: max(1, g.size // 3) for g in graph.prunable}
-        plan = pc.Plan({n: keep_top(scores[n], graph[n].size, k) for n, k in kept.items()}, graph.inputs, graph.model_type)
+        plan = kept_plan(graph, scores, kept)
         measured = pc.count(model, x, plan=plan, graph=graph)
         assert cm.price(kept) == (measured.params, measured.flops)
 

@@ -1,5 +1,7 @@
 """The prunecore command: reports, saved artefacts that rebuild, one-line errors."""
 
+import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -8,10 +10,22 @@ import pytest
 import torch
 
 import toy_models as toys
+from prunecore.allocate import list_methods
 from prunecore.cli import main
-from prunecore.models import load_model
+from prunecore.cost import count
+from prunecore.models import load_model, load_pruned
 from prunecore.plan import Plan
+from prunecore.store import RunStore
 from prunecore.surgery import apply_plan
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, tiny models run 100x slower with two (spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_inspect_lists_groups(capsys):
@@ -30,9 +44,8 @@ def test_prune_check_and_rebuild(tmp_path, capsys):
     plan = Plan.from_json((tmp_path / "pruned.plan.json").read_text())
     assert all(len(g.keep) % 8 == 0 for g in plan.groups.values())
 
-    rebuilt = apply_plan(load_model("torchvision:resnet18"), plan)
-    rebuilt.load_state_dict(torch.load(out_file, weights_only=True))
-    assert rebuilt.conv1.out_channels == 32
+    rebuilt, saved_plan = load_pruned(out_file)
+    assert saved_plan == plan and rebuilt.conv1.out_channels == 32
 
 
 @pytest.mark.parametrize(
@@ -112,3 +125,202 @@ def test_sweep_bad_input(tmp_path, extra, message, capsys):
     assert main(["sweep", "--model", "sample:resnet20", "--store", str(tmp_path / "s.sqlite"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("prunecore: error: ") and re.search(message, err) and len(err.strip().splitlines()) == 1
+
+
+# -- sweep -> allocate -> apply -> evaluate ---------------------------------------------------------
+SPEC = "sample:resnet20"
+SWEPT = "stem.0,layer2.0.conv2,layer3.0.conv2"  # the three residual streams: most of the MACs
+QUICK = ["--limit", "200", "--bn-recalibration", "2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A run store holding one quick sweep of sample:resnet20 (3 groups x 2 levels)."""
+    path = tmp_path_factory.mktemp("store") / "runs.db"
+    args = ["sweep", "--model", SPEC, "--data", "sample", "--limit", "200", "--levels", "0.3,0.6",
+            "--groups", SWEPT, "--store", str(path)]  # fmt: skip
+    assert main(args) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory, store):
+    """A dp plan for 60% of the MACs, measured on the sample data (allocate --evaluate)."""
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--method", "dp", "--store", str(store),
+            "--out", str(path), "--data", "sample", "--evaluate", *QUICK]  # fmt: skip
+    assert main(args) == 0
+    return path
+
+
+def _one_line_error(capsys, message: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("prunecore: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def _metric_rows(report: str) -> list[str]:
+    return report[report.index("metric ") :].splitlines()[:3]
+
+
+def test_allocate_apply_evaluate(tmp_path, store, plan_file, capsys):
+    plan = Plan.from_json(plan_file.read_text())
+    assert plan.model_name == SPEC and plan.allocation.method == "dp" and str(plan.allocation.budget) == "flops=0.6"
+    assert set(plan.measured) == set(plan.predicted) == {"accuracy", "loss"}
+    assert {n for n, g in plan.groups.items() if len(g.keep) < g.size} <= set(SWEPT.split(","))
+
+    out = tmp_path / "pruned.pt"
+    assert main(["apply", str(plan_file), "--model", SPEC, "--out", str(out), "--check"]) == 0
+    report = capsys.readouterr().out
+    assert "OK" in report and "MISMATCH" not in report
+    pruned, saved_plan = load_pruned(out)
+    assert saved_plan == plan
+    dense, x = load_model(SPEC), torch.randn(1, 1, 28, 28)
+    flops = count(pruned, x).flops
+    assert flops == plan.totals.flops_after <= 0.6 * count(dense, x).flops
+    expected = apply_plan(dense, plan).state_dict()
+    for name, value in pruned.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+    copy = tmp_path / "plan.json"
+    copy.write_text(plan_file.read_text())
+    evaluate = ["evaluate", "--model", SPEC, "--data", "sample", *QUICK]
+    assert main([*evaluate, "--plan", str(copy), "--update"]) == 0
+    by_plan = capsys.readouterr().out
+    updated = Plan.from_json(copy.read_text())
+    assert updated == plan  # the same measurement as allocate --evaluate: everything else kept
+    assert main([*evaluate, "--pruned", str(out)]) == 0
+    by_file = capsys.readouterr().out
+    assert _metric_rows(by_file) == _metric_rows(by_plan)  # dense, predicted and measured agree
+    assert _metric_rows(by_plan)[0].split() == ["metric", "dense", "predicted", "measured"]
+
+
+def test_evaluate_update_adds_measured_metrics(tmp_path, plan_file):
+    path = tmp_path / "plan.json"
+    plan = dataclasses.replace(Plan.from_json(plan_file.read_text()), measured={})
+    path.write_text(plan.to_json())
+    assert main(["evaluate", "--model", SPEC, "--plan", str(path), "--data", "sample", "--limit", "100",
+                 "--bn-recalibration", "0", "--metric", "accuracy", "--update"]) == 0  # fmt: skip
+    updated = Plan.from_json(path.read_text())
+    assert set(updated.measured) == {"accuracy"} and 0 <= updated.measured["accuracy"] <= 1
+    assert dataclasses.replace(updated, measured={}) == plan
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_allocate_every_method_meets_the_budget(tmp_path, store, method):
+    out = tmp_path / "plan.json"
+    args = ["allocate", "--model", SPEC, "--budget", "params=0.85", "--method", method, "--store", str(store)]
+    assert main([*args, "--out", str(out), "--lock", "layer1.0.conv1=0.25", "--exclude", "layer3.0.conv2"]) == 0
+    plan = Plan.from_json(out.read_text())
+    assert plan.totals.params_after <= 0.85 * plan.totals.params_before
+    assert len(plan.groups["layer1.0.conv1"].keep) == 12 and plan.groups["layer3.0.conv2"].sparsity == 0
+
+
+def test_allocate_from_a_run_id_or_a_curves_file(tmp_path, store, capsys):
+    run_id = RunStore(store).runs()[0].run_id
+    curves = tmp_path / "curves.parquet"
+    assert main(["runs", "--store", str(store), "--export", run_id, "--out", str(curves)]) == 0
+    plans = []
+    for source in (["--run", run_id, "--store", str(store)], ["--curves", str(curves)]):
+        out = tmp_path / "plan.json"
+        assert main(["allocate", "--model", SPEC, "--budget", "flops=0.6", *source, "--out", str(out)]) == 0
+        plans.append(Plan.from_json(out.read_text()))
+    report = capsys.readouterr().out
+    assert f"curves     run {run_id}" in report and f"curves     file {curves}" in report
+    assert plans[0].groups == plans[1].groups and plans[0].totals == plans[1].totals
+    assert plans[0].totals.flops_after <= 0.6 * plans[0].totals.flops_before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--run", "0123456789abcdef"], "unknown run id '0123456789abcdef'"),
+        (["--budget", "flops=0.05"], "budget flops=0.05 cannot be met"),
+        (["--budget", "flops:0.5"], "budget must look like flops=0.5"),
+        (["--budget", "flops=half"], "budget value must be a number"),
+        (["--lock", "stem.0"], "--lock must look like group=sparsity"),
+        (["--lock", "stem.0=1.5"], r"locked sparsity of 'stem.0' must be a number in \[0, 1\)"),
+        (["--lock", "nothing=0.5"], "no channel group named 'nothing'"),
+        (["--evaluate"], "--evaluate and --data go together"),
+        (["--curves", "/nonexistent/curves.csv"], "curves file '/nonexistent/curves.csv' does not exist"),
+        (["--metric", "kl"], "the curves have no 'kl' column"),
+    ],
+)
+def test_allocate_bad_input(tmp_path, store, extra, message, capsys):
+    out = tmp_path / "p.json"
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--store", str(store), "--out", str(out)]
+    assert main([*args, *extra]) == 2
+    _one_line_error(capsys, message)
+    assert not out.exists()
+
+
+def test_allocate_without_a_stored_sweep(tmp_path, capsys):
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.5", "--store", str(tmp_path / "runs.db")]
+    assert main([*args, "--out", str(tmp_path / "p.json")]) == 2
+    _one_line_error(capsys, "no complete sweep of sample:resnet20 .* run `prunecore sweep")
+
+
+def test_methods_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list_methods()
+
+
+def test_apply_refuses_a_bad_plan(tmp_path, plan_file, capsys):
+    bad, out = tmp_path / "bad.json", tmp_path / "pruned.pt"
+    bad.write_text(plan_file.read_text()[:-20])
+    assert main(["apply", str(bad), "--model", SPEC, "--out", str(out)]) == 2
+    _one_line_error(capsys, "bad.json': plan is not valid JSON")
+    assert main(["apply", str(tmp_path / "none.json"), "--model", SPEC, "--out", str(out)]) == 2
+    _one_line_error(capsys, "none.json' does not exist")
+    assert main(["apply", str(plan_file), "--model", "sample:mobilenet_v2", "--out", str(out)]) == 2
+    _one_line_error(capsys, "plan is for a ResNet20, the model is a MobileNetV2")
+    data = json.loads(plan_file.read_text())
+    data["totals"]["flops_after"] += 1
+    bad.write_text(json.dumps(data))
+    assert main(["apply", str(bad), "--model", SPEC, "--out", str(out)]) == 2
+    _one_line_error(capsys, "the pruned model has .* MACs, the plan's totals say")
+    assert not out.exists()
+
+
+def test_apply_other_fingerprint_needs_force(tmp_path, plan_file, capsys):
+    edited, out = tmp_path / "edited.json", tmp_path / "pruned.pt"
+    data = json.loads(plan_file.read_text())
+    data["model"]["fingerprint"] = "0123456789abcdef"
+    edited.write_text(json.dumps(data))
+    assert main(["apply", str(edited), "--model", SPEC, "--out", str(out)]) == 2
+    _one_line_error(capsys, "fingerprint is 0123456789abcdef.*pass --force")
+    assert not out.exists()
+    assert main(["apply", str(edited), "--model", SPEC, "--out", str(out), "--force"]) == 0
+    pruned, plan = load_pruned(out)  # the saved plan records the model it was really applied to
+    assert plan.meta["forced_from_fingerprint"] == "0123456789abcdef"
+    assert plan.groups == Plan.from_json(plan_file.read_text()).groups
+
+
+def test_apply_export(tmp_path, plan_file, capsys, monkeypatch):
+    out, program = tmp_path / "pruned.pt", tmp_path / "program.pt2"
+    args = ["apply", str(plan_file), "--model", SPEC, "--out", str(out), "--export", str(program)]
+    assert main(args) == 0
+    pruned, _ = load_pruned(out)
+    x = torch.randn(1, 1, 28, 28)  # the program is exported for the plan's input shape
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(program).module()(x), pruned(x))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("data-dependent control flow\nmore detail")
+
+    monkeypatch.setattr(torch.export, "export", fail)
+    out.unlink()
+    program.unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("prunecore: warning: torch.export could not export") and "data-dependent" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out.exists() and not program.exists()
+
+
+def test_evaluate_update_needs_a_plan(tmp_path, capsys):
+    args = ["evaluate", "--model", SPEC, "--data", "sample", "--pruned", str(tmp_path / "p.pt"), "--update"]
+    assert main(args) == 2
+    _one_line_error(capsys, "--update writes the measured metrics into a plan file")
