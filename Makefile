@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-slow bench clean
+.PHONY: run demo test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
+	$(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.headless true
+
+demo: $(VENV)/.installed
 	$(VENV)/bin/prunecore prune --model sample:resnet20 --sparsity 0.3 --data sample --check --out build/pruned_resnet20.pt
 
 test: $(VENV)/.installed

@@ -129,6 +129,19 @@ class AllocationProblem:
             out[m] = min(max(dense + sum(self.change(n, s, m) for n, s in pruned.items()), low), high)
         return out
 
+    def plan(self, sparsities: Mapping[str, float], allocation: Allocation | None = None) -> Plan:
+        """The plan keeping each named group's best-ranked units at its sparsity (others dense).
+
+        What the dashboard builds from its sliders: same ranking, rounding, totals and prediction
+        as a plan from `solve`.
+        """
+        for name, s in sparsities.items():
+            if name not in self.cost.groups:
+                raise AllocationError(f"no prunable group named {name!r} in {self.graph.model_type}")
+            _check_sparsity(f"sparsity of {name!r}", s)
+        kept = self.cost.kept_vector(self.kept(sparsities))
+        return _plan(self, kept, allocation)
+
     def damage(self, name: str, kept: np.ndarray) -> np.ndarray:
         """Predicted harm (positive = worse) of group `name` keeping each of `kept` units."""
         size = self.graph[name].size
@@ -289,7 +302,7 @@ def solve(
         kept = search.hi.copy()
     if search.cost(kept) > search.target + 0.5:  # a method bug, never the user's fault
         raise AssertionError(f"method {method!r} returned a plan over budget")
-    return _plan(problem, search, kept, Allocation(method, budget, problem.metric))
+    return _plan(problem, kept, Allocation(method, budget, problem.metric))
 
 
 def pareto(
@@ -421,7 +434,7 @@ def _check_sparsity(what: str, value: Any) -> None:
         raise AllocationError(f"{what} must be a number in [0, 1), got {value!r}")
 
 
-def _plan(problem: AllocationProblem, search: _Search, kept: np.ndarray, allocation: Allocation) -> Plan:
+def _plan(problem: AllocationProblem, kept: np.ndarray, allocation: Allocation | None) -> Plan:
     graph, cm = problem.graph, problem.cost
     groups = {}
     sparsities = {}

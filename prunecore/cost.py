@@ -160,6 +160,24 @@ class CostModel:
         flops = (dims[self.flop_dims].prod(axis=1) * self.flop_rows[:, None]).sum(axis=0)  # (N,)
         return np.rint(params), np.rint(flops)
 
+    def flop_shares(self) -> dict[str, float]:
+        """Per group: the fraction of the dense model's FLOPs in layers whose weights it touches.
+
+        What a group's sparsity can act on (a group feeding and fed by big convs has a large
+        share); shares overlap, since a conv between two groups counts for both.
+        """
+        dims = self.fixed.astype(np.float64).copy()
+        np.add.at(dims, self.pair_dim, self.cumulative[self.pair_start + self.sizes[self.pair_group]])
+        flops = dims[self.flop_dims].prod(axis=1) * self.flop_rows  # (F,) dense MACs of each layer
+        total = flops.sum()
+        touched: dict[int, set[int]] = defaultdict(set)
+        for d, g in zip(self.pair_dim.tolist(), self.pair_group.tolist()):
+            touched[g].add(d)
+        return {
+            name: float(flops[np.isin(self.flop_dims, list(touched[g])).any(axis=1)].sum() / total) if total else 0.0
+            for g, name in enumerate(self.groups)
+        }
+
     def coupled(self) -> list[set[int]]:
         """Per group, the other groups whose kept count changes its cost (they share a weight)."""
         by_dim: dict[int, set[int]] = defaultdict(set)

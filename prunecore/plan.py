@@ -21,12 +21,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import metadata, resources
 from typing import Any, Mapping
 
 from prunecore.graph import ChannelGraph, InputSpec
 
-__all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals", "kept_units"]
+__all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals", "json_schema", "kept_units"]
 
 SCHEMA = "prunecore.plan/1"
 
@@ -163,6 +163,11 @@ class GroupPlan:
     @property
     def channels_after(self) -> int:
         return self.channels_before // self.size * len(self.keep)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the plan file (`plan.schema.json`, shipped in the package)."""
+    return json.loads((resources.files("prunecore") / "plan.schema.json").read_text(encoding="utf-8"))
 
 
 def _now() -> str:

@@ -309,3 +309,24 @@ def test_a_budget_the_dense_model_already_meets_prunes_nothing():
     assert all(g.sparsity == 0 for g in plan.groups.values())
     absolute = pc.solve(problem, pc.Budget(flops=problem.cost.dense[1] * 0.5), "greedy")
     assert absolute.totals.flops_after <= problem.cost.dense[1] * 0.5
+
+
+def test_a_plan_from_sparsities_equals_the_solved_plan_with_those_sparsities():
+    model, graph, problem = toy_problem(TwoResiduals)
+    solved = pc.solve(problem, pc.Budget(flops=0.5), "dp")
+    rebuilt = problem.plan(solved.sparsities, solved.allocation)
+    assert rebuilt.groups == solved.groups
+    assert (rebuilt.totals, rebuilt.predicted) == (solved.totals, solved.predicted)
+    assert problem.price(solved.sparsities) == (solved.totals.params_after, solved.totals.flops_after)
+    with pytest.raises(AllocationError, match="in \\[0, 1\\)"):
+        problem.plan({graph.prunable[0].name: 1.0})
+
+
+def test_flop_shares_count_the_layers_a_group_touches():
+    conv = torch.nn.Conv2d
+    model = torch.nn.Sequential(conv(3, 8, 1), torch.nn.ReLU(), conv(8, 6, 1), torch.nn.ReLU(), conv(6, 4, 1))
+    x = torch.randn(1, 3, 5, 5)
+    graph = pc.trace(model, x)
+    shares = cost_model(model, x, graph).flop_shares()
+    # MACs per position: 3*8 + 8*6 + 6*4 = 96; each hidden group touches two convs worth 24 + 48
+    assert shares == {"0": pytest.approx(72 / 96), "2": pytest.approx(72 / 96)}

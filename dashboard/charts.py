@@ -1,0 +1,298 @@
+"""Plotly figures for the dashboard: pure functions from prunecore's plain values to figures.
+
+No Streamlit here, so every chart is testable on its own; pages pass the result to
+`st.plotly_chart`. Each figure sets `uirevision`, so zoom and legend clicks survive reruns
+(a new metric resets them).
+
+    >>> fig = curves_figure(sweep(model, data, example, metric="accuracy"), "accuracy")
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from itertools import cycle
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from prunecore.evaluate import get_metric, list_metrics
+from prunecore.sensitivity import DENSE
+
+__all__ = [
+    "allocation_figure",
+    "curves_figure",
+    "format_metric",
+    "heatmap_figure",
+    "is_fraction",
+    "pareto_figure",
+    "predicted_vs_measured_figure",
+]
+
+TEMPLATE = "plotly_white"
+PALETTE = qualitative.Dark24  # long enough that neighbouring groups rarely share a colour
+WORSE_TO_BETTER = "RdBu"  # red = worse than dense, blue = better; centred on no change
+_NOT_METRICS = frozenset({"group", "sparsity", "kept", "size", "params", "flops", "method", "budget"})
+_SPARSITY_AXIS = "sparsity (fraction of units removed)"
+_COSTS = {"flops": ("FLOPs", "MACs"), "params": ("params", "params")}  # cost column -> (label, unit)
+
+
+# -- formatting -----------------------------------------------------------------------------------
+def is_fraction(metric: str) -> bool:
+    """Whether a metric is a 0..1 fraction (accuracy, agreement), shown as a percentage."""
+    return metric in list_metrics() and get_metric(metric).bounds == (0.0, 1.0)
+
+
+def format_metric(name: str, value: float) -> str:
+    """`"97.10 %"` for fractions, 4 significant digits otherwise, `"n/a"` for a missing value."""
+    if pd.isna(value):
+        return "n/a"
+    return f"{value * 100:.2f} %" if is_fraction(name) else f"{value:.4g}"
+
+
+def _d3(metric: str, signed: bool = False) -> str:
+    """The d3 format of a metric's values in hover text (`:.2%`, `:+.4g`)."""
+    return (":+" if signed else ":") + (".2%" if is_fraction(metric) else ".4g")
+
+
+def _metric_axis(metric: str) -> dict:
+    return {"title": {"text": metric}, "tickformat": ".0%" if is_fraction(metric) else None}
+
+
+def _layout(fig: go.Figure, title: str, uirevision: str, height: int, **more) -> go.Figure:
+    fig.update_layout(title={"text": title}, template=TEMPLATE, height=height, uirevision=uirevision, **more)
+    return fig
+
+
+def _rows_height(n: int, per_row: int = 18, base: int = 140, low: int = 320, high: int = 1400) -> int:
+    """A figure height that grows with its number of rows (groups), within [low, high] pixels."""
+    return int(min(max(base + per_row * n, low), high))
+
+
+# -- input checks ---------------------------------------------------------------------------------
+def _check_columns(frame: pd.DataFrame, what: str, needed: Sequence[str]) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{what} must be a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} lack the column(s) {', '.join(map(repr, missing))}")
+    if frame.empty:
+        raise ValueError(f"{what} are empty: nothing to plot")
+
+
+def _check_metric(frame: pd.DataFrame, what: str, metric: str) -> None:
+    if metric not in frame.columns:
+        have = [str(c) for c in frame.columns if c not in _NOT_METRICS]
+        raise ValueError(f"{what} have no metric column {metric!r}; metrics present: {', '.join(have) or 'none'}")
+
+
+def _split_curves(curves: pd.DataFrame, metric: str) -> tuple[float, pd.DataFrame, list[str]]:
+    """(dense value, the per-group rows sorted by sparsity, groups in model order)."""
+    _check_columns(curves, "the curves", ("group", "sparsity"))
+    _check_metric(curves, "the curves", metric)
+    base = curves[curves.group == DENSE]
+    if len(base) != 1:
+        raise ValueError(f"the curves need exactly one {DENSE!r} baseline row, found {len(base)}: "
+                         "pass the whole frame sweep() returned")  # fmt: skip
+    rows = curves[curves.group != DENSE]
+    if rows.empty:
+        raise ValueError("the curves hold only the dense baseline: no group was swept")
+    order = list(pd.unique(rows.group))  # sweep() writes groups in model order
+    return float(base[metric].iloc[0]), rows.sort_values("sparsity", kind="stable"), order
+
+
+# -- sensitivity ----------------------------------------------------------------------------------
+def curves_figure(curves: pd.DataFrame, metric: str, groups: Sequence[str] | None = None) -> go.Figure:
+    """One line per group of `metric` against sparsity, each starting at the dense value.
+
+    `groups` limits the lines drawn (default all); lines keep the model's order whatever the
+    order of `groups`. The dense value is a dashed horizontal reference line.
+    """
+    dense, rows, order = _split_curves(curves, metric)
+    if groups is not None:
+        unknown = [g for g in groups if g not in order]
+        if unknown:
+            raise ValueError(f"unknown group(s) {', '.join(map(repr, unknown))}; the curves hold {len(order)} groups")
+        wanted = set(groups)
+        order = [g for g in order if g in wanted]
+    has_units = {"kept", "size"} <= set(rows.columns)
+    hover = (
+        "<b>%{fullData.name}</b><br>sparsity %{x:.0%}"
+        + ("<br>kept %{customdata[0]:.0f} / %{customdata[1]:.0f} units" if has_units else "")
+        + f"<br>{metric} %{{y{_d3(metric)}}}<extra></extra>"
+    )
+    fig = go.Figure()
+    for i, group in enumerate(order):
+        part = rows[rows.group == group]
+        size = float(part["size"].iloc[0]) if has_units else math.nan
+        units = np.column_stack([[size, *part["kept"]], [size, *part["size"]]]) if has_units else None
+        fig.add_trace(go.Scatter(
+            x=[0.0, *part.sparsity], y=[dense, *part[metric]], name=str(group), mode="lines+markers",
+            customdata=units, hovertemplate=hover, line={"color": PALETTE[i % len(PALETTE)]},
+        ))  # fmt: skip
+    fig.add_hline(y=dense, line_dash="dash", line_color="grey", annotation_text=f"dense {format_metric(metric, dense)}",
+                  annotation_position="top right")  # fmt: skip
+    fig.update_xaxes(title={"text": _SPARSITY_AXIS}, tickformat=".0%", rangemode="tozero")
+    fig.update_yaxes(**_metric_axis(metric))
+    return _layout(
+        fig, f"Sensitivity: {metric} with one group pruned", f"curves:{metric}", 520,
+        legend={"title": {"text": "group (click hides, double-click isolates)"}, "itemclick": "toggle",
+                "itemdoubleclick": "toggleothers"},
+        hovermode="closest",
+    )  # fmt: skip
+
+
+def heatmap_figure(curves: pd.DataFrame, metric: str) -> go.Figure:
+    """Groups (rows, model order top to bottom) x sparsity levels: the change from dense.
+
+    Colour is the change signed so that positive is better (`metric - dense` when higher is
+    better, `dense - metric` otherwise): worse is always red, whatever the metric's direction.
+    """
+    dense, rows, order = _split_curves(curves, metric)
+    better = get_metric(metric).higher_is_better  # raises ValueError for an unregistered metric
+    grid = rows.pivot(index="group", columns="sparsity", values=metric)
+    grid = grid.reindex(index=order, columns=sorted(rows.sparsity.unique()))  # (G, L)
+    values = grid.to_numpy(dtype=float)
+    change = values - dense
+    signed = change if better else -change
+    levels = [f"{s * 100:.4g}%" for s in grid.columns]
+    fig = go.Figure(go.Heatmap(
+        z=signed, x=levels, y=[str(g) for g in order], customdata=np.dstack([values, change]),
+        colorscale=WORSE_TO_BETTER, zmid=0.0, xgap=1, ygap=1,
+        colorbar={"title": {"text": "better →<br>← worse"}, "tickformat": ".0%" if is_fraction(metric) else None},
+        hovertemplate=(f"<b>%{{y}}</b> at %{{x}} sparsity<br>{metric} %{{customdata[0]{_d3(metric)}}}"
+                       f"<br>change from dense %{{customdata[1]{_d3(metric, signed=True)}}}<extra></extra>"),
+    ))  # fmt: skip
+    fig.update_xaxes(title={"text": _SPARSITY_AXIS}, type="category", side="top")
+    fig.update_yaxes(title={"text": "group"}, type="category", autorange="reversed")
+    return _layout(fig, f"Change in {metric} from dense ({format_metric(metric, dense)})", f"heatmap:{metric}",
+                   _rows_height(len(order)))  # fmt: skip
+
+
+# -- allocation -----------------------------------------------------------------------------------
+def allocation_figure(
+    sparsities: Mapping[str, float],
+    reference: Mapping[str, float] | None = None,
+    order: Sequence[str] | None = None,
+) -> go.Figure:
+    """Horizontal bars of the current plan's per-group sparsity, groups top to bottom.
+
+    `reference` (the allocation method's own plan) shows as diamond markers; bars of groups the
+    user moved away from it are highlighted. `order` sorts the groups; groups it does not name
+    follow in their own order.
+    """
+    if not sparsities:
+        raise ValueError("the plan has no groups: nothing to plot")
+    for name, value in {**sparsities, **(reference or {})}.items():
+        if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
+            raise ValueError(f"sparsity of {name!r} must be a number in [0, 1], got {value!r}")
+    ranked = [g for g in (order or ()) if g in sparsities]
+    names = ranked + [g for g in sparsities if g not in set(ranked)]
+    current = [float(sparsities[g]) for g in names]
+    ref = None if reference is None else [float(reference.get(g, math.nan)) for g in names]
+    edited = [False] * len(names)
+    if ref is not None:  # a group the reference lacks (NaN) never counts as edited
+        edited = [abs(c - r) > 1e-9 for c, r in zip(current, ref)]
+    fig = go.Figure(go.Bar(
+        x=current, y=names, orientation="h", name="current plan",
+        marker={"color": ["#EF553B" if e else "#636EFA" for e in edited]},
+        customdata=[("edited" if e else "") for e in edited],
+        hovertemplate="<b>%{y}</b><br>sparsity %{x:.1%} %{customdata}<extra></extra>",
+    ))  # fmt: skip
+    if ref is not None:
+        fig.add_trace(go.Scatter(
+            x=ref, y=names, mode="markers", name="method's plan",
+            marker={"symbol": "diamond", "size": 9, "color": "black", "line": {"width": 1, "color": "white"}},
+            hovertemplate="<b>%{y}</b><br>method's sparsity %{x:.1%}<extra></extra>",
+        ))  # fmt: skip
+    fig.update_xaxes(title={"text": _SPARSITY_AXIS}, tickformat=".0%", range=[0, 1])
+    fig.update_yaxes(type="category", autorange="reversed", automargin=True)
+    title = "Per-group sparsity" + (" (red: edited)" if any(edited) else "")
+    height = _rows_height(len(names), per_row=16)
+    return _layout(fig, title, "allocation", height, legend={"orientation": "h", "y": -0.08}, bargap=0.2)
+
+
+def pareto_figure(
+    front: pd.DataFrame,
+    metric: str,
+    current: tuple[float, float] | None = None,
+    dense: tuple[float, float] | None = None,
+    *,
+    cost: str = "flops",
+) -> go.Figure:
+    """Predicted `metric` against FLOPs (or params, `cost="params"`), one line per allocation method.
+
+    `current` and `dense` are `(cost, metric value)` in the front's units (MACs or params). With
+    `dense` the x axis is the cost kept as a fraction of dense and the dense model is a point at
+    x = 1; without it the x axis is the raw cost. The current plan is a star; `uniform` is dashed grey.
+    """
+    if cost not in _COSTS:
+        raise ValueError(f"cost must be one of {', '.join(_COSTS)}, got {cost!r}")
+    _check_columns(front, "the Pareto front", ("method", "budget", cost))
+    _check_metric(front, "the Pareto front", metric)
+    label, unit = _COSTS[cost]
+    scale, x_axis = 1.0, {"title": {"text": f"{unit} per example" if cost == "flops" else unit}}
+    if dense is not None:
+        if not dense[0] > 0:
+            raise ValueError(f"the dense model's {label} must be positive, got {dense[0]!r}")
+        scale, x_axis = float(dense[0]), {"title": {"text": f"{label} kept (fraction of dense)"}, "tickformat": ".0%"}
+    kept = f"{label} kept " + ("%{x:.1%}" if dense is not None else f"%{{x:,.0f}} {unit}")
+    fig = go.Figure()
+    colours = cycle(qualitative.Plotly)
+    for method in pd.unique(front.method):
+        part = front[front.method == method].sort_values(cost)
+        if method == "uniform":  # the baseline the other methods should beat
+            line, marker = {"color": "grey", "dash": "dash"}, {"color": "grey", "symbol": "circle-open"}
+        else:
+            colour = next(colours)
+            line, marker = {"color": colour}, {"color": colour}
+        fig.add_trace(go.Scatter(
+            x=part[cost] / scale, y=part[metric], name=str(method), mode="lines+markers", line=line, marker=marker,
+            customdata=np.column_stack([part.budget, part[cost]]),
+            hovertemplate=(f"<b>%{{fullData.name}}</b> at budget %{{customdata[0]:.0%}}<br>{kept}"
+                           f"<br>predicted {metric} %{{y{_d3(metric)}}}<extra></extra>"),
+        ))  # fmt: skip
+    star = {"symbol": "star", "size": 20, "color": "gold", "line": {"width": 1.5, "color": "black"}}
+    for point, name, marker in ((current, "current plan", star), (dense, "dense", {"size": 11, "color": "black"})):
+        if point is not None:
+            fig.add_trace(go.Scatter(
+                x=[point[0] / scale], y=[point[1]], name=name, mode="markers+text", text=[name],
+                textposition="top center", marker=marker,
+                hovertemplate=f"<b>{name}</b><br>{kept}<br>{metric} %{{y{_d3(metric)}}}<extra></extra>",
+            ))  # fmt: skip
+    fig.update_xaxes(**x_axis)
+    fig.update_yaxes(**{**_metric_axis(metric), "title": {"text": f"predicted {metric}"}})
+    return _layout(fig, f"Predicted {metric} against {label}, per allocation method", f"pareto:{metric}:{cost}", 500,
+                   legend={"title": {"text": "method"}})  # fmt: skip
+
+
+# -- validation -----------------------------------------------------------------------------------
+_KINDS = (("dense", "#B6B6B6"), ("predicted", "#636EFA"), ("measured", "#00CC96"))
+
+
+def predicted_vs_measured_figure(rows: pd.DataFrame) -> go.Figure:
+    """Dense, predicted and measured value of each metric: one panel per metric, each its own scale.
+
+    `rows` has columns metric, dense, predicted, measured; a NaN value draws no bar.
+    """
+    _check_columns(rows, "the validation rows", ("metric", "dense", "predicted", "measured"))
+    metrics = [str(m) for m in rows.metric]
+    if len(set(metrics)) != len(metrics):
+        raise ValueError(f"each metric must appear once in the validation rows, got {metrics}")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.08)
+    for col, row in enumerate(rows.itertuples(index=False), start=1):
+        for kind, colour in _KINDS:
+            value = getattr(row, kind)
+            present = not pd.isna(value)
+            fig.add_trace(go.Bar(
+                x=[kind], y=[value if present else None], name=kind, legendgroup=kind, showlegend=col == 1,
+                marker={"color": colour}, text=[format_metric(row.metric, value) if present else ""],
+                textposition="outside", cliponaxis=False,
+                hovertemplate=f"{row.metric} {kind}: %{{y{_d3(row.metric)}}}<extra></extra>",
+            ), row=1, col=col)  # fmt: skip
+        fig.update_yaxes(tickformat=".0%" if is_fraction(row.metric) else None, rangemode="tozero", row=1, col=col)
+    return _layout(fig, "Dense, predicted and measured", "validate", 420, bargap=0.3)

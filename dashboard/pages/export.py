@@ -1,0 +1,47 @@
+"""Export page: download the plan JSON and the pruned model; upload a plan to continue editing it."""
+
+import tempfile
+from pathlib import Path
+
+import jsonschema
+import streamlit as st
+
+import prunecore as pc
+from dashboard import state
+from prunecore.plan import json_schema
+
+state.page("Export")
+ws = state.workspace()
+plan = state.measured_plan()
+if plan is None:
+    st.info("Make a plan on the Plan page first, or upload one below.")
+else:
+    text = plan.to_json()
+    jsonschema.validate(plan.to_dict(), json_schema())  # what we offer is what the format promises
+    assert pc.Plan.from_json(text) == plan
+    left, right = st.columns(2)
+    left.download_button("Download the plan (JSON)", text, file_name="plan.json", mime="application/json",
+                         key="download_plan", type="primary")  # fmt: skip
+    left.caption("Measured metrics included." if plan.measured else "Validate the plan to include measured metrics.")
+    if right.button("Build the pruned model file", key="build_pruned"):
+        with st.spinner("Applying the plan ..."), tempfile.TemporaryDirectory() as tmp:
+            pruned = state.guard(lambda: pc.apply_plan(ws.model, plan, graph=ws.graph))
+            path = pc.save_pruned(Path(tmp) / "pruned.pt", pruned, plan, ws.spec)
+            st.session_state["pruned_file"] = (state.plan_key(plan), path.read_bytes())
+    built = st.session_state.get("pruned_file")
+    if built is not None and built[0] == state.plan_key(plan):
+        right.download_button("Download the pruned model (.pt)", built[1], file_name="pruned.pt",
+                              mime="application/octet-stream", key="download_pruned")  # fmt: skip
+        right.caption("Rebuild it with `model, plan = prunecore.load_pruned('pruned.pt')`.")
+    with st.expander("Plan JSON"):
+        st.code(text, language="json")
+
+st.subheader("Continue from a plan file")
+upload = st.file_uploader("Plan JSON", type=["json"], key="plan_uploader")
+if upload is not None and st.button("Load this plan into the sliders", key="load_plan"):
+    loaded = state.read_plan(upload.getvalue(), ws)
+    if isinstance(loaded, str):
+        st.error(loaded)
+    else:
+        state.load_sliders(loaded.sparsities)
+        st.success(f"Loaded {upload.name}: {len(loaded.groups)} groups. Continue on the Plan page.")

@@ -1,0 +1,50 @@
+"""Validate page: apply the edited plan, re-estimate BatchNorm, measure it next to the prediction."""
+
+import pandas as pd
+import streamlit as st
+
+import prunecore as pc
+from dashboard import charts, state
+
+state.page("Validate")
+plan = st.session_state.get(state.EDITED_PLAN)
+if plan is None:
+    st.info("Make a plan on the Plan page first.")
+    st.stop()
+ws = state.workspace()
+data = state.data(ws)
+metrics = list(plan.predicted) or (["accuracy", "loss"] if data.labelled else ["kl", "agreement"])
+bn = st.number_input("BatchNorm re-estimation batches (0: off)", 0, 200, 50, key="validate_bn")
+st.caption(f"Measured on {data.description}; BatchNorm statistics re-estimated on its calibration images.")
+
+key = (state.plan_key(plan), bn)
+result = st.session_state.get(state.VALIDATION)
+if st.button("Apply and measure", type="primary", key="validate_run"):
+    with st.status("Applying the plan and measuring ...", expanded=True) as status:
+        st.write("Applying the plan (physical channel removal) ...")
+        pruned = state.guard(lambda: pc.apply_plan(ws.model, plan, graph=ws.graph))
+        st.write("Re-estimating BatchNorm statistics and evaluating ...")
+        measured = state.guard(lambda: pc.evaluate_plan(ws.model, plan, data.evaluation, metrics, bn_recalibration=bn,
+                                                        calibration=data.calibration, graph=ws.graph))  # fmt: skip
+        dense = pc.evaluate(ws.model, data.evaluation, metrics, reference=ws.model)
+        st.write("Timing both models on the CPU ...")
+        cost = pc.count(pruned, ws.example)
+        latency = (pc.cost.latency(ws.model, ws.example), pc.cost.latency(pruned, ws.example))
+        status.update(label="Measured", state="complete")
+    result = {"key": key, "measured": measured, "dense": dense, "params": cost.params, "flops": cost.flops,
+              "latency": latency}  # fmt: skip
+    st.session_state[state.VALIDATION] = result
+
+if result is None or result["key"] != key:
+    st.info("Press the button to measure this plan.")
+    st.stop()
+c1, c2, c3 = st.columns(3)
+c1.metric("Params kept", f"{result['params'] / ws.cost.params:.1%}", help=f"{result['params']:,} of {ws.cost.params:,}")
+c2.metric("FLOPs kept", f"{result['flops'] / ws.cost.flops:.1%}", help=f"{result['flops']:,} of {ws.cost.flops:,} MACs")
+dense_s, pruned_s = result["latency"]
+c3.metric("CPU latency", f"{pruned_s * 1e3:.2f} ms", delta=f"{dense_s / pruned_s:.2f}x faster than dense",
+          delta_color="off")  # fmt: skip
+rows = pd.DataFrame([{"metric": m, "dense": result["dense"].get(m), "predicted": plan.predicted.get(m),
+                      "measured": result["measured"].get(m)} for m in metrics])  # fmt: skip
+st.plotly_chart(charts.predicted_vs_measured_figure(rows), width="stretch", key="validate_chart")
+st.dataframe(rows, hide_index=True, key="validate_table")

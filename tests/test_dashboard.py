@@ -1,0 +1,148 @@
+"""The dashboard through Streamlit's AppTest: every page runs, widgets drive the numbers, errors stay on the page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import prunecore as pc
+from prunecore.plan import json_schema
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0}  # seconds, not minutes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def store(tmp_path_factory):
+    """One run store for the module: the first test sweeps, the others load the stored curves."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PRUNECORE_STORE", str(tmp_path_factory.mktemp("store") / "runs.db"))
+    yield
+    mp.undo()
+
+
+def app(page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=600)
+    for key, value in {**FAST, **state}.items():
+        at.session_state[key] = value
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_model_page_shows_the_default_sample_and_its_groups():
+    at = app()
+    sample = pc.load_sample("resnet20")
+    graph = pc.trace(sample.model, sample.example)
+    assert metric(at, "Parameters") == f"{pc.count(sample.model, sample.example).params:,}"
+    table = at.dataframe[0].value.set_index("group")
+    assert list(table.index) == [g.name for g in graph.groups]
+    prunable = [g.name for g in graph.prunable]
+    assert table.loc[prunable, "share of FLOPs"].between(0, 1).all()
+    assert table.drop(index=prunable)["share of FLOPs"].isna().all()
+    at.selectbox(key="sample_name").set_value("vit").run()
+    assert not at.exception
+    assert at.session_state["model_spec"] == "sample:vit"
+    assert int(metric(at, "Prunable")) == 4
+
+
+def test_model_page_errors_stay_on_the_page():
+    at = app()
+    at.radio(key="model_source").set_value("Factory function").run()
+    at.text_input(key="factory_spec").set_value("no_such_package.models:build").run()
+    assert not at.exception
+    assert any("no_such_package" in e.value for e in at.error)
+    at.text_input(key="input_shape_text").set_value("1,x,28").run()
+    assert any("comma-separated integers" in e.value for e in at.error)
+
+
+def test_sensitivity_page_sweeps_once_then_loads_from_the_store():
+    at = app("sensitivity")
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    curves = at.dataframe[0].value
+    assert set(curves.sparsity) == {0.0, 0.3, 0.6}
+    run = at.session_state["run_id"]
+    again = app("sensitivity")
+    assert again.session_state["run_id"] == run
+    assert again.dataframe[0].value.equals(curves)
+
+
+def test_plan_page_sliders_update_the_numbers_without_touching_the_model():
+    at = app("plan")
+    flops = metric(at, "FLOPs kept")
+    assert float(flops.rstrip("%")) <= 50.0  # the default budget keeps half the FLOPs
+    group = "layer3.0.conv1"
+    at.slider(key=f"sparsity::{group}").set_value(0.9).run()
+    assert not at.exception
+    assert float(metric(at, "FLOPs kept").rstrip("%")) < float(flops.rstrip("%"))
+    plan = at.session_state["edited_plan"]
+    assert plan.groups[group].sparsity == pytest.approx(1 - pc.kept_units(64, 0.9) / 64)
+    at.button(key="reset").click().run()
+    assert metric(at, "FLOPs kept") == flops
+
+
+def test_plan_page_budget_method_lock_and_search():
+    at = app("plan")
+    at.slider(key="budget_value").set_value(0.3).run()
+    assert float(metric(at, "FLOPs kept").rstrip("%")) <= 30.0
+    group = "layer1.0.conv1"
+    at.slider(key=f"sparsity::{group}").set_value(0.0).run()
+    at.checkbox(key=f"lock::{group}").check().run()
+    at.selectbox(key="method").set_value("greedy").run()
+    assert at.slider(key=f"sparsity::{group}").value == 0.0  # locked through the re-allocation
+    assert float(metric(at, "FLOPs kept").rstrip("%")) <= 30.0
+    at.text_input(key="group_search").set_value("layer2").run()
+    assert {s.label for s in at.slider if s.key.startswith("sparsity::")} == {
+        g for g in at.session_state["edited_plan"].groups if "layer2" in g
+    }
+
+
+def test_validate_page_measures_the_plan_next_to_its_prediction():
+    at = app("plan")
+    at.switch_page("pages/validate.py").run()
+    at.button(key="validate_run").click().run()
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("metric")
+    assert set(table.index) == {"accuracy", "loss"}
+    assert table[["dense", "predicted", "measured"]].notna().all().all()
+    assert 0 <= table.loc["accuracy", "measured"] <= 1
+
+
+def test_export_page_offers_a_valid_plan_that_round_trips():
+    at = app("plan")
+    at.switch_page("pages/export.py").run()
+    assert not at.exception
+    text = at.code[0].value
+    jsonschema.validate(json.loads(text), json_schema())
+    plan = pc.Plan.from_json(text)
+    assert plan.model_name == "sample:resnet20"
+    assert plan == pc.Plan.from_json(plan.to_json())
+    at.button(key="build_pruned").click().run()
+    assert [b.label for b in at.get("download_button")][-1].startswith("Download the pruned model")
+
+
+def test_uploaded_plans_are_checked_against_the_loaded_model():
+    from dashboard import state
+
+    sample = pc.load_sample("resnet20")
+    graph = pc.trace(sample.model, sample.example)
+    cost = pc.count(sample.model, sample.example)
+    ws = state.Workspace("sample:resnet20", sample.model, sample.example, graph, cost, {})
+    good = pc.make_plan(sample.model, graph, 0.3)
+    assert state.read_plan(good.to_json().encode(), ws) == good
+    assert "not valid JSON" in state.read_plan(b"{not json", ws)
+    other = pc.load_sample("vit")
+    foreign = pc.make_plan(other.model, pc.trace(other.model, other.example), 0.3)
+    assert "cannot be used with sample:resnet20" in state.read_plan(foreign.to_json().encode(), ws)
