@@ -212,8 +212,9 @@ def allocation_figure(
     fig.update_xaxes(title={"text": _SPARSITY_AXIS}, tickformat=".0%", range=[0, 1])
     fig.update_yaxes(type="category", autorange="reversed", automargin=True)
     title = "Per-group sparsity" + (" (red: edited)" if any(edited) else "")
-    height = _rows_height(len(names), per_row=16)
-    return _layout(fig, title, "allocation", height, legend={"orientation": "h", "y": -0.08}, bargap=0.2)
+    height = _rows_height(len(names), per_row=24)
+    return _layout(fig, title, "allocation", height, legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0},
+                   bargap=0.2)
 
 
 def pareto_figure(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
     SEARCH: "",
     ORDER: "position",
 }
+DEFAULTS_ENV = "PRUNECORE_DASHBOARD_DEFAULTS"
+"""A JSON object overriding `DEFAULTS` (e.g. a team's sweep levels, or a quick sweep for tests)."""
 ERRORS = (ModelSpecError, DataSpecError, pc.TraceError, pc.PlanError, pc.SampleError, pc.StoreError, AllocationError,
           ValueError, FileNotFoundError)  # fmt: skip
 
@@ -72,11 +76,23 @@ def init() -> None:
     Streamlit forgets a widget's key when a page without that widget runs; writing every key
     back at the start of each run keeps the user's choices (sliders included) while they browse.
     """
-    for key, value in DEFAULTS.items():
+    for key, value in {**DEFAULTS, **_overrides()}.items():
         st.session_state.setdefault(key, value)
     for key in list(st.session_state):
         if isinstance(key, str) and (key in DEFAULTS or key.startswith(("sparsity::", "lock::"))):
             st.session_state[key] = st.session_state[key]
+
+
+def _overrides() -> dict[str, Any]:
+    text = os.environ.get(DEFAULTS_ENV, "")
+    try:
+        values = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{DEFAULTS_ENV} is not valid JSON: {exc}") from None
+    unknown = sorted(set(values) - set(DEFAULTS)) if isinstance(values, dict) else ["(not an object)"]
+    if unknown:
+        raise ValueError(f"{DEFAULTS_ENV} has unknown keys {unknown}; known: {sorted(DEFAULTS)}")
+    return values
 
 
 def plan_key(plan: pc.Plan) -> tuple:
@@ -106,7 +122,7 @@ def read_plan(data: bytes, ws: Workspace) -> pc.Plan | str:
 def load_sliders(sparsities: dict[str, float]) -> None:
     """Put a plan's sparsities on the Plan page's sliders, and keep the method from overwriting them."""
     for name, s in sparsities.items():
-        st.session_state[sparsity_key(name)] = min(round(s, 3), 0.99)
+        st.session_state[sparsity_key(name)] = min(s, 0.99)
     st.session_state[LOADED] = dict(sparsities)
 
 

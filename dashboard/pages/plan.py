@@ -28,10 +28,10 @@ if loaded is not None:  # an uploaded plan: its values stay until the budget or 
     st.session_state[state.ALLOCATED] = {"key": key, "sparsities": loaded}
 allocated = st.session_state.get(state.ALLOCATED)
 if reset or allocated is None or allocated["key"] != key:
-    plan = state.guard(lambda: pc.solve(problem, budget, st.session_state[state.METHOD], locked=locked))
+    plan = state.guard(lambda: pc.solve(problem, budget, method, locked=locked))
     st.session_state[state.ALLOCATED] = {"key": key, "sparsities": plan.sparsities}
     for name, s in plan.sparsities.items():
-        st.session_state[state.sparsity_key(name)] = round(s, 3)
+        st.session_state[state.sparsity_key(name)] = s  # exact: rounding could change a large group's kept count
 reference = st.session_state[state.ALLOCATED]["sparsities"]
 for name in names:
     st.session_state.setdefault(state.sparsity_key(name), 0.0)
@@ -41,6 +41,7 @@ current = {n: st.session_state[state.sparsity_key(n)] for n in names}
 params, flops = problem.price(current)
 dense_params, dense_flops = problem.cost.dense
 predicted = problem.predict(current)
+st.session_state[state.EDITED_PLAN] = problem.plan(current, pc.Allocation(method, budget, problem.metric))
 cards = st.columns(2 + len(problem.dense))
 cards[0].metric("FLOPs kept", f"{flops / dense_flops:.1%}", help=f"{flops:,} of {dense_flops:,} MACs per example")
 cards[1].metric("Params kept", f"{params / dense_params:.1%}", help=f"{params:,} of {dense_params:,}")
@@ -58,16 +59,6 @@ if beyond:
                f"{', ...' if len(beyond) > 5 else ''}): the prediction holds their last measured value.")  # fmt: skip
 
 left, right = st.columns([3, 2])
-with right:
-    st.plotly_chart(charts.allocation_figure(current, reference, order=names), width="stretch",
-                    key="allocation_chart")  # fmt: skip
-    if problem.metric:
-        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
-        st.plotly_chart(
-            charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
-                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
-            width="stretch", key="pareto_chart",
-        )  # fmt: skip
 with left:
     s1, s2 = st.columns(2)
     search = s1.text_input("Search groups", key=state.SEARCH)
@@ -83,5 +74,13 @@ with left:
         a.slider(name, 0.0, 0.99, step=0.01, key=state.sparsity_key(name),
                  help=f"{ws.graph[name].size} units; {ws.flop_shares.get(name, 0):.0%} of FLOPs touch it")  # fmt: skip
         b.checkbox("lock", key=state.lock_key(name), help="keep this value when the method re-allocates")
-    st.session_state[state.EDITED_PLAN] = problem.plan(current, pc.Allocation(st.session_state[state.METHOD], budget,
-                                                                          problem.metric))  # fmt: skip
+with right:
+    st.plotly_chart(charts.allocation_figure(current, reference, order=names), width="stretch",
+                    key="allocation_chart")  # fmt: skip
+    if problem.metric:
+        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
+        st.plotly_chart(
+            charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
+                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
+            width="stretch", key="pareto_chart",
+        )  # fmt: skip
