@@ -64,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
     SEARCH: "",
     ORDER: "position",
 }
+MODEL_PAGE_WIDGETS = ("model_source", "sample_name", "tv_name", "factory_spec", "input_shape_text", "data_source",
+                      "data_folder")  # fmt: skip
 DEFAULTS_ENV = "PRUNECORE_DASHBOARD_DEFAULTS"
 """A JSON object overriding `DEFAULTS` (e.g. a team's sweep levels, or a quick sweep for tests)."""
 ERRORS = (ModelSpecError, DataSpecError, pc.TraceError, pc.PlanError, pc.SampleError, pc.StoreError, AllocationError,
@@ -79,7 +81,8 @@ def init() -> None:
     for key, value in {**DEFAULTS, **_overrides()}.items():
         st.session_state.setdefault(key, value)
     for key in list(st.session_state):
-        if isinstance(key, str) and (key in DEFAULTS or key.startswith(("sparsity::", "lock::"))):
+        if isinstance(key, str) and (key in DEFAULTS or key in MODEL_PAGE_WIDGETS
+                                     or key.startswith(("sparsity::", "lock::"))):
             st.session_state[key] = st.session_state[key]
 
 
@@ -195,11 +198,8 @@ def sweep_settings() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def curves(ws: Workspace, compute: bool = True) -> pd.DataFrame | None:
-    """The curves of the current settings: from the run store at once, else swept with a progress bar.
-
-    With `compute=False`, only stored curves are returned (None when there are none).
-    """
+def curves(ws: Workspace) -> pd.DataFrame:
+    """The curves of the current settings: from the run store at once, else swept with a progress bar."""
     data_ = data(ws)
     settings = sweep_settings()
     if not data_.labelled:
@@ -208,36 +208,19 @@ def curves(ws: Workspace, compute: bool = True) -> pd.DataFrame | None:
     cached = st.session_state.get("curves_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
-    stored = _stored_run(ws, settings)
-    if stored is None and not compute:
-        return None
-    bar = st.progress(0.0, text="Sweeping: every group pruned alone at every level ...") if stored is None else None
+    bar = st.progress(0.0, text="Looking for stored curves, else sweeping every group at every level ...")
 
     def report(done: int, total: int) -> None:
-        if bar is not None:
-            bar.progress(done / max(total, 1), text=f"Sweeping: {done} of {total} batches")
+        bar.progress(done / max(total, 1), text=f"Sweeping: {done} of {total} batches")
 
     frame = guard(lambda: pc.sweep(
         ws.model, data_.evaluation, ws.example, graph=ws.graph, store=pc.RunStore(), model_name=ws.spec,
         calibration=data_.calibration, progress=report, **settings,
     ))  # fmt: skip
-    if bar is not None:
-        bar.empty()
+    bar.empty()
     st.session_state["curves_cache"] = (key, frame)
     st.session_state[RUN_ID] = frame.attrs.get("run_id", "")
     return frame
-
-
-def _stored_run(ws: Workspace, settings: dict[str, Any]) -> str | None:
-    """The id of a complete stored run of this model with these settings (the data is not checked here)."""
-    store = pc.RunStore()
-    for run in store.runs():
-        config = run.config
-        if (run.model_name == ws.spec and run.complete and config.get("levels") == settings["levels"]
-                and config.get("criterion") == settings["criterion"] and config.get("metrics") == settings["metric"]
-                and config.get("mode") == settings["mode"]):  # fmt: skip
-            return run.run_id
-    return None
 
 
 @st.cache_resource(max_entries=4, show_spinner="Ranking units and building the cost model ...")

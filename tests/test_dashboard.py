@@ -146,3 +146,16 @@ def test_uploaded_plans_are_checked_against_the_loaded_model():
     other = pc.load_sample("vit")
     foreign = pc.make_plan(other.model, pc.trace(other.model, other.example), 0.3)
     assert "cannot be used with sample:resnet20" in state.read_plan(foreign.to_json().encode(), ws)
+
+
+def test_choices_survive_a_visit_to_another_page():
+    at = app()
+    at.radio(key="model_source").set_value("torchvision architecture").run()
+    at.selectbox(key="tv_name").set_value("resnet18").run()
+    at.text_input(key="input_shape_text").set_value("1,3,32,32").run()
+    assert at.session_state["model_spec"] == "torchvision:resnet18"
+    at.switch_page("pages/export.py").run()
+    at.switch_page("pages/model.py").run()
+    assert not at.exception
+    assert at.session_state["model_spec"] == "torchvision:resnet18"
+    assert at.radio(key="model_source").value == "torchvision architecture"
