@@ -56,10 +56,7 @@ c1.metric("Parameters", f"{ws.cost.params:,}")
 c2.metric("MACs per example", f"{ws.cost.flops:,}")
 c3.metric("Channel groups", len(ws.graph.groups))
 c4.metric("Prunable", len(ws.graph.prunable))
-if data_spec != "sample" or st.session_state.get("data_checked") != data_spec:
-    loaded = state.data(ws)
-    st.caption(f"Data: {loaded.description}")
-    st.session_state["data_checked"] = data_spec
+st.caption(f"Data: {state.data(ws).description}")  # loaded (and checked) here, cached for the other pages
 
 st.subheader("Channel groups")
 st.dataframe(

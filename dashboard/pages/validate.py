@@ -5,6 +5,7 @@ import streamlit as st
 
 import prunecore as pc
 from dashboard import charts, state
+from prunecore.cost import latency as cpu_latency
 
 state.page("Validate")
 plan = st.session_state.get(state.EDITED_PLAN)
@@ -29,7 +30,7 @@ if st.button("Apply and measure", type="primary", key="validate_run"):
         dense = pc.evaluate(ws.model, data.evaluation, metrics, reference=ws.model)
         st.write("Timing both models on the CPU ...")
         cost = pc.count(pruned, ws.example)
-        latency = (pc.cost.latency(ws.model, ws.example), pc.cost.latency(pruned, ws.example))
+        latency = (cpu_latency(ws.model, ws.example), cpu_latency(pruned, ws.example))
         status.update(label="Measured", state="complete")
     result = {"key": key, "measured": measured, "dense": dense, "params": cost.params, "flops": cost.flops,
               "latency": latency}  # fmt: skip
