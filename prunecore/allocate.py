@@ -28,6 +28,7 @@ Pareto front), build the `AllocationProblem` once and call `solve`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -41,7 +42,7 @@ from prunecore.cost import CostModel, cost_model
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
 from prunecore.importance import score
-from prunecore.plan import Allocation, Budget, GroupPlan, Plan, Totals, kept_units
+from prunecore.plan import Allocation, Budget, Plan, Totals, kept_units
 from prunecore.prune import keep_top
 from prunecore.sensitivity import DENSE
 
@@ -107,12 +108,9 @@ class AllocationProblem:
 
     def change(self, name: str, sparsity: float, metric: str | None = None) -> float | None:
         """Predicted change of `metric` when group `name` alone loses `sparsity`; None without a curve."""
-        curve = self.curves.get(name)
-        if curve is None:
+        if name not in self.curves:
             return None
-        metric = metric or self.metric
-        fraction = 1.0 - self.kept({name: sparsity})[name] / self.graph[name].size
-        return float(curve.at(metric, fraction)) - self.dense[metric]
+        return self._change(name, self.kept({name: sparsity})[name], metric or self.metric)
 
     def predict(self, sparsities: Mapping[str, float]) -> dict[str, float]:
         """Predicted metrics of the model pruned to `sparsities`, adding up the groups' changes.
@@ -120,14 +118,23 @@ class AllocationProblem:
         Sums are clipped to the metric's range (accuracy stays in [0, 1]). Empty when a pruned
         group has no curve: its effect cannot be predicted.
         """
-        pruned = {n: s for n, s in sparsities.items() if self.kept({n: s})[n] < self.graph[n].size}
+        return self._predict(self.kept(sparsities))
+
+    def _predict(self, kept: Mapping[str, int]) -> dict[str, float]:
+        """`predict` from kept unit counts (each group's count rounded once, by the caller)."""
+        pruned = {n: k for n, k in kept.items() if k < self.graph[n].size}
         if any(n not in self.curves for n in pruned):
             return {}
         out = {}
         for m, dense in self.dense.items():
             low, high = get_metric(m).bounds
-            out[m] = min(max(dense + sum(self.change(n, s, m) for n, s in pruned.items()), low), high)
+            out[m] = min(max(dense + sum(self._change(n, k, m) for n, k in pruned.items()), low), high)
         return out
+
+    def _change(self, name: str, kept: int, metric: str) -> float:
+        """Change of `metric` read off group `name`'s curve when it keeps `kept` units."""
+        fraction = 1.0 - kept / self.graph[name].size
+        return float(self.curves[name].at(metric, fraction)) - self.dense[metric]
 
     def plan(self, sparsities: Mapping[str, float], allocation: Allocation | None = None) -> Plan:
         """The plan keeping each named group's best-ranked units at its sparsity (others dense).
@@ -436,19 +443,18 @@ def _check_sparsity(what: str, value: Any) -> None:
 
 def _plan(problem: AllocationProblem, kept: np.ndarray, allocation: Allocation | None) -> Plan:
     graph, cm = problem.graph, problem.cost
+    counts = {name: int(k) for name, k in zip(cm.groups, kept)}
     groups = {}
-    sparsities = {}
-    for g, name in enumerate(cm.groups):
-        size = int(cm.sizes[g])
-        sparsities[name] = 1.0 - int(kept[g]) / size
-        change = problem.change(name, sparsities[name]) if int(kept[g]) < size else 0.0
-        groups[name] = keep_top(problem.scores.get(name), size, int(kept[g]), graph[name].channels or None)
-        groups[name] = GroupPlan(size, groups[name].keep, groups[name].channels, change)
-    (p0, f0), (p1, f1) = cm.dense, cm.price({n: int(k) for n, k in zip(cm.groups, kept)})
+    for name, k in counts.items():
+        size = graph[name].size
+        change = 0.0 if k == size else problem._change(name, k, problem.metric) if name in problem.curves else None
+        top = keep_top(problem.scores.get(name), size, k, graph[name].channels or None)
+        groups[name] = dataclasses.replace(top, predicted_change=change)
+    (p0, f0), (params, flops) = cm.dense, cm.evaluate(kept)
     return Plan(
         groups, graph.inputs, graph.model_type, problem.criterion, problem.round_to,
         model_name=problem.model_name, fingerprint=graph.fingerprint, allocation=allocation,
-        totals=Totals(p0, p1, f0, f1), predicted=problem.predict(sparsities),
+        totals=Totals(p0, int(params[0]), f0, int(flops[0])), predicted=problem._predict(counts),
     )  # fmt: skip
 
 

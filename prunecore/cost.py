@@ -150,15 +150,19 @@ class CostModel:
 
     def evaluate(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(params, flops) for one kept vector `(G,)` or many as columns `(G, N)`; each `(N,)`."""
-        k = np.asarray(kept, dtype=np.int64)
-        k = k[:, None] if k.ndim == 1 else k  # (G, N)
-        n = k.shape[1]
-        owned = self.cumulative[self.pair_start[:, None] + k[self.pair_group]]  # (P, N)
-        dims = np.repeat(self.fixed[:, None], n, axis=1).astype(np.float64)  # (D, N)
-        np.add.at(dims, self.pair_dim, owned)
+        dims = self._dim_sizes(kept)  # (D, N)
         params = dims[self.param_dims].prod(axis=1).sum(axis=0) + self.fixed_params  # (N,)
         flops = (dims[self.flop_dims].prod(axis=1) * self.flop_rows[:, None]).sum(axis=0)  # (N,)
         return np.rint(params), np.rint(flops)
+
+    def _dim_sizes(self, kept: np.ndarray) -> np.ndarray:
+        """Kept size of every weight dim, `(D, N)`, for kept vectors `(G,)` or `(G, N)`."""
+        k = np.asarray(kept, dtype=np.int64)
+        k = k[:, None] if k.ndim == 1 else k  # (G, N)
+        owned = self.cumulative[self.pair_start[:, None] + k[self.pair_group]]  # (P, N)
+        dims = np.repeat(self.fixed[:, None], k.shape[1], axis=1).astype(np.float64)  # (D, N)
+        np.add.at(dims, self.pair_dim, owned)
+        return dims
 
     def flop_shares(self) -> dict[str, float]:
         """Per group: the fraction of the dense model's FLOPs in layers whose weights it touches.
@@ -166,8 +170,7 @@ class CostModel:
         What a group's sparsity can act on (a group feeding and fed by big convs has a large
         share); shares overlap, since a conv between two groups counts for both.
         """
-        dims = self.fixed.astype(np.float64).copy()
-        np.add.at(dims, self.pair_dim, self.cumulative[self.pair_start + self.sizes[self.pair_group]])
+        dims = self._dim_sizes(self.sizes)[:, 0]  # (D,) dense
         flops = dims[self.flop_dims].prod(axis=1) * self.flop_rows  # (F,) dense MACs of each layer
         total = flops.sum()
         touched: dict[int, set[int]] = defaultdict(set)
