@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 FIXED = -1
@@ -65,6 +66,9 @@ class Coupling:
     output_slots: set[Slot] = field(default_factory=set)
     origins: dict[str, torch.Tensor] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    norm_dims: dict[str, int] = field(default_factory=dict)  # norm module -> input dim of its channels
+    whole_along: list[tuple[torch.Tensor, int, str]] = field(default_factory=list)
+    _table: np.ndarray | None = field(default=None, repr=False)
 
     # -- ids ----------------------------------------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:
@@ -99,14 +103,30 @@ class Coupling:
                 self.parent[rb] = ra
             else:
                 self.parent[ra] = rb
+            self._table = None
 
     def roots(self, label: torch.Tensor) -> torch.Tensor:
         """Replace each id by its current root; FIXED stays FIXED."""
         if label.numel() == 0:
             return label
+        if label.numel() >= 4096:  # a parameter's per-element ids: one vectorised lookup
+            ids = label.numpy()
+            return torch.from_numpy(np.where(ids >= 0, self.root_table()[np.maximum(ids, 0)], ids))
         uniq, inverse = torch.unique(label, return_inverse=True)
         mapped = torch.tensor([self.find(i) if i >= 0 else i for i in uniq.tolist()], dtype=torch.long)
         return mapped[inverse]
+
+    def root_table(self) -> np.ndarray:
+        """The root of every id, `(ids,)`; cached until the next union or new id."""
+        if self._table is None or len(self._table) != len(self.parent):
+            table = np.asarray(self.parent, dtype=np.int64)
+            while True:
+                up = table[table]
+                if np.array_equal(up, table):
+                    break
+                table = up
+            self._table = table
+        return self._table
 
     # -- constraints --------------------------------------------------------------------------
     def block(self, label: torch.Tensor | None, reason: str) -> None:
@@ -123,6 +143,8 @@ class Coupling:
         An id facing a FIXED element cannot be removed at all (`reason` says why).
         """
         a, b = torch.broadcast_tensors(a, b)
+        ab = compress(torch.stack([a, b]))  # dims along which neither changes carry no new pairs
+        a, b = ab[0], ab[-1]
         both = (a >= 0) & (b >= 0)
         if bool(both.any()):
             pairs = torch.unique(torch.stack([a[both], b[both]], dim=1), dim=0)
@@ -130,6 +152,24 @@ class Coupling:
                 self.union(x, y)
         self.block(a[(a >= 0) & (b == FIXED)], reason)
         self.block(b[(b >= 0) & (a == FIXED)], reason)
+
+    def keep_whole(self, label: torch.Tensor, dim: int, reason: str) -> None:
+        """No id may own only part of `label` along `dim` (checked once all ties are known).
+
+        A tensor indexed along `dim` by position (a lookup table) can lose whole slices along the
+        other dims, but removing positions along `dim` would shift what the index points at.
+        """
+        self.whole_along.append((label, dim, reason))
+
+    def check_whole(self) -> None:
+        for label, dim, reason in self.whole_along:
+            roots = self.roots(label).movedim(dim, 0)
+            roots = roots.reshape(roots.shape[0], -1)  # (positions along dim, rest)
+            rows = torch.arange(roots.shape[0]).unsqueeze(1).expand_as(roots)
+            owned = roots >= 0
+            pairs = torch.unique(torch.stack([roots[owned], rows[owned]]), dim=1)
+            ids, spans = torch.unique(pairs[0], return_counts=True)
+            self.block(ids[spans < roots.shape[0]], reason)
 
     def record(self, slot: Slot, ids: torch.Tensor, output: bool = False) -> None:
         """`ids[i]` owns position i along the slot's dim. A reused module unifies its calls."""

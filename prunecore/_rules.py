@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from prunecore.attention import PrunedMultiheadAttention
 from prunecore._labels import (
     FIXED,
     Coupling,
@@ -40,6 +41,7 @@ class Call:
     out: Any
     st: Coupling
     module: nn.Module | None = None
+    scope: tuple[type, ...] = ()  # types of the modules whose forward made this op, outermost first
 
     @property
     def where(self) -> str:
@@ -141,14 +143,24 @@ def elementwise(c: Call) -> Label:
     """
     if not isinstance(c.out, torch.Tensor):
         return fixed_like(c.out)
-    shape = tuple(c.out.shape)
+    nd = c.out.dim()
+    operands = []
+    for value, lab in tensor_operands(c):
+        pad = (1,) * (nd - value.dim())
+        operands.append((lab.reshape(pad + tuple(lab.shape)), pad + tuple(value.shape)))
+    return broadcast(c, operands, tuple(c.out.shape))
+
+
+def broadcast(c: Call, operands: list[tuple[torch.Tensor, tuple[int, ...]]], shape: tuple[int, ...]) -> Label:
+    """Tie the channels of operands that meet elementwise in a `shape`-d space; the joint label.
+
+    `operands` are (label, value shape), both already of rank `len(shape)`.
+    """
     nd = len(shape)
     ops = []
-    for value, lab in tensor_operands(c):
-        vshape = (1,) * (nd - value.dim()) + tuple(value.shape)
-        lab = lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
+    for lab, vshape in operands:
         bcast = {d for d in range(nd) if vshape[d] == 1 and shape[d] > 1}
-        ops.append((lab, bcast, vshape == shape))
+        ops.append((lab, bcast, tuple(vshape) == tuple(shape)))
     if not ops:
         return fixed_label(nd)
     # full-size operands first: their ids are the ones the output carries
@@ -175,6 +187,71 @@ def elementwise(c: Call) -> Label:
         lab = lab.expand(joint)
         out = torch.where(lab >= 0, lab, out)
     return out
+
+
+def einsum(c: Call) -> Label:
+    """einsum: operands meet elementwise in the space of all letters, then contracted letters go.
+
+    A contraction over channels is exact when every operand carrying them loses the same
+    positions (a masked channel adds zero to the sum), which the elementwise tie ensures.
+    """
+    equation = c.args[0].replace(" ", "")
+    operands = c.args[1:]
+    labels = c.labels[1:]
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands, labels = operands[0], labels[0]
+    if "->" not in equation or "." in equation:
+        return unsupported(c)
+    inputs, output = equation.split("->")
+    return contract(c, inputs.split(","), output, list(operands), list(labels))
+
+
+def contract(c: Call, inputs: list[str], output: str, values: list, labels: list) -> Label:
+    letters = list(dict.fromkeys("".join(inputs)))
+    size: dict[str, int] = {}
+    for spec, value in zip(inputs, values):
+        for ch, n in zip(spec, value.shape):
+            size[ch] = max(size.get(ch, 1), n)
+    shape = tuple(size[ch] for ch in letters)
+
+    def to_joint(spec: str, t: torch.Tensor) -> torch.Tensor:
+        """`t` indexed by `spec`, as a rank-len(letters) view in letter order (size 1 where absent)."""
+        missing = [ch for ch in letters if ch not in spec]
+        t = t.reshape(tuple(t.shape) + (1,) * len(missing))
+        return t.permute([spec.index(ch) if ch in spec else len(spec) + missing.index(ch) for ch in letters])
+
+    operands = []
+    for spec, value, lab in zip(inputs, values, labels):
+        if lab is None or lab.dim() != len(spec) or len(set(spec)) != len(spec):
+            return unsupported(c)
+        operands.append((to_joint(spec, lab), tuple(value.shape[spec.index(ch)] if ch in spec else 1 for ch in letters)))
+    broadcast(c, operands, shape)
+    contracted = [letters.index(ch) for ch in letters if ch not in output]
+    out = torch.full([1] * len(output), FIXED, dtype=torch.long)
+    for lab, _ in operands:
+        if varying_dims(lab) & set(contracted):
+            continue  # its channels are summed away
+        lab = lab.permute([letters.index(ch) for ch in output] + contracted)
+        lab = lab.reshape(tuple(lab.shape[: len(output)]) + (-1,))[..., 0]
+        out = torch.where(lab >= 0, lab, out)
+    return out
+
+
+def matmul(c: Call) -> Label:
+    """matmul / @ / bmm as the equivalent einsum (batch dims broadcast)."""
+    a, b = c.args[0], c.args[1]
+    la, lb = c.labels[0], c.labels[1]
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or la is None or lb is None:
+        return unsupported(c)
+    nb = max(a.dim(), b.dim(), 2) - 2
+    batch = "abcdefghij"[:nb]
+    sa = batch[nb - max(a.dim() - 2, 0) :] + "nk" if a.dim() >= 2 else "k"
+    sb = batch[nb - max(b.dim() - 2, 0) :] + "km" if b.dim() >= 2 else "k"
+    out = (batch if a.dim() >= 2 and b.dim() >= 2 else (sa[:-2] or sb[:-2]))
+    out += ("n" if a.dim() >= 2 else "") + ("m" if b.dim() >= 2 else "")
+    la = la.reshape((1,) * (a.dim() - la.dim()) + tuple(la.shape))
+    lb = lb.reshape((1,) * (b.dim() - lb.dim()) + tuple(lb.shape))
+    return contract(c, [sa, sb], out, [a, b], [la, lb])
 
 
 # -- channel-wise ops on (N, C, *spatial) -----------------------------------------------------------
@@ -276,8 +353,33 @@ def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list
                     ref = ref.narrow(d, 0, 1)
             c.st.unify(full, ref.expand_as(full), f"is split by {c.where} next to fixed channels")
             continue
+        big_out = [d for d in bj if dst[d] > 1]
+        if len(big_in) == 1 and big_out and owns_shapes(c):
+            # a module whose shape attributes surgery re-derives (VisionTransformer.hidden_dim,
+            # a head count): its constants follow the tensors; a split keeps the outer dim (the
+            # heads of (heads, head_dim)) as the unit and ties the inner positions to it
+            for d in big_out[1:]:
+                ref = full.narrow(d, 0, 1)
+                c.st.unify(full, ref.expand_as(full), f"is split by {c.where} next to fixed channels")
+            continue
         c.st.block(lab, f"is reshaped by {c.where} in a way prunecore cannot follow")
     return full
+
+
+SHAPE_OWNERS: list[type] = []
+PARAMS_BY_NAME: set = set()
+"""Functions whose rule records the parameters passed to them by their qualified names (Swin's
+window attention gets `self.qkv.weight`): those parameters need no per-element labels."""
+LEAF_MODULES: tuple[type, ...] = (nn.LayerNorm, PrunedMultiheadAttention)
+"""Kept whole by the tracer: the masked norm stands in for a LayerNorm module (subclasses too),
+and a pruned attention module is followed by the same rule as the stock one."""
+"""Module types whose shape-describing attributes `apply_plan` re-derives from the sliced tensors,
+so reshapes by their constants (`x.reshape(n, self.hidden_dim, -1)`) may follow pruned channels."""
+
+
+def owns_shapes(c: Call) -> bool:
+    owners = tuple(SHAPE_OWNERS)
+    return bool(owners) and any(issubclass(t, owners) for t in c.scope)
 
 
 def _shape_args(c: Call) -> tuple[list[Any], list[Any]]:
@@ -345,9 +447,15 @@ def getitem(c: Call) -> Label:
     full = expand_full(lab, container.shape)
     varying = varying_dims(lab)
     items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, (torch.Tensor, list)) for i in items):
+    gathers = [i for i, item in enumerate(items) if isinstance(item, (torch.Tensor, list))]
+    if gathers:
         if varying:
-            c.st.block(lab, f"is indexed with a tensor by {c.where}")
+            before = items[: gathers[0]]
+            if len(gathers) == 1 and all(isinstance(i, slice) and i == slice(None) for i in before):
+                # a lookup along one dim (a position-bias table): channels may run along the others
+                c.st.keep_whole(full, gathers[0], f"is looked up by position along its channels by {c.where}")
+            else:
+                c.st.block(lab, f"is indexed with a tensor by {c.where}")
         return full[index]
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
     dim = 0
@@ -496,17 +604,134 @@ def prelu(c: Call) -> Label:
     return lab
 
 
-def norm_over_channels(c: Call) -> Label:
-    """LayerNorm/GroupNorm/LocalResponseNorm compute statistics across channels."""
+def layer_norm(c: Call) -> Label:
+    """LayerNorm (and subclasses such as torchvision's channels-first `LayerNorm2d`).
+
+    Removing channels of the normalised dim slices weight and bias and makes the statistics run
+    over the kept channels only; `apply_plan(mode="mask")` reproduces that with a masked norm, for
+    which the trace records the input dim that carries the channels (`Coupling.norm_dims`).
+    """
+    m, name = c.module, c.node.target
     x, lab = c.args[0], c.labels[0]
-    m = c.module
-    if isinstance(m, nn.LayerNorm):
-        dims = set(range(x.dim() - len(m.normalized_shape), x.dim()))
+    nd, k = x.dim(), len(m.normalized_shape)
+    if type(m).forward is nn.LayerNorm.forward:
+        dims = set(range(nd - k, nd))
+    elif k == 1 and isinstance(c.out, torch.Tensor) and c.out.shape == x.shape:
+        # its own forward (a permute around F.layer_norm): the channels sit on the dim of that size
+        dims = {d for d in varying_dims(lab) if x.shape[d] == m.normalized_shape[0]}
     else:
-        dims = set(range(1, x.dim()))
-    if varying_dims(lab) & dims:
-        c.st.block(lab, f"is normalised across channels by {c.where} (not supported yet)")
+        return unsupported(c)
+    varying = varying_dims(lab) & dims
+    if not varying:
+        return lab
+    if len(varying) > 1 or (m.weight is None and m.bias is None):
+        why = "over several dims" if len(varying) > 1 else "without affine parameters (nothing to slice)"
+        c.st.block(lab, f"is normalised by {c.where} {why}, which prunecore cannot prune")
+        return lab
+    (d,) = varying
+    ids = c.st.channel_vector(lab, d, x.shape[d], c.where)
+    wdim = d - (nd - k) if k > 1 else 0
+    for tensor in ("weight", "bias"):
+        if getattr(m, tensor, None) is not None:
+            c.st.record((name, tensor, wdim), ids)
+    c.st.norm_dims[name] = d - nd
     return lab
+
+
+def group_norm(c: Call) -> Label:
+    """GroupNorm: a unit is one whole norm group, so `num_groups` shrinks and channels-per-group stays.
+
+    Statistics are per group, so removing whole groups leaves the kept groups' statistics as they
+    were: the pruned model equals the masked one without a masked norm.
+    """
+    m, name = c.module, c.node.target
+    x, lab = c.args[0], c.labels[0]
+    if not varying_dims(lab) & set(range(1, x.dim())):
+        return lab
+    if not m.affine:
+        c.st.block(lab, f"is normalised by {c.where} without affine parameters (nothing to slice)")
+        return lab
+    ids = c.st.channel_vector(lab, 1, x.shape[1], c.where)
+    blocks = ids.reshape(m.num_groups, -1)  # (groups, channels per group)
+    c.st.unify(blocks, blocks[:, :1].expand_as(blocks), f"is one group of {c.where} beside fixed channels")
+    for tensor in ("weight", "bias"):
+        c.st.record((name, tensor, 0), ids)
+    return lab
+
+
+def norm_over_channels(c: Call) -> Label:
+    """LocalResponseNorm and functional norms: statistics across channels that prunecore cannot slice."""
+    x, lab = first_tensor(c)
+    if varying_dims(lab) - {0}:
+        c.st.block(lab, f"is normalised across channels by {c.where} (use nn.LayerNorm / nn.GroupNorm modules)")
+    return lab
+
+
+def functional_layer_norm(c: Call) -> Label:
+    """F.layer_norm normalises the trailing dims; channels elsewhere pass through."""
+    x, lab = c.args[0], c.labels[0]
+    k = len(c.arg(1, "normalized_shape"))
+    if varying_dims(lab) & set(range(x.dim() - k, x.dim())):
+        c.st.block(lab, f"is normalised across channels by {c.where} (use an nn.LayerNorm module)")
+    return lab
+
+
+def multihead_attention(c: Call) -> Label:
+    """nn.MultiheadAttention: a unit is one whole head (its q, k, v rows and out_proj columns).
+
+    The model width (the input channels, shared by query, key and value through `in_proj_weight`)
+    and the heads are separate groups; the head dim inside a head is never pruned, so the
+    attention scale 1/sqrt(head_dim) stays. After removal the module becomes a
+    `prunecore.attention.PrunedMultiheadAttention`, which allows inner width != model width.
+    """
+    m, name = c.module, c.node.target
+    if type(m) not in (nn.MultiheadAttention, PrunedMultiheadAttention) or m.bias_k is not None or m.add_zero_attn:
+        return unsupported(c)
+    query, key, value = (c.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(("query", "key", "value")))
+    st = c.st
+    ids_q = st.channel_vector(lq, query.dim() - 1, query.shape[-1], c.where)
+    ids_k = st.channel_vector(lk, key.dim() - 1, key.shape[-1], c.where)
+    ids_v = st.channel_vector(lv, value.dim() - 1, value.shape[-1], c.where)
+    heads = st.origin(name, m.num_heads)
+    inner = heads.repeat_interleave(m.head_dim)  # (num_heads * head_dim,)
+    if m._qkv_same_embed_dim:
+        shared = f"shares in_proj_weight in {c.where} with channels that cannot be removed"
+        st.unify(ids_q, ids_k, shared)
+        st.unify(ids_q, ids_v, shared)
+        st.record((name, "in_proj_weight", 1), ids_q)
+        st.record((name, "in_proj_weight", 0), inner.repeat(3), output=True)
+    else:
+        for tensor, ids in (("q_proj_weight", ids_q), ("k_proj_weight", ids_k), ("v_proj_weight", ids_v)):
+            st.record((name, tensor, 1), ids)
+            st.record((name, tensor, 0), inner, output=True)
+    if m.in_proj_bias is not None:
+        st.record((name, "in_proj_bias", 0), inner.repeat(3))
+    out_proj = f"{name}.out_proj"
+    ids_out = st.origin(out_proj, m.out_proj.out_features)
+    st.record((out_proj, "weight", 1), inner)
+    st.record((out_proj, "weight", 0), ids_out, output=True)
+    if m.out_proj.bias is not None:
+        st.record((out_proj, "bias", 0), ids_out)
+    mask = c.arg(5, "attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+        st.block(heads, f"heads of {c.where} get a per-head attn_mask")
+    if _attention_weights_used(c):
+        st.block(heads, f"heads of {c.where} are averaged into attention weights the model uses")
+    attn_out, weights = c.out
+    return (along(ids_out, attn_out.dim() - 1, attn_out.dim()), fixed_like(weights))
+
+
+def _attention_weights_used(c: Call) -> bool:
+    """Whether the second output (head-averaged weights, which change when heads go) is read."""
+    if c.out[1] is None:
+        return False
+    for user in c.node.users:
+        if user.target is not operator.getitem:
+            return True
+        if user.args[1] != 0 and user.users:
+            return True
+    return False
 
 
 # -- dispatch tables --------------------------------------------------------------------------------
@@ -531,7 +756,10 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     (nn.Embedding, embedding),
     ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), batchnorm),
     (nn.PReLU, prelu),
-    ((nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm), norm_over_channels),
+    (nn.LayerNorm, layer_norm),
+    (nn.GroupNorm, group_norm),
+    (nn.LocalResponseNorm, norm_over_channels),
+    (nn.MultiheadAttention, multihead_attention),
     (_ACTIVATIONS, elementwise),
     (_SPATIAL, channelwise),
     ((nn.Softmax, nn.LogSoftmax, nn.Softmin), softmax_like),
@@ -577,11 +805,14 @@ FUNCTION_RULES: dict[Any, Rule] = {
     **{getattr(torch, r): reduction for r in _REDUCTIONS},
     F.softmax: softmax_like, F.log_softmax: softmax_like, torch.softmax: softmax_like,
     torch.log_softmax: softmax_like,
+    F.layer_norm: functional_layer_norm, F.group_norm: norm_over_channels, F.local_response_norm: norm_over_channels,
+    torch.einsum: einsum, torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
     torch.flatten: flatten, torch.reshape: view, torch.unflatten: unflatten,
     torch.cat: cat, torch.concat: cat, torch.stack: lambda c: cat(c, stack=True),
     torch.chunk: chunk, torch.split: chunk, torch.unbind: unbind,
     torch.permute: apply_same, torch.transpose: apply_same, torch.unsqueeze: apply_same,
     torch.squeeze: squeeze, torch.flip: apply_same, torch.movedim: apply_same,
+    torch.swapaxes: apply_same, torch.swapdims: apply_same, torch.moveaxis: apply_same,
     operator.getitem: getitem,
 }  # fmt: skip
 METHOD_RULES: dict[str, Rule] = {
@@ -592,17 +823,21 @@ METHOD_RULES: dict[str, Rule] = {
     "chunk": chunk, "split": chunk, "unbind": unbind,
     "permute": apply_same, "transpose": apply_same, "unsqueeze": apply_same, "expand": apply_same,
     "repeat": apply_same, "flip": apply_same, "movedim": apply_same, "t": apply_same,
-    "squeeze": squeeze, "expand_as": elementwise,
+    "swapaxes": apply_same, "swapdims": apply_same, "moveaxis": apply_same, "roll": apply_same,
+    "squeeze": squeeze, "expand_as": elementwise, "matmul": matmul, "bmm": matmul,
 }  # fmt: skip
 
 
 def _register_torchvision() -> None:
-    """torchvision wraps a few functions as fx leaves; they pass channels through."""
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return
+    """torchvision wraps a few functions as fx leaves, and owns a few shape constants."""
+    from torchvision.ops import stochastic_depth
+
+    from prunecore import _torchvision
+
     FUNCTION_RULES[stochastic_depth] = elementwise
+    FUNCTION_RULES.update(_torchvision.FUNCTION_RULES)
+    PARAMS_BY_NAME.update(_torchvision.PARAMS_BY_NAME)
+    SHAPE_OWNERS.extend(_torchvision.SHAPE_OWNERS)
 
 
 _register_torchvision()

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import operator
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from prunecore import _rules
-from prunecore._labels import Coupling, Slot, compress, varying_dims
+from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
 from prunecore._modes import eval_mode, training_flags
 
 __all__ = ["ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace"]
@@ -103,6 +104,7 @@ class ChannelGraph:
     inputs: tuple[InputSpec, ...]
     model_type: str = ""
     unreached: tuple[str, ...] = field(default=())
+    norm_dims: tuple[tuple[str, int], ...] = field(default=())  # (norm module, input dim of its channels)
 
     def __getitem__(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -154,15 +156,19 @@ class _Tracer(fx.Tracer):
         self.extra_leaves = leaf_modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
+        # LayerNorm subclasses (torchvision's channels-first LayerNorm2d) stay whole, so that the
+        # masked norm of `apply_plan(mode="mask")` can stand in for the module
+        leaf = isinstance(m, self.extra_leaves + _rules.LEAF_MODULES)
+        return leaf or super().is_leaf_module(m, qualname)
 
 
 class _LabelInterpreter(fx.Interpreter):
     """Runs the graph for real and computes every node's label beside its value."""
 
-    def __init__(self, gm: fx.GraphModule, st: Coupling):
+    def __init__(self, gm: fx.GraphModule, st: Coupling, root: type):
         super().__init__(gm)
         self.st = st
+        self.root = root
         self.labels: dict[fx.Node, Any] = {}
         self.current: fx.Node | None = None
 
@@ -183,11 +189,13 @@ class _LabelInterpreter(fx.Interpreter):
             _rules.output(self.st, labels)
             return None
         if n.op == "get_attr":
-            if isinstance(value, torch.Tensor) and value.numel() <= 1 << 22:
+            by_name = all(u.op == "call_function" and u.target in _rules.PARAMS_BY_NAME for u in n.users)
+            if isinstance(value, torch.Tensor) and value.numel() <= 1 << 22 and not by_name:
                 return self.st.param(n.target, value)
             return _rules.fixed_like(value)
         if not _has_tensor(value):
-            if not _rules.is_shape_query(n) and _has_label((labels, klabels)):
+            item = n.target is operator.getitem and not isinstance(args[0], torch.Tensor)
+            if not _rules.is_shape_query(n) and not item and _has_label((labels, klabels)):
                 # a value computed from the channels leaves the tensor world (x.tolist(), a dict)
                 _rules.block_inputs(_rules.Call(n, args, kwargs, labels, klabels, value, self.st),
                                     f"is turned into a non-tensor value by {n.op} {n.target!r}")
@@ -195,7 +203,9 @@ class _LabelInterpreter(fx.Interpreter):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         if module is None and not _has_label((labels, klabels)):
             return _rules.fixed_like(value)  # made from constants alone (torch.zeros, arange, ...)
-        call = _rules.Call(n, tuple(args), dict(kwargs), tuple(labels), dict(klabels), value, self.st, module)
+        stack = n.meta.get("nn_module_stack", {}).values()
+        scope = (self.root,) + tuple(t for _, t in stack if isinstance(t, type))
+        call = _rules.Call(n, tuple(args), dict(kwargs), tuple(labels), dict(klabels), value, self.st, module, scope)
         rule = _rules.module_rule(module) if module is not None else _rules.function_rule(n)
         try:
             label = rule(call)
@@ -260,7 +270,7 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leaves: tuple[type, ...]) -> set[str]:
     gm = symbolic_trace(model, leaves)
-    interp = _LabelInterpreter(gm, st)
+    interp = _LabelInterpreter(gm, st, type(model))
     try:
         with torch.no_grad():
             interp.run(*inputs)
@@ -320,15 +330,23 @@ def trace(
         inputs=tuple(InputSpec.of(x) for x in inputs),
         model_type=type(model).__name__,
         unreached=tuple(sorted(unreached)),
+        norm_dims=tuple(sorted(st.norm_dims.items())),
     )
 
 
 # -- from ids to groups ---------------------------------------------------------------------------
 def _param_slots(st: Coupling) -> dict[Slot, torch.Tensor]:
-    """Loose parameters (read via get_attr) become slots along the one dim their channels vary."""
+    """Loose parameters (read via get_attr) become slots along the one dim their channels vary.
+
+    Elements tied to no producer's channel keep their own ids; they are nobody's channels.
+    """
+    is_channel = torch.zeros(len(st.parent) + 1, dtype=torch.bool)  # indexed by id + 1 (FIXED -> 0)
+    for ids in st.origins.values():
+        is_channel[st.roots(ids) + 1] = True
     slots = {}
     for target, ids in st.params.items():
-        roots = compress(st.roots(ids))
+        roots = st.roots(ids)
+        roots = compress(torch.where(is_channel[roots + 1], roots, FIXED))
         if not bool((roots >= 0).any()):
             continue
         module, _, tensor = target.rpartition(".")
@@ -343,6 +361,7 @@ def _param_slots(st: Coupling) -> dict[Slot, torch.Tensor]:
 
 
 def _build_groups(model: nn.Module, st: Coupling) -> tuple[ChannelGroup, ...]:
+    st.check_whole()
     slots = {slot: st.roots(ids) for slot, ids in st.slots.items()}
     slots.update(_param_slots(st))
     blocked: dict[int, str] = {}

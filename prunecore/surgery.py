@@ -17,7 +17,9 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from prunecore import _torchvision
 from prunecore._labels import Slot
+from prunecore.attention import PrunedMultiheadAttention
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 
@@ -73,7 +75,34 @@ def apply_plan(
         if isinstance(old, nn.Parameter):
             with torch.no_grad():
                 old.index_fill_(dim, (~mask).nonzero().flatten(), 0.0)
+    for module_name, input_dim in graph.norm_dims:
+        masks = [mask for (m, t, _), mask in keep.items() if m == module_name and t in ("weight", "bias")]
+        if masks and module_name:
+            parent, _, child = module_name.rpartition(".")
+            norm = model.get_submodule(module_name)
+            kept = masks[0].nonzero().flatten()
+            pruned = copy.deepcopy(norm)
+            swap_tensors_(pruned, sliced_tensors(norm, {("", t, d): m for (n, t, d), m in keep.items() if n == module_name}))
+            setattr(new.get_submodule(parent), child, MaskedNorm(pruned, kept, input_dim))
     return new
+
+
+class MaskedNorm(nn.Module):
+    """A norm over a dim that lost positions, computed over the kept positions only.
+
+    The kept slice is normalised by the norm as removal leaves it, and removed positions output
+    zero: what `mode="mask"` needs for LayerNorm, whose statistics change when channels go.
+    """
+
+    def __init__(self, norm: nn.Module, kept: torch.Tensor, dim: int):
+        super().__init__()
+        self.norm = norm
+        self.dim = dim  # negative: counted from the end, so any batch shape works
+        self.register_buffer("kept", kept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x.index_select(self.dim, self.kept))
+        return torch.zeros_like(x).index_copy(x.dim() + self.dim, self.kept, y)
 
 
 def sliced_tensors(model: nn.Module, keep: dict[Slot, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
@@ -104,13 +133,23 @@ def swap_tensors_(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]
         module = model.get_submodule(module_name)
         old[(module_name, tensor_name)] = getattr(module, tensor_name)
         setattr(module, tensor_name, value)
-    for module_name in {m for m, _ in tensors}:
+    for module_name in _with_ancestors({m for m, _ in tensors}):
         module = model.get_submodule(module_name)
-        for types, fix in _SHAPE_FIXES:
+        for types, fix in SHAPE_FIXES:
             if isinstance(module, types):
                 fix(module)
                 break
     return old
+
+
+def _with_ancestors(names: set[str]) -> list[str]:
+    """`names` and every module containing one, innermost first: a parent reads fixed children."""
+    out = set(names)
+    for name in names:
+        while name:
+            name = name.rpartition(".")[0]
+            out.add(name)
+    return sorted(out, key=lambda n: (-n.count(".") - bool(n), n))
 
 
 # -- attributes derived from the sliced tensors ------------------------------------------------------
@@ -143,10 +182,37 @@ def _fix_prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.shape[0]
 
 
-_SHAPE_FIXES: list[tuple[type | tuple[type, ...], Callable[[nn.Module], None]]] = [
+def _fix_layer_norm(m: nn.LayerNorm) -> None:
+    m.normalized_shape = tuple((m.weight if m.weight is not None else m.bias).shape)
+
+
+def _fix_group_norm(m: nn.GroupNorm) -> None:
+    per_group = m.num_channels // m.num_groups  # whole groups go, so their width stays
+    m.num_channels = m.weight.shape[0]
+    m.num_groups = m.num_channels // per_group
+
+
+def _fix_mha(m: nn.MultiheadAttention) -> None:
+    if m._qkv_same_embed_dim:
+        m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
+    else:
+        m.embed_dim, m.kdim, m.vdim = (w.shape[1] for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+    m.num_heads = m.out_proj.weight.shape[1] // m.head_dim
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+    stock = m.num_heads * m.head_dim == m.embed_dim == m.out_proj.out_features
+    if type(m) in (nn.MultiheadAttention, PrunedMultiheadAttention):
+        m.__class__ = nn.MultiheadAttention if stock else PrunedMultiheadAttention
+
+
+SHAPE_FIXES: list[tuple[type | tuple[type, ...], Callable[[nn.Module], None]]] = [
     (nn.modules.conv._ConvNd, _fix_conv),
     (nn.Linear, _fix_linear),
     ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), _fix_norm),
     (nn.Embedding, _fix_embedding),
     (nn.PReLU, _fix_prelu),
+    (nn.LayerNorm, _fix_layer_norm),
+    (nn.GroupNorm, _fix_group_norm),
+    (nn.MultiheadAttention, _fix_mha),
 ]
+"""Per module type: re-derive shape attributes from the sliced tensors (first match wins)."""
+SHAPE_FIXES[:0] = _torchvision.SHAPE_FIXES
