@@ -362,7 +362,10 @@ def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list
                 ref = full.narrow(d, 0, 1)
                 c.st.unify(full, ref.expand_as(full), f"is split by {c.where} next to fixed channels")
             continue
-        c.st.block(lab, f"is reshaped by {c.where} in a way prunecore cannot follow")
+        # sizes fixed at trace time: fine for ids that own whole slices along these dims (a
+        # table's head columns), decided once all ties are known
+        for d in big_in:
+            c.st.keep_whole(expand_full(lab, src), d, f"is reshaped by {c.where} in a way prunecore cannot follow")
     return full
 
 

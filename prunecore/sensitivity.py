@@ -40,6 +40,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from prunecore._modes import eval_mode
+from prunecore._rules import SHAPE_OWNERS
 from prunecore.cost import count, plan_costs
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, symbolic_trace, trace
@@ -286,7 +287,10 @@ class _Engine:
 
     def suffix(self, env: dict, start: int) -> torch.Tensor:
         began = time.perf_counter()
-        out = self.advance(dict(env), start, len(self.nodes))
+        if start == WHOLE:
+            out = self.model(*env.values())
+        else:
+            out = self.advance(dict(env), start, len(self.nodes))
         self.floor_seconds += time.perf_counter() - began
         return out
 
@@ -307,9 +311,10 @@ class _Engine:
             with torch.no_grad():
                 self._reference_outputs()
                 for group, pts in by_group.items():
-                    start = self._first_node(group)
-                    masks = _Variants(self.gm, self.graph, [_plan(self.graph, p) for p in pts])
-                    after = [m for m in bns if m in self._modules_from(start)]
+                    start = WHOLE if self._changes_constants(group) else self._first_node(group)
+                    target = self.model if start == WHOLE else self.gm
+                    masks = _Variants(target, self.graph, [_plan(self.graph, p) for p in pts])
+                    after = [m for m in bns if m in self._modules_from(max(start, 0))]
                     states = None
                     if self.bn_batches and bns:
                         states = self._calibrate(start, pts, masks, after, dense_bn, bar)
@@ -381,6 +386,24 @@ class _Engine:
                 _load_state(after, {m: dense_bn[m] for m in after})
             bar.update(1)
 
+    def _changes_constants(self, group: str) -> bool:
+        """Whether pruning `group` changes a shape constant that the fx graph has baked in.
+
+        `VisionTransformer.hidden_dim` or a window attention's head count are plain ints that
+        tracing froze into the graph; such groups run the model's own forward, which re-reads the
+        attributes that `swap_tensors_` re-derives.
+        """
+        owners = tuple(SHAPE_OWNERS)
+        for member in self.graph[group].members:
+            name = member.module
+            while True:
+                if isinstance(self.model.get_submodule(name), owners):
+                    return True
+                if not name:
+                    break
+                name = name.rpartition(".")[0]
+        return False
+
     def _first_node(self, group: str) -> int:
         touched = {m.module for m in self.graph[group].members}
         for i, node in enumerate(self.nodes):
@@ -392,6 +415,10 @@ class _Engine:
 
     def _modules_from(self, start: int) -> set[nn.Module]:
         return {self.modules[n.target] for n in self.nodes[start:] if n.op == "call_module"}
+
+
+WHOLE = -1
+"""A start "node" meaning: run the working copy's own forward instead of a suffix of the graph."""
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

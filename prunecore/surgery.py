@@ -76,33 +76,46 @@ def apply_plan(
             with torch.no_grad():
                 old.index_fill_(dim, (~mask).nonzero().flatten(), 0.0)
     for module_name, input_dim in graph.norm_dims:
-        masks = [mask for (m, t, _), mask in keep.items() if m == module_name and t in ("weight", "bias")]
-        if masks and module_name:
-            parent, _, child = module_name.rpartition(".")
-            norm = model.get_submodule(module_name)
-            kept = masks[0].nonzero().flatten()
-            pruned = copy.deepcopy(norm)
-            swap_tensors_(pruned, sliced_tensors(norm, {("", t, d): m for (n, t, d), m in keep.items() if n == module_name}))
-            setattr(new.get_submodule(parent), child, MaskedNorm(pruned, kept, input_dim))
+        slots = {(t, d): mask for (m, t, d), mask in keep.items() if m == module_name}
+        if slots:
+            _mask_norm_(new.get_submodule(module_name), slots, input_dim)
     return new
 
 
 class MaskedNorm(nn.Module):
-    """A norm over a dim that lost positions, computed over the kept positions only.
+    """Mixin for a norm over a dim that lost positions: statistics over the kept positions only.
 
-    The kept slice is normalised by the norm as removal leaves it, and removed positions output
-    zero: what `mode="mask"` needs for LayerNorm, whose statistics change when channels go.
+    The kept slice of the input is normalised by a pruned twin of the norm (its own class, so a
+    channels-first LayerNorm keeps its forward) using the kept slices of this module's
+    parameters; removed positions output zero. That is what removal computes, which zeroing
+    alone would not (LayerNorm statistics change when channels go). Parameters, names and
+    state-dict keys stay those of the original module.
     """
 
-    def __init__(self, norm: nn.Module, kept: torch.Tensor, dim: int):
-        super().__init__()
-        self.norm = norm
-        self.dim = dim  # negative: counted from the end, so any batch shape works
-        self.register_buffer("kept", kept)
+    prunecore_kept: torch.Tensor  # (kept,) positions along the normalised dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x.index_select(self.dim, self.kept))
-        return torch.zeros_like(x).index_copy(x.dim() + self.dim, self.kept, y)
+        twin, dim, wdim = self.__dict__["_prunecore_twin"]
+        kept = self.prunecore_kept
+        params = {name: p.index_select(wdim, kept) for name, p in self.named_parameters(recurse=False)}
+        y = torch.func.functional_call(twin, params, (x.index_select(dim, kept),))
+        return torch.zeros_like(x).index_copy(x.dim() + dim, kept, y)
+
+
+_MASKED: dict[type, type] = {}
+
+
+def _mask_norm_(norm: nn.Module, slots: dict[tuple[str, int], torch.Tensor], input_dim: int) -> None:
+    """Turn `norm` (in place, in the masked copy) into its `MaskedNorm` version."""
+    (tensor, wdim), mask = next(iter(slots.items()))
+    twin = copy.deepcopy(norm)
+    swap_tensors_(twin, sliced_tensors(norm, {("", t, d): m for (t, d), m in slots.items()}))
+    cls = type(norm)
+    if cls not in _MASKED:
+        _MASKED[cls] = type(f"Masked{cls.__name__}", (MaskedNorm, cls), {"__module__": __name__})
+    norm.__class__ = _MASKED[cls]
+    norm.register_buffer("prunecore_kept", mask.nonzero().flatten(), persistent=False)
+    norm.__dict__["_prunecore_twin"] = (twin, input_dim, wdim)
 
 
 def sliced_tensors(model: nn.Module, keep: dict[Slot, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:

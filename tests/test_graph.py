@@ -195,3 +195,93 @@ def test_group_names_are_stable_across_traces():
     a, b = graph_of(toys.SqueezeExcite), graph_of(toys.SqueezeExcite)
     assert [g.name for g in a] == [g.name for g in b]
     assert [g.size for g in a] == [g.size for g in b]
+
+
+def _members(group) -> set[tuple[str, int]]:
+    return {(m.path, m.dim) for m in group.members}
+
+
+def test_transformer_embedding_dim_couples_token_position_norms_and_projections():
+    g = graph_of(toys.TinyTransformer)
+    embed = g["patch"]
+    assert embed.prunable and embed.size == 16
+    assert {("cls", 2), ("pos", 2), ("ln1.weight", 0), ("ln2.bias", 0), ("ln.weight", 0), ("attn.in_proj_weight", 1),
+            ("attn.out_proj.weight", 0), ("mlp.0.weight", 1), ("mlp.2.weight", 0), ("head.weight", 1)} <= _members(embed)
+    assert dict(g.norm_dims) == {"ln1": -1, "ln2": -1, "ln": -1}
+
+
+def test_attention_heads_go_whole():
+    g = graph_of(toys.TinyTransformer)
+    heads = g["attn"]
+    assert heads.prunable and heads.size == 4 and heads.producers[0] == "attn"
+    rows = next(m for m in heads.members if m.path == "attn.in_proj_weight" and m.dim == 0)
+    assert rows.unit_of.tolist() == [h for _ in range(3) for h in range(4) for _ in range(4)]  # (q|k|v, head, head_dim)
+    assert _members(heads) == {("attn.in_proj_weight", 0), ("attn.in_proj_bias", 0), ("attn.out_proj.weight", 1)}
+
+
+def test_used_attention_weights_keep_the_heads():
+    class UsesWeights(toys.TinyTransformer):
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            out, weights = self.attn(x, x, x)  # head-averaged weights depend on every head
+            return self.head(out.mean(1)) + weights.mean()
+
+    g = graph_of(UsesWeights)
+    assert not g["attn"].prunable and "averaged" in g["attn"].reason
+
+
+def test_group_norm_units_are_whole_norm_groups():
+    g = graph_of(toys.GroupNormNet)
+    assert (g["conv1"].size, g["conv1"].channels) == (4, 8) and (g["conv2"].size, g["conv2"].channels) == (3, 6)
+    gn = next(m for m in g["conv1"].members if m.path == "gn1.weight")
+    assert gn.unit_of.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_channels_last_block_with_layer_scale_and_channels_first_norm():
+    g = graph_of(toys.ChannelsLast)
+    stage = g["stem.0"]
+    assert stage.prunable
+    assert {("stem.1.weight", 0), ("dw.weight", 0), ("norm.weight", 0), ("up.weight", 1), ("down.weight", 0),
+            ("layer_scale", 0), ("head.0.weight", 0), ("fc.weight", 1)} <= _members(stage)
+    assert dict(g.norm_dims) == {"stem.1": -3, "norm": -1, "head.0": -3}
+
+
+def test_position_table_loses_head_columns_never_rows():
+    g = graph_of(toys.EinsumAttention)
+    heads = g["qkv"]
+    assert heads.prunable and heads.size == 3 and heads.channels == 36
+    assert ("table", 1) in _members(heads) and ("table", 0) not in _members(heads)
+
+
+def test_matmul_ties_the_contracted_channels():
+    g = graph_of(toys.MatmulAttention)
+    assert g["q"].producers == ("q", "k") and g["q"].prunable and g["v"].prunable
+
+
+def test_table_indexed_along_its_channels_is_kept():
+    class RowLookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.register_buffer("index", torch.tensor([0, 2, 4]))
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(x)[:, self.index])  # picks channels by position
+
+    g = trace(RowLookup(), torch.randn(2, 4))
+    assert not g["fc"].prunable and "looked up" in g["fc"].reason
+
+
+def test_functional_layer_norm_over_channels_is_not_pruned():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(torch.nn.functional.layer_norm(self.fc(x), (6,)))
+
+    g = trace(Functional(), torch.randn(2, 4))
+    assert not g["fc"].prunable and "nn.LayerNorm" in g["fc"].reason

@@ -136,3 +136,25 @@ def test_shuffled_data_is_refused_for_label_free_metrics(resnet20):
     shuffled = DataLoader(TensorDataset(x), batch_size=50, shuffle=True)
     with pytest.raises(ValueError, match="same order every time"):
         sweep(model, shuffled, example, levels=[0.5], groups=["stem.0"], metric="kl", progress=False)
+
+
+def test_sweep_equals_naive_on_sample_vit():
+    """Heads, MLP neurons, and the embedding dim (whose size VisionTransformer.hidden_dim bakes in)."""
+    s = load_sample("vit")
+    data = [(x[:50], y[:50]) for x, y in list(s.heldout)[:2]]
+    metrics = ["loss", "kl"]
+    fast = sweep(s.model, data, s.example, levels=[0.25, 0.5], metric=metrics, progress=False)
+    assert {"conv_proj", "encoder.layers.encoder_layer_0.self_attention"} <= set(fast.group)
+    assert_matches(fast, naive(s.model, data, s.example, [0.25, 0.5], metrics), metrics)
+
+
+def test_sweep_equals_naive_on_window_attention():
+    """Swin: heads and the stage width change the head count a traced graph would freeze."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer([2, 2], 8, [2, 2], [2, 4], [4, 4], num_classes=3).eval()
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(2, 3, 20, 20, generator=gen), torch.randint(0, 3, (2,), generator=gen)) for _ in range(2)]
+    fast = sweep(model, data, data[0][0], levels=[0.5], metric=["loss"], progress=False)
+    assert_matches(fast, naive(model, data, data[0][0], [0.5], ["loss"]), ["loss"])

@@ -137,3 +137,45 @@ def test_prune_shrinks_sequential_model():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
     pruned = prune(model.eval(), torch.randn(1, 3, 8, 8), 0.25)
     assert pruned[0].out_channels == 12 and pruned[1].num_features == 12 and pruned[3].in_channels == 12
+
+
+def test_attention_bookkeeping_after_removing_heads_and_width():
+    model, x, graph, _ = setup(toys.TinyTransformer)
+    plan = make_plan(model, graph, {"attn": 0.5, "patch": 0.25})
+    pruned = apply_plan(model, plan, graph=graph)
+    attn = pruned.attn
+    assert type(attn).__name__ == "PrunedMultiheadAttention"
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim) == (2, 4, 12)
+    assert attn.in_proj_weight.shape == (3 * 2 * 4, 12) and attn.out_proj.weight.shape == (12, 8)
+    assert pruned.ln1.normalized_shape == (12,) and pruned.cls.shape == (1, 1, 12) and pruned.pos.shape == (1, 5, 12)
+    untouched = apply_plan(model, make_plan(model, graph, {"mlp.0": 0.5}), graph=graph)
+    assert type(untouched.attn) is nn.MultiheadAttention  # the stock class while widths agree
+
+
+def test_group_norm_keeps_its_group_width():
+    model, x, graph, plan = setup(toys.GroupNormNet)
+    pruned = apply_plan(model, plan, graph=graph)
+    assert (pruned.gn1.num_groups, pruned.gn1.num_channels) == (2, 4)
+    assert pruned.gn1.num_channels // pruned.gn1.num_groups == 2
+
+
+def test_masked_layer_norm_uses_kept_statistics_and_keeps_the_parameters():
+    model, x, graph, plan = setup(toys.TinyTransformer, 0.5)
+    masked = apply_plan(model, plan, mode="mask", graph=graph)
+    assert masked.state_dict().keys() == model.state_dict().keys()
+    assert masked.ln1.weight.shape == model.ln1.weight.shape
+    # zeroing alone (what mask mode does to every other layer) computes something else
+    zeroed = apply_plan(model, plan, mode="mask", graph=graph)
+    for name in ("ln1", "ln2", "ln"):
+        norm = getattr(zeroed, name)
+        norm.__class__ = nn.LayerNorm
+    with torch.no_grad():
+        assert not torch.allclose(zeroed(x), masked(x), atol=1e-4)
+        torch.testing.assert_close(masked(x), apply_plan(model, plan, graph=graph)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_transformer_traces_again():
+    model, x, graph, plan = setup(toys.TinyTransformer, 0.5)
+    pruned = apply_plan(model, plan, graph=graph)
+    again = trace(pruned, x)
+    assert again["attn"].size == 2 and again["patch"].size == 8 and again["patch"].prunable

@@ -320,17 +320,146 @@ class DataDependent(Toy):
         return x
 
 
+class TinyTransformer(Toy):
+    """A hand-written ViT: class token, position embedding, LayerNorms, nn.MultiheadAttention, MLP.
+
+    Groups: the embedding dim (patch conv, class token, position embedding, every LayerNorm,
+    in_proj columns, out_proj rows, the MLP's outer Linears, the head), the heads, the MLP neurons.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 5, 16) * 0.5)
+        self.ln1 = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ln2 = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16))
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, 16)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.mlp(self.ln2(x))
+        return self.head(self.ln(x)[:, 0])
+
+
+class GroupNormNet(Toy):
+    """GroupNorm: a unit is one whole norm group (2 channels here), so num_groups shrinks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn1 = nn.GroupNorm(4, 8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.gn2 = nn.GroupNorm(3, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.gn1(self.conv1(x)))
+        x = F.relu(self.gn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """LayerNorm over dim 1 of (B, C, H, W), written as a subclass with its own forward."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class ChannelsLast(Toy):
+    """A ConvNeXt block: depthwise conv, permute, LayerNorm, Linear, GELU, Linear, layer scale, residual."""
+
+    input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), ChannelsFirstLayerNorm(8))
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.up = nn.Linear(8, 12)
+        self.down = nn.Linear(12, 8)
+        self.layer_scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(8, 1, 1))
+        self.head = nn.Sequential(ChannelsFirstLayerNorm(8), nn.Flatten(2))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.down(F.gelu(self.up(y))).permute(0, 3, 1, 2)
+        x = x + self.layer_scale * y
+        return self.fc(self.head(x).mean(2))
+
+
+class EinsumAttention(Toy):
+    """Attention by einsum with a relative-position table indexed by a buffer: heads prune whole.
+
+    `view(B, N, -1, 4)` leaves the head count to run time, so heads are units of 4 channels; the
+    table's columns are heads, its rows positions, which must never be removed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 3 * 12)
+        self.table = nn.Parameter(torch.randn(7, 3))
+        self.register_buffer("index", (torch.arange(4)[:, None] - torch.arange(4)[None, :] + 3).flatten())
+        self.out = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, 8)
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = q.reshape(B, N, -1, 4), k.reshape(B, N, -1, 4), v.reshape(B, N, -1, 4)  # (B, N, heads, 4)
+        bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
+        attn = (torch.einsum("bnhd,bmhd->bhnm", q, k) * 0.5 + bias).softmax(-1)
+        y = torch.einsum("bhnm,bmhd->bnhd", attn, v).reshape(B, N, -1)
+        x = x + self.out(y)
+        return self.head(x.mean(1))
+
+
+class MatmulAttention(Toy):
+    """Attention with @ and a mask: q k^T contracts over channels, which go in whole heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.v = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, 8)
+        scores = self.q(x) @ self.k(x).transpose(1, 2)  # (B, 4, 4)
+        return self.head((scores.softmax(-1) @ self.v(x)).mean(1))
+
+
 PRUNABLE_TOYS = [
     TwoResiduals, Concat, Chunk, FixedSplit, SharedInput, FlattenLinear, ViewLinear, HardcodedView,
     Depthwise, Grouped, SqueezeExcite, SpatialAttention, Transposed, GroupedTransposed, Conv1dNet, ChannelShuffle,
-    LooseParameter, Reused, UnknownOp,
+    LooseParameter, Reused, UnknownOp, TinyTransformer, GroupNormNet, ChannelsLast, EinsumAttention,
+    MatmulAttention,
 ]  # fmt: skip
 
 
 def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so masked channels would show if they leaked."""
+    """Non-trivial norm statistics and affine parameters, so masked channels would show if they leaked.
+
+    Parameters initialised to one constant (zero heads, 1e-6 layer scales, LayerNorm ones) get
+    random values too: otherwise a wrongly pruned channel could hide behind a zero.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if bool(p.flatten()[0] == 1) else 0.0))
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
