@@ -62,17 +62,17 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         q = F.linear(query, w_q, b_q).reshape(L, N, H, hd).permute(1, 2, 0, 3)  # (N, H, L, hd)
         k = F.linear(key, w_k, b_k).reshape(S, N, H, hd).permute(1, 2, 0, 3)  # (N, H, S, hd)
         v = F.linear(value, w_v, b_v).reshape(S, N, H, hd).permute(1, 2, 0, 3)  # (N, H, S, hd)
+        if is_causal and attn_mask is None:
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
         mask = _additive_mask(attn_mask, key_padding_mask, N, H, L, S, q.dtype)  # (N|1, H|1, L, S) or None
-        if is_causal and mask is None:
-            mask = torch.full((L, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
             scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (N, H, L, S)
             if mask is not None:
                 scores = scores + mask
-            weights = scores.softmax(-1)
-            out = F.dropout(weights, p) @ v  # (N, H, L, hd)
+            weights = F.dropout(scores.softmax(-1), p)  # stock MHA returns them after dropout
+            out = weights @ v  # (N, H, L, hd)
             if average_attn_weights:
                 weights = weights.mean(1)
         else:

@@ -1,14 +1,17 @@
 """`count`: parameters and FLOPs of a model, or of the model a plan would make.
 
-FLOPs are multiply-accumulates (MACs) per example of the layers that dominate inference time:
-Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear. Normalisation, activations, pooling and
-elementwise ops are not counted: they are memory-bound, and deployment folds most of them into the
-neighbouring conv or Linear. Attention matmuls are not counted yet.
+FLOPs are multiply-accumulates (MACs) per example of the ops that dominate inference time:
+Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, and attention (its projections and its two matmuls,
+Q K^T and attn V) in `nn.MultiheadAttention`, torchvision's Swin and MaxViT attention. Normalisation,
+activations, softmax, pooling and elementwise ops are not counted: they are memory-bound, and
+deployment folds most of them into the neighbouring matmul.
 
 MACs are measured on one real forward pass in eval mode, so a module called twice counts twice and
-modules that run only in training mode (auxiliary heads) add parameters but no FLOPs. With a plan,
-the cost is predicted from the kept channels without building the smaller model: channel pruning
-changes weight shapes, never spatial sizes, so each layer's MACs scale with its weight's size.
+modules that run only in training mode (auxiliary heads) add parameters but no FLOPs. Each op is
+recorded as a `FlopTerm`: rows times the product of some weight dims. Channel pruning changes
+weight shapes, never spatial sizes or sequence lengths, so with a plan the cost is predicted from
+the kept positions of those dims without building the smaller model. `register_flops` adds a rule
+for another module type.
 
 Example:
     >>> dense = count(model, x)
@@ -23,12 +26,13 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models import maxvit, swin_transformer
 
 from prunecore._labels import Slot
 from prunecore._modes import eval_mode
@@ -36,7 +40,17 @@ from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 from prunecore.surgery import kept_positions
 
-__all__ = ["Cost", "CostModel", "ModuleCost", "cost_model", "count", "latency", "plan_costs"]
+__all__ = [
+    "Cost",
+    "CostModel",
+    "FlopTerm",
+    "ModuleCost",
+    "cost_model",
+    "count",
+    "latency",
+    "plan_costs",
+    "register_flops",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -44,7 +58,12 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 @dataclass(frozen=True)
 class ModuleCost:
-    """Parameters owned directly by one module (not its children) and its MACs per example."""
+    """Parameters owned directly by one module (not its children) and its MACs per example.
+
+    A projection's MACs belong to the module owning its weight (`nn.MultiheadAttention` itself for
+    `in_proj_weight`, its `out_proj` for the output projection, Swin's `qkv` and `proj`); the
+    attention matmuls belong to the attention module.
+    """
 
     params: int
     flops: int
@@ -67,6 +86,56 @@ class Cost:
         return _fraction(self.params, other.params), _fraction(self.flops, other.flops)
 
 
+@dataclass(frozen=True)
+class FlopTerm:
+    """MACs of one op: `rows` times the product of the sizes of some dims of one weight.
+
+    Keying MACs by weight dims lets a plan rescale them from kept positions alone. A conv or
+    Linear uses its whole weight at every output position; attention's Q K^T scales with the
+    query width only, the first third of dim 0 of `in_proj_weight`:
+
+        >>> FlopTerm("fc", "fc", "weight", (0, 1), rows=10)  # Linear(4, 8) on 10 tokens: 320 MACs
+        >>> FlopTerm("attn", "attn", "in_proj_weight", (0,), rows=L * S, part=(0, 3))
+    """
+
+    owner: str  # module the MACs are reported under in `Cost.modules`
+    module: str  # module owning `tensor`
+    tensor: str  # its parameter name, e.g. "weight", "in_proj_weight"
+    dims: tuple[int, ...]  # dims whose sizes multiply
+    rows: int  # per example once recorded; over the whole call when a rule returns it
+    part: tuple[int, int] = (0, 1)  # (i, n): only the i-th of n equal slices of dims[0] (q of q|k|v)
+
+    def axes(self) -> list[tuple[int, tuple[int, int]]]:
+        """(dim, part) of every dim: the part slices the first dim only."""
+        return [(d, self.part if i == 0 else (0, 1)) for i, d in enumerate(self.dims)]
+
+
+_Args = tuple[Any, ...]
+_Kwargs = dict[str, Any]
+FlopRule = Callable[[nn.Module, _Args, _Kwargs, Any], list[FlopTerm]]
+"""(module, args, kwargs, output) of one call -> its terms, names relative to the module ("" is
+the module itself), rows over the whole batch."""
+
+_RULES: dict[type[nn.Module], FlopRule] = {}
+
+
+def register_flops(*classes: type[nn.Module]) -> Callable[[FlopRule], FlopRule]:
+    """Decorator: count the MACs of `classes` and their subclasses with the decorated rule.
+
+    The nearest registered class in a module's MRO wins, so pruned subclasses of an attention
+    module are counted by its rule. A rule may also describe a child's weight that the module
+    uses functionally (Swin's `qkv`); those terms are dropped where the child ran as a module
+    itself, since its own rule counted it.
+    """
+
+    def register(rule: FlopRule) -> FlopRule:
+        for cls in classes:
+            _RULES[cls] = rule
+        return rule
+
+    return register
+
+
 def count(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -83,7 +152,7 @@ def count(
     keep: dict[Slot, torch.Tensor] = {}
     if plan is not None:
         keep = kept_positions(graph if graph is not None else trace(model, inputs), plan)
-    return _cost(model, _per_example_rows(model, inputs), keep)
+    return _cost(model, _flop_terms(model, inputs), keep)
 
 
 def plan_costs(
@@ -93,8 +162,8 @@ def plan_costs(
     graph: ChannelGraph,
 ) -> list[Cost]:
     """`count(model, x, plan=p, graph=graph)` for many plans from a single forward pass."""
-    rows = _per_example_rows(model, _inputs(example_inputs))
-    return [_cost(model, rows, kept_positions(graph, p)) for p in plans]
+    terms = _flop_terms(model, _inputs(example_inputs))
+    return [_cost(model, terms, kept_positions(graph, p)) for p in plans]
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,8 +175,10 @@ class CostModel:
     kept units own. Groups keep their best-ranked units first, so "positions owned by the first k
     units" is a cumulative sum along the ranking: exact for every k, also where units own unequal
     numbers of positions. Coupling is therefore exact too: a conv between two pruned groups costs
-    (kept in) x (kept out). Pricing a kept vector is a few numpy gathers, so allocation can try
-    thousands of them and the dashboard can re-price a plan on every slider move.
+    (kept in) x (kept out). FLOPs are the `FlopTerm`s of one forward pass priced the same way: rows
+    times the kept sizes of the term's dims, where a slice (q's third of `in_proj_weight`) is a dim
+    of its own. Pricing a kept vector is a few numpy gathers, so allocation can try thousands of
+    them and the dashboard can re-price a plan on every slider move.
 
         >>> cm = cost_model(model, x, graph, scores)
         >>> cm.price({"layer1.0.conv1": 32})          # (params, flops) with that group at 32 units
@@ -122,8 +193,8 @@ class CostModel:
     pair_start: np.ndarray  # (P,) where the pair's cumulative counts start in `cumulative`
     cumulative: np.ndarray  # positions along the dim owned by the group's first k ranked units, k = 0..size
     param_dims: np.ndarray  # (T, R) dims of each parameter tensor, padded with the constant-1 dim
-    flop_dims: np.ndarray  # (F, R) dims of each conv/Linear weight
-    flop_rows: np.ndarray  # (F,) positions per example each weight is applied at
+    flop_dims: np.ndarray  # (F, R) the dims of each `FlopTerm`, padded likewise
+    flop_rows: np.ndarray  # (F,) rows per example of each term
     fixed_params: int  # parameters of tensors no group touches (a constant)
 
     @property
@@ -206,7 +277,7 @@ def cost_model(
     earlier unit); without it units are assumed kept in index order, which gives the same prices
     wherever every unit owns equally many positions (all but unusual concat/shuffle layouts).
     """
-    rows = _per_example_rows(model, _inputs(example_inputs))
+    terms = _flop_terms(model, _inputs(example_inputs))
     groups = graph.prunable
     by_slot: dict[Slot, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for gi, g in enumerate(groups):
@@ -214,32 +285,33 @@ def cost_model(
             by_slot[(m.module, m.tensor, m.dim)].append((gi, m.unit_of))
     rank = {g.name: _ranking(g.size, None if scores is None else scores.get(g.name)) for g in groups}
 
-    dims: dict[Slot, int] = {}
+    dims: dict[tuple[Slot, tuple[int, int]], int] = {}
     fixed: list[int] = [1]  # dim 0 is the constant 1 that pads short weights
     pairs: list[tuple[int, int, int]] = []
     chunks: list[np.ndarray] = []
     touched: set[int] = set()
     start = 0
 
-    def dim(slot: Slot, size: int) -> int:
+    def dim(slot: Slot, size: int, part: tuple[int, int] = (0, 1)) -> int:
+        """Index of the dim (or the `part` slice of it) in `fixed`, added on first sight."""
         nonlocal start
-        if slot not in dims:
-            dims[slot] = len(fixed)
-            free = size
+        key = (slot, part)
+        if key not in dims:
+            d = dims[key] = len(fixed)
+            lo, hi = _span(size, part)
+            free = hi - lo
             for gi, unit_of in by_slot.get(slot, []):
-                owned = unit_of[unit_of >= 0]
+                owned = unit_of[lo:hi][unit_of[lo:hi] >= 0]
                 per_unit = torch.bincount(owned, minlength=groups[gi].size)[rank[groups[gi].name]]
                 chunks.append(np.concatenate([[0], per_unit.cumsum(0).numpy()]))
-                pairs.append((dims[slot], gi, start))
+                pairs.append((d, gi, start))
                 start += groups[gi].size + 1
                 free -= owned.numel()
-                touched.add(dims[slot])
+                touched.add(d)
             fixed.append(free)
-        return dims[slot]
+        return dims[key]
 
     param_terms: list[list[int]] = []
-    flop_terms: list[list[int]] = []
-    flop_rows: list[int] = []
     fixed_params = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -252,10 +324,10 @@ def cost_model(
                 fixed_params += t.numel()  # no group touches it
             else:
                 param_terms.append(term)
-        if name in rows:
-            w = module.weight
-            flop_terms.append([dim((name, "weight", d), w.shape[d]) for d in range(w.dim())])
-            flop_rows.append(rows[name])
+    shapes = _shapes(model, terms)
+    flop_terms = [
+        [dim((t.module, t.tensor, d), shapes[t.module, t.tensor][d], part) for d, part in t.axes()] for t in terms
+    ]
     width = max((len(t) for t in param_terms + flop_terms), default=1)
 
     def pad(terms: list[list[int]]) -> np.ndarray:
@@ -271,7 +343,7 @@ def cost_model(
         cumulative=np.concatenate(chunks).astype(np.float64) if chunks else np.zeros(0),
         param_dims=pad(param_terms),
         flop_dims=pad(flop_terms),
-        flop_rows=np.array(flop_rows, dtype=np.float64),
+        flop_rows=np.array([t.rows for t in terms], dtype=np.float64),
         fixed_params=fixed_params,
     )
 
@@ -287,12 +359,13 @@ def _inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torc
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def _per_example_rows(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
-    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
-    return {name: total // batch for name, total in _rows(model, inputs).items()}
-
-
-def _cost(model: nn.Module, rows: Mapping[str, int], keep: Mapping[Slot, torch.Tensor]) -> Cost:
+def _cost(model: nn.Module, terms: Sequence[FlopTerm], keep: Mapping[Slot, torch.Tensor]) -> Cost:
+    shapes = _shapes(model, terms)
+    flops: dict[str, int] = defaultdict(int)
+    for t in terms:
+        shape = shapes[t.module, t.tensor]
+        kept = [_kept((t.module, t.tensor, d), shape[d], part, keep) for d, part in t.axes()]
+        flops[t.owner] += t.rows * math.prod(kept)
     modules: dict[str, ModuleCost] = {}
     seen: set[int] = set()
     total_params = 0
@@ -302,38 +375,96 @@ def _cost(model: nn.Module, rows: Mapping[str, int], keep: Mapping[Slot, torch.T
             if id(t) not in seen:
                 seen.add(id(t))
                 total_params += sizes[p]
-        flops = _numel(name, "weight", module.weight, keep) * rows[name] if name in rows else 0
-        if sizes or flops:
-            modules[name] = ModuleCost(sum(sizes.values()), flops)
+        if sizes or flops.get(name):
+            modules[name] = ModuleCost(sum(sizes.values()), flops.get(name, 0))
     return Cost(total_params, sum(m.flops for m in modules.values()), modules)
 
 
-def _rows(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
-    """Per conv/Linear module: how many times its whole weight was applied in one forward pass.
+def _shapes(model: nn.Module, terms: Sequence[FlopTerm]) -> dict[tuple[str, str], torch.Size]:
+    """Dense shape of every weight the terms name, by (module, tensor)."""
+    return {(t.module, t.tensor): getattr(model.get_submodule(t.module), t.tensor).shape for t in terms}
 
-    MACs of one call are `weight.numel() * rows`, so keeping rows lets a plan rescale the weight.
-    Counts are for the whole batch.
+
+def _flop_terms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[FlopTerm]:
+    """The terms of one forward pass, merged where they name the same op, rows per example.
+
+    The batch size is the first dim of the first input. MHA's fused fast path is switched off for
+    the pass: it would run `nn.TransformerEncoderLayer` without calling its Linears.
     """
-    rows: dict[str, int] = {}
+    emitted: list[tuple[str, FlopTerm]] = []  # (module whose rule returned it, term)
+    ran: set[str] = set()
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            rows[name] = rows.get(name, 0) + _call_rows(module, args[0], out)
+    def hook(name: str, rule: FlopRule) -> Callable[..., None]:
+        def record(module: nn.Module, args: _Args, kwargs: _Kwargs, out: Any) -> None:
+            ran.add(name)
+            for t in rule(module, args, kwargs, out):
+                emitted.append((name, replace(t, owner=_join(name, t.owner), module=_join(name, t.module))))
 
         return record
 
     handles = [
-        m.register_forward_hook(hook(name))
+        m.register_forward_hook(hook(name, rule), with_kwargs=True)
         for name, m in model.named_modules()
-        if isinstance(m, _CONV + _CONV_T + (nn.Linear,))
+        if (rule := _rule(m)) is not None
     ]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), eval_mode(model):
             model(*inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
-    return rows
+    rows: dict[FlopTerm, int] = defaultdict(int)
+    for name, t in emitted:
+        if t.owner == name or t.owner not in ran:  # a child that ran as a module counted itself
+            rows[replace(t, rows=0)] += t.rows
+    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
+    return [replace(t, rows=total // batch) for t, total in rows.items()]
+
+
+def _rule(module: nn.Module) -> FlopRule | None:
+    """The rule of the nearest registered class in the module's MRO."""
+    return next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _arg(args: _Args, kwargs: _Kwargs, index: int, name: str) -> Any:
+    """A forward argument passed by position or by keyword."""
+    return args[index] if len(args) > index else kwargs[name]
+
+
+def _span(size: int, part: tuple[int, int]) -> tuple[int, int]:
+    """[lo, hi) of the i-th of n equal slices of a dim of `size` positions."""
+    i, n = part
+    return i * size // n, (i + 1) * size // n
+
+
+def _kept(slot: Slot, size: int, part: tuple[int, int], keep: Mapping[Slot, torch.Tensor]) -> int:
+    """Positions of one dim (or of its `part` slice) left once the kept positions are selected."""
+    lo, hi = _span(size, part)
+    mask = keep.get(slot)
+    return hi - lo if mask is None else int(mask[lo:hi].sum())
+
+
+def _numel(module: str, tensor: str, param: torch.Tensor, keep: Mapping[Slot, torch.Tensor]) -> int:
+    """Size of a parameter once the kept positions of every sliced dim are selected."""
+    return math.prod(_kept((module, tensor, d), size, (0, 1), keep) for d, size in enumerate(param.shape))
+
+
+# -- rules: one per module type whose MACs are counted -------------------------------------------------
+_OUT_IN = (0, 1)  # both dims of a Linear-style (out, in) weight
+
+
+@register_flops(*_CONV, *_CONV_T, nn.Linear)
+def _weight_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Tensor) -> list[FlopTerm]:
+    """The whole weight at every position one call applies it at."""
+    rows = _call_rows(module, _arg(args, kwargs, 0, "input"), out)
+    return [FlopTerm("", "", "weight", tuple(range(module.weight.dim())), rows)]
 
 
 def _call_rows(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
@@ -347,14 +478,68 @@ def _call_rows(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
     return out.numel() // out.shape[-spatial - 1]  # out: ([B,] C_out, *spatial)
 
 
-def _numel(module: str, tensor: str, param: torch.Tensor, keep: Mapping[Slot, torch.Tensor]) -> int:
-    """Size of a parameter once the kept positions of every sliced dim are selected."""
-    shape = list(param.shape)
-    for dim in range(len(shape)):
-        mask = keep.get((module, tensor, dim))
-        if mask is not None:
-            shape[dim] = int(mask.sum())
-    return math.prod(shape)
+@register_flops(nn.MultiheadAttention)
+def _mha_flops(module: nn.MultiheadAttention, args: _Args, kwargs: _Kwargs, out: Any) -> list[FlopTerm]:
+    """q, k, v and output projections, then Q K^T and attn V over every (query, key) pair.
+
+    Cross-attention is exact: q is projected at the L query rows, k and v at the S key rows.
+    Widths come from the weights (q's third of `in_proj_weight`, `out_proj`'s input), never from
+    `embed_dim`, so a subclass with fewer heads is counted by its real size.
+    """
+    query, key = _arg(args, kwargs, 0, "query"), _arg(args, kwargs, 1, "key")
+    q_rows = query.numel() // query.shape[-1]  # L*N; query (L, N, E), (N, L, E) or unbatched (L, E)
+    kv_rows = key.numel() // key.shape[-1]  # S*N
+    length = key.shape[1] if module.batch_first and key.dim() == 3 else key.shape[0]  # S
+    length += int(module.bias_k is not None) + int(module.add_zero_attn)  # appended after projection
+    pairs = q_rows * length  # L*S*N
+    if module.in_proj_weight is not None:  # packed (3*inner, E): q | k | v
+        projections = [
+            FlopTerm("", "", "in_proj_weight", _OUT_IN, rows, part=(i, 3))
+            for i, rows in enumerate((q_rows, kv_rows, kv_rows))
+        ]
+        scores = FlopTerm("", "", "in_proj_weight", (0,), pairs, part=(0, 3))
+    else:  # kdim or vdim differs from embed_dim: separate q, k, v weights
+        projections = [
+            FlopTerm("", "", f"{p}_proj_weight", _OUT_IN, rows)
+            for p, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))
+        ]
+        scores = FlopTerm("", "", "q_proj_weight", (0,), pairs)
+    return [
+        *projections,
+        FlopTerm("out_proj", "out_proj", "weight", _OUT_IN, q_rows),
+        scores,  # Q K^T: L*S*inner_q
+        FlopTerm("", "out_proj", "weight", (1,), pairs),  # attn V: L*S*inner_v
+    ]
+
+
+@register_flops(swin_transformer.ShiftedWindowAttention)
+def _swin_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Tensor) -> list[FlopTerm]:
+    """Swin (V1 and V2) window attention: `qkv` and `proj` run functionally on the padded map.
+
+    `shifted_window_attention` pads H and W up to multiples of the window, projects every padded
+    position and attends within each window of N = wh*ww positions.
+    """
+    x = _arg(args, kwargs, 0, "x")  # (B, H, W, C)
+    wh, ww = module.window_size
+    positions = x.shape[0] * math.ceil(x.shape[1] / wh) * wh * math.ceil(x.shape[2] / ww) * ww  # B*padH*padW
+    pairs = positions * wh * ww  # each position attends to its whole window
+    return [
+        FlopTerm("qkv", "qkv", "weight", _OUT_IN, positions),
+        FlopTerm("proj", "proj", "weight", _OUT_IN, positions),
+        FlopTerm("", "qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
+        FlopTerm("", "proj", "weight", (1,), pairs),  # attn V
+    ]
+
+
+@register_flops(maxvit.RelativePositionalMultiHeadAttention)
+def _maxvit_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Tensor) -> list[FlopTerm]:
+    """MaxViT attention: `to_qkv` and `merge` run as modules; add the two einsum matmuls."""
+    x = _arg(args, kwargs, 0, "x")  # (B, G, P, D): G windows or grid cells of P positions
+    pairs = x.shape[0] * x.shape[1] * x.shape[2] ** 2  # B*G*P*P
+    return [
+        FlopTerm("", "to_qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
+        FlopTerm("", "merge", "weight", (1,), pairs),  # attn V
+    ]
 
 
 def _fraction(part: int, whole: int) -> float:
