@@ -147,8 +147,9 @@ class Coupling:
         a, b = ab[0], ab[-1]
         both = (a >= 0) & (b >= 0)
         if bool(both.any()):
-            pairs = torch.unique(torch.stack([a[both], b[both]], dim=1), dim=0)
-            for x, y in pairs.tolist():
+            width = int(b.max()) + 1
+            pairs = torch.unique(a[both] * width + b[both])  # distinct (a, b) pairs, one int each
+            for x, y in zip((pairs // width).tolist(), (pairs % width).tolist()):
                 self.union(x, y)
         self.block(a[(a >= 0) & (b == FIXED)], reason)
         self.block(b[(b >= 0) & (a == FIXED)], reason)

@@ -286,8 +286,8 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leave
         ) from None
     used = set()
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            used.add(n.target)
+        if n.op == "call_module":  # a leaf runs its children itself (MultiheadAttention's out_proj)
+            used.update(f"{n.target}.{child}".rstrip(".") for child, _ in gm.get_submodule(n.target).named_modules())
         elif n.op == "get_attr":
             used.add(n.target.rpartition(".")[0])
     return used

@@ -66,10 +66,14 @@ def apply_plan(
     if graph is None:
         graph = trace(model, tuple(spec.example() for spec in plan.inputs))
     keep = kept_positions(graph, plan, force=force)
-    new = copy.deepcopy(model)
     if mode == "remove":
-        swap_tensors_(new, sliced_tensors(new, keep))
+        tensors = sliced_tensors(model, keep)
+        # the copy takes the sliced tensors in place of the originals, which are never copied
+        memo = {id(getattr(model.get_submodule(m), t)): value for (m, t), value in tensors.items()}
+        new = copy.deepcopy(model, memo)
+        swap_tensors_(new, tensors)
         return new
+    new = copy.deepcopy(model)
     for (module_name, tensor_name, dim), mask in keep.items():
         old = getattr(new.get_submodule(module_name), tensor_name)
         if isinstance(old, nn.Parameter):
