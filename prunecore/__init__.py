@@ -17,7 +17,8 @@ from prunecore.allocate import (
     register_method,
     solve,
 )
-from prunecore.cost import Cost, CostModel, ModuleCost, cost_model, count
+from prunecore.attention import PrunedMultiheadAttention
+from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
 from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
 from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
 from prunecore.importance import list_criteria, register_criterion, score
@@ -42,6 +43,7 @@ __all__ = [
     "ChannelGroup",
     "Cost",
     "CostModel",
+    "FlopTerm",
     "GroupPlan",
     "InputSpec",
     "Member",
@@ -50,6 +52,7 @@ __all__ = [
     "ModuleCost",
     "Plan",
     "PlanError",
+    "PrunedMultiheadAttention",
     "RunStore",
     "Sample",
     "SampleError",
@@ -77,6 +80,7 @@ __all__ = [
     "recalibrate_bn_",
     "save_pruned",
     "register_criterion",
+    "register_flops",
     "register_method",
     "score",
     "solve",
