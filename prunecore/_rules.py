@@ -207,6 +207,7 @@ def einsum(c: Call) -> Label:
 
 
 def contract(c: Call, inputs: list[str], output: str, values: list, labels: list) -> Label:
+    """Labels through a contraction `inputs -> output` written with one letter per dim."""
     letters = list(dict.fromkeys("".join(inputs)))
     size: dict[str, int] = {}
     for spec, value in zip(inputs, values):
