@@ -54,7 +54,7 @@ def test_model_page_shows_the_default_sample_and_its_groups():
     at.selectbox(key="sample_name").set_value("vit").run()
     assert not at.exception
     assert at.session_state["model_spec"] == "sample:vit"
-    assert int(metric(at, "Prunable")) == 4
+    assert int(metric(at, "Prunable")) == 9  # 4 MLP hidden groups, 4 attention-head groups, the embedding dim
 
 
 def test_model_page_errors_stay_on_the_page():
