@@ -66,6 +66,7 @@ class Coupling:
     output_slots: set[Slot] = field(default_factory=set)
     origins: dict[str, torch.Tensor] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_names: set[str] = field(default_factory=set)
     norm_dims: dict[str, int] = field(default_factory=dict)  # norm module -> input dim of its channels
     whole_along: list[tuple[torch.Tensor, int, str]] = field(default_factory=list)
     _table: np.ndarray | None = field(default=None, repr=False)
@@ -76,10 +77,17 @@ class Coupling:
         self.parent.extend(range(base, base + n))
         return torch.arange(base, base + n, dtype=torch.long)
 
-    def origin(self, module: str, n: int) -> torch.Tensor:
-        """The ids of a module's `n` output channels; the same ids each time it is called."""
+    def origin(self, module: str, n: int, names_group: bool = False) -> torch.Tensor:
+        """The ids of a module's `n` output channels; the same ids each time it is called.
+
+        `names_group`: the group these ids end up in is named after `module` even if another
+        producer ran first (attention heads are named after the attention module, not after the
+        small MLP that computes Swin-V2's position bias).
+        """
         if module not in self.origins:
             self.origins[module] = self.fresh(n)
+        if names_group:
+            self.group_names.add(module)
         return self.origins[module]
 
     def param(self, target: str, value: torch.Tensor) -> torch.Tensor:

@@ -697,7 +697,7 @@ def multihead_attention(c: Call) -> Label:
     ids_q = st.channel_vector(lq, query.dim() - 1, query.shape[-1], c.where)
     ids_k = st.channel_vector(lk, key.dim() - 1, key.shape[-1], c.where)
     ids_v = st.channel_vector(lv, value.dim() - 1, value.shape[-1], c.where)
-    heads = st.origin(name, m.num_heads)
+    heads = st.origin(name, m.num_heads, names_group=True)
     inner = heads.repeat_interleave(m.head_dim)  # (num_heads * head_dim,)
     if m._qkv_same_embed_dim:
         shared = f"shares in_proj_weight in {c.where} with channels that cannot be removed"

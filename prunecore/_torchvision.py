@@ -44,7 +44,7 @@ def window_attention(c: Call) -> Label:
     heads_n = c.arg(5, "num_heads")
     inner = c.args[1].shape[0] // 3
     st = c.st
-    heads = st.origin(qkv.rpartition(".")[0], heads_n)
+    heads = st.origin(qkv.rpartition(".")[0], heads_n, names_group=True)
     per_head = heads.repeat_interleave(inner // heads_n)  # (inner,)
     st.record((qkv, "weight", 1), st.channel_vector(lab, x.dim() - 1, x.shape[-1], c.where))
     st.record((qkv, "weight", 0), per_head.repeat(3), output=True)

@@ -421,7 +421,8 @@ def _build_groups(model: nn.Module, st: Coupling) -> tuple[ChannelGroup, ...]:
 
     groups = []
     for gi, head in enumerate(heads):
-        name = order[members_of[head][0]]
+        names = [order[p] for p in members_of[head]]
+        name = next((n for n in names if n in st.group_names), names[0])
         units = group_units[gi]
         reason = next((blocked[r] for r in units if r in blocked), "")
         if not reason and len(units) < 2:
