@@ -111,7 +111,7 @@ _MASKED: dict[type, type] = {}
 
 def _mask_norm_(norm: nn.Module, slots: dict[tuple[str, int], torch.Tensor], input_dim: int) -> None:
     """Turn `norm` (in place, in the masked copy) into its `MaskedNorm` version."""
-    (tensor, wdim), mask = next(iter(slots.items()))
+    (_, wdim), mask = next(iter(slots.items()))  # weight and bias keep the same positions
     twin = copy.deepcopy(norm)
     swap_tensors_(twin, sliced_tensors(norm, {("", t, d): m for (t, d), m in slots.items()}))
     cls = type(norm)
