@@ -225,7 +225,8 @@ def contract(c: Call, inputs: list[str], output: str, values: list, labels: list
     for spec, value, lab in zip(inputs, values, labels):
         if lab is None or lab.dim() != len(spec) or len(set(spec)) != len(spec):
             return unsupported(c)
-        operands.append((to_joint(spec, lab), tuple(value.shape[spec.index(ch)] if ch in spec else 1 for ch in letters)))
+        vshape = tuple(value.shape[spec.index(ch)] if ch in spec else 1 for ch in letters)
+        operands.append((to_joint(spec, lab), vshape))
     broadcast(c, operands, shape)
     contracted = [letters.index(ch) for ch in letters if ch not in output]
     out = torch.full([1] * len(output), FIXED, dtype=torch.long)
@@ -691,8 +692,9 @@ def multihead_attention(c: Call) -> Label:
     m, name = c.module, c.node.target
     if type(m) not in (nn.MultiheadAttention, PrunedMultiheadAttention) or m.bias_k is not None or m.add_zero_attn:
         return unsupported(c)
-    query, key, value = (c.arg(i, n) for i, n in enumerate(("query", "key", "value")))
-    lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(("query", "key", "value")))
+    roles = ("query", "key", "value")
+    query, key, value = (c.arg(i, n) for i, n in enumerate(roles))
+    lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(roles))
     st = c.st
     ids_q = st.channel_vector(lq, query.dim() - 1, query.shape[-1], c.where)
     ids_k = st.channel_vector(lk, key.dim() - 1, key.shape[-1], c.where)

@@ -116,7 +116,8 @@ def _fix_window_attention(m: swin.ShiftedWindowAttention) -> None:
 def _fix_maxvit_attention(m: maxvit.RelativePositionalMultiHeadAttention) -> None:
     m.n_heads = m.relative_position_bias_table.shape[1]
     is_stock = m.n_heads * m.head_dim == m.to_qkv.weight.shape[1] == m.merge.weight.shape[0]
-    _swap(m, maxvit.RelativePositionalMultiHeadAttention, attention.PrunedRelativePositionalMultiHeadAttention, is_stock)
+    pruned = attention.PrunedRelativePositionalMultiHeadAttention
+    _swap(m, maxvit.RelativePositionalMultiHeadAttention, pruned, is_stock)
 
 
 SHAPE_FIXES: list[tuple[type, Callable[[nn.Module], None]]] = [

@@ -206,7 +206,8 @@ def test_transformer_embedding_dim_couples_token_position_norms_and_projections(
     embed = g["patch"]
     assert embed.prunable and embed.size == 16
     assert {("cls", 2), ("pos", 2), ("ln1.weight", 0), ("ln2.bias", 0), ("ln.weight", 0), ("attn.in_proj_weight", 1),
-            ("attn.out_proj.weight", 0), ("mlp.0.weight", 1), ("mlp.2.weight", 0), ("head.weight", 1)} <= _members(embed)
+            ("attn.out_proj.weight", 0), ("mlp.0.weight", 1), ("mlp.2.weight", 0),
+            ("head.weight", 1)} <= _members(embed)
     assert dict(g.norm_dims) == {"ln1": -1, "ln2": -1, "ln": -1}
 
 
