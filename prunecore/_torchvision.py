@@ -96,28 +96,23 @@ def _fix_vit(m: VisionTransformer) -> None:
     m.hidden_dim = m.conv_proj.out_channels
 
 
-def _swap(m: nn.Module, stock: type, pruned: type, is_stock: bool) -> None:
-    """Use torchvision's own class while the widths are consistent, prunecore's otherwise."""
-    if type(m) in (stock, pruned):
-        m.__class__ = stock if is_stock else pruned
-
-
 def _fix_window_attention(m: swin.ShiftedWindowAttention) -> None:
     v2 = isinstance(m, swin.ShiftedWindowAttentionV2)
     m.num_heads = m.logit_scale.shape[0] if v2 else m.relative_position_bias_table.shape[1]
     width, inner = m.qkv.weight.shape[1], m.qkv.weight.shape[0] // 3
     is_stock = inner == width == m.proj.weight.shape[0] and inner % m.num_heads == 0
     if v2:
-        _swap(m, swin.ShiftedWindowAttentionV2, attention.PrunedShiftedWindowAttentionV2, is_stock)
+        stock, pruned = swin.ShiftedWindowAttentionV2, attention.PrunedShiftedWindowAttentionV2
     else:
-        _swap(m, swin.ShiftedWindowAttention, attention.PrunedShiftedWindowAttention, is_stock)
+        stock, pruned = swin.ShiftedWindowAttention, attention.PrunedShiftedWindowAttention
+    attention.swap_class_(m, stock, pruned, is_stock)
 
 
 def _fix_maxvit_attention(m: maxvit.RelativePositionalMultiHeadAttention) -> None:
     m.n_heads = m.relative_position_bias_table.shape[1]
     is_stock = m.n_heads * m.head_dim == m.to_qkv.weight.shape[1] == m.merge.weight.shape[0]
     pruned = attention.PrunedRelativePositionalMultiHeadAttention
-    _swap(m, maxvit.RelativePositionalMultiHeadAttention, pruned, is_stock)
+    attention.swap_class_(m, maxvit.RelativePositionalMultiHeadAttention, pruned, is_stock)
 
 
 SHAPE_FIXES: list[tuple[type, Callable[[nn.Module], None]]] = [

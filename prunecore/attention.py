@@ -22,8 +22,18 @@ __all__ = [
     "PrunedRelativePositionalMultiHeadAttention",
     "PrunedShiftedWindowAttention",
     "PrunedShiftedWindowAttentionV2",
+    "swap_class_",
     "window_attention",
 ]
+
+
+def swap_class_(module: nn.Module, stock: type, pruned: type, is_stock: bool) -> None:
+    """Make `module` the stock class while its widths are consistent, the pruned subclass otherwise.
+
+    Only modules of exactly one of the two classes are touched (a user subclass keeps its own).
+    """
+    if type(module) in (stock, pruned):
+        module.__class__ = stock if is_stock else pruned
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):

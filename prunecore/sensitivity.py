@@ -49,7 +49,7 @@ from prunecore.plan import GroupPlan, Plan
 from prunecore.prune import select_units
 from prunecore.store import RunStore, fingerprint_data, fingerprint_model
 from prunecore.store import run_id as make_run_id
-from prunecore.surgery import kept_positions, sliced_tensors, swap_tensors_
+from prunecore.surgery import kept_positions, sliced_tensors, swap_tensors_, with_ancestors
 
 __all__ = ["DEFAULT_LEVELS", "DENSE", "sweep"]
 
@@ -394,15 +394,8 @@ class _Engine:
         attributes that `swap_tensors_` re-derives.
         """
         owners = tuple(SHAPE_OWNERS)
-        for member in self.graph[group].members:
-            name = member.module
-            while True:
-                if isinstance(self.model.get_submodule(name), owners):
-                    return True
-                if not name:
-                    break
-                name = name.rpartition(".")[0]
-        return False
+        touched = with_ancestors({m.module for m in self.graph[group].members})
+        return any(isinstance(self.model.get_submodule(name), owners) for name in touched)
 
     def _first_node(self, group: str) -> int:
         touched = {m.module for m in self.graph[group].members}

@@ -19,11 +19,11 @@ from torch import nn
 
 from prunecore import _torchvision
 from prunecore._labels import Slot
-from prunecore.attention import PrunedMultiheadAttention
+from prunecore.attention import PrunedMultiheadAttention, swap_class_
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 
-__all__ = ["apply_plan", "kept_positions", "sliced_tensors", "swap_tensors_"]
+__all__ = ["apply_plan", "kept_positions", "sliced_tensors", "swap_tensors_", "with_ancestors"]
 
 
 def kept_positions(graph: ChannelGraph, plan: Plan, force: bool = False) -> dict[Slot, torch.Tensor]:
@@ -150,7 +150,7 @@ def swap_tensors_(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]
         module = model.get_submodule(module_name)
         old[(module_name, tensor_name)] = getattr(module, tensor_name)
         setattr(module, tensor_name, value)
-    for module_name in _with_ancestors({m for m, _ in tensors}):
+    for module_name in with_ancestors({m for m, _ in tensors}):
         module = model.get_submodule(module_name)
         for types, fix in SHAPE_FIXES:
             if isinstance(module, types):
@@ -159,7 +159,7 @@ def swap_tensors_(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]
     return old
 
 
-def _with_ancestors(names: set[str]) -> list[str]:
+def with_ancestors(names: set[str]) -> list[str]:
     """`names` and every module containing one, innermost first: a parent reads fixed children."""
     out = set(names)
     for name in names:
@@ -217,8 +217,7 @@ def _fix_mha(m: nn.MultiheadAttention) -> None:
     m.num_heads = m.out_proj.weight.shape[1] // m.head_dim
     m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
     stock = m.num_heads * m.head_dim == m.embed_dim == m.out_proj.out_features
-    if type(m) in (nn.MultiheadAttention, PrunedMultiheadAttention):
-        m.__class__ = nn.MultiheadAttention if stock else PrunedMultiheadAttention
+    swap_class_(m, nn.MultiheadAttention, PrunedMultiheadAttention, stock)
 
 
 SHAPE_FIXES: list[tuple[type | tuple[type, ...], Callable[[nn.Module], None]]] = [
