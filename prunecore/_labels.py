@@ -14,6 +14,7 @@ tensor slices ("slots") that lose positions when ids are removed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,6 +57,48 @@ def along(values: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return values.reshape(shape)
 
 
+class SizeInt(int):
+    """An int read from a tensor's shape at trace time, with the channel ids it measures.
+
+    `sources` holds one 1-D id vector per shape read this value was computed from (`C // heads`
+    has one, `C * H` two). Arithmetic keeps the sources, so a reshape can tell a size that follows
+    pruning (read from the tensor being reshaped) from one that does not.
+    """
+
+    sources: tuple[torch.Tensor, ...]
+    derived: bool  # computed by arithmetic, not read directly
+
+    def __new__(cls, value: int, sources: tuple[torch.Tensor, ...], derived: bool = False) -> SizeInt:
+        obj = super().__new__(cls, value)
+        obj.sources = sources
+        obj.derived = derived
+        return obj
+
+    @property
+    def channels(self) -> bool:
+        """Whether any channel id (not only fixed positions) went into this size."""
+        return any(bool((s >= 0).any()) for s in self.sources)
+
+
+def _size_op(name: str) -> Callable:
+    base = getattr(int, name)
+
+    def op(self: SizeInt, *other: Any) -> Any:
+        result = base(self, *other)
+        if not isinstance(result, int) or isinstance(result, bool) or result is NotImplemented:
+            return result
+        extra = tuple(s for o in other if isinstance(o, SizeInt) for s in o.sources)
+        return SizeInt(result, self.sources + extra, derived=True)
+
+    op.__name__ = name
+    return op
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+              "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__pos__", "__abs__", "__pow__"):  # fmt: skip
+    setattr(SizeInt, _name, _size_op(_name))
+
+
 @dataclass
 class Coupling:
     """Union-find over channel ids plus what a trace learned about them."""
@@ -69,6 +112,7 @@ class Coupling:
     group_names: set[str] = field(default_factory=set)
     norm_dims: dict[str, int] = field(default_factory=dict)  # norm module -> input dim of its channels
     whole_along: list[tuple[torch.Tensor, int, str]] = field(default_factory=list)
+    sizes: list[tuple[tuple[torch.Tensor, ...], torch.Tensor, bool, str]] = field(default_factory=list)
     _table: np.ndarray | None = field(default=None, repr=False)
 
     # -- ids ----------------------------------------------------------------------------------
@@ -179,6 +223,29 @@ class Coupling:
             pairs = torch.unique(torch.stack([roots[owned], rows[owned]]), dim=1)
             ids, spans = torch.unique(pairs[0], return_counts=True)
             self.block(ids[spans < roots.shape[0]], reason)
+
+    def same_size(self, sources: tuple[torch.Tensor, ...], data: torch.Tensor, derived: bool, reason: str) -> None:
+        """A reshape asks for a size read from `sources`; the data's ids along that dim are `data`.
+
+        Checked once all ties are known (`check_sizes`): a size read directly must measure the same
+        ids as the data (so both shrink alike); a size computed from reads (`C // heads`) must be
+        read from channels of the data.
+        """
+        self.sizes.append((sources, data, derived, reason))
+
+    def check_sizes(self) -> None:
+        for sources, data, derived, reason in self.sizes:
+            roots = self.roots(data)
+            reads = [self.roots(s) for s in sources]
+            if derived:
+                mine = set(roots[roots >= 0].tolist())
+                ok = all(set(r[r >= 0].tolist()) <= mine for r in reads)
+            else:
+                ok = len(reads) == 1 and torch.equal(torch.sort(reads[0]).values, torch.sort(roots).values)
+            if not ok:
+                self.block(roots, reason)
+                for r in reads:
+                    self.block(r, reason)
 
     def record(self, slot: Slot, ids: torch.Tensor, output: bool = False) -> None:
         """`ids[i]` owns position i along the slot's dim. A reused module unifies its calls."""

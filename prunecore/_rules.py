@@ -10,17 +10,18 @@ Anything without a rule blocks every channel it touches: an unknown op is never 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from prunecore.attention import PrunedMultiheadAttention
 from prunecore._labels import (
     FIXED,
     Coupling,
+    SizeInt,
     along,
     compress,
     expand_full,
@@ -33,7 +34,14 @@ Label = Any  # a label tensor, a tuple of labels (for tuple values), or None (no
 
 @dataclass
 class Call:
-    node: fx.Node
+    """One op seen while tracing: a torch function or tensor method, or a whole module's forward.
+
+    `name` is the module's qualified name for a module call, else the enclosing module's (quoted)
+    name; `tensor_names` maps the `id` of every parameter and buffer to its qualified name, so a
+    rule can tell `self.weight` passed to a functional from a computed tensor.
+    """
+
+    fn: Any  # the function or method called (a module call: the module's class)
     args: tuple
     kwargs: dict
     labels: tuple
@@ -41,27 +49,33 @@ class Call:
     out: Any
     st: Coupling
     module: nn.Module | None = None
+    name: str = ""
     scope: tuple[type, ...] = ()  # types of the modules whose forward made this op, outermost first
+    tensor_names: dict[int, str] = field(default_factory=dict)
+    watch: Callable[[torch.Tensor, torch.Tensor, str], None] | None = None
 
     @property
     def where(self) -> str:
         """A readable name of the op for error reasons."""
-        if self.node.op == "call_module":
-            return f"{type(self.module).__name__} module {self.node.target!r}"
-        target = self.node.target
-        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        return f"{name} at node {self.node.name!r}"
+        if self.module is not None:
+            return f"{type(self.module).__name__} module {self.name!r}"
+        return f"{function_name(self.fn)} in {self.name}"
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
         if len(self.args) > i:
             return self.args[i]
         return self.kwargs.get(name, default)
 
-    def node_arg(self, i: int, name: str, default: Any = None) -> Any:
-        """The arg as written in the graph: a `fx.Node` where the value is computed at run time."""
-        if len(self.node.args) > i:
-            return self.node.args[i]
-        return self.node.kwargs.get(name, default)
+    def tensor_name(self, value: Any) -> str | None:
+        """Qualified name of a parameter or buffer of the model (`"layer1.0.bn1.weight"`), else None."""
+        if not isinstance(value, torch.Tensor):
+            return None
+        return self.tensor_names.get(id(value))
+
+
+def function_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or str(fn)
+    return name.strip("_") if name.startswith("__") else name
 
 
 Rule = Callable[[Call], Label]
@@ -76,19 +90,6 @@ def fixed_like(value: Any) -> Label:
     if isinstance(value, dict):
         return {k: fixed_like(v) for k, v in value.items()}
     return None
-
-
-_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
-
-
-def is_shape_query(node: fx.Node) -> bool:
-    """Ops that read a tensor's metadata, not its values: channels pass them unconstrained."""
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    if node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS
-    return node.target in (len, torch.numel)
 
 
 def walk_labels(labels: Any):
@@ -271,6 +272,17 @@ def channelwise(c: Call) -> Label:
     return keep
 
 
+def pad(c: Call) -> Label:
+    """F.pad: padded dims must not carry channels; the others (channels-last too) pass."""
+    value, lab = first_tensor(c)
+    widths = list(c.arg(1, "pad", ()))
+    padded = {value.dim() - 1 - i // 2 for i, w in enumerate(widths) if int(w) != 0}
+    if varying_dims(lab) & padded:
+        c.st.block(lab, f"is padded along its channels by {c.where}")
+        return fixed_like(c.out)
+    return lab
+
+
 def reduction(c: Call) -> Label:
     """mean/sum/amax/...: reducing over channels would mix kept and removed ones."""
     value, lab = first_tensor(c)
@@ -327,13 +339,14 @@ def _reshape_blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[li
     return blocks
 
 
-def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list[bool]) -> Label:
+def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list[bool], sizes: list[Any] | None = None) -> Label:
     """view/reshape/flatten/unflatten: merge or split the channel dim.
 
     A merge of the channel dim with constant dims (flatten into a Linear) is exact when the merged
     size is computed at run time. A split of the channel dim (channel shuffle) is exact when exactly
     one resulting dim is computed at run time: the other dims are fixed, so channels go in whole
-    columns, and the ids in each column are tied together.
+    columns, and the ids in each column are tied together. A size read from a tensor (`sizes[d]`
+    a `SizeInt`) must measure the channels it reshapes: checked once all ties are known.
     """
     src, dst = tuple(value.shape), tuple(c.out.shape)
     full = expand_full(lab, src).reshape(dst)
@@ -345,10 +358,12 @@ def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list
         big_out = [d for d in bj if dst[d] > 1]
         free = [d for d in bj if dynamic[d]]
         if len(vi) == 1 and len(big_out) == 1 and big_out[0] in free:
+            _check_size(c, sizes, big_out[0], full, bj)
             continue  # a merge (or a dim kept as it is) whose size is recomputed after pruning
         big_in = [d for d in bi if src[d] > 1]
         if len(big_in) == 1 and len([d for d in free if dst[d] > 1]) == 1:
             keep = next(d for d in free if dst[d] > 1)
+            _check_size(c, sizes, keep, full, bj)
             ref = full
             for d in bj:
                 if d != keep:
@@ -372,12 +387,10 @@ def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list
 
 
 SHAPE_OWNERS: list[type] = []
-PARAMS_BY_NAME: set = set()
-"""Functions whose rule records the parameters passed to them by their qualified names (Swin's
-window attention gets `self.qkv.weight`): those parameters need no per-element labels."""
-LEAF_MODULES: tuple[type, ...] = (nn.LayerNorm, PrunedMultiheadAttention)
-"""Kept whole by the tracer: the masked norm stands in for a LayerNorm module (subclasses too),
-and a pruned attention module is followed by the same rule as the stock one."""
+LEAF_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, PrunedMultiheadAttention)
+"""Followed whole even where a subclass has its own forward: the masked norm stands in for a
+LayerNorm or GroupNorm module (timm's `LayerNorm2d`, `GroupNormAct`: a permute or an activation
+around the norm), and a pruned attention module is followed by the same rule as the stock one."""
 """Module types whose shape-describing attributes `apply_plan` re-derives from the sliced tensors,
 so reshapes by their constants (`x.reshape(n, self.hidden_dim, -1)`) may follow pruned channels."""
 
@@ -387,23 +400,38 @@ def owns_shapes(c: Call) -> bool:
     return bool(owners) and any(issubclass(t, owners) for t in c.scope)
 
 
-def _shape_args(c: Call) -> tuple[list[Any], list[Any]]:
-    """The requested shape of view/reshape, as values and as graph args."""
-    vals, nodes = list(c.args[1:]), list(c.node.args[1:])
+def _shape_args(c: Call) -> list[Any]:
+    """The requested shape of view/reshape (ints, `SizeInt`s read from tensors, -1)."""
+    vals = list(c.args[1:])
     if "shape" in c.kwargs:
-        vals, nodes = [c.kwargs["shape"]], [c.node.kwargs["shape"]]
+        vals = [c.kwargs["shape"]]
     if len(vals) == 1 and isinstance(vals[0], (tuple, list, torch.Size)):
-        node = nodes[0]
         vals = list(vals[0])
-        nodes = list(node) if isinstance(node, (tuple, list)) else [node] * len(vals)
-    return vals, nodes
+    return vals
 
 
 def view(c: Call) -> Label:
     value, lab = c.args[0], c.labels[0]
-    vals, nodes = _shape_args(c)
-    dynamic = [isinstance(n, fx.Node) or v == -1 for v, n in zip(vals, nodes)]
-    return reshape_label(c, value, lab, dynamic)
+    vals = _shape_args(c)
+    dynamic = [isinstance(v, SizeInt) or v == -1 for v in vals]
+    return reshape_label(c, value, lab, dynamic, vals)
+
+
+def reshape_as(c: Call) -> Label:
+    """`x.reshape_as(y)` / `x.view_as(y)`: the identity where the shapes already agree."""
+    value, other = c.args[0], c.args[1]
+    if isinstance(other, torch.Tensor) and tuple(value.shape) == tuple(other.shape):
+        return c.labels[0]
+    return unsupported(c)
+
+
+def _check_size(c: Call, sizes: list[Any] | None, d: int, full: torch.Tensor, block: list[int]) -> None:
+    """Record that the size requested for dim `d`, if read from a tensor, shrinks with the data."""
+    size = sizes[d] if sizes is not None and d < len(sizes) else None
+    if not isinstance(size, SizeInt) or not size.channels or owns_shapes(c):
+        return
+    data = full.movedim(block, list(range(len(block)))).reshape(-1) if block else full.reshape(-1)
+    c.st.same_size(size.sources, data, size.derived, f"is reshaped by {c.where} to a size read from other channels")
 
 
 def flatten(c: Call) -> Label:
@@ -435,8 +463,7 @@ def apply_same(c: Call) -> Label:
     """permute/transpose/unsqueeze/expand/repeat/flip...: move labels exactly like the values."""
     value, lab = c.args[0], c.labels[0]
     full = expand_full(lab, value.shape)
-    fn = getattr(torch.Tensor, c.node.target) if isinstance(c.node.target, str) else c.node.target
-    return fn(full, *c.args[1:], **c.kwargs)
+    return c.fn(full, *c.args[1:], **c.kwargs)
 
 
 def squeeze(c: Call) -> Label:
@@ -508,7 +535,7 @@ def cat(c: Call, stack: bool = False) -> Label:
 def chunk(c: Call) -> Label:
     """chunk/split into equal pieces: a channel removed from one piece goes from every piece."""
     value, lab = c.args[0], c.labels[0]
-    name = c.node.target if isinstance(c.node.target, str) else c.node.target.__name__
+    name = function_name(c.fn)
     dim = norm_dim(c.arg(2, "dim", 0), value.dim())
     pieces = c.out
     full = expand_full(lab, value.shape)
@@ -517,9 +544,11 @@ def chunk(c: Call) -> Label:
         parts.append(full.narrow(dim, offset, piece.shape[dim]))
         offset += piece.shape[dim]
     if dim in varying_dims(lab):
-        size_node = c.node_arg(1, "split_size_or_sections" if name == "split" else "chunks")
+        size = c.arg(1, "split_size_or_sections" if name == "split" else "chunks")
+        if name == "split" and "split_size" in c.kwargs:
+            size = c.kwargs["split_size"]
         equal = len({p.shape[dim] for p in pieces}) == 1
-        computed = name == "chunk" or isinstance(size_node, fx.Node)
+        computed = name == "chunk" or isinstance(size, SizeInt)
         if equal and computed:
             for p in parts[1:]:
                 c.st.unify(parts[0], p, f"is split into equal pieces by {c.where} next to fixed channels")
@@ -544,22 +573,115 @@ def conv(c: Call) -> Label:
     Grouped convs lose whole conv groups: the input channels of a group are tied, its outputs
     share the group's id, and only weight dim 0 (which spans all groups) loses positions.
     """
-    m, name = c.module, c.node.target
-    x, lab = c.args[0], c.labels[0]
+    m, name = c.module, c.name
+    x = c.args[0]
     cdim = x.dim() - len(m.kernel_size) - 1
-    st = c.st
-    ids_in = st.channel_vector(lab, cdim, m.in_channels, f"{type(m).__name__} {name!r}")
-    if m.groups == 1:
-        ids_out = st.origin(name, m.out_channels)
-        in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
-        st.record((name, "weight", in_dim), ids_in)
-        st.record((name, "weight", out_dim), ids_out, output=True)
+    bias = "bias" if m.bias is not None else None
+    return _conv_labels(c, name, "weight", bias, cdim, m.in_channels, m.out_channels, m.groups, m.transposed)
+
+
+def _conv_labels(c: Call, name: str, weight: str, bias: str | None, cdim: int, in_channels: int, out_channels: int,
+                 groups: int, transposed: bool) -> Label:  # fmt: skip
+    lab, st = c.labels[0], c.st
+    ids_in = st.channel_vector(lab, cdim, in_channels, c.where)
+    if groups == 1:
+        ids_out = st.origin(name, out_channels)
+        in_dim, out_dim = (0, 1) if transposed else (1, 0)
+        st.record((name, weight, in_dim), ids_in)
+        st.record((name, weight, out_dim), ids_out, output=True)
     else:
-        ids_out = _grouped(st, ids_in, m.groups, m.out_channels, name)
-        st.record((name, "weight", 0), ids_in if m.transposed else ids_out, output=True)
-    if m.bias is not None:
-        st.record((name, "bias", 0), ids_out)
+        ids_out = _grouped(st, ids_in, groups, out_channels, name)
+        st.record((name, weight, 0), ids_in if transposed else ids_out, output=True)
+    if bias is not None:
+        st.record((name, bias, 0), ids_out)
     return along(ids_out, cdim, c.out.dim())
+
+
+def _owner(c: Call, value: Any) -> tuple[str, str] | None:
+    """(module, tensor) of a parameter or buffer passed to a functional, else None."""
+    name = c.tensor_name(value)
+    if name is None:
+        return None
+    module, _, tensor = name.rpartition(".")
+    return module, tensor
+
+
+def functional_conv(c: Call) -> Label:
+    """F.conv1d/2d/3d called with a module's own parameters (timm's `Conv2dSame`, a custom forward)."""
+    x, weight, bias = c.args[0], c.arg(1, "weight"), c.arg(2, "bias")
+    w, b = _owner(c, weight), _owner(c, bias)
+    if w is None or (bias is not None and (b is None or b[0] != w[0])):
+        return unsupported(c)
+    groups = int(c.arg(6, "groups", 1))
+    cdim = x.dim() - (weight.dim() - 2) - 1
+    out_channels = weight.shape[0]
+    return _conv_labels(c, w[0], w[1], b[1] if b else None, cdim, x.shape[cdim], out_channels, groups, False)
+
+
+def functional_linear(c: Call) -> Label:
+    """F.linear with a module's own weight (a Linear subclass with its own forward)."""
+    x, weight, bias = c.args[0], c.arg(1, "weight"), c.arg(2, "bias")
+    w, b = _owner(c, weight), _owner(c, bias)
+    if w is None or weight.dim() != 2 or (bias is not None and (b is None or b[0] != w[0])):
+        return unsupported(c)
+    name, st = w[0], c.st
+    ids_in = st.channel_vector(c.labels[0], x.dim() - 1, weight.shape[1], c.where)
+    ids_out = st.origin(name, weight.shape[0])
+    st.record((name, w[1], 1), ids_in)
+    st.record((name, w[1], 0), ids_out, output=True)
+    if b is not None:
+        st.record((name, b[1], 0), ids_out)
+    return along(ids_out, c.out.dim() - 1, c.out.dim())
+
+
+def functional_batch_norm(c: Call) -> Label:
+    """F.batch_norm with a module's own statistics and affine parameters (timm's `BatchNormAct2d`)."""
+    x, lab = c.args[0], c.labels[0]
+    tensors = [c.arg(i, key) for i, key in enumerate(("running_mean", "running_var", "weight", "bias"), start=1)]
+    owners = [_owner(c, t) for t in tensors if t is not None]
+    if any(o is None for o in owners):
+        c.st.block(lab, f"is normalised by {c.where} with statistics computed in the forward")
+        return lab
+    if x.dim() < 2:
+        return unsupported(c)
+    ids = c.st.channel_vector(lab, 1, x.shape[1], c.where)
+    for module, tensor in owners:
+        c.st.record((module, tensor, 0), ids)
+    return lab
+
+
+def scaled_dot_product_attention(c: Call) -> Label:
+    """F.scaled_dot_product_attention on (B, heads, tokens, head_dim): whole heads, never the head dim.
+
+    Positions along the head dim are tied within each head, so only whole heads can go: the
+    default scale 1/sqrt(head_dim) stays what it was.
+    """
+    q, k, v = (c.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(("query", "key", "value")))
+    mask = c.arg(3, "attn_mask")
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)) or lq is None or lk is None or lv is None:
+        return unsupported(c)
+    if isinstance(mask, torch.Tensor) and varying_dims(c.labels[3] if len(c.labels) > 3 else c.klabels["attn_mask"]):
+        return unsupported(c)
+    whole = []
+    for t, lab in ((q, lq), (k, lk), (v, lv)):
+        full = expand_full(lab, t.shape)
+        c.st.unify(full, full.narrow(-1, 0, 1).expand_as(full), f"is one head in {c.where} beside fixed channels")
+        whole.append(full)
+    scores = torch.empty(q.shape[:-1] + (k.shape[-2],), device="meta")
+    ls = contract(c, ["bhnd", "bhmd"], "bhnm", [q, k], whole[:2])
+    if 3 in varying_dims(ls) or 2 in varying_dims(ls):
+        c.st.block(ls, f"is attended over by {c.where}")
+    return contract(c, ["bhnm", "bhme"], "bhne", [scores, v], [ls, whole[2]])
+
+
+def normalize(c: Call) -> Label:
+    """F.normalize: a norm along `dim`; channels along any other dim pass."""
+    x, lab = c.args[0], c.labels[0]
+    dims = dims_arg(c.arg(2, "dim", 1), x.dim())
+    if varying_dims(lab) & set(dims):
+        c.st.block(lab, f"is normalised over by {c.where}")
+    return lab
 
 
 def _grouped(st: Coupling, ids_in: torch.Tensor, groups: int, out_channels: int, name: str) -> torch.Tensor:
@@ -570,7 +692,7 @@ def _grouped(st: Coupling, ids_in: torch.Tensor, groups: int, out_channels: int,
 
 
 def linear(c: Call) -> Label:
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     x, lab = c.args[0], c.labels[0]
     st = c.st
     ids_in = st.channel_vector(lab, x.dim() - 1, m.in_features, f"Linear {name!r}")
@@ -583,7 +705,7 @@ def linear(c: Call) -> Label:
 
 
 def embedding(c: Call) -> Label:
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     ids_out = c.st.origin(name, m.embedding_dim)
     c.st.record((name, "weight", 1), ids_out, output=True)
     return along(ids_out, c.out.dim() - 1, c.out.dim())
@@ -591,7 +713,7 @@ def embedding(c: Call) -> Label:
 
 def batchnorm(c: Call) -> Label:
     """BatchNorm/InstanceNorm: per-channel statistics, sliced with the channel."""
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     x, lab = c.args[0], c.labels[0]
     ids = c.st.channel_vector(lab, 1, x.shape[1], f"{type(m).__name__} {name!r}")
     for tensor in ("weight", "bias", "running_mean", "running_var"):
@@ -601,7 +723,7 @@ def batchnorm(c: Call) -> Label:
 
 
 def prelu(c: Call) -> Label:
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     x, lab = c.args[0], c.labels[0]
     if m.num_parameters > 1:
         ids = c.st.channel_vector(lab, 1, x.shape[1], f"PReLU {name!r}")
@@ -616,7 +738,7 @@ def layer_norm(c: Call) -> Label:
     over the kept channels only; `apply_plan(mode="mask")` reproduces that with a masked norm, for
     which the trace records the input dim that carries the channels (`Coupling.norm_dims`).
     """
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     x, lab = c.args[0], c.labels[0]
     nd, k = x.dim(), len(m.normalized_shape)
     if type(m).forward is nn.LayerNorm.forward:
@@ -649,16 +771,23 @@ def group_norm(c: Call) -> Label:
     Statistics are per group, so removing whole groups leaves the kept groups' statistics as they
     were: the pruned model equals the masked one without a masked norm.
     """
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     x, lab = c.args[0], c.labels[0]
     if not varying_dims(lab) & set(range(1, x.dim())):
         return lab
     if not m.affine:
         c.st.block(lab, f"is normalised by {c.where} without affine parameters (nothing to slice)")
         return lab
+    if not (isinstance(c.out, torch.Tensor) and c.out.shape == x.shape):
+        return unsupported(c)
     ids = c.st.channel_vector(lab, 1, x.shape[1], c.where)
-    blocks = ids.reshape(m.num_groups, -1)  # (groups, channels per group)
-    c.st.unify(blocks, blocks[:, :1].expand_as(blocks), f"is one group of {c.where} beside fixed channels")
+    if m.num_groups == 1:
+        # one group over all channels (PoolFormer's GroupNorm1) normalises like a LayerNorm:
+        # single channels may go, and mask mode needs the masked norm
+        c.st.norm_dims[name] = 1 - x.dim()
+    else:
+        blocks = ids.reshape(m.num_groups, -1)  # (groups, channels per group)
+        c.st.unify(blocks, blocks[:, :1].expand_as(blocks), f"is one group of {c.where} beside fixed channels")
     for tensor in ("weight", "bias"):
         c.st.record((name, tensor, 0), ids)
     return lab
@@ -689,7 +818,7 @@ def multihead_attention(c: Call) -> Label:
     attention scale 1/sqrt(head_dim) stays. After removal the module becomes a
     `prunecore.attention.PrunedMultiheadAttention`, which allows inner width != model width.
     """
-    m, name = c.module, c.node.target
+    m, name = c.module, c.name
     if type(m) not in (nn.MultiheadAttention, PrunedMultiheadAttention) or m.bias_k is not None or m.add_zero_attn:
         return unsupported(c)
     roles = ("query", "key", "value")
@@ -722,22 +851,10 @@ def multihead_attention(c: Call) -> Label:
     mask = c.arg(5, "attn_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 3:
         st.block(heads, f"heads of {c.where} get a per-head attn_mask")
-    if _attention_weights_used(c):
-        st.block(heads, f"heads of {c.where} are averaged into attention weights the model uses")
     attn_out, weights = c.out
+    if weights is not None and c.watch is not None:
+        c.watch(weights, heads, f"heads of {c.where} are averaged into attention weights the model uses")
     return (along(ids_out, attn_out.dim() - 1, attn_out.dim()), fixed_like(weights))
-
-
-def _attention_weights_used(c: Call) -> bool:
-    """Whether the second output (head-averaged weights, which change when heads go) is read."""
-    if c.out[1] is None:
-        return False
-    for user in c.node.users:
-        if user.target is not operator.getitem:
-            return True
-        if user.args[1] != 0 and user.users:
-            return True
-    return False
 
 
 # -- dispatch tables --------------------------------------------------------------------------------
@@ -774,11 +891,32 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
 ]
 
 
-def module_rule(module: nn.Module) -> Rule:
+def module_rule(module: nn.Module, leaves: tuple[type, ...] = ()) -> Rule | None:
+    """The rule that follows `module` whole, or None to look inside its forward.
+
+    A rule applies to the torch.nn class it was written for and to subclasses that keep its
+    forward; a subclass with its own forward (timm's `BatchNormAct2d`, `Conv2dSame`) is entered,
+    and the functionals it calls are followed with its parameters. `leaves` are the user's opaque
+    module types: their channels are kept.
+    """
+    if leaves and isinstance(module, leaves):
+        return opaque
     for types, rule in MODULE_RULES:
         if isinstance(module, types):
-            return rule
-    return unsupported
+            if isinstance(module, LEAF_MODULES) or _keeps_forward(type(module)):
+                return rule
+            return None
+    return None
+
+
+def _keeps_forward(cls: type) -> bool:
+    stock = next((k for k in cls.__mro__ if k.__module__.startswith("torch.nn.")), None)
+    return stock is not None and cls.forward is stock.forward
+
+
+def opaque(c: Call) -> Label:
+    block_inputs(c, f"reaches {c.where}, a leaf module prunecore does not look inside")
+    return fixed_like(c.out)
 
 
 _ELEMENTWISE_FUNCTIONS = [
@@ -786,7 +924,8 @@ _ELEMENTWISE_FUNCTIONS = [
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pos, operator.pow,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.where, torch.clamp,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.rsqrt,
-    torch.maximum, torch.minimum, torch.erf,
+    torch.maximum, torch.minimum, torch.erf, torch.addcmul, torch.addcdiv, torch.lerp, torch.square,
+    torch.log, torch.sin, torch.cos, torch.clamp_min, torch.nn.functional.hardtanh,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
     F.elu, F.selu, F.mish, F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
     F.dropout3d, F.alpha_dropout,
@@ -800,14 +939,21 @@ _ELEMENTWISE_METHODS = [
 _SPATIAL_FUNCTIONS = [
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad, torch.max_pool2d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, torch.max_pool2d,
     torch.avg_pool1d, torch.adaptive_avg_pool1d,
+]  # fmt: skip
+_ELEMENTWISE_DUNDERS = [
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__", "__idiv__", "__neg__", "__pos__",
+    "__pow__", "__rpow__", "__ipow__", "__abs__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "__and__", "__or__", "__xor__", "__invert__", "__floordiv__", "__rfloordiv__", "__mod__",
 ]  # fmt: skip
 _REDUCTIONS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod", "norm"]
 
 FUNCTION_RULES: dict[Any, Rule] = {
     **{f: elementwise for f in _ELEMENTWISE_FUNCTIONS},
     **{f: channelwise for f in _SPATIAL_FUNCTIONS},
+    F.pad: pad, torch.constant_pad_nd: pad,
     **{getattr(torch, r): reduction for r in _REDUCTIONS},
     F.softmax: softmax_like, F.log_softmax: softmax_like, torch.softmax: softmax_like,
     torch.log_softmax: softmax_like,
@@ -820,7 +966,12 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.squeeze: squeeze, torch.flip: apply_same, torch.movedim: apply_same,
     torch.swapaxes: apply_same, torch.swapdims: apply_same, torch.moveaxis: apply_same,
     operator.getitem: getitem,
+    torch.conv1d: functional_conv, torch.conv2d: functional_conv, torch.conv3d: functional_conv,
+    F.linear: functional_linear, F.batch_norm: functional_batch_norm, F.normalize: normalize,
+    F.scaled_dot_product_attention: scaled_dot_product_attention,
 }  # fmt: skip
+for _rule in (functional_conv, functional_linear, functional_batch_norm):
+    _rule.params_by_name = True  # type: ignore[attr-defined]  # parameters are recognised by name
 METHOD_RULES: dict[str, Rule] = {
     **{m: elementwise for m in _ELEMENTWISE_METHODS},
     **{r: reduction for r in _REDUCTIONS},
@@ -831,18 +982,21 @@ METHOD_RULES: dict[str, Rule] = {
     "repeat": apply_same, "flip": apply_same, "movedim": apply_same, "t": apply_same,
     "swapaxes": apply_same, "swapdims": apply_same, "moveaxis": apply_same, "roll": apply_same,
     "squeeze": squeeze, "expand_as": elementwise, "matmul": matmul, "bmm": matmul,
+    "reshape_as": reshape_as, "view_as": reshape_as, "addcmul": elementwise, "addcdiv": elementwise,
+    "addcmul_": elementwise, "addcdiv_": elementwise, "lerp": elementwise, "square": elementwise,
+    "gelu": elementwise, "silu": elementwise, "log": elementwise, "sin": elementwise, "cos": elementwise,
+    "__getitem__": getitem, "__matmul__": matmul,
+    **{d: elementwise for d in _ELEMENTWISE_DUNDERS},
 }  # fmt: skip
 
 
 def _register_torchvision() -> None:
-    """torchvision wraps a few functions as fx leaves, and owns a few shape constants."""
-    from torchvision.ops import stochastic_depth
-
+    """torchvision's attention modules, and the shape constants it owns."""
     from prunecore import _torchvision
 
-    FUNCTION_RULES[stochastic_depth] = elementwise
-    FUNCTION_RULES.update(_torchvision.FUNCTION_RULES)
-    PARAMS_BY_NAME.update(_torchvision.PARAMS_BY_NAME)
+    global LEAF_MODULES
+    MODULE_RULES[:0] = _torchvision.MODULE_RULES
+    LEAF_MODULES += _torchvision.LEAF_MODULES
     SHAPE_OWNERS.extend(_torchvision.SHAPE_OWNERS)
 
 
@@ -854,12 +1008,18 @@ def container(c: Call) -> Label:
     return tuple(c.labels) + tuple(c.klabels.values())
 
 
-def function_rule(node: fx.Node) -> Rule:
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target, unsupported)
-    if isinstance(node.target, type) and issubclass(node.target, tuple):
-        return container
-    return FUNCTION_RULES.get(node.target, unsupported)
+_TENSOR_METHODS = {getattr(torch.Tensor, name, None): rule for name, rule in METHOD_RULES.items()}
+_TENSOR_METHODS.pop(None, None)
+
+
+def function_rule(fn: Any) -> Rule:
+    """The rule of a torch function or tensor method as the tracing mode sees it."""
+    rule = FUNCTION_RULES.get(fn) or _TENSOR_METHODS.get(fn)
+    if rule is not None:
+        return rule
+    if getattr(fn, "__objclass__", None) is torch._C.TensorBase or getattr(fn, "__qualname__", "").startswith("Tensor."):
+        return METHOD_RULES.get(getattr(fn, "__name__", ""), unsupported)
+    return unsupported
 
 
 def output(st: Coupling, labels: Any) -> None:

@@ -3,8 +3,8 @@
 - Shape attributes their forward reads as constants (`VisionTransformer.hidden_dim`, a window
   attention's `num_heads`): the trace lets reshapes by them follow pruned channels
   (`SHAPE_OWNERS`), and surgery re-derives them from the sliced tensors (`SHAPE_FIXES`).
-- Functions torchvision marks as fx leaves (`torch.fx.wrap`): window attention, patch-merging
-  padding and the relative-position-bias lookup get rules of their own (`FUNCTION_RULES`).
+- Swin's window attention is followed whole, as one module (`MODULE_RULES`), since heads own
+  slices of its bias table (or, on V2, of its bias MLP and logit scale).
 - Attention modules whose inner width changes become `prunecore.attention` subclasses, which read
   the head width from their weights instead of deriving it from the model width.
 """
@@ -14,81 +14,54 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torchvision.models import maxvit
 from torchvision.models import swin_transformer as swin
 from torchvision.models.vision_transformer import VisionTransformer
 
 from prunecore import attention
-from prunecore._labels import along, expand_full, varying_dims
+from prunecore._labels import along
 from prunecore._rules import Call, Label, unsupported
 
 SHAPE_OWNERS: list[type] = [VisionTransformer, swin.ShiftedWindowAttention, maxvit.RelativePositionalMultiHeadAttention]
 
 
-# -- rules for torchvision's fx leaves ------------------------------------------------------------
+# -- module rules ----------------------------------------------------------------------------------
 def window_attention(c: Call) -> Label:
     """Swin window attention: a unit is one head (its q, k, v rows, proj columns, bias-table column).
 
     The model width enters through `qkv` columns and leaves through `proj` rows; heads are a group
-    of their own, named after the attention module. The head width is never pruned.
+    of their own, named after the attention module. The head width is never pruned. Swin-V2's
+    heads also own their `logit_scale` entry and the bias MLP's output row.
     """
+    m, name, st = c.module, c.name, c.st
     x, lab = c.args[0], c.labels[0]
-    nodes = {name: c.node_arg(i, name) for i, name in enumerate(("input", "qkv_weight", "proj_weight"))}
-    for name in ("qkv_bias", "proj_bias", "logit_scale"):
-        nodes[name] = c.node.kwargs.get(name)
-    if any(not (isinstance(n, fx.Node) and n.op == "get_attr") for n in (nodes["qkv_weight"], nodes["proj_weight"])):
-        return unsupported(c)
-    qkv = nodes["qkv_weight"].target.rpartition(".")[0]
-    proj = nodes["proj_weight"].target.rpartition(".")[0]
-    heads_n = c.arg(5, "num_heads")
-    inner = c.args[1].shape[0] // 3
-    st = c.st
-    heads = st.origin(qkv.rpartition(".")[0], heads_n, names_group=True)
-    per_head = heads.repeat_interleave(inner // heads_n)  # (inner,)
+    qkv, proj = f"{name}.qkv", f"{name}.proj"
+    inner = m.qkv.weight.shape[0] // 3
+    heads = st.origin(name, m.num_heads, names_group=True)
+    per_head = heads.repeat_interleave(inner // m.num_heads)  # (inner,)
     st.record((qkv, "weight", 1), st.channel_vector(lab, x.dim() - 1, x.shape[-1], c.where))
     st.record((qkv, "weight", 0), per_head.repeat(3), output=True)
-    ids_out = st.origin(proj, c.args[2].shape[0])
+    ids_out = st.origin(proj, m.proj.weight.shape[0])
     st.record((proj, "weight", 1), per_head)
     st.record((proj, "weight", 0), ids_out, output=True)
-    for name, module, ids in (("qkv_bias", qkv, per_head.repeat(3)), ("proj_bias", proj, ids_out)):
-        if isinstance(nodes[name], fx.Node):
-            st.record((module, "bias", 0), ids)
-    scale = nodes["logit_scale"]
-    if isinstance(scale, fx.Node):
-        if scale.op != "get_attr":
+    if m.qkv.bias is not None:
+        st.record((qkv, "bias", 0), per_head.repeat(3))
+    if m.proj.bias is not None:
+        st.record((proj, "bias", 0), ids_out)
+    if isinstance(m, swin.ShiftedWindowAttentionV2):
+        st.record((name, "logit_scale", 0), heads)
+        last = m.cpb_mlp[-1]
+        if not isinstance(last, nn.Linear) or last.bias is not None or last.out_features != m.num_heads:
             return unsupported(c)
-        module, _, tensor = scale.target.rpartition(".")
-        st.record((module, tensor, 0), heads)
-    bias, bias_lab = c.args[3], c.labels[3]
-    if bias_lab is not None:  # (1, heads, N, N): each head's bias goes with its head
-        st.unify(bias_lab, along(heads, 1, bias.dim()), f"is the position bias of {c.where}")
+        st.record((f"{name}.cpb_mlp.{len(m.cpb_mlp) - 1}", "weight", 0), heads)
+    else:
+        st.record((name, "relative_position_bias_table", 1), heads)
     return along(ids_out, x.dim() - 1, x.dim())
 
 
-def relative_position_bias(c: Call) -> Label:
-    """The bias-table lookup: heads run along the table's columns, positions along its rows."""
-    table, lab = c.args[0], c.labels[0]
-    full = expand_full(lab, table.shape)  # (positions, heads)
-    c.st.keep_whole(full, 0, f"is looked up by position along its channels by {c.where}")
-    return swin._get_relative_position_bias(full, c.args[1], c.args[2])
-
-
-def patch_merging_pad(c: Call) -> Label:
-    """2x2 neighbours concatenated along channels: (B, H, W, C) -> (B, H/2, W/2, 4C)."""
-    x, lab = c.args[0], c.labels[0]
-    if varying_dims(lab) - {x.dim() - 1}:
-        return unsupported(c)
-    return torch.cat([lab] * 4, dim=-1)
-
-
-FUNCTION_RULES: dict[Callable, Callable[[Call], Label]] = {
-    swin.shifted_window_attention: window_attention,
-    attention.window_attention: window_attention,
-    swin._get_relative_position_bias: relative_position_bias,
-    swin._patch_merging_pad: patch_merging_pad,
-}
-PARAMS_BY_NAME = {swin.shifted_window_attention, attention.window_attention}
+MODULE_RULES: list[tuple[type, Callable[[Call], Label]]] = [(swin.ShiftedWindowAttention, window_attention)]
+LEAF_MODULES: tuple[type, ...] = (swin.ShiftedWindowAttention,)  # the pruned subclasses too
 
 
 # -- shape attributes after slicing ---------------------------------------------------------------

@@ -1,8 +1,8 @@
 """`trace`: find the groups of channels that must be removed together.
 
-The model is symbolically traced with `torch.fx` and run once on the example inputs; beside every
-value the tracer carries a label saying which channel owns each element (see `_labels.py`), and
-each op moves the labels by a rule (see `_rules.py`). Channels that an op ties together (a
+The model runs once on the example inputs with every torch op watched (see `_tracer.py`); beside
+every value the tracer carries a label saying which channel owns each element (see `_labels.py`),
+and each op moves the labels by a rule (see `_rules.py`). Channels that an op ties together (a
 residual add, the two halves of a chunk, a depthwise conv's input and output) end up in one set;
 producers whose channels share a set form one `ChannelGroup`.
 
@@ -30,6 +30,7 @@ from torch import fx, nn
 from prunecore import _rules
 from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
 from prunecore._modes import eval_mode, training_flags
+from prunecore._tracer import Recorder
 
 __all__ = ["ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace"]
 
@@ -162,73 +163,6 @@ class _Tracer(fx.Tracer):
         return leaf or super().is_leaf_module(m, qualname)
 
 
-class _LabelInterpreter(fx.Interpreter):
-    """Runs the graph for real and computes every node's label beside its value."""
-
-    def __init__(self, gm: fx.GraphModule, st: Coupling, root: type):
-        super().__init__(gm)
-        self.st = st
-        self.root = root
-        self.labels: dict[fx.Node, Any] = {}
-        self.current: fx.Node | None = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        value = super().run_node(n)
-        # the arguments are still in the environment: fx frees them only after this node
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        labels = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
-        klabels = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
-        self.labels[n] = self._label(n, value, args, kwargs, labels, klabels)
-        return value
-
-    def _label(self, n: fx.Node, value: Any, args: tuple, kwargs: dict, labels: Any, klabels: Any) -> Any:
-        if n.op == "placeholder":
-            return _rules.fixed_like(value)
-        if n.op == "output":
-            _rules.output(self.st, labels)
-            return None
-        if n.op == "get_attr":
-            by_name = all(u.op == "call_function" and u.target in _rules.PARAMS_BY_NAME for u in n.users)
-            if isinstance(value, torch.Tensor) and value.numel() <= 1 << 22 and not by_name:
-                return self.st.param(n.target, value)
-            return _rules.fixed_like(value)
-        if not _has_tensor(value):
-            item = n.target is operator.getitem and not isinstance(args[0], torch.Tensor)
-            if not _rules.is_shape_query(n) and not item and _has_label((labels, klabels)):
-                # a value computed from the channels leaves the tensor world (x.tolist(), a dict)
-                _rules.block_inputs(_rules.Call(n, args, kwargs, labels, klabels, value, self.st),
-                                    f"is turned into a non-tensor value by {n.op} {n.target!r}")
-            return None
-        module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        if module is None and not _has_label((labels, klabels)):
-            return _rules.fixed_like(value)  # made from constants alone (torch.zeros, arange, ...)
-        stack = n.meta.get("nn_module_stack", {}).values()
-        scope = (self.root,) + tuple(t for _, t in stack if isinstance(t, type))
-        call = _rules.Call(n, tuple(args), dict(kwargs), tuple(labels), dict(klabels), value, self.st, module, scope)
-        rule = _rules.module_rule(module) if module is not None else _rules.function_rule(n)
-        try:
-            label = rule(call)
-        except Exception as exc:  # a rule that cannot follow an op must not crash the trace
-            _rules.block_inputs(call, f"reaches {call.where}, which prunecore could not follow ({exc})")
-            label = _rules.fixed_like(value)
-        return _rules.finish(self.st, label)
-
-
-def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_has_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    return False
-
-
-def _has_label(labels: Any) -> bool:
-    return any(True for _ in _rules.walk_labels(labels))
-
-
 def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
     """torch.fx graph of `model` sharing its modules; a clear `TraceError` when fx cannot trace it."""
     tracer = _Tracer(leaf_modules)
@@ -269,27 +203,19 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leaves: tuple[type, ...]) -> set[str]:
-    gm = symbolic_trace(model, leaves)
-    interp = _LabelInterpreter(gm, st, type(model))
+    """Run the model once under the recorder; the names of the modules (and owners of tensors) it used."""
+    recorder = Recorder(model, st, leaves)
     try:
-        with torch.no_grad():
-            interp.run(*inputs)
-    except TraceError:
-        raise
+        recorder.run(inputs)
     except Exception as exc:
-        node = interp.current
-        where = f"at {node.op} {node.target!r}" if node is not None else "before the first op"
+        where = f"at {recorder.current}"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(
-            f"running {type(model).__name__} on the example inputs failed {where}: "
+            f"running {type(model).__name__} on the example inputs failed {where}{_failing_frame(exc)}: "
             f"{type(exc).__name__}: {first_line}. Check that the example inputs have the shape the model expects."
         ) from None
-    used = set()
-    for n in gm.graph.nodes:
-        if n.op == "call_module":  # a leaf runs its children itself (MultiheadAttention's out_proj)
-            used.update(f"{n.target}.{child}".rstrip(".") for child, _ in gm.get_submodule(n.target).named_modules())
-        elif n.op == "get_attr":
-            used.add(n.target.rpartition(".")[0])
+    used = set(recorder.used)
+    used.update(name.rpartition(".")[0] for name in st.params)
     return used
 
 
@@ -362,6 +288,7 @@ def _param_slots(st: Coupling) -> dict[Slot, torch.Tensor]:
 
 def _build_groups(model: nn.Module, st: Coupling) -> tuple[ChannelGroup, ...]:
     st.check_whole()
+    st.check_sizes()
     slots = {slot: st.roots(ids) for slot, ids in st.slots.items()}
     slots.update(_param_slots(st))
     blocked: dict[int, str] = {}

@@ -43,7 +43,7 @@ from prunecore._modes import eval_mode
 from prunecore._rules import SHAPE_OWNERS
 from prunecore.cost import count, plan_costs
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
-from prunecore.graph import ChannelGraph, symbolic_trace, trace
+from prunecore.graph import ChannelGraph, TraceError, symbolic_trace, trace
 from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan
 from prunecore.prune import select_units
@@ -237,17 +237,25 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, opera
 
 
 class _Engine:
-    """A private copy of the model as an fx graph that can resume from any node."""
+    """A private copy of the model as an fx graph that can resume from any node.
+
+    Where fx cannot trace the model (shape-dependent control flow), every point runs the copy's own
+    forward instead (`WHOLE`): slower, never different.
+    """
 
     def __init__(self, model, graph, metrics, data, calibration, bn_batches, progress, leaf_modules=()):
         self.original = model  # only ever run, for the reference outputs of label-free metrics
         self.model = copy.deepcopy(model).eval()
-        self.gm = symbolic_trace(self.model, leaf_modules)
-        _out_of_place_(self.gm)
-        self.nodes = list(self.gm.graph.nodes)
+        try:
+            self.gm: fx.GraphModule | None = symbolic_trace(self.model, leaf_modules)
+        except TraceError:
+            self.gm = None  # fx cannot follow this model: every point runs the copy's own forward
+        if self.gm is not None:
+            _out_of_place_(self.gm)
+        self.nodes = list(self.gm.graph.nodes) if self.gm is not None else []
         index = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((index[u] for u in n.users), default=len(self.nodes)) for n in self.nodes}
-        self.modules = dict(self.gm.named_modules())
+        self.modules = dict(self.gm.named_modules()) if self.gm is not None else {}
         self.graph, self.metrics = graph, [get_metric(m) for m in metrics]
         self.data, self.calibration, self.bn_batches = data, calibration, bn_batches
         self.progress = progress
@@ -258,7 +266,7 @@ class _Engine:
     # running the graph ------------------------------------------------------------------------
     def start(self, inputs: torch.Tensor) -> dict[fx.Node, Any]:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        return {placeholders[0]: inputs}
+        return {placeholders[0] if placeholders else None: inputs}
 
     def advance(self, env: dict, start: int, stop: int) -> Any:
         """Run nodes [start, stop) in `env`, freeing values after their last use."""
@@ -393,6 +401,8 @@ class _Engine:
         tracing froze into the graph; such groups run the model's own forward, which re-reads the
         attributes that `swap_tensors_` re-derives.
         """
+        if self.gm is None:
+            return True
         owners = tuple(SHAPE_OWNERS)
         touched = with_ancestors({m.module for m in self.graph[group].members})
         return any(isinstance(self.model.get_submodule(name), owners) for name in touched)
@@ -407,6 +417,8 @@ class _Engine:
         return len(self.nodes) - 1
 
     def _modules_from(self, start: int) -> set[nn.Module]:
+        if self.gm is None:
+            return set(self.model.modules())
         return {self.modules[n.target] for n in self.nodes[start:] if n.op == "call_module"}
 
 

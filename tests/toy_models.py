@@ -307,7 +307,7 @@ class ToList(Toy):
 
 
 class DataDependent(Toy):
-    """Python control flow on tensor values: torch.fx cannot trace it."""
+    """Python control flow on tensor values: traced eagerly; the channels it reads are kept."""
 
     def __init__(self):
         super().__init__()
