@@ -430,7 +430,7 @@ def _check_size(c: Call, sizes: list[Any] | None, d: int, full: torch.Tensor, bl
     size = sizes[d] if sizes is not None and d < len(sizes) else None
     if not isinstance(size, SizeInt) or not size.channels or owns_shapes(c):
         return
-    data = full.movedim(block, list(range(len(block)))).reshape(-1) if block else full.reshape(-1)
+    data = full[tuple(slice(None) if i in block else 0 for i in range(full.dim()))].reshape(-1)  # (block size,)
     c.st.same_size(size.sources, data, size.derived, f"is reshaped by {c.where} to a size read from other channels")
 
 
@@ -901,17 +901,18 @@ def module_rule(module: nn.Module, leaves: tuple[type, ...] = ()) -> Rule | None
     """
     if leaves and isinstance(module, leaves):
         return opaque
+    whole = isinstance(module, LEAF_MODULES)
     for types, rule in MODULE_RULES:
-        if isinstance(module, types):
-            if isinstance(module, LEAF_MODULES) or _keeps_forward(type(module)):
-                return rule
-            return None
+        if isinstance(module, types) and (whole or _keeps_forward(type(module), types)):
+            return rule
     return None
 
 
-def _keeps_forward(cls: type) -> bool:
-    stock = next((k for k in cls.__mro__ if k.__module__.startswith("torch.nn.")), None)
-    return stock is not None and cls.forward is stock.forward
+def _keeps_forward(cls: type, types: type | tuple[type, ...]) -> bool:
+    """Whether `cls` runs the forward its rule was written for (a torch.nn one or the rule's class's)."""
+    owner = next(k for k in cls.__mro__ if "forward" in vars(k))
+    registered = types if isinstance(types, tuple) else (types,)
+    return owner in registered or owner.__module__.startswith("torch.nn.")
 
 
 def opaque(c: Call) -> Label:
@@ -990,17 +991,29 @@ METHOD_RULES: dict[str, Rule] = {
 }  # fmt: skip
 
 
-def _register_torchvision() -> None:
-    """torchvision's attention modules, and the shape constants it owns."""
+def _register_libraries() -> None:
+    """Rules for torchvision's attention modules and the shape constants it owns; timm's, if installed."""
     from prunecore import _torchvision
 
     global LEAF_MODULES
     MODULE_RULES[:0] = _torchvision.MODULE_RULES
     LEAF_MODULES += _torchvision.LEAF_MODULES
     SHAPE_OWNERS.extend(_torchvision.SHAPE_OWNERS)
+    timm = timm_knowledge()
+    if timm is not None:
+        MODULE_RULES[:0] = timm.MODULE_RULES
 
 
-_register_torchvision()
+def timm_knowledge() -> Any:
+    """`prunecore._timm` when timm is installed, else None (timm is optional)."""
+    try:
+        from prunecore import _timm
+    except ImportError:
+        return None
+    return _timm
+
+
+_register_libraries()
 
 
 def container(c: Call) -> Label:

@@ -35,6 +35,7 @@ from torch import nn
 from torchvision.models import maxvit, swin_transformer
 
 from prunecore._labels import Slot
+from prunecore._rules import timm_knowledge
 from prunecore._modes import eval_mode
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
@@ -540,6 +541,11 @@ def _maxvit_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Te
         FlopTerm("", "to_qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
         FlopTerm("", "merge", "weight", (1,), pairs),  # attn V
     ]
+
+
+if timm_knowledge() is not None:
+    for _timm_class, _timm_flops in timm_knowledge().FLOPS:
+        register_flops(_timm_class)(_timm_flops)
 
 
 def _fraction(part: int, whole: int) -> float:

@@ -19,6 +19,7 @@ from torch import nn
 
 from prunecore import _torchvision
 from prunecore._labels import Slot
+from prunecore._rules import timm_knowledge
 from prunecore.attention import PrunedMultiheadAttention, swap_class_
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
@@ -232,3 +233,5 @@ SHAPE_FIXES: list[tuple[type | tuple[type, ...], Callable[[nn.Module], None]]] =
 ]
 """Per module type: re-derive shape attributes from the sliced tensors (first match wins)."""
 SHAPE_FIXES[:0] = _torchvision.SHAPE_FIXES
+if timm_knowledge() is not None:
+    SHAPE_FIXES[:0] = timm_knowledge().SHAPE_FIXES

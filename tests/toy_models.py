@@ -469,3 +469,61 @@ def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                     m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
     return model
+
+
+class ShapeBranch(Toy):
+    """Python control flow on a *shape* (torch.fx cannot trace it): the model runs for real instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 8)
+        self.b = conv_bn(8, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.shape[-1] > 4:  # decided on the example's size
+            x = F.avg_pool2d(x, 2)
+        return self.head(self.b(x).flatten(2).mean(-1))
+
+
+class FunctionalNorm(Toy):
+    """A BatchNorm subclass that calls `F.batch_norm` and an activation (timm's `BatchNormAct2d`)."""
+
+    class BatchNormAct(nn.BatchNorm2d):
+        def forward(self, x):
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return F.silu(y)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = self.BatchNormAct(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class ForeignSize(Toy):
+    """A reshape to a size read from *another* tensor: `inner` and `width` must keep their channels.
+
+    `y.reshape(b, n, c)` with `c` from `x` only works while both widths agree; pruning either alone
+    would crash the pruned model, so prunecore keeps both and says why.
+    """
+
+    input_shape = (2, 5, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.width = nn.Linear(8, 8)
+        self.inner = nn.Linear(8, 8)
+        self.mlp = nn.Sequential(nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.width(x)
+        b, n, c = x.shape
+        y = self.inner(x).reshape(b, n, c)  # c measures width's channels, not inner's
+        return self.head(self.mlp(torch.cat([x, y], -1)).mean(1))

@@ -1,0 +1,88 @@
+"""What prunecore knows about timm beyond the generic op rules; imported only when timm is installed.
+
+Most of timm needs nothing here: norm-act layers, `Conv2dSame`, squeeze-excitation gates, layer
+scales and MetaFormer blocks are followed op by op through the functionals they call. What needs
+knowledge is what the ops alone cannot say:
+
+- `timm.layers.Attention` (ViT, DeiT and most plain vision transformers): its forward reshapes
+  the fused qkv output by the constants `num_heads` / `head_dim` / `attn_dim`. Followed whole,
+  a unit is one head (its q, k, v rows and its `proj` columns), and `num_heads` / `attn_dim` are
+  re-derived from the sliced `qkv` after removal, so the module's own forward runs pruned.
+- Weight-standardised convs (`StdConv2d`, `ScaledStdConv2d`: NFNet, BiT): the standardisation
+  runs over each filter's input channels, so removing input channels would change the kept
+  weights; their output channels (and `gain`) can go, their inputs stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from timm.layers import Attention
+from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+from prunecore._labels import along
+from prunecore._rules import Call, Label, conv, unsupported
+
+_STD_CONVS = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+
+
+def attention(c: Call) -> Label:
+    """timm's fused-qkv attention: heads go whole, the model width through `qkv` columns and `proj` rows."""
+    m, name, st = c.module, c.name, c.st
+    x, lab = c.args[0], c.labels[0]
+    mask = c.arg(1, "attn_mask")
+    if m.gate is not None or not isinstance(m.norm, nn.Identity) or mask is not None or m.qkv.in_features != x.shape[-1]:
+        return unsupported(c)
+    qkv, proj = f"{name}.qkv", f"{name}.proj"
+    heads = st.origin(name, m.num_heads, names_group=True)
+    per_head = heads.repeat_interleave(m.head_dim)  # (attn_dim,): rows of one of q, k, v
+    st.record((qkv, "weight", 1), st.channel_vector(lab, x.dim() - 1, x.shape[-1], c.where))
+    st.record((qkv, "weight", 0), per_head.repeat(3), output=True)  # (3 * attn_dim,): q | k | v
+    if m.qkv.bias is not None:
+        st.record((qkv, "bias", 0), per_head.repeat(3))
+    ids_out = st.origin(proj, m.proj.out_features)
+    st.record((proj, "weight", 1), per_head)
+    st.record((proj, "weight", 0), ids_out, output=True)
+    if m.proj.bias is not None:
+        st.record((proj, "bias", 0), ids_out)
+    return along(ids_out, c.out.dim() - 1, c.out.dim())
+
+
+def std_conv(c: Call) -> Label:
+    """A weight-standardised conv: output channels and `gain` go, input channels stay."""
+    m = c.module
+    if m.groups != 1:
+        return unsupported(c)
+    c.st.block(c.labels[0], f"enters {c.where}, whose weight standardisation runs over its input channels")
+    label = conv(c)
+    if isinstance(getattr(m, "gain", None), nn.Parameter):
+        c.st.record((c.name, "gain", 0), c.st.origin(c.name, m.out_channels))
+    return label
+
+
+def _fix_attention(m: Attention) -> None:
+    m.num_heads = m.qkv.weight.shape[0] // (3 * m.head_dim)
+    m.attn_dim = m.num_heads * m.head_dim
+
+
+def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> list:
+    """`qkv` and `proj` run as modules; add Q K^T and attn V over every pair of tokens."""
+    from prunecore.cost import FlopTerm  # cost sits above the rules that import this module
+
+    x = args[0] if args else kwargs["x"]  # (B, N, C)
+    pairs = x.shape[0] * x.shape[1] ** 2  # B*N*N
+    return [
+        FlopTerm("", "qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T: N*N*attn_dim per example
+        FlopTerm("", "proj", "weight", (1,), pairs),  # attn V
+    ]
+
+
+MODULE_RULES: list[tuple[type | tuple[type, ...], Callable[[Call], Label]]] = [
+    (Attention, attention),
+    (_STD_CONVS, std_conv),
+]
+SHAPE_FIXES: list[tuple[type, Callable[[Any], None]]] = [(Attention, _fix_attention)]
+FLOPS: list[tuple[type, Callable[..., list]]] = [(Attention, _attention_flops)]

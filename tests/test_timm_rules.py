@@ -1,0 +1,69 @@
+"""What prunecore knows about timm: fused-qkv attention heads, norm-act layers, weight-standardised convs."""
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from prunecore.cost import cost_model, count  # noqa: E402
+from prunecore.graph import trace  # noqa: E402
+from prunecore.prune import make_plan  # noqa: E402
+from prunecore.surgery import apply_plan  # noqa: E402
+from toy_models import randomize_norms_  # noqa: E402
+
+
+def build(name: str, **kwargs) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = randomize_norms_(timm.create_model(name, pretrained=False, num_classes=10, **kwargs)).eval()
+    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def assert_pruned_equals_masked(model, x, graph, plan):
+    pruned, masked = apply_plan(model, plan, graph=graph), apply_plan(model, plan, mode="mask", graph=graph)
+    with torch.no_grad():
+        out, ref = pruned(x), masked(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * max(ref.abs().max().item(), 1.0))
+    return pruned
+
+
+def test_vit_heads_go_whole_and_the_module_runs_pruned():
+    model, x = build("test_vit", img_size=32)
+    graph = trace(model, x)
+    attn = "blocks.0.attn"
+    heads = graph[attn]
+    assert heads.prunable and heads.size == model.blocks[0].attn.num_heads
+    assert {(m.path, m.dim) for m in heads.members} >= {(f"{attn}.qkv.weight", 0), (f"{attn}.proj.weight", 1)}
+    plan = make_plan(model, graph, {attn: 0.5})
+    pruned = assert_pruned_equals_masked(model, x, graph, plan)
+    block = pruned.blocks[0].attn
+    assert block.num_heads == len(plan.groups[attn].keep) and block.attn_dim == block.num_heads * block.head_dim
+    # the attention matmuls are counted, and the cost model prices the plan as count() measures it
+    measured = count(pruned, x)
+    assert measured.modules[attn].flops > 0
+    assert cost_model(model, x, graph).price({n: len(g.keep) for n, g in plan.groups.items()}) == (
+        measured.params, measured.flops)  # fmt: skip
+
+
+def test_every_vit_group_at_half():
+    model, x = build("test_vit", img_size=32)
+    graph = trace(model, x)
+    assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
+    assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_convnext", "test_byobnet"])
+def test_norm_act_models_prune_fully(name):
+    """timm's BatchNormAct2d / LayerNorm2d / GroupNorm variants no longer stop their groups."""
+    model, x = build(name)
+    graph = trace(model, x)
+    assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
+    pruned = assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
+    assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+
+
+def test_weight_standardised_convs_keep_their_inputs():
+    model, x = build("test_nfnet")
+    graph = trace(model, x)
+    stem = graph["stem.conv1"]
+    assert not stem.prunable and "weight standardisation runs over its input channels" in stem.reason
+    assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
