@@ -19,6 +19,8 @@ from prunecore.allocate import (
 )
 from prunecore.attention import PrunedMultiheadAttention
 from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
+from prunecore.ops import Handler
+from prunecore.ops import register as register_handler
 from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
 from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
 from prunecore.importance import list_criteria, register_criterion, score
@@ -44,6 +46,7 @@ __all__ = [
     "Cost",
     "CostModel",
     "FlopTerm",
+    "Handler",
     "GroupPlan",
     "InputSpec",
     "Member",
@@ -81,6 +84,7 @@ __all__ = [
     "save_pruned",
     "register_criterion",
     "register_flops",
+    "register_handler",
     "register_method",
     "score",
     "solve",

@@ -99,6 +99,25 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
     setattr(SizeInt, _name, _size_op(_name))
 
 
+def shape_sizes(shape: tuple[int, ...], label: torch.Tensor) -> list[SizeInt]:
+    """The sizes of a value of `shape` with `label`, each carrying the ids owning its positions.
+
+    A dim along which the label does not change is not a channel dim: no removal shrinks it, so
+    its size carries no ids.
+    """
+    if label.dim() != len(shape):
+        label = fixed_label(len(shape))
+    full = label.expand(tuple(shape))
+    sizes = []
+    for d, n in enumerate(shape):
+        if label.shape[d] == 1:
+            ids = torch.full((n,), FIXED, dtype=torch.long)
+        else:
+            ids = full[tuple(slice(None) if i == d else 0 for i in range(full.dim()))]  # (n,)
+        sizes.append(SizeInt(n, (ids,)))
+    return sizes
+
+
 @dataclass
 class Coupling:
     """Union-find over channel ids plus what a trace learned about them."""
@@ -163,6 +182,8 @@ class Coupling:
             return label
         if label.numel() >= 4096:  # a parameter's per-element ids: one vectorised lookup
             ids = label.numpy()
+            if not (ids >= 0).any():
+                return label
             return torch.from_numpy(np.where(ids >= 0, self.root_table()[np.maximum(ids, 0)], ids))
         uniq, inverse = torch.unique(label, return_inverse=True)
         mapped = torch.tensor([self.find(i) if i >= 0 else i for i in uniq.tolist()], dtype=torch.long)

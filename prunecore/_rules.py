@@ -22,6 +22,7 @@ from prunecore._labels import (
     FIXED,
     Coupling,
     SizeInt,
+    shape_sizes,
     along,
     compress,
     expand_full,
@@ -52,6 +53,7 @@ class Call:
     name: str = ""
     scope: tuple[type, ...] = ()  # types of the modules whose forward made this op, outermost first
     tensor_names: dict[int, str] = field(default_factory=dict)
+    constants: bool = False  # inside a module whose shape constants surgery re-derives
     watch: Callable[[torch.Tensor, torch.Tensor, str], None] | None = None
 
     @property
@@ -351,19 +353,21 @@ def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list
     src, dst = tuple(value.shape), tuple(c.out.shape)
     full = expand_full(lab, src).reshape(dst)
     varying = varying_dims(lab)
-    for bi, bj in _reshape_blocks(src, dst):
+    blocks = _reshape_blocks(src, dst)
+    for _, bj in blocks:
+        for d in bj:
+            _check_size(c, sizes, d, full, bj)
+    for bi, bj in blocks:
         vi = [d for d in bi if d in varying]
         if not vi:
             continue
         big_out = [d for d in bj if dst[d] > 1]
         free = [d for d in bj if dynamic[d]]
         if len(vi) == 1 and len(big_out) == 1 and big_out[0] in free:
-            _check_size(c, sizes, big_out[0], full, bj)
             continue  # a merge (or a dim kept as it is) whose size is recomputed after pruning
         big_in = [d for d in bi if src[d] > 1]
         if len(big_in) == 1 and len([d for d in free if dst[d] > 1]) == 1:
             keep = next(d for d in free if dst[d] > 1)
-            _check_size(c, sizes, keep, full, bj)
             ref = full
             for d in bj:
                 if d != keep:
@@ -386,18 +390,9 @@ def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list
     return full
 
 
-SHAPE_OWNERS: list[type] = []
-LEAF_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, PrunedMultiheadAttention)
-"""Followed whole even where a subclass has its own forward: the masked norm stands in for a
-LayerNorm or GroupNorm module (timm's `LayerNorm2d`, `GroupNormAct`: a permute or an activation
-around the norm), and a pruned attention module is followed by the same rule as the stock one."""
-"""Module types whose shape-describing attributes `apply_plan` re-derives from the sliced tensors,
-so reshapes by their constants (`x.reshape(n, self.hidden_dim, -1)`) may follow pruned channels."""
-
-
 def owns_shapes(c: Call) -> bool:
-    owners = tuple(SHAPE_OWNERS)
-    return bool(owners) and any(issubclass(t, owners) for t in c.scope)
+    """Whether the op runs inside a module whose shape constants surgery re-derives (`Handler.constants`)."""
+    return c.constants
 
 
 def _shape_args(c: Call) -> list[Any]:
@@ -418,11 +413,12 @@ def view(c: Call) -> Label:
 
 
 def reshape_as(c: Call) -> Label:
-    """`x.reshape_as(y)` / `x.view_as(y)`: the identity where the shapes already agree."""
+    """`x.reshape_as(y)` / `x.view_as(y)`: a reshape to sizes read from `y` (LeViT's BatchNorm over tokens)."""
     value, other = c.args[0], c.args[1]
-    if isinstance(other, torch.Tensor) and tuple(value.shape) == tuple(other.shape):
-        return c.labels[0]
-    return unsupported(c)
+    if not isinstance(other, torch.Tensor) or c.labels[1] is None:
+        return unsupported(c)
+    sizes = shape_sizes(tuple(other.shape), c.labels[1])
+    return reshape_label(c, value, c.labels[0], [True] * len(sizes), sizes)
 
 
 def _check_size(c: Call, sizes: list[Any] | None, d: int, full: torch.Tensor, block: list[int]) -> None:
@@ -612,7 +608,11 @@ def functional_conv(c: Call) -> Label:
     w, b = _owner(c, weight), _owner(c, bias)
     if w is None or (bias is not None and (b is None or b[0] != w[0])):
         return unsupported(c)
-    groups = int(c.arg(6, "groups", 1))
+    groups = c.arg(6, "groups", 1)
+    if groups != 1 and not isinstance(groups, SizeInt) and not owns_shapes(c):
+        # a group count fixed at trace time (`groups=self.channels`) would not follow the pruned width
+        return unsupported(c)
+    groups = int(groups)
     cdim = x.dim() - (weight.dim() - 2) - 1
     out_channels = weight.shape[0]
     return _conv_labels(c, w[0], w[1], b[1] if b else None, cdim, x.shape[cdim], out_channels, groups, False)
@@ -858,64 +858,8 @@ def multihead_attention(c: Call) -> Label:
 
 
 # -- dispatch tables --------------------------------------------------------------------------------
-_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.FeatureAlphaDropout,
-)  # fmt: skip
-_SPATIAL = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-    nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
-    nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.LPPool1d, nn.LPPool2d,
-)  # fmt: skip
-
-MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
-    (nn.modules.conv._ConvNd, conv),
-    (nn.Linear, linear),
-    (nn.Embedding, embedding),
-    ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), batchnorm),
-    (nn.PReLU, prelu),
-    (nn.LayerNorm, layer_norm),
-    (nn.GroupNorm, group_norm),
-    (nn.LocalResponseNorm, norm_over_channels),
-    (nn.MultiheadAttention, multihead_attention),
-    (_ACTIVATIONS, elementwise),
-    (_SPATIAL, channelwise),
-    ((nn.Softmax, nn.LogSoftmax, nn.Softmin), softmax_like),
-    (nn.Flatten, flatten),
-    (nn.Unflatten, unflatten),
-]
-
-
-def module_rule(module: nn.Module, leaves: tuple[type, ...] = ()) -> Rule | None:
-    """The rule that follows `module` whole, or None to look inside its forward.
-
-    A rule applies to the torch.nn class it was written for and to subclasses that keep its
-    forward; a subclass with its own forward (timm's `BatchNormAct2d`, `Conv2dSame`) is entered,
-    and the functionals it calls are followed with its parameters. `leaves` are the user's opaque
-    module types: their channels are kept.
-    """
-    if leaves and isinstance(module, leaves):
-        return opaque
-    whole = isinstance(module, LEAF_MODULES)
-    for types, rule in MODULE_RULES:
-        if isinstance(module, types) and (whole or _keeps_forward(type(module), types)):
-            return rule
-    return None
-
-
-def _keeps_forward(cls: type, types: type | tuple[type, ...]) -> bool:
-    """Whether `cls` runs the forward its rule was written for (a torch.nn one or the rule's class's)."""
-    owner = next(k for k in cls.__mro__ if "forward" in vars(k))
-    registered = types if isinstance(types, tuple) else (types,)
-    return owner in registered or owner.__module__.startswith("torch.nn.")
-
-
 def opaque(c: Call) -> Label:
+    """A module type the user declared a leaf (`leaf_modules=`): its channels are kept."""
     block_inputs(c, f"reaches {c.where}, a leaf module prunecore does not look inside")
     return fixed_like(c.out)
 
@@ -989,31 +933,6 @@ METHOD_RULES: dict[str, Rule] = {
     "__getitem__": getitem, "__matmul__": matmul,
     **{d: elementwise for d in _ELEMENTWISE_DUNDERS},
 }  # fmt: skip
-
-
-def _register_libraries() -> None:
-    """Rules for torchvision's attention modules and the shape constants it owns; timm's, if installed."""
-    from prunecore import _torchvision
-
-    global LEAF_MODULES
-    MODULE_RULES[:0] = _torchvision.MODULE_RULES
-    LEAF_MODULES += _torchvision.LEAF_MODULES
-    SHAPE_OWNERS.extend(_torchvision.SHAPE_OWNERS)
-    timm = timm_knowledge()
-    if timm is not None:
-        MODULE_RULES[:0] = timm.MODULE_RULES
-
-
-def timm_knowledge() -> Any:
-    """`prunecore._timm` when timm is installed, else None (timm is optional)."""
-    try:
-        from prunecore import _timm
-    except ImportError:
-        return None
-    return _timm
-
-
-_register_libraries()
 
 
 def container(c: Call) -> Label:

@@ -28,8 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from prunecore import _rules
-from prunecore._labels import FIXED, Coupling, SizeInt
+from prunecore import _rules, ops
+from prunecore._labels import Coupling, shape_sizes
 
 __all__ = ["Recorder"]
 
@@ -79,6 +79,7 @@ class Recorder:
         for name, t in self.model.named_buffers(remove_duplicate=False):
             self.tensor_names.setdefault(id(t), name)
         self.thread = threading.get_ident()
+        self.constant_types = ops.constants_types()
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -107,7 +108,12 @@ class Recorder:
         name = self.names.get(id(module), type(module).__name__)
         self.used.add(name)
         inside_leaf = any(f.rule is not None for f in self.stack)
-        rule = None if inside_leaf else _rules.module_rule(module, self.leaves)
+        if inside_leaf:
+            rule = None
+        elif self.leaves and isinstance(module, self.leaves):
+            rule = _rules.opaque
+        else:
+            rule = ops.rule(module)
         if rule is not None:
             self.current = f"{type(module).__name__} module {name!r}"
             # a leaf runs its children itself (MultiheadAttention's out_proj)
@@ -160,7 +166,8 @@ class Recorder:
         klabels = {k: self._label_of(v, by_name) for k, v in kwargs.items()}
         return _rules.Call(
             fn, tuple(args), dict(kwargs), labels, klabels, out, self.st, module,
-            name or self.scope_name(), self.scope(), self.tensor_names, self.watch,
+            name or self.scope_name(), self.scope(), self.tensor_names,
+            any(isinstance(f.module, self.constant_types) for f in self.stack), self.watch,
         )  # fmt: skip
 
     def _label_of(self, value: Any, by_name: bool) -> Any:
@@ -221,23 +228,12 @@ class Recorder:
         return out
 
     def _sizes(self, tensor: torch.Tensor, out: Any, dim: int | None = None) -> Any:
+        """`x.shape` / `x.size(d)` as `SizeInt`s carrying the ids that own the positions along each dim."""
         lab = self.labels.get(tensor)
-        if lab is None:
-            lab = self._label_of(tensor, by_name=False)
-        full = lab.expand(tensor.shape) if lab.dim() == tensor.dim() else None
-
-        def size(d: int) -> SizeInt:
-            if full is None:
-                ids = torch.full((tensor.shape[d],), FIXED, dtype=torch.long)
-            else:
-                index = [0] * full.dim()
-                index[d] = slice(None)
-                ids = full[tuple(index)]
-            return SizeInt(tensor.shape[d], (ids,))
-
+        sizes = shape_sizes(tuple(tensor.shape), lab if lab is not None else _rules.fixed_like(tensor))
         if dim is not None:
-            return size(dim + tensor.dim() if dim < 0 else dim)
-        return _Shape(size(d) for d in range(tensor.dim()))
+            return sizes[dim]
+        return _Shape(sizes)
 
     # -- heads-averaged attention weights and similar outputs that must stay unused ----------------
     def watch(self, value: torch.Tensor, ids: torch.Tensor, reason: str) -> None:

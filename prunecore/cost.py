@@ -32,10 +32,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models import maxvit, swin_transformer
 
 from prunecore._labels import Slot
-from prunecore._rules import timm_knowledge
+from prunecore import ops
+from prunecore.ops import FlopRule, FlopTerm
 from prunecore._modes import eval_mode
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
@@ -52,10 +52,6 @@ __all__ = [
     "plan_costs",
     "register_flops",
 ]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
 
 @dataclass(frozen=True)
 class ModuleCost:
@@ -87,37 +83,6 @@ class Cost:
         return _fraction(self.params, other.params), _fraction(self.flops, other.flops)
 
 
-@dataclass(frozen=True)
-class FlopTerm:
-    """MACs of one op: `rows` times the product of the sizes of some dims of one weight.
-
-    Keying MACs by weight dims lets a plan rescale them from kept positions alone. A conv or
-    Linear uses its whole weight at every output position; attention's Q K^T scales with the
-    query width only, the first third of dim 0 of `in_proj_weight`:
-
-        >>> FlopTerm("fc", "fc", "weight", (0, 1), rows=10)  # Linear(4, 8) on 10 tokens: 320 MACs
-        >>> FlopTerm("attn", "attn", "in_proj_weight", (0,), rows=L * S, part=(0, 3))
-    """
-
-    owner: str  # module the MACs are reported under in `Cost.modules`
-    module: str  # module owning `tensor`
-    tensor: str  # its parameter name, e.g. "weight", "in_proj_weight"
-    dims: tuple[int, ...]  # dims whose sizes multiply
-    rows: int  # per example once recorded; over the whole call when a rule returns it
-    part: tuple[int, int] = (0, 1)  # (i, n): only the i-th of n equal slices of dims[0] (q of q|k|v)
-
-    def axes(self) -> list[tuple[int, tuple[int, int]]]:
-        """(dim, part) of every dim: the part slices the first dim only."""
-        return [(d, self.part if i == 0 else (0, 1)) for i, d in enumerate(self.dims)]
-
-
-_Args = tuple[Any, ...]
-_Kwargs = dict[str, Any]
-FlopRule = Callable[[nn.Module, _Args, _Kwargs, Any], list[FlopTerm]]
-"""(module, args, kwargs, output) of one call -> its terms, names relative to the module ("" is
-the module itself), rows over the whole batch."""
-
-_RULES: dict[type[nn.Module], FlopRule] = {}
 
 
 def register_flops(*classes: type[nn.Module]) -> Callable[[FlopRule], FlopRule]:
@@ -130,8 +95,7 @@ def register_flops(*classes: type[nn.Module]) -> Callable[[FlopRule], FlopRule]:
     """
 
     def register(rule: FlopRule) -> FlopRule:
-        for cls in classes:
-            _RULES[cls] = rule
+        ops.register(ops.Handler(tuple(classes), flops=rule))
         return rule
 
     return register
@@ -396,7 +360,7 @@ def _flop_terms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Flop
     ran: set[str] = set()
 
     def hook(name: str, rule: FlopRule) -> Callable[..., None]:
-        def record(module: nn.Module, args: _Args, kwargs: _Kwargs, out: Any) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             ran.add(name)
             for t in rule(module, args, kwargs, out):
                 emitted.append((name, replace(t, owner=_join(name, t.owner), module=_join(name, t.module))))
@@ -406,7 +370,7 @@ def _flop_terms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Flop
     handles = [
         m.register_forward_hook(hook(name, rule), with_kwargs=True)
         for name, m in model.named_modules()
-        if (rule := _rule(m)) is not None
+        if (rule := ops.flops(m)) is not None
     ]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
@@ -425,18 +389,8 @@ def _flop_terms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Flop
     return [replace(t, rows=total // batch) for t, total in rows.items()]
 
 
-def _rule(module: nn.Module) -> FlopRule | None:
-    """The rule of the nearest registered class in the module's MRO."""
-    return next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _arg(args: _Args, kwargs: _Kwargs, index: int, name: str) -> Any:
-    """A forward argument passed by position or by keyword."""
-    return args[index] if len(args) > index else kwargs[name]
 
 
 def _span(size: int, part: tuple[int, int]) -> tuple[int, int]:
@@ -455,97 +409,6 @@ def _kept(slot: Slot, size: int, part: tuple[int, int], keep: Mapping[Slot, torc
 def _numel(module: str, tensor: str, param: torch.Tensor, keep: Mapping[Slot, torch.Tensor]) -> int:
     """Size of a parameter once the kept positions of every sliced dim are selected."""
     return math.prod(_kept((module, tensor, d), size, (0, 1), keep) for d, size in enumerate(param.shape))
-
-
-# -- rules: one per module type whose MACs are counted -------------------------------------------------
-_OUT_IN = (0, 1)  # both dims of a Linear-style (out, in) weight
-
-
-@register_flops(*_CONV, *_CONV_T, nn.Linear)
-def _weight_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Tensor) -> list[FlopTerm]:
-    """The whole weight at every position one call applies it at."""
-    rows = _call_rows(module, _arg(args, kwargs, 0, "input"), out)
-    return [FlopTerm("", "", "weight", tuple(range(module.weight.dim())), rows)]
-
-
-def _call_rows(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
-    """Positions one call applies the whole weight at, over the batch (or unbatched input)."""
-    if isinstance(module, nn.Linear):
-        return out.numel() // out.shape[-1]  # out: (*, out_features)
-    spatial = len(module.kernel_size)
-    if isinstance(module, _CONV_T):
-        # every input position scatters the whole kernel; x: ([B,] C_in, *spatial)
-        return x.numel() // x.shape[-spatial - 1]
-    return out.numel() // out.shape[-spatial - 1]  # out: ([B,] C_out, *spatial)
-
-
-@register_flops(nn.MultiheadAttention)
-def _mha_flops(module: nn.MultiheadAttention, args: _Args, kwargs: _Kwargs, out: Any) -> list[FlopTerm]:
-    """q, k, v and output projections, then Q K^T and attn V over every (query, key) pair.
-
-    Cross-attention is exact: q is projected at the L query rows, k and v at the S key rows.
-    Widths come from the weights (q's third of `in_proj_weight`, `out_proj`'s input), never from
-    `embed_dim`, so a subclass with fewer heads is counted by its real size.
-    """
-    query, key = _arg(args, kwargs, 0, "query"), _arg(args, kwargs, 1, "key")
-    q_rows = query.numel() // query.shape[-1]  # L*N; query (L, N, E), (N, L, E) or unbatched (L, E)
-    kv_rows = key.numel() // key.shape[-1]  # S*N
-    length = key.shape[1] if module.batch_first and key.dim() == 3 else key.shape[0]  # S
-    length += int(module.bias_k is not None) + int(module.add_zero_attn)  # appended after projection
-    pairs = q_rows * length  # L*S*N
-    if module.in_proj_weight is not None:  # packed (3*inner, E): q | k | v
-        projections = [
-            FlopTerm("", "", "in_proj_weight", _OUT_IN, rows, part=(i, 3))
-            for i, rows in enumerate((q_rows, kv_rows, kv_rows))
-        ]
-        scores = FlopTerm("", "", "in_proj_weight", (0,), pairs, part=(0, 3))
-    else:  # kdim or vdim differs from embed_dim: separate q, k, v weights
-        projections = [
-            FlopTerm("", "", f"{p}_proj_weight", _OUT_IN, rows)
-            for p, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))
-        ]
-        scores = FlopTerm("", "", "q_proj_weight", (0,), pairs)
-    return [
-        *projections,
-        FlopTerm("out_proj", "out_proj", "weight", _OUT_IN, q_rows),
-        scores,  # Q K^T: L*S*inner_q
-        FlopTerm("", "out_proj", "weight", (1,), pairs),  # attn V: L*S*inner_v
-    ]
-
-
-@register_flops(swin_transformer.ShiftedWindowAttention)
-def _swin_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Tensor) -> list[FlopTerm]:
-    """Swin (V1 and V2) window attention: `qkv` and `proj` run functionally on the padded map.
-
-    `shifted_window_attention` pads H and W up to multiples of the window, projects every padded
-    position and attends within each window of N = wh*ww positions.
-    """
-    x = _arg(args, kwargs, 0, "x")  # (B, H, W, C)
-    wh, ww = module.window_size
-    positions = x.shape[0] * math.ceil(x.shape[1] / wh) * wh * math.ceil(x.shape[2] / ww) * ww  # B*padH*padW
-    pairs = positions * wh * ww  # each position attends to its whole window
-    return [
-        FlopTerm("qkv", "qkv", "weight", _OUT_IN, positions),
-        FlopTerm("proj", "proj", "weight", _OUT_IN, positions),
-        FlopTerm("", "qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
-        FlopTerm("", "proj", "weight", (1,), pairs),  # attn V
-    ]
-
-
-@register_flops(maxvit.RelativePositionalMultiHeadAttention)
-def _maxvit_flops(module: nn.Module, args: _Args, kwargs: _Kwargs, out: torch.Tensor) -> list[FlopTerm]:
-    """MaxViT attention: `to_qkv` and `merge` run as modules; add the two einsum matmuls."""
-    x = _arg(args, kwargs, 0, "x")  # (B, G, P, D): G windows or grid cells of P positions
-    pairs = x.shape[0] * x.shape[1] * x.shape[2] ** 2  # B*G*P*P
-    return [
-        FlopTerm("", "to_qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
-        FlopTerm("", "merge", "weight", (1,), pairs),  # attn V
-    ]
-
-
-if timm_knowledge() is not None:
-    for _timm_class, _timm_flops in timm_knowledge().FLOPS:
-        register_flops(_timm_class)(_timm_flops)
 
 
 def _fraction(part: int, whole: int) -> float:

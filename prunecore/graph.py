@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-from prunecore import _rules
+from prunecore import ops
 from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
 from prunecore._modes import eval_mode, training_flags
 from prunecore._tracer import Recorder
@@ -159,7 +159,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # LayerNorm subclasses (torchvision's channels-first LayerNorm2d) stay whole, so that the
         # masked norm of `apply_plan(mode="mask")` can stand in for the module
-        leaf = isinstance(m, self.extra_leaves + _rules.LEAF_MODULES)
+        leaf = isinstance(m, self.extra_leaves + ops.whole_types())
         return leaf or super().is_leaf_module(m, qualname)
 
 

@@ -40,7 +40,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from prunecore._modes import eval_mode
-from prunecore._rules import SHAPE_OWNERS
+from prunecore import ops
 from prunecore.cost import count, plan_costs
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, TraceError, symbolic_trace, trace
@@ -403,7 +403,7 @@ class _Engine:
         """
         if self.gm is None:
             return True
-        owners = tuple(SHAPE_OWNERS)
+        owners = ops.constants_types()
         touched = with_ancestors({m.module for m in self.graph[group].members})
         return any(isinstance(self.model.get_submodule(name), owners) for name in touched)
 

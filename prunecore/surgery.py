@@ -2,7 +2,8 @@
 
 Slicing is driven entirely by the members that `trace` recorded: every (module, tensor, dim)
 loses the positions of removed units. Module attributes that describe shapes (`in_channels`,
-`num_features`, ...) are then re-derived from the sliced tensors by a small per-type table.
+`num_features`, ...) are then re-derived from the sliced tensors by each type's handler
+(`Handler.fix` in `prunecore.ops`).
 
 `mode="mask"` zeroes the same parameter slices instead of removing them. Zeroing a removed
 channel's producer *and* every consumer slice means nothing it carries reaches a kept output, so
@@ -17,10 +18,8 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from prunecore import _torchvision
+from prunecore import ops
 from prunecore._labels import Slot
-from prunecore._rules import timm_knowledge
-from prunecore.attention import PrunedMultiheadAttention, swap_class_
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 
@@ -153,10 +152,9 @@ def swap_tensors_(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]
         setattr(module, tensor_name, value)
     for module_name in with_ancestors({m for m, _ in tensors}):
         module = model.get_submodule(module_name)
-        for types, fix in SHAPE_FIXES:
-            if isinstance(module, types):
-                fix(module)
-                break
+        fix = ops.fix(module)
+        if fix is not None:
+            fix(module)
     return old
 
 
@@ -168,70 +166,3 @@ def with_ancestors(names: set[str]) -> list[str]:
             name = name.rpartition(".")[0]
             out.add(name)
     return sorted(out, key=lambda n: (-n.count(".") - bool(n), n))
-
-
-# -- attributes derived from the sliced tensors ------------------------------------------------------
-def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
-    w = m.weight  # conv: (out, in/groups, *k); transposed: (in, out/groups, *k)
-    if m.transposed:
-        per_group = m.in_channels // m.groups
-        m.groups = w.shape[0] // per_group if m.groups > 1 else 1
-        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
-    else:
-        per_group = m.out_channels // m.groups
-        m.groups = w.shape[0] // per_group if m.groups > 1 else 1
-        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
-
-
-def _fix_linear(m: nn.Linear) -> None:
-    m.out_features, m.in_features = m.weight.shape
-
-
-def _fix_norm(m: nn.Module) -> None:
-    stats = m.weight if m.weight is not None else m.running_mean
-    m.num_features = stats.shape[0]
-
-
-def _fix_embedding(m: nn.Embedding) -> None:
-    m.embedding_dim = m.weight.shape[1]
-
-
-def _fix_prelu(m: nn.PReLU) -> None:
-    m.num_parameters = m.weight.shape[0]
-
-
-def _fix_layer_norm(m: nn.LayerNorm) -> None:
-    m.normalized_shape = tuple((m.weight if m.weight is not None else m.bias).shape)
-
-
-def _fix_group_norm(m: nn.GroupNorm) -> None:
-    per_group = m.num_channels // m.num_groups  # whole groups go, so their width stays
-    m.num_channels = m.weight.shape[0]
-    m.num_groups = m.num_channels // per_group
-
-
-def _fix_mha(m: nn.MultiheadAttention) -> None:
-    if m._qkv_same_embed_dim:
-        m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
-    else:
-        m.embed_dim, m.kdim, m.vdim = (w.shape[1] for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
-    m.num_heads = m.out_proj.weight.shape[1] // m.head_dim
-    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
-    stock = m.num_heads * m.head_dim == m.embed_dim == m.out_proj.out_features
-    swap_class_(m, nn.MultiheadAttention, PrunedMultiheadAttention, stock)
-
-
-SHAPE_FIXES: list[tuple[type | tuple[type, ...], Callable[[nn.Module], None]]] = [
-    (nn.modules.conv._ConvNd, _fix_conv),
-    (nn.Linear, _fix_linear),
-    ((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), _fix_norm),
-    (nn.Embedding, _fix_embedding),
-    (nn.PReLU, _fix_prelu),
-    (nn.LayerNorm, _fix_layer_norm),
-    (nn.GroupNorm, _fix_group_norm),
-    (nn.MultiheadAttention, _fix_mha),
-]
-"""Per module type: re-derive shape attributes from the sliced tensors (first match wins)."""
-SHAPE_FIXES[:0] = _torchvision.SHAPE_FIXES
-if timm_knowledge() is not None:
-    SHAPE_FIXES[:0] = timm_knowledge().SHAPE_FIXES

@@ -78,3 +78,41 @@ def test_trace_error_names_the_module_that_failed():
     with pytest.raises(Exception, match=r"failed at Conv2d module 'a.0'"):
         trace(model, torch.randn(2, 5, 8, 8))
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_registered_handler_is_used_by_trace_surgery_and_count(monkeypatch):
+    """One record gives a custom layer its label rule, its shape fix and its FLOP formula."""
+    from prunecore import ops
+    from prunecore.cost import count
+
+    monkeypatch.setattr(ops, "_REGISTERED", [])
+
+    class Gate(torch.nn.Module):  # per-channel scale written with a loop the generic rules cannot follow
+        def __init__(self, n):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.randn(n))
+            self.n = n
+
+        def forward(self, x):
+            return torch.stack([x[:, i] * self.scale[i] for i in range(self.n)], 1)
+
+    def gate_rule(c):
+        ids = c.st.channel_vector(c.labels[0], 1, c.args[0].shape[1], c.where)
+        c.st.record((c.name, "scale", 0), ids)
+        return c.labels[0]
+
+    def fix_gate(m):
+        m.n = m.scale.shape[0]
+
+    def gate_flops(module, args, kwargs, out):
+        return [ops.FlopTerm("", "", "scale", (0,), out.numel() // out.shape[1])]
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), Gate(6), torch.nn.Conv2d(6, 4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert not trace(model, x)["0"].prunable  # x[:, i] slices the channels
+    ops.register(ops.Handler((Gate,), rule=gate_rule, fix=fix_gate, flops=gate_flops))
+    graph, pruned, out, ref = pruned_and_masked(model, x)
+    assert graph["0"].prunable and ("1", "scale", 0) in {(m.module, m.tensor, m.dim) for m in graph["0"].members}
+    torch.testing.assert_close(out, ref)
+    assert pruned[1].n == 3
+    assert count(pruned, x).modules["1"].flops == 3 * 6 * 6

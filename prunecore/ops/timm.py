@@ -1,4 +1,4 @@
-"""What prunecore knows about timm beyond the generic op rules; imported only when timm is installed.
+"""Handlers for timm, beyond the generic op rules; imported only when timm is installed.
 
 Most of timm needs nothing here: norm-act layers, `Conv2dSame`, squeeze-excitation gates, layer
 scales and MetaFormer blocks are followed op by op through the functionals they call. What needs
@@ -8,6 +8,8 @@ knowledge is what the ops alone cannot say:
   the fused qkv output by the constants `num_heads` / `head_dim` / `attn_dim`. Followed whole,
   a unit is one head (its q, k, v rows and its `proj` columns), and `num_heads` / `attn_dim` are
   re-derived from the sliced `qkv` after removal, so the module's own forward runs pruned.
+- `BlurPool2d` (TResNet, anti-aliased models) runs a depthwise conv with `groups=self.channels`,
+  re-derived from its filter after slicing.
 - Weight-standardised convs (`StdConv2d`, `ScaledStdConv2d`: NFNet, BiT): the standardisation
   runs over each filter's input channels, so removing input channels would change the kept
   weights; their output channels (and `gain`) can go, their inputs stay.
@@ -20,11 +22,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from timm.layers import Attention
+from timm.layers import Attention, BlurPool2d
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
 from prunecore._labels import along
 from prunecore._rules import Call, Label, conv, unsupported
+from prunecore.ops.handler import FlopTerm, Handler, arg
 
 _STD_CONVS = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
@@ -68,11 +71,14 @@ def _fix_attention(m: Attention) -> None:
     m.attn_dim = m.num_heads * m.head_dim
 
 
-def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> list:
-    """`qkv` and `proj` run as modules; add Q K^T and attn V over every pair of tokens."""
-    from prunecore.cost import FlopTerm  # cost sits above the rules that import this module
+def _fix_blur_pool(m: BlurPool2d) -> None:
+    if m.channels is not None:
+        m.channels = m.filt.shape[0]
 
-    x = args[0] if args else kwargs["x"]  # (B, N, C)
+
+def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> list[FlopTerm]:
+    """`qkv` and `proj` run as modules; add Q K^T and attn V over every pair of tokens."""
+    x = arg(args, kwargs, 0, "x")  # (B, N, C)
     pairs = x.shape[0] * x.shape[1] ** 2  # B*N*N
     return [
         FlopTerm("", "qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T: N*N*attn_dim per example
@@ -80,9 +86,9 @@ def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> 
     ]
 
 
-MODULE_RULES: list[tuple[type | tuple[type, ...], Callable[[Call], Label]]] = [
-    (Attention, attention),
-    (_STD_CONVS, std_conv),
+HANDLERS: list[Handler] = [
+    Handler((Attention,), rule=attention, fix=_fix_attention, flops=_attention_flops, constants=True),
+    Handler(_STD_CONVS, rule=std_conv),
+    # a depthwise blur whose group count is the attribute `channels`
+    Handler((BlurPool2d,), fix=_fix_blur_pool, constants=True),
 ]
-SHAPE_FIXES: list[tuple[type, Callable[[Any], None]]] = [(Attention, _fix_attention)]
-FLOPS: list[tuple[type, Callable[..., list]]] = [(Attention, _attention_flops)]

@@ -1,16 +1,17 @@
-"""What prunecore knows about torchvision's transformer classes beyond the generic op rules.
+"""Handlers for torchvision's transformer classes, beyond the generic op rules.
 
 - Shape attributes their forward reads as constants (`VisionTransformer.hidden_dim`, a window
-  attention's `num_heads`): the trace lets reshapes by them follow pruned channels
-  (`SHAPE_OWNERS`), and surgery re-derives them from the sliced tensors (`SHAPE_FIXES`).
-- Swin's window attention is followed whole, as one module (`MODULE_RULES`), since heads own
-  slices of its bias table (or, on V2, of its bias MLP and logit scale).
+  attention's `num_heads`): the trace lets reshapes by them follow pruned channels, and surgery
+  re-derives them from the sliced tensors (`constants=True` and `fix`).
+- Swin's window attention is followed whole, as one module, since heads own slices of its bias
+  table (or, on V2, of its bias MLP and logit scale).
 - Attention modules whose inner width changes become `prunecore.attention` subclasses, which read
   the head width from their weights instead of deriving it from the model width.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -22,9 +23,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from prunecore import attention
 from prunecore._labels import along
 from prunecore._rules import Call, Label, unsupported
-
-SHAPE_OWNERS: list[type] = [VisionTransformer, swin.ShiftedWindowAttention, maxvit.RelativePositionalMultiHeadAttention]
-
+from prunecore.ops.handler import FlopTerm, Handler, arg
 
 # -- module rules ----------------------------------------------------------------------------------
 def window_attention(c: Call) -> Label:
@@ -60,10 +59,6 @@ def window_attention(c: Call) -> Label:
     return along(ids_out, x.dim() - 1, x.dim())
 
 
-MODULE_RULES: list[tuple[type, Callable[[Call], Label]]] = [(swin.ShiftedWindowAttention, window_attention)]
-LEAF_MODULES: tuple[type, ...] = (swin.ShiftedWindowAttention,)  # the pruned subclasses too
-
-
 # -- shape attributes after slicing ---------------------------------------------------------------
 def _fix_vit(m: VisionTransformer) -> None:
     m.hidden_dim = m.conv_proj.out_channels
@@ -88,9 +83,40 @@ def _fix_maxvit_attention(m: maxvit.RelativePositionalMultiHeadAttention) -> Non
     attention.swap_class_(m, maxvit.RelativePositionalMultiHeadAttention, pruned, is_stock)
 
 
-SHAPE_FIXES: list[tuple[type, Callable[[nn.Module], None]]] = [
-    (VisionTransformer, _fix_vit),
-    (swin.ShiftedWindowAttention, _fix_window_attention),
-    (maxvit.RelativePositionalMultiHeadAttention, _fix_maxvit_attention),
-]
+# -- MACs ----------------------------------------------------------------------------------------------
+def _swin_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> list[FlopTerm]:
+    """Swin (V1 and V2) window attention: `qkv` and `proj` run functionally on the padded map.
 
+    `shifted_window_attention` pads H and W up to multiples of the window, projects every padded
+    position and attends within each window of N = wh*ww positions.
+    """
+    x = arg(args, kwargs, 0, "x")  # (B, H, W, C)
+    wh, ww = module.window_size
+    positions = x.shape[0] * math.ceil(x.shape[1] / wh) * wh * math.ceil(x.shape[2] / ww) * ww  # B*padH*padW
+    pairs = positions * wh * ww  # each position attends to its whole window
+    return [
+        FlopTerm("qkv", "qkv", "weight", (0, 1), positions),
+        FlopTerm("proj", "proj", "weight", (0, 1), positions),
+        FlopTerm("", "qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
+        FlopTerm("", "proj", "weight", (1,), pairs),  # attn V
+    ]
+
+
+def _maxvit_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> list[FlopTerm]:
+    """MaxViT attention: `to_qkv` and `merge` run as modules; add the two einsum matmuls."""
+    x = arg(args, kwargs, 0, "x")  # (B, G, P, D): G windows or grid cells of P positions
+    pairs = x.shape[0] * x.shape[1] * x.shape[2] ** 2  # B*G*P*P
+    return [
+        FlopTerm("", "to_qkv", "weight", (0,), pairs, part=(0, 3)),  # Q K^T
+        FlopTerm("", "merge", "weight", (1,), pairs),  # attn V
+    ]
+
+
+HANDLERS: list[Handler] = [
+    Handler((VisionTransformer,), fix=_fix_vit, constants=True),
+    # the pruned subclasses (prunecore.attention) have their own forward: followed whole too
+    Handler((swin.ShiftedWindowAttention,), rule=window_attention, fix=_fix_window_attention, flops=_swin_flops,
+            whole=True, constants=True),  # fmt: skip
+    Handler((maxvit.RelativePositionalMultiHeadAttention,), fix=_fix_maxvit_attention, flops=_maxvit_flops,
+            constants=True),  # fmt: skip
+]

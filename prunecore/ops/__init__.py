@@ -1,0 +1,90 @@
+"""The registry of module handlers: one `Handler` record per module type.
+
+`ops.core` knows torch.nn, `ops.torchvision` torchvision's transformer classes, `ops.timm` timm
+(only when timm is installed). Each declares a list of records; this module assembles them, with
+records registered at run time (`register`, `cost.register_flops`) consulted first. Lookups walk
+the module's MRO, nearest class first, separately for each aspect (rule, fix, FLOPs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from prunecore.ops import core, torchvision
+from prunecore.ops.handler import FlopRule, FlopTerm, Handler, arg
+
+__all__ = ["FlopRule", "FlopTerm", "Handler", "arg", "constants_types", "fix", "flops", "register", "rule", "whole_types"]
+
+
+def _library_handlers() -> list[Handler]:
+    handlers = list(core.HANDLERS) + list(torchvision.HANDLERS)
+    try:
+        from prunecore.ops import timm
+    except ImportError:  # timm is optional
+        return handlers
+    return handlers + list(timm.HANDLERS)
+
+
+_REGISTERED: list[Handler] = []
+_LIBRARY: list[Handler] = _library_handlers()
+
+
+def register(handler: Handler) -> Handler:
+    """Add a record; it wins over the libraries' records for the same class."""
+    _REGISTERED.append(handler)
+    return handler
+
+
+def _by_class(aspect: str) -> dict[type, Handler]:
+    table: dict[type, Handler] = {}
+    for h in _REGISTERED[::-1] + _LIBRARY:  # the latest registration first
+        if getattr(h, aspect) is not None:
+            for t in h.types:
+                table.setdefault(t, h)
+    return table
+
+
+def _nearest(module: nn.Module, aspect: str) -> Handler | None:
+    table = _by_class(aspect)
+    return next((table[cls] for cls in type(module).__mro__ if cls in table), None)
+
+
+def whole_types() -> tuple[type, ...]:
+    """Types followed whole even where a subclass has its own forward."""
+    return tuple(t for h in _REGISTERED + _LIBRARY if h.whole for t in h.types)
+
+
+def constants_types() -> tuple[type, ...]:
+    """Types whose forward reads shape constants that their `fix` re-derives."""
+    return tuple(t for h in _REGISTERED + _LIBRARY if h.constants for t in h.types)
+
+
+def rule(module: nn.Module) -> Callable[[Any], Any] | None:
+    """The rule that follows `module` whole, or None to look inside its forward.
+
+    A rule applies to the class it was written for and to subclasses that keep that forward (or
+    a torch.nn one); a subclass with its own forward (timm's `BatchNormAct2d`, `Conv2dSame`) is
+    entered, and the functionals it calls are followed with its parameters.
+    """
+    whole = isinstance(module, whole_types())
+    owner = next(k for k in type(module).__mro__ if "forward" in vars(k))
+    for cls in type(module).__mro__:
+        for h in _REGISTERED[::-1] + _LIBRARY:
+            if h.rule is not None and cls in h.types:
+                if whole or owner in h.types or owner.__module__.startswith("torch.nn."):
+                    return h.rule
+    return None
+
+
+def fix(module: nn.Module) -> Callable[[Any], None] | None:
+    """The shape-attribute fix of the nearest registered class, if any."""
+    h = _nearest(module, "fix")
+    return h.fix if h is not None else None
+
+
+def flops(module: nn.Module) -> FlopRule | None:
+    """The FLOP formula of the nearest registered class, if any."""
+    h = _nearest(module, "flops")
+    return h.flops if h is not None else None
