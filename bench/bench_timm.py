@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--levels", default="0.5", help="sparsities prunecore checks pruned == masked at (default 0.5)")
     ap.add_argument("--skip-speed", action="store_true", help="leave out the resnet50 speed comparison")
+    ap.add_argument("--tp-from", type=Path, help="take the Torch-Pruning rows from an earlier --json of this bench "
+                    "(they do not depend on prunecore) instead of running Torch-Pruning again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -259,6 +261,10 @@ def main() -> None:
         f"torch {torch.__version__}, timm {timm.__version__}, torch_pruning {tp.__version__}, "
         f"{args.threads} thread(s), {platform.machine()}; {len(names)} models, random init\n"
     )
+    earlier = {}
+    if args.tp_from:
+        earlier = {r["model"]: r["torch_pruning"] for r in json.loads(args.tp_from.read_text())["rows"]}
+        print(f"Torch-Pruning rows from {args.tp_from}\n")
     rows = []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
@@ -268,7 +274,7 @@ def main() -> None:
         except Exception as exc:  # check() never raises; belt and braces
             row["prunecore"] = {"status": "crash", "detail": first_line(exc)}
         try:
-            row["torch_pruning"] = run_torch_pruning(name)
+            row["torch_pruning"] = earlier[name] if name in earlier else run_torch_pruning(name)
         except Exception as exc:
             row["torch_pruning"] = {"status": "crash", "kept": None, "detail": first_line(exc)}
         rows.append(row)
