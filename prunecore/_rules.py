@@ -619,10 +619,15 @@ def functional_conv(c: Call) -> Label:
 
 
 def functional_linear(c: Call) -> Label:
-    """F.linear with a module's own weight (a Linear subclass with its own forward)."""
+    """F.linear with a module's own weight (a Linear subclass with its own forward).
+
+    The bias may be computed in the forward (BEiT's `cat((q_bias, k_bias, v_bias))`): its
+    positions are then tied to the output channels, which carries them back to the parameters.
+    """
     x, weight, bias = c.args[0], c.arg(1, "weight"), c.arg(2, "bias")
     w, b = _owner(c, weight), _owner(c, bias)
-    if w is None or weight.dim() != 2 or (bias is not None and (b is None or b[0] != w[0])):
+    computed = c.labels[2] if len(c.labels) > 2 else c.klabels.get("bias")
+    if w is None or weight.dim() != 2 or (bias is not None and b is None and computed is None):
         return unsupported(c)
     name, st = w[0], c.st
     ids_in = st.channel_vector(c.labels[0], x.dim() - 1, weight.shape[1], c.where)
@@ -630,7 +635,9 @@ def functional_linear(c: Call) -> Label:
     st.record((name, w[1], 1), ids_in)
     st.record((name, w[1], 0), ids_out, output=True)
     if b is not None:
-        st.record((name, b[1], 0), ids_out)
+        st.record((b[0], b[1], 0), ids_out)
+    elif bias is not None:
+        st.unify(expand_full(computed, bias.shape), ids_out, f"is the bias of {c.where}")
     return along(ids_out, c.out.dim() - 1, c.out.dim())
 
 
@@ -864,6 +871,13 @@ def opaque(c: Call) -> Label:
     return fixed_like(c.out)
 
 
+def fused_transformer_layer(c: Call) -> Label:
+    """nn.TransformerEncoderLayer / DecoderLayer: in eval mode torch runs them as one fused kernel
+    that reads the attention's sizes from `embed_dim`, so pruned heads or widths would crash it."""
+    block_inputs(c, f"enters {c.where}, whose fused eval-mode fast path cannot take pruned attention")
+    return fixed_like(c.out)
+
+
 _ELEMENTWISE_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pos, operator.pow,
@@ -910,6 +924,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.permute: apply_same, torch.transpose: apply_same, torch.unsqueeze: apply_same,
     torch.squeeze: squeeze, torch.flip: apply_same, torch.movedim: apply_same,
     torch.swapaxes: apply_same, torch.swapdims: apply_same, torch.moveaxis: apply_same,
+    torch.roll: apply_same, torch.repeat_interleave: apply_same, torch.tile: apply_same,
     operator.getitem: getitem,
     torch.conv1d: functional_conv, torch.conv2d: functional_conv, torch.conv3d: functional_conv,
     F.linear: functional_linear, F.batch_norm: functional_batch_norm, F.normalize: normalize,
@@ -926,6 +941,7 @@ METHOD_RULES: dict[str, Rule] = {
     "permute": apply_same, "transpose": apply_same, "unsqueeze": apply_same, "expand": apply_same,
     "repeat": apply_same, "flip": apply_same, "movedim": apply_same, "t": apply_same,
     "swapaxes": apply_same, "swapdims": apply_same, "moveaxis": apply_same, "roll": apply_same,
+    "repeat_interleave": apply_same, "tile": apply_same,
     "squeeze": squeeze, "expand_as": elementwise, "matmul": matmul, "bmm": matmul,
     "reshape_as": reshape_as, "view_as": reshape_as, "addcmul": elementwise, "addcdiv": elementwise,
     "addcmul_": elementwise, "addcdiv_": elementwise, "lerp": elementwise, "square": elementwise,

@@ -116,3 +116,13 @@ def test_a_registered_handler_is_used_by_trace_surgery_and_count(monkeypatch):
     torch.testing.assert_close(out, ref)
     assert pruned[1].n == 3
     assert count(pruned, x).modules["1"].flops == 3 * 6 * 6
+
+
+def test_fused_transformer_layers_keep_their_channels():
+    """The eval-mode fast path of nn.TransformerEncoderLayer would crash on pruned attention."""
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.TransformerEncoder(layer, 2), torch.nn.Linear(16, 3))
+    x = torch.randn(2, 5, 8)
+    graph = trace(model.eval(), x)
+    assert not graph["0"].prunable and "fused eval-mode fast path" in graph["0"].reason
+    assert not any(g.prunable for g in graph)

@@ -148,6 +148,7 @@ HANDLERS: list[Handler] = [
     # whole: the rule refuses (keeps the heads of) any subclass but prunecore's own pruned one
     Handler((nn.MultiheadAttention, PrunedMultiheadAttention), rule=_rules.multihead_attention, fix=fix_mha,
             flops=mha_flops, whole=True),  # fmt: skip
+    Handler((nn.TransformerEncoderLayer, nn.TransformerDecoderLayer), rule=_rules.fused_transformer_layer),
     Handler(_ACTIVATIONS, rule=_rules.elementwise),
     Handler(_SPATIAL, rule=_rules.channelwise),
     Handler((nn.Softmax, nn.LogSoftmax, nn.Softmin), rule=_rules.softmax_like),

@@ -57,12 +57,10 @@ def attention(c: Call) -> Label:
 def std_conv(c: Call) -> Label:
     """A weight-standardised conv: output channels and `gain` go, input channels stay."""
     m = c.module
-    if m.groups != 1:
-        return unsupported(c)
     c.st.block(c.labels[0], f"enters {c.where}, whose weight standardisation runs over its input channels")
     label = conv(c)
     if isinstance(getattr(m, "gain", None), nn.Parameter):
-        c.st.record((c.name, "gain", 0), c.st.origin(c.name, m.out_channels))
+        c.st.record((c.name, "gain", 0), label.reshape(-1))  # the conv's output ids (grouped convs too)
     return label
 
 
