@@ -341,7 +341,9 @@ def _reshape_blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[li
     return blocks
 
 
-def reshape_label(c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list[bool], sizes: list[Any] | None = None) -> Label:
+def reshape_label(
+    c: Call, value: torch.Tensor, lab: torch.Tensor, dynamic: list[bool], sizes: list[Any] | None = None
+) -> Label:
     """view/reshape/flatten/unflatten: merge or split the channel dim.
 
     A merge of the channel dim with constant dims (flatten into a Linear) is exact when the merged
@@ -663,10 +665,11 @@ def scaled_dot_product_attention(c: Call) -> Label:
     Positions along the head dim are tied within each head, so only whole heads can go: the
     default scale 1/sqrt(head_dim) stays what it was.
     """
-    q, k, v = (c.arg(i, n) for i, n in enumerate(("query", "key", "value")))
-    lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(("query", "key", "value")))
+    roles = ("query", "key", "value")
+    q, k, v = (c.arg(i, n) for i, n in enumerate(roles))
+    lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(roles))
     mask = c.arg(3, "attn_mask")
-    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)) or lq is None or lk is None or lv is None:
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)) or None in (lq, lk, lv):
         return unsupported(c)
     if isinstance(mask, torch.Tensor) and varying_dims(c.labels[3] if len(c.labels) > 3 else c.klabels["attn_mask"]):
         return unsupported(c)
@@ -965,7 +968,8 @@ def function_rule(fn: Any) -> Rule:
     rule = FUNCTION_RULES.get(fn) or _TENSOR_METHODS.get(fn)
     if rule is not None:
         return rule
-    if getattr(fn, "__objclass__", None) is torch._C.TensorBase or getattr(fn, "__qualname__", "").startswith("Tensor."):
+    method = getattr(fn, "__objclass__", None) is torch._C.TensorBase
+    if method or getattr(fn, "__qualname__", "").startswith("Tensor."):
         return METHOD_RULES.get(getattr(fn, "__name__", ""), unsupported)
     return unsupported
 

@@ -47,7 +47,8 @@ class _Shape(tuple):
 _METADATA = {"dim", "ndimension", "numel", "nelement", "get_device", "is_contiguous", "is_floating_point",
              "is_complex", "element_size", "data_ptr", "stride", "storage_offset", "__len__", "type"}  # fmt: skip
 _GETSET_PLAIN = {"ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_leaf", "grad_fn", "names",
-                 "is_sparse", "is_quantized", "is_meta", "is_nested", "itemsize", "nbytes", "_version", "grad"}  # fmt: skip
+                 "is_sparse", "is_quantized", "is_meta", "is_nested", "itemsize", "nbytes", "_version",
+                 "grad"}  # fmt: skip
 
 
 @dataclass

@@ -18,16 +18,14 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import operator
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from prunecore import ops
 from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
 from prunecore._modes import eval_mode, training_flags
 from prunecore._tracer import Recorder
@@ -151,36 +149,8 @@ class ChannelGraph:
 
 
 # -- tracing --------------------------------------------------------------------------------------
-class _Tracer(fx.Tracer):
-    def __init__(self, leaf_modules: tuple[type, ...]):
-        super().__init__()
-        self.extra_leaves = leaf_modules
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # LayerNorm subclasses (torchvision's channels-first LayerNorm2d) stay whole, so that the
-        # masked norm of `apply_plan(mode="mask")` can stand in for the module
-        leaf = isinstance(m, self.extra_leaves + ops.whole_types())
-        return leaf or super().is_leaf_module(m, qualname)
-
-
-def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
-    """torch.fx graph of `model` sharing its modules; a clear `TraceError` when fx cannot trace it."""
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        where = _failing_frame(exc)
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. "
-            "Data-dependent control flow and some Python constructs cannot be traced; pass the "
-            "offending submodule types as `leaf_modules=(...)` so prunecore treats them as opaque "
-            "(their channels are then kept), or rewrite that code path."
-        ) from None
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-def _failing_frame(exc: BaseException) -> str:
-    """Name the user-code line fx was tracing when it failed."""
+def failing_frame(exc: BaseException) -> str:
+    """Name the line of the user's code that was running when `exc` was raised."""
     tb = exc.__traceback__
     last = None
     while tb is not None:
@@ -211,7 +181,7 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leave
         where = f"at {recorder.current}"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(
-            f"running {type(model).__name__} on the example inputs failed {where}{_failing_frame(exc)}: "
+            f"running {type(model).__name__} on the example inputs failed {where}{failing_frame(exc)}: "
             f"{type(exc).__name__}: {first_line}. Check that the example inputs have the shape the model expects."
         ) from None
     used = set(recorder.used)

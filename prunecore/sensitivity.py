@@ -43,7 +43,7 @@ from prunecore._modes import eval_mode
 from prunecore import ops
 from prunecore.cost import count, plan_costs
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
-from prunecore.graph import ChannelGraph, TraceError, symbolic_trace, trace
+from prunecore.graph import ChannelGraph, TraceError, failing_frame, trace
 from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan
 from prunecore.prune import select_units
@@ -229,6 +229,38 @@ def _check_groups(graph: ChannelGraph, groups: Sequence[str] | None) -> list[str
         if not graph[name].prunable:
             raise ValueError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
     return list(dict.fromkeys(groups))
+
+
+# -- fx graph of the working copy -------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self.extra_leaves = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # modules that `trace` follows whole (norms, Swin attention) stay single calls here too
+        leaf = isinstance(m, self.extra_leaves + ops.whole_types())
+        return leaf or super().is_leaf_module(m, qualname)
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
+    """torch.fx graph of `model` sharing its modules, for the suffix engine; `TraceError` when fx cannot.
+
+    Only sweeps use fx (to resume a forward from any op); `trace` itself runs the model eagerly.
+    """
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = failing_frame(exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. "
+            "Data-dependent control flow and some Python constructs cannot be traced; pass the "
+            "offending submodule types as `leaf_modules=(...)` so prunecore treats them as opaque "
+            "(their channels are then kept), or rewrite that code path."
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
 
 
 # -- the engine -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ the masked model computes what the pruned one computes: the invariant the tests 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -139,7 +139,9 @@ def sliced_tensors(model: nn.Module, keep: dict[Slot, torch.Tensor]) -> dict[tup
     return out
 
 
-def swap_tensors_(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+def swap_tensors_(
+    model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]
+) -> dict[tuple[str, str], torch.Tensor]:
     """Put `tensors` into `model` in place, re-derive shape attributes, and return what they replaced.
 
     Swapping the returned tensors back restores the model exactly: the sweep prunes and un-prunes

@@ -66,8 +66,10 @@ def test_sweep_with_bn_recalibration_equals_naive(resnet20):
     assert_matches(fast, slow, kwargs["metric"])
 
 
-@pytest.mark.parametrize("cls", [toys.Concat, toys.SqueezeExcite, toys.LooseParameter, toys.Depthwise, toys.Reused])
+@pytest.mark.parametrize("cls", [toys.Concat, toys.SqueezeExcite, toys.LooseParameter, toys.Depthwise, toys.Reused,
+                                 toys.FunctionalNorm, toys.ShapeBranch])  # fmt: skip
 def test_sweep_equals_naive_on_toys(cls):
+    """ShapeBranch branches on a shape, which torch.fx cannot trace: every point runs the copy's own forward."""
     model = toys.randomize_norms_(cls()).eval()
     gen = torch.Generator().manual_seed(3)
     data = [(torch.randn(model.input_shape, generator=gen), torch.randint(0, 3, (2,), generator=gen)) for _ in range(3)]

@@ -67,3 +67,16 @@ def test_weight_standardised_convs_keep_their_inputs():
     stem = graph["stem.conv1"]
     assert not stem.prunable and "weight standardisation runs over its input channels" in stem.reason
     assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
+def test_reparameterisable_blocks_prune_in_train_and_deploy_form(name):
+    """RepVGG / MobileOne: the multi-branch training form and the fused single-conv deploy form."""
+    from timm.utils.model import reparameterize_model
+
+    train, x = build(name)
+    for model in (train, reparameterize_model(train)):  # a fused copy; `train` keeps its branches
+        graph = trace(model, x)
+        assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
+        assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
+    assert any("rbr" in name or "conv_kxk" in name for name, _ in train.named_modules())

@@ -15,7 +15,9 @@ from torch import nn
 from prunecore.ops import core, torchvision
 from prunecore.ops.handler import FlopRule, FlopTerm, Handler, arg
 
-__all__ = ["FlopRule", "FlopTerm", "Handler", "arg", "constants_types", "fix", "flops", "register", "rule", "whole_types"]
+__all__ = [
+    "FlopRule", "FlopTerm", "Handler", "arg", "constants_types", "fix", "flops", "register", "rule", "whole_types",
+]  # fmt: skip
 
 
 def _library_handlers() -> list[Handler]:

@@ -17,9 +17,8 @@ knowledge is what the ops alone cannot say:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-import torch
 from torch import nn
 
 from timm.layers import Attention, BlurPool2d
@@ -37,7 +36,8 @@ def attention(c: Call) -> Label:
     m, name, st = c.module, c.name, c.st
     x, lab = c.args[0], c.labels[0]
     mask = c.arg(1, "attn_mask")
-    if m.gate is not None or not isinstance(m.norm, nn.Identity) or mask is not None or m.qkv.in_features != x.shape[-1]:
+    plain = m.gate is None and isinstance(m.norm, nn.Identity) and mask is None
+    if not plain or m.qkv.in_features != x.shape[-1]:
         return unsupported(c)
     qkv, proj = f"{name}.qkv", f"{name}.proj"
     heads = st.origin(name, m.num_heads, names_group=True)
