@@ -54,14 +54,16 @@ class Call:
     scope: tuple[type, ...] = ()  # types of the modules whose forward made this op, outermost first
     tensor_names: dict[int, str] = field(default_factory=dict)
     constants: bool = False  # inside a module whose shape constants surgery re-derives
+    line: str = ""  # "file.py:123" of the model code that made this call
     watch: Callable[[torch.Tensor, torch.Tensor, str], None] | None = None
 
     @property
     def where(self) -> str:
         """A readable name of the op for error reasons."""
+        at = f" ({self.line})" if self.line else ""
         if self.module is not None:
-            return f"{type(self.module).__name__} module {self.name!r}"
-        return f"{function_name(self.fn)} in {self.name}"
+            return f"{type(self.module).__name__} module {self.name!r}{at}"
+        return f"{function_name(self.fn)} in {self.name}{at}"
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
         if len(self.args) > i:

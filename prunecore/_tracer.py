@@ -19,6 +19,8 @@ followed by their module rule and their inside is not looked at; every other mod
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -168,7 +170,7 @@ class Recorder:
         return _rules.Call(
             fn, tuple(args), dict(kwargs), labels, klabels, out, self.st, module,
             name or self.scope_name(), self.scope(), self.tensor_names,
-            any(isinstance(f.module, self.constant_types) for f in self.stack), self.watch,
+            any(isinstance(f.module, self.constant_types) for f in self.stack), _model_line(), self.watch,
         )  # fmt: skip
 
     def _label_of(self, value: Any, by_name: bool) -> Any:
@@ -253,6 +255,20 @@ class Recorder:
     def scope_name(self) -> str:
         name = self.stack[-1].name if self.stack else ""
         return repr(name) if name else type(self.model).__name__
+
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _model_line() -> str:
+    """`file.py:line` of the innermost frame outside torch and prunecore: the model code that made the call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_LIBRARY_DIRS):
+            return f"{os.path.basename(filename)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""
 
 
 class _Mode(TorchFunctionMode):

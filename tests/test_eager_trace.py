@@ -39,7 +39,8 @@ def test_reshape_to_another_tensors_size_keeps_both_channel_sets():
     graph = trace(model, model.example())
     for name in ("width", "inner"):
         assert not graph[name].prunable
-        assert graph[name].reason.startswith("is reshaped by reshape in ForeignSize to a size read from other channels")
+        assert graph[name].reason.startswith("is reshaped by reshape in ForeignSize (toy_models.py:")
+        assert graph[name].reason.endswith(") to a size read from other channels")
     assert graph["mlp.0"].prunable  # the MLP inside is unaffected
     graph, pruned, out, ref = pruned_and_masked(model, model.example())
     torch.testing.assert_close(out, ref)
