@@ -80,3 +80,25 @@ def test_reparameterisable_blocks_prune_in_train_and_deploy_form(name):
         assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
         assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
     assert any("rbr" in name or "conv_kxk" in name for name, _ in train.named_modules())
+
+
+def test_metaformer_heads_are_tied_to_the_width_they_reshape_back_to():
+    """CAFormer's attention reshapes its output to the input width: heads and width go together."""
+    from timm.models import metaformer
+
+    torch.manual_seed(0)
+    model = metaformer.MetaFormer(
+        depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=10,
+        token_mixers=[metaformer.SepConv, metaformer.SepConv, metaformer.Attention, metaformer.Attention],
+        norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
+    )  # a small CAFormer  # fmt: skip
+    model = randomize_norms_(model).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    graph = trace(model, x)
+    assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
+    attn = "stages.3.blocks.0.token_mixer"
+    width = next(g for g in graph if any(m.path == f"{attn}.qkv.weight" and m.dim == 1 for m in g.members))
+    assert width.size == model.stages[3].blocks[0].token_mixer.num_heads == 4  # one unit per head
+    pruned = assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
+    mixer = pruned.stages[3].blocks[0].token_mixer
+    assert mixer.num_heads == 2 and mixer.attention_dim == 64 == mixer.proj.out_features

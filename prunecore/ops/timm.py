@@ -10,6 +10,9 @@ knowledge is what the ops alone cannot say:
   re-derived from the sliced `qkv` after removal, so the module's own forward runs pruned.
 - `BlurPool2d` (TResNet, anti-aliased models) runs a depthwise conv with `groups=self.channels`,
   re-derived from its filter after slicing.
+- MetaFormer (PoolFormer, ConvFormer, CAFormer): the layer scales view their parameter to the
+  constant `shape`, re-derived after slicing; the attention reshapes its output to the input width,
+  so heads are tied to the width channels at their positions.
 - Weight-standardised convs (`StdConv2d`, `ScaledStdConv2d`: NFNet, BiT): the standardisation
   runs over each filter's input channels, so removing input channels would change the kept
   weights; their output channels (and `gain`) can go, their inputs stay.
@@ -22,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from timm.layers import Attention, BlurPool2d
+from timm.models import metaformer
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
 from prunecore._labels import along
@@ -33,15 +37,21 @@ _STD_CONVS = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
 def attention(c: Call) -> Label:
     """timm's fused-qkv attention: heads go whole, the model width through `qkv` columns and `proj` rows."""
-    m, name, st = c.module, c.name, c.st
-    x, lab = c.args[0], c.labels[0]
+    m, x = c.module, c.args[0]
     mask = c.arg(1, "attn_mask")
     plain = m.gate is None and isinstance(m.norm, nn.Identity) and mask is None
     if not plain or m.qkv.in_features != x.shape[-1]:
         return unsupported(c)
+    return _fused_qkv(c, m.head_dim)
+
+
+def _fused_qkv(c: Call, head_dim: int) -> Label:
+    """Heads of a fused (3 * heads * head_dim, width) `qkv` and its `proj`; the output label."""
+    m, name, st = c.module, c.name, c.st
+    x, lab = c.args[0], c.labels[0]
     qkv, proj = f"{name}.qkv", f"{name}.proj"
     heads = st.origin(name, m.num_heads, names_group=True)
-    per_head = heads.repeat_interleave(m.head_dim)  # (attn_dim,): rows of one of q, k, v
+    per_head = heads.repeat_interleave(head_dim)  # (heads * head_dim,): rows of one of q, k, v
     st.record((qkv, "weight", 1), st.channel_vector(lab, x.dim() - 1, x.shape[-1], c.where))
     st.record((qkv, "weight", 0), per_head.repeat(3), output=True)  # (3 * attn_dim,): q | k | v
     if m.qkv.bias is not None:
@@ -52,6 +62,23 @@ def attention(c: Call) -> Label:
     if m.proj.bias is not None:
         st.record((proj, "bias", 0), ids_out)
     return along(ids_out, c.out.dim() - 1, c.out.dim())
+
+
+def metaformer_attention(c: Call) -> Label:
+    """MetaFormer's (CAFormer's) attention: like timm's, but its output is reshaped to the *input* width.
+
+    `x.transpose(1, 2).reshape(B, N, C)` with `C` read from the input only works while the inner
+    width equals the model width, so input channel i is tied to inner position i: heads go whole
+    together with the model-width channels at their positions, in every block of the stage.
+    """
+    m, x = c.module, c.args[0]
+    if m.qkv.weight.shape[0] != 3 * x.shape[-1]:
+        return unsupported(c)
+    label = _fused_qkv(c, m.head_dim)
+    ids_in = c.st.channel_vector(c.labels[0], x.dim() - 1, x.shape[-1], c.where)
+    heads = c.st.origin(c.name, m.num_heads)
+    c.st.unify(ids_in, heads.repeat_interleave(m.head_dim), f"is the width {c.where} reshapes its heads back to")
+    return label
 
 
 def std_conv(c: Call) -> Label:
@@ -74,6 +101,15 @@ def _fix_blur_pool(m: BlurPool2d) -> None:
         m.channels = m.filt.shape[0]
 
 
+def _fix_metaformer_attention(m: metaformer.Attention) -> None:
+    m.num_heads = m.qkv.weight.shape[0] // (3 * m.head_dim)
+    m.attention_dim = m.num_heads * m.head_dim
+
+
+def _fix_metaformer_scale(m: metaformer.Scale) -> None:
+    m.shape = (m.scale.shape[0],) + tuple(m.shape[1:])  # the layer scale's view shape, (dim, 1, 1) or (dim,)
+
+
 def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> list[FlopTerm]:
     """`qkv` and `proj` run as modules; add Q K^T and attn V over every pair of tokens."""
     x = arg(args, kwargs, 0, "x")  # (B, N, C)
@@ -86,6 +122,9 @@ def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> 
 
 HANDLERS: list[Handler] = [
     Handler((Attention,), rule=attention, fix=_fix_attention, flops=_attention_flops, constants=True),
+    Handler((metaformer.Attention,), rule=metaformer_attention, fix=_fix_metaformer_attention,
+            flops=_attention_flops, constants=True),  # fmt: skip
+    Handler((metaformer.Scale,), fix=_fix_metaformer_scale, constants=True),
     Handler(_STD_CONVS, rule=std_conv),
     # a depthwise blur whose group count is the attribute `channels`
     Handler((BlurPool2d,), fix=_fix_blur_pool, constants=True),
