@@ -102,3 +102,22 @@ def test_metaformer_heads_are_tied_to_the_width_they_reshape_back_to():
     pruned = assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
     mixer = pruned.stages[3].blocks[0].token_mixer
     assert mixer.num_heads == 2 and mixer.attention_dim == 64 == mixer.proj.out_features
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_beit_and_eva_heads_take_their_biases_and_bias_table_columns(name):
+    kwargs = {"img_size": 32, "depth": 2} if name.startswith("beit") else {"img_size": 28, "depth": 2}
+    model, _ = build(name, **kwargs)
+    size = kwargs["img_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    graph = trace(model, x)
+    assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
+    attn = "blocks.0.attn"
+    heads = next(g for g in graph if any(m.path == f"{attn}.qkv.weight" and m.dim == 0 for m in g.members))
+    paths = {(m.path, m.dim) for m in heads.members}
+    assert {(f"{attn}.q_bias", 0), (f"{attn}.v_bias", 0), (f"{attn}.proj.weight", 1)} <= paths
+    if name.startswith("beit"):
+        assert (f"{attn}.relative_position_bias_table", 1) in paths
+    plan = make_plan(model, graph, 0.5)
+    pruned = assert_pruned_equals_masked(model, x, graph, plan)
+    assert pruned.blocks[0].attn.num_heads == len(plan.groups[heads.name].keep) < model.blocks[0].attn.num_heads

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
+import torch
 from timm.layers import Attention, BlurPool2d
-from timm.models import metaformer
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.models import beit, eva, metaformer
+from torch import nn
 
 from prunecore._labels import along
 from prunecore._rules import Call, Label, conv, unsupported
@@ -75,10 +75,47 @@ def metaformer_attention(c: Call) -> Label:
     if m.qkv.weight.shape[0] != 3 * x.shape[-1]:
         return unsupported(c)
     label = _fused_qkv(c, m.head_dim)
-    ids_in = c.st.channel_vector(c.labels[0], x.dim() - 1, x.shape[-1], c.where)
-    heads = c.st.origin(c.name, m.num_heads)
-    c.st.unify(ids_in, heads.repeat_interleave(m.head_dim), f"is the width {c.where} reshapes its heads back to")
+    _tie_width_to_heads(c, m.head_dim)
     return label
+
+
+def _tie_width_to_heads(c: Call, head_dim: int) -> None:
+    """Input channel i goes with inner position i: the forward reshapes the heads to the input width."""
+    x = c.args[0]
+    ids_in = c.st.channel_vector(c.labels[0], x.dim() - 1, x.shape[-1], c.where)
+    per_head = c.st.origin(c.name, c.module.num_heads).repeat_interleave(head_dim)
+    c.st.unify(ids_in, per_head, f"is the width {c.where} reshapes its heads back to")
+
+
+def beit_eva_attention(c: Call) -> Label:
+    """BEiT's and EVA's attention: fused qkv with separate q/k/v biases, output reshaped to the input width.
+
+    Heads own their rows of `qkv`, `q_bias`/`k_bias`/`v_bias`, their `proj` columns and (BEiT) their
+    column of the relative-position-bias table; they are tied to the width channels at their
+    positions, as in MetaFormer. q/k norms and rotary embeddings act inside a head and stay.
+    """
+    m, x = c.module, c.args[0]
+    extra = [v for k, v in c.kwargs.items() if k in ("attn_mask", "shared_rel_pos_bias")] + list(c.args[2:])
+    plain = m.qkv is not None and isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)
+    if not plain or getattr(m, "gate", None) is not None or any(v is not None for v in extra):
+        return unsupported(c)
+    head_dim = _head_dim(m)
+    if m.qkv.weight.shape[0] != 3 * x.shape[-1] or m.num_heads * head_dim != x.shape[-1]:
+        return unsupported(c)
+    label = _fused_qkv(c, head_dim)
+    per_head = c.st.origin(c.name, m.num_heads).repeat_interleave(head_dim)
+    for bias in ("q_bias", "k_bias", "v_bias"):
+        if isinstance(getattr(m, bias, None), torch.Tensor):  # k_bias is a zero buffer
+            c.st.record((c.name, bias, 0), per_head)
+    if isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter):
+        c.st.record((c.name, "relative_position_bias_table", 1), c.st.origin(c.name, m.num_heads))
+    _tie_width_to_heads(c, head_dim)
+    return label
+
+
+def _head_dim(m: nn.Module) -> int:
+    """EVA keeps `head_dim`; BEiT only its scale, head_dim ** -0.5."""
+    return int(m.head_dim) if hasattr(m, "head_dim") else round(m.scale ** -2)
 
 
 def std_conv(c: Call) -> Label:
@@ -110,6 +147,10 @@ def _fix_metaformer_scale(m: metaformer.Scale) -> None:
     m.shape = (m.scale.shape[0],) + tuple(m.shape[1:])  # the layer scale's view shape, (dim, 1, 1) or (dim,)
 
 
+def _fix_beit_eva_attention(m: nn.Module) -> None:
+    m.num_heads = m.qkv.weight.shape[0] // (3 * _head_dim(m))
+
+
 def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> list[FlopTerm]:
     """`qkv` and `proj` run as modules; add Q K^T and attn V over every pair of tokens."""
     x = arg(args, kwargs, 0, "x")  # (B, N, C)
@@ -125,6 +166,8 @@ HANDLERS: list[Handler] = [
     Handler((metaformer.Attention,), rule=metaformer_attention, fix=_fix_metaformer_attention,
             flops=_attention_flops, constants=True),  # fmt: skip
     Handler((metaformer.Scale,), fix=_fix_metaformer_scale, constants=True),
+    Handler((beit.Attention, eva.EvaAttention), rule=beit_eva_attention, fix=_fix_beit_eva_attention,
+            flops=_attention_flops, constants=True),  # fmt: skip
     Handler(_STD_CONVS, rule=std_conv),
     # a depthwise blur whose group count is the attribute `channels`
     Handler((BlurPool2d,), fix=_fix_blur_pool, constants=True),
