@@ -121,3 +121,18 @@ def test_beit_and_eva_heads_take_their_biases_and_bias_table_columns(name):
     plan = make_plan(model, graph, 0.5)
     pruned = assert_pruned_equals_masked(model, x, graph, plan)
     assert pruned.blocks[0].attn.num_heads == len(plan.groups[heads.name].keep) < model.blocks[0].attn.num_heads
+
+
+def test_pvt_v2_reduction_attention_prunes_with_its_width():
+    """PVT-v2: heads, the spatial-reduction conv and its LayerNorm follow the stage width."""
+    model, _ = build("pvt_v2_b0")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    graph = trace(model, x)
+    attn = "stages.1.blocks.0.attn"
+    width = next(g for g in graph if any(m.path == f"{attn}.q.weight" and m.dim == 1 for m in g.members))
+    assert width.prunable and width.size == model.stages[1].blocks[0].attn.num_heads
+    assert {(f"{attn}.sr.weight", 0), (f"{attn}.norm.weight", 0)} <= {(m.path, m.dim) for m in width.members}
+    plan = make_plan(model, graph, 0.5)
+    pruned = assert_pruned_equals_masked(model, x, graph, plan)
+    kept = len(plan.groups[width.name].keep)
+    assert pruned.stages[1].blocks[0].attn.num_heads == kept and pruned.stages[1].blocks[0].attn.dim == kept * 32

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from timm.layers import Attention, BlurPool2d
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
-from timm.models import beit, eva, metaformer
+from timm.models import beit, eva, metaformer, pvt_v2
 from torch import nn
 
 from prunecore._labels import along
@@ -113,6 +113,41 @@ def beit_eva_attention(c: Call) -> Label:
     return label
 
 
+def pvt_attention(c: Call) -> Label:
+    """PVT-v2's spatial-reduction attention: q, kv and proj by heads, the reduction conv at full width.
+
+    Its forward reshapes the reduced map and the heads back to the input width `C`, so the
+    reduction conv's channels and the heads are tied to the width channels at their positions;
+    the reduction's LayerNorm then normalises over the kept width (a masked norm in mask mode).
+    """
+    m, name, st = c.module, c.name, c.st
+    x, lab = c.args[0], c.labels[0]
+    width = x.shape[-1]
+    if m.num_heads * m.head_dim != width or m.kv.out_features != 2 * width or m.q.out_features != width:
+        return unsupported(c)
+    ids = st.channel_vector(lab, x.dim() - 1, width, c.where)  # (width,): also the ids of every inner position
+    heads = st.origin(name, m.num_heads, names_group=True)
+    st.unify(ids, heads.repeat_interleave(m.head_dim), f"is the width {c.where} reshapes its heads back to")
+    for linear, rows in (("q", ids), ("kv", ids.repeat(2)), ("proj", None)):
+        layer = getattr(m, linear)
+        out = rows if rows is not None else st.origin(f"{name}.proj", layer.out_features)
+        st.record((f"{name}.{linear}", "weight", 1), ids)
+        st.record((f"{name}.{linear}", "weight", 0), out, output=True)
+        if layer.bias is not None:
+            st.record((f"{name}.{linear}", "bias", 0), out)
+    if m.sr is not None:
+        st.record((f"{name}.sr", "weight", 1), ids)
+        st.record((f"{name}.sr", "weight", 0), ids, output=True)
+        if m.sr.bias is not None:
+            st.record((f"{name}.sr", "bias", 0), ids)
+        for tensor in ("weight", "bias"):
+            if getattr(m.norm, tensor, None) is not None:
+                st.record((f"{name}.norm", tensor, 0), ids)
+        st.norm_dims[f"{name}.norm"] = -1  # (B, tokens, width)
+    proj_out = st.origin(f"{name}.proj", m.proj.out_features)
+    return along(proj_out, c.out.dim() - 1, c.out.dim())
+
+
 def _head_dim(m: nn.Module) -> int:
     """EVA keeps `head_dim`; BEiT only its scale, head_dim ** -0.5."""
     return int(m.head_dim) if hasattr(m, "head_dim") else round(m.scale ** -2)
@@ -151,6 +186,11 @@ def _fix_beit_eva_attention(m: nn.Module) -> None:
     m.num_heads = m.qkv.weight.shape[0] // (3 * _head_dim(m))
 
 
+def _fix_pvt_attention(m: pvt_v2.Attention) -> None:
+    m.dim = m.q.weight.shape[0]
+    m.num_heads = m.dim // m.head_dim
+
+
 def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> list[FlopTerm]:
     """`qkv` and `proj` run as modules; add Q K^T and attn V over every pair of tokens."""
     x = arg(args, kwargs, 0, "x")  # (B, N, C)
@@ -166,6 +206,7 @@ HANDLERS: list[Handler] = [
     Handler((metaformer.Attention,), rule=metaformer_attention, fix=_fix_metaformer_attention,
             flops=_attention_flops, constants=True),  # fmt: skip
     Handler((metaformer.Scale,), fix=_fix_metaformer_scale, constants=True),
+    Handler((pvt_v2.Attention,), rule=pvt_attention, fix=_fix_pvt_attention, constants=True),
     Handler((beit.Attention, eva.EvaAttention), rule=beit_eva_attention, fix=_fix_beit_eva_attention,
             flops=_attention_flops, constants=True),  # fmt: skip
     Handler(_STD_CONVS, rule=std_conv),
