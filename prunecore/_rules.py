@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,8 @@ def fixed_like(value: Any) -> Label:
     return None
 
 
-def walk_labels(labels: Any):
+def walk_labels(labels: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested tuple / list / dict: the labels of a nested value (or its values)."""
     if isinstance(labels, torch.Tensor):
         yield labels
     elif isinstance(labels, (tuple, list)):

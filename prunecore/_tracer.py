@@ -280,15 +280,7 @@ class _Mode(TorchFunctionMode):
         return self.recorder.on_call(func, args, kwargs or {})
 
 
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+_tensors = _rules.walk_labels  # every tensor of a nested value, as of a nested label
 
 
 def _has_tensor(value: Any) -> bool:
