@@ -8,6 +8,7 @@ the module's MRO, nearest class first, separately for each aspect (rule, fix, FL
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from torch import nn
@@ -23,10 +24,16 @@ __all__ = [
 def _library_handlers() -> list[Handler]:
     handlers = list(core.HANDLERS) + list(torchvision.HANDLERS)
     try:
-        from prunecore.ops import timm
-    except ImportError:  # timm is optional
+        import timm  # noqa: F401  # optional
+    except ImportError:
         return handlers
-    return handlers + list(timm.HANDLERS)
+    try:
+        from prunecore.ops import timm as timm_handlers
+    except (ImportError, AttributeError) as exc:  # a timm too old for the classes the handlers name
+        warnings.warn(f"prunecore's timm handlers need timm>=1.0 ({exc}); timm models are followed op by op only",
+                      stacklevel=2)  # fmt: skip
+        return handlers
+    return handlers + list(timm_handlers.HANDLERS)
 
 
 _REGISTERED: list[Handler] = []
