@@ -136,3 +136,20 @@ def test_pvt_v2_reduction_attention_prunes_with_its_width():
     pruned = assert_pruned_equals_masked(model, x, graph, plan)
     kept = len(plan.groups[width.name].keep)
     assert pruned.stages[1].blocks[0].attn.num_heads == kept and pruned.stages[1].blocks[0].attn.dim == kept * 32
+
+
+def test_davit_window_and_channel_attention_heads():
+    """DaViT: both attentions reshape their heads back to the input width; heads go whole with it."""
+    from timm.models import davit
+
+    torch.manual_seed(0)
+    model = davit.DaVit(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), num_classes=10)
+    model = randomize_norms_(model).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    graph = trace(model, x)
+    fixed = {g.name: g.reason for g in graph if not g.prunable}
+    # stage 0 has one head, so its width is one unit
+    assert fixed == {"stages.0.blocks.0.0.attn": "has a single unit; removing it would remove the whole layer",
+                     "head.fc": "reaches the model output"}  # fmt: skip
+    pruned = assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
+    assert pruned.stages[3].blocks[0][0].attn.num_heads == 2

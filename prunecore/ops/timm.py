@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from timm.layers import Attention, BlurPool2d
 from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
-from timm.models import beit, eva, metaformer, pvt_v2
+from timm.models import beit, davit, eva, metaformer, pvt_v2
 from torch import nn
 
 from prunecore._labels import along
@@ -87,12 +87,13 @@ def _tie_width_to_heads(c: Call, head_dim: int) -> None:
     c.st.unify(ids_in, per_head, f"is the width {c.where} reshapes its heads back to")
 
 
-def beit_eva_attention(c: Call) -> Label:
-    """BEiT's and EVA's attention: fused qkv with separate q/k/v biases, output reshaped to the input width.
+def tied_attention(c: Call) -> Label:
+    """Fused-qkv attention whose output is reshaped to the input width (BEiT, EVA, DaViT).
 
-    Heads own their rows of `qkv`, `q_bias`/`k_bias`/`v_bias`, their `proj` columns and (BEiT) their
-    column of the relative-position-bias table; they are tied to the width channels at their
-    positions, as in MetaFormer. q/k norms and rotary embeddings act inside a head and stay.
+    Heads own their rows of `qkv` (and of `q_bias`/`k_bias`/`v_bias`), their `proj` columns and
+    (BEiT) their column of the relative-position-bias table; they are tied to the width channels
+    at their positions, as in MetaFormer. q/k norms and rotary embeddings act inside a head and
+    stay; so does DaViT's channel attention, which attends within each head.
     """
     m, x = c.module, c.args[0]
     extra = [v for k, v in c.kwargs.items() if k in ("attn_mask", "shared_rel_pos_bias")] + list(c.args[2:])
@@ -182,8 +183,10 @@ def _fix_metaformer_scale(m: metaformer.Scale) -> None:
     m.shape = (m.scale.shape[0],) + tuple(m.shape[1:])  # the layer scale's view shape, (dim, 1, 1) or (dim,)
 
 
-def _fix_beit_eva_attention(m: nn.Module) -> None:
+def _fix_tied_attention(m: nn.Module) -> None:
     m.num_heads = m.qkv.weight.shape[0] // (3 * _head_dim(m))
+    if hasattr(m, "dim"):
+        m.dim = m.qkv.weight.shape[1]
 
 
 def _fix_pvt_attention(m: pvt_v2.Attention) -> None:
@@ -207,8 +210,11 @@ HANDLERS: list[Handler] = [
             flops=_attention_flops, constants=True),  # fmt: skip
     Handler((metaformer.Scale,), fix=_fix_metaformer_scale, constants=True),
     Handler((pvt_v2.Attention,), rule=pvt_attention, fix=_fix_pvt_attention, constants=True),
-    Handler((beit.Attention, eva.EvaAttention), rule=beit_eva_attention, fix=_fix_beit_eva_attention,
+    Handler((beit.Attention, eva.EvaAttention), rule=tied_attention, fix=_fix_tied_attention,
             flops=_attention_flops, constants=True),  # fmt: skip
+    # not NesT's attention: it lays its output out head-minor (`permute(0, 2, 3, 4, 1)`), so `proj` sees d * H + h
+    Handler((davit.WindowAttention, davit.ChannelAttention), rule=tied_attention,
+            fix=_fix_tied_attention, constants=True),  # fmt: skip
     Handler(_STD_CONVS, rule=std_conv),
     # a depthwise blur whose group count is the attribute `channels`
     Handler((BlurPool2d,), fix=_fix_blur_pool, constants=True),
