@@ -11,8 +11,13 @@ knowledge is what the ops alone cannot say:
 - `BlurPool2d` (TResNet, anti-aliased models) runs a depthwise conv with `groups=self.channels`,
   re-derived from its filter after slicing.
 - MetaFormer (PoolFormer, ConvFormer, CAFormer): the layer scales view their parameter to the
-  constant `shape`, re-derived after slicing; the attention reshapes its output to the input width,
-  so heads are tied to the width channels at their positions.
+  constant `shape`, re-derived after slicing.
+- Attention that reshapes its heads back to the *input* width (`x.reshape(B, N, C)` with `C` read
+  from the input: MetaFormer, BEiT, EVA, DaViT): the inner width must stay equal to the model width,
+  so heads are tied to the width channels at their positions (`tied_attention`). BEiT's and EVA's
+  heads also own their q/k/v bias rows and bias-table columns.
+- PVT-v2's spatial-reduction attention: the reduction conv and its LayerNorm run at the model width
+  and the heads are tied to it, as above.
 - Weight-standardised convs (`StdConv2d`, `ScaledStdConv2d`: NFNet, BiT): the standardisation
   runs over each filter's input channels, so removing input channels would change the kept
   weights; their output channels (and `gain`) can go, their inputs stay.
@@ -64,21 +69,6 @@ def _fused_qkv(c: Call, head_dim: int) -> Label:
     return along(ids_out, c.out.dim() - 1, c.out.dim())
 
 
-def metaformer_attention(c: Call) -> Label:
-    """MetaFormer's (CAFormer's) attention: like timm's, but its output is reshaped to the *input* width.
-
-    `x.transpose(1, 2).reshape(B, N, C)` with `C` read from the input only works while the inner
-    width equals the model width, so input channel i is tied to inner position i: heads go whole
-    together with the model-width channels at their positions, in every block of the stage.
-    """
-    m, x = c.module, c.args[0]
-    if m.qkv.weight.shape[0] != 3 * x.shape[-1]:
-        return unsupported(c)
-    label = _fused_qkv(c, m.head_dim)
-    _tie_width_to_heads(c, m.head_dim)
-    return label
-
-
 def _tie_width_to_heads(c: Call, head_dim: int) -> None:
     """Input channel i goes with inner position i: the forward reshapes the heads to the input width."""
     x = c.args[0]
@@ -88,7 +78,7 @@ def _tie_width_to_heads(c: Call, head_dim: int) -> None:
 
 
 def tied_attention(c: Call) -> Label:
-    """Fused-qkv attention whose output is reshaped to the input width (BEiT, EVA, DaViT).
+    """Fused-qkv attention whose output is reshaped to the input width (MetaFormer, BEiT, EVA, DaViT).
 
     Heads own their rows of `qkv` (and of `q_bias`/`k_bias`/`v_bias`), their `proj` columns and
     (BEiT) their column of the relative-position-bias table; they are tied to the width channels
@@ -174,19 +164,16 @@ def _fix_blur_pool(m: BlurPool2d) -> None:
         m.channels = m.filt.shape[0]
 
 
-def _fix_metaformer_attention(m: metaformer.Attention) -> None:
-    m.num_heads = m.qkv.weight.shape[0] // (3 * m.head_dim)
-    m.attention_dim = m.num_heads * m.head_dim
-
-
 def _fix_metaformer_scale(m: metaformer.Scale) -> None:
     m.shape = (m.scale.shape[0],) + tuple(m.shape[1:])  # the layer scale's view shape, (dim, 1, 1) or (dim,)
 
 
 def _fix_tied_attention(m: nn.Module) -> None:
     m.num_heads = m.qkv.weight.shape[0] // (3 * _head_dim(m))
-    if hasattr(m, "dim"):
+    if hasattr(m, "dim"):  # DaViT
         m.dim = m.qkv.weight.shape[1]
+    if hasattr(m, "attention_dim"):  # MetaFormer
+        m.attention_dim = m.num_heads * _head_dim(m)
 
 
 def _fix_pvt_attention(m: pvt_v2.Attention) -> None:
@@ -206,8 +193,8 @@ def _attention_flops(module: Attention, args: tuple, kwargs: dict, out: Any) -> 
 
 HANDLERS: list[Handler] = [
     Handler((Attention,), rule=attention, fix=_fix_attention, flops=_attention_flops, constants=True),
-    Handler((metaformer.Attention,), rule=metaformer_attention, fix=_fix_metaformer_attention,
-            flops=_attention_flops, constants=True),  # fmt: skip
+    Handler((metaformer.Attention,), rule=tied_attention, fix=_fix_tied_attention, flops=_attention_flops,
+            constants=True),  # fmt: skip
     Handler((metaformer.Scale,), fix=_fix_metaformer_scale, constants=True),
     Handler((pvt_v2.Attention,), rule=pvt_attention, fix=_fix_pvt_attention, constants=True),
     Handler((beit.Attention, eva.EvaAttention), rule=tied_attention, fix=_fix_tied_attention,
