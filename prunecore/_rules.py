@@ -9,7 +9,6 @@ Anything without a rule blocks every channel it touches: an unknown op is never 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -885,8 +884,6 @@ def fused_transformer_layer(c: Call) -> Label:
 
 
 _ELEMENTWISE_FUNCTIONS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pos, operator.pow,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.where, torch.clamp,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.rsqrt,
     torch.maximum, torch.minimum, torch.erf, torch.addcmul, torch.addcdiv, torch.lerp, torch.square,
@@ -923,7 +920,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.softmax: softmax_like, F.log_softmax: softmax_like, torch.softmax: softmax_like,
     torch.log_softmax: softmax_like,
     F.layer_norm: functional_layer_norm, F.group_norm: norm_over_channels, F.local_response_norm: norm_over_channels,
-    torch.einsum: einsum, torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
+    torch.einsum: einsum, torch.matmul: matmul, torch.bmm: matmul,
     torch.flatten: flatten, torch.reshape: view, torch.unflatten: unflatten,
     torch.cat: cat, torch.concat: cat, torch.stack: lambda c: cat(c, stack=True),
     torch.chunk: chunk, torch.split: chunk, torch.unbind: unbind,
@@ -931,7 +928,6 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.squeeze: squeeze, torch.flip: apply_same, torch.movedim: apply_same,
     torch.swapaxes: apply_same, torch.swapdims: apply_same, torch.moveaxis: apply_same,
     torch.roll: apply_same, torch.repeat_interleave: apply_same, torch.tile: apply_same,
-    operator.getitem: getitem,
     torch.conv1d: functional_conv, torch.conv2d: functional_conv, torch.conv3d: functional_conv,
     F.linear: functional_linear, F.batch_norm: functional_batch_norm, F.normalize: normalize,
     F.scaled_dot_product_attention: scaled_dot_product_attention,
@@ -955,11 +951,6 @@ METHOD_RULES: dict[str, Rule] = {
     "__getitem__": getitem, "__matmul__": matmul,
     **{d: elementwise for d in _ELEMENTWISE_DUNDERS},
 }  # fmt: skip
-
-
-def container(c: Call) -> Label:
-    """A namedtuple built from tensors (e.g. a model's several outputs): labels ride along."""
-    return tuple(c.labels) + tuple(c.klabels.values())
 
 
 _TENSOR_METHODS = {getattr(torch.Tensor, name, None): rule for name, rule in METHOD_RULES.items()}

@@ -154,7 +154,7 @@ class Recorder:
         rule = _rules.function_rule(func)
         call = self._call(func, args, kwargs, out)
         if not _has_tensor(out):
-            if rule is not _rules.container and any(True for _ in _rules.walk_labels((call.labels, call.klabels))):
+            if any(True for _ in _rules.walk_labels((call.labels, call.klabels))):
                 # a value computed from the channels leaves the tensor world (x.tolist(), a bool)
                 _rules.block_inputs(call, f"is turned into a non-tensor value by {call.where}")
             return out
