@@ -156,7 +156,7 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, with_input: bool = True) -> None:
-    p.add_argument("--model", required=True, help="sample:NAME, torchvision:NAME or package.module:function")
+    p.add_argument("--model", required=True, help="sample:NAME, torchvision:NAME, timm:NAME or package.module:function")
     p.add_argument("--weights", type=Path, help="a state_dict file (loaded with weights_only=True)")
     if with_input:
         p.add_argument("--input", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the model's own)")

@@ -1,10 +1,12 @@
 """Model specs shared by the CLI and the dashboard, and pruned-model files.
 
-`sample:NAME` (a trained sample model), `torchvision:NAME` (random init unless weights are given)
-or `package.module:function` (any factory returning an `nn.Module`).
+`sample:NAME` (a trained sample model), `torchvision:NAME` or `timm:NAME` (random init unless
+weights are given; nothing is downloaded) or `package.module:function` (any factory returning an
+`nn.Module`).
 
     >>> model = load_model("sample:resnet20")
     >>> model = load_model("torchvision:resnet18", weights="resnet18.pt")
+    >>> model = load_model("timm:convnext_atto")
     >>> model = load_model("mypkg.nets:build_net")
 
 A pruned model has new layer shapes, so its state_dict alone fits no class; a pruned-model file
@@ -60,6 +62,8 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
             raise ModelSpecError(str(exc)) from None
     elif kind == "torchvision":
         model = _torchvision(name)
+    elif kind == "timm":
+        model = _timm(name)
     else:
         model = _factory(kind, name)
     if weights is not None:
@@ -79,6 +83,11 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
             raise ModelSpecError(str(exc)) from None
     if kind == "torchvision":
         return (1, 3, 299, 299) if name == "inception_v3" else (1, 3, 224, 224)
+    if kind == "timm":
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name)
+        return (1, *cfg.input_size) if cfg is not None and cfg.input_size else (1, 3, 224, 224)
     return None
 
 
@@ -86,7 +95,8 @@ def _split(spec: str) -> tuple[str, str]:
     kind, sep, name = spec.partition(":")
     if not sep or not name:
         raise ModelSpecError(
-            f"model spec {spec!r} must look like 'sample:NAME', 'torchvision:NAME' or 'package.module:function'"
+            f"model spec {spec!r} must look like 'sample:NAME', 'torchvision:NAME', 'timm:NAME' or "
+            "'package.module:function'"
         )
     return kind, name
 
@@ -100,6 +110,20 @@ def _torchvision(name: str) -> nn.Module:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelSpecError(f"torchvision has no classification model {name!r}{hint}")
     return torchvision.models.get_model(name, weights=None)
+
+
+def _timm(name: str) -> nn.Module:
+    """A timm architecture with random init: `pretrained=False`, so nothing is downloaded."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelSpecError("model spec 'timm:...' needs timm: pip install 'prunecore[timm]'") from None
+    available = timm.list_models()
+    if name not in available:
+        close = [n for n in available if n.startswith(name.split("_")[0])][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelSpecError(f"timm has no model {name!r}{hint}")
+    return timm.create_model(name, pretrained=False)
 
 
 def _factory(module_name: str, attr: str) -> nn.Module:

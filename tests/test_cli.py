@@ -35,6 +35,22 @@ def test_inspect_lists_groups(capsys):
     assert "reaches the model output" in out
 
 
+def test_timm_spec_inspects_prunes_and_rebuilds(tmp_path, capsys):
+    """`timm:NAME`: random init (nothing downloaded), the input shape from timm's config."""
+    pytest.importorskip("timm")
+    from prunecore.models import default_input_shape
+
+    assert default_input_shape("timm:test_resnet") == (1, 3, 160, 160)
+    assert main(["inspect", "--model", "timm:test_vit", "--input", "1,3,32,32"]) == 0
+    assert "blocks.0.attn" in capsys.readouterr().out
+    out_file = tmp_path / "pruned.pt"
+    args = ["prune", "--model", "timm:test_resnet", "--input", "1,3,64,64", "--sparsity", "0.5", "--check"]
+    assert main(args + ["--out", str(out_file)]) == 0
+    rebuilt, plan = load_pruned(out_file)  # rebuilt from the spec the file records
+    assert rebuilt.conv1[0].out_channels == len(plan.groups["conv1.0"].keep) < 16
+    assert rebuilt(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
 def test_prune_check_and_rebuild(tmp_path, capsys):
     out_file = tmp_path / "pruned.pt"
     args = ["prune", "--model", "torchvision:resnet18", "--input", "1,3,32,32", "--sparsity", "0.5"]
@@ -52,6 +68,7 @@ def test_prune_check_and_rebuild(tmp_path, capsys):
     "args, message",
     [
         (["inspect", "--model", "torchvision:resnet1"], "torchvision has no classification model 'resnet1'"),
+        (["inspect", "--model", "timm:resnet_nope"], "timm has no model 'resnet_nope' .did you mean resnet"),
         (["inspect", "--model", "resnet18"], "must look like"),
         (["inspect", "--model", "no_such_pkg:f"], "cannot import 'no_such_pkg'"),
         (["inspect", "--model", "toy_models:nothing"], "has no callable 'nothing'"),
