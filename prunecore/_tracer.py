@@ -98,10 +98,9 @@ class Recorder:
         finally:
             for h in handles:
                 h.remove()
-        for t in _tensors(out):
-            lab = self.labels.get(t)
-            if lab is not None:
-                self.st.block(lab, "reaches the model output")
+        outputs = list(_tensors(out))
+        _rules.output(self.st, [self.labels.get(t) for t in outputs])
+        for t in outputs:
             self._check_watched(t)
         return out
 
@@ -110,8 +109,7 @@ class Recorder:
             return
         name = self.names.get(id(module), type(module).__name__)
         self.used.add(name)
-        inside_leaf = any(f.rule is not None for f in self.stack)
-        if inside_leaf:
+        if self._inside_whole():
             rule = None
         elif self.leaves and isinstance(module, self.leaves):
             rule = _rules.opaque
@@ -127,7 +125,7 @@ class Recorder:
         if threading.get_ident() != self.thread or not self.stack or self.stack[-1].module is not module:
             return
         frame = self.stack.pop()
-        if frame.rule is None or any(f.rule is not None for f in self.stack):
+        if frame.rule is None or self._inside_whole():
             return
         self.busy = True  # the rule's own torch calls are bookkeeping, not the model's ops
         try:
@@ -137,7 +135,7 @@ class Recorder:
             self.busy = False
 
     def on_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        if self.busy or any(f.rule is not None for f in self.stack):
+        if self.busy or self._inside_whole():
             return func(*args, **kwargs)  # bookkeeping, or inside a module followed whole
         self.current = f"{_rules.function_name(func)} in {self.scope_name()}"
         out = func(*args, **kwargs)
@@ -152,7 +150,7 @@ class Recorder:
         for t in _tensors((args, kwargs)):
             self._check_watched(t)
         rule = _rules.function_rule(func)
-        call = self._call(func, args, kwargs, out)
+        call = self._call(func, args, kwargs, out, by_name=getattr(rule, "params_by_name", False))
         if not _has_tensor(out):
             if any(True for _ in _rules.walk_labels((call.labels, call.klabels))):
                 # a value computed from the channels leaves the tensor world (x.tolist(), a bool)
@@ -163,8 +161,9 @@ class Recorder:
 
     # -- labels ------------------------------------------------------------------------------------
     def _call(self, fn: Any, args: tuple, kwargs: dict, out: Any, module: nn.Module | None = None,
-              name: str = "") -> _rules.Call:  # fmt: skip
-        by_name = module is not None or getattr(_rules.function_rule(fn), "params_by_name", False)
+              name: str = "", by_name: bool = False) -> _rules.Call:  # fmt: skip
+        """The rule's view of one op; `by_name`: parameters get no per-element labels (the rule names them)."""
+        by_name = by_name or module is not None
         labels = tuple(self._label_of(a, by_name) for a in args)
         klabels = {k: self._label_of(v, by_name) for k, v in kwargs.items()}
         return _rules.Call(
@@ -218,9 +217,7 @@ class Recorder:
             return self._sizes(tensor, out)
         if attr in _GETSET_PLAIN or not isinstance(out, torch.Tensor):
             return out
-        lab = self.labels.get(tensor)
-        if lab is None:
-            lab = self._label_of(tensor, by_name=False)
+        lab = self._label_of(tensor, by_name=False)
         if attr in ("data", "real"):
             self.labels[out] = lab
         elif attr in ("T", "mT", "H", "mH"):
@@ -249,6 +246,10 @@ class Recorder:
             self.st.block(*hit)
 
     # -- scope -------------------------------------------------------------------------------------
+    def _inside_whole(self) -> bool:
+        """Whether an enclosing module is followed whole by its rule (its inside is not looked at)."""
+        return any(f.rule is not None for f in self.stack)
+
     def scope(self) -> tuple[type, ...]:
         return (type(self.model),) + tuple(type(f.module) for f in self.stack)
 

@@ -8,7 +8,9 @@ the module's MRO, nearest class first, separately for each aspect (rule, fix, FL
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
@@ -46,28 +48,48 @@ def register(handler: Handler) -> Handler:
     return handler
 
 
-def _by_class(aspect: str) -> dict[type, Handler]:
-    table: dict[type, Handler] = {}
-    for h in _REGISTERED[::-1] + _LIBRARY:  # the latest registration first
-        if getattr(h, aspect) is not None:
-            for t in h.types:
-                table.setdefault(t, h)
-    return table
+@dataclass(frozen=True)
+class _Tables:
+    """The registry in the forms lookups need, built once per registry state (not per module)."""
+
+    ordered: tuple[Handler, ...]  # the latest registration first, then the libraries
+    by_aspect: dict[str, dict[type, Handler]]  # aspect -> class -> the first handler with that aspect
+    whole: tuple[type, ...]
+    constants: tuple[type, ...]
+
+
+@functools.lru_cache(maxsize=8)
+def _build(registered: tuple[Handler, ...]) -> _Tables:
+    ordered = registered[::-1] + tuple(_LIBRARY)
+    by_aspect: dict[str, dict[type, Handler]] = {}
+    for aspect in ("rule", "fix", "flops"):
+        table = by_aspect[aspect] = {}
+        for h in ordered:
+            if getattr(h, aspect) is not None:
+                for t in h.types:
+                    table.setdefault(t, h)
+    whole = tuple(t for h in ordered if h.whole for t in h.types)
+    constants = tuple(t for h in ordered if h.constants for t in h.types)
+    return _Tables(ordered, by_aspect, whole, constants)
+
+
+def _tables() -> _Tables:
+    return _build(tuple(_REGISTERED))
 
 
 def _nearest(module: nn.Module, aspect: str) -> Handler | None:
-    table = _by_class(aspect)
+    table = _tables().by_aspect[aspect]
     return next((table[cls] for cls in type(module).__mro__ if cls in table), None)
 
 
 def whole_types() -> tuple[type, ...]:
     """Types followed whole even where a subclass has its own forward."""
-    return tuple(t for h in _REGISTERED + _LIBRARY if h.whole for t in h.types)
+    return _tables().whole
 
 
 def constants_types() -> tuple[type, ...]:
     """Types whose forward reads shape constants that their `fix` re-derives."""
-    return tuple(t for h in _REGISTERED + _LIBRARY if h.constants for t in h.types)
+    return _tables().constants
 
 
 def rule(module: nn.Module) -> Callable[[Any], Any] | None:
@@ -77,10 +99,11 @@ def rule(module: nn.Module) -> Callable[[Any], Any] | None:
     a torch.nn one); a subclass with its own forward (timm's `BatchNormAct2d`, `Conv2dSame`) is
     entered, and the functionals it calls are followed with its parameters.
     """
-    whole = isinstance(module, whole_types())
+    tables = _tables()
+    whole = isinstance(module, tables.whole)
     owner = next(k for k in type(module).__mro__ if "forward" in vars(k))
     for cls in type(module).__mro__:
-        for h in _REGISTERED[::-1] + _LIBRARY:
+        for h in tables.ordered:
             if h.rule is not None and cls in h.types:
                 if whole or owner in h.types or owner.__module__.startswith("torch.nn."):
                     return h.rule
