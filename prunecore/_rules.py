@@ -471,6 +471,17 @@ def squeeze(c: Call) -> Label:
     return expand_full(lab, value.shape).reshape(c.out.shape)
 
 
+def _covers(item: slice, size: int) -> bool:
+    """The slice takes a whole dim of `size` and still would after the dim shrinks (`x[:, :k]`, k >= size).
+
+    Python clamps slice bounds, so a stop at or past the end, or a start at or before the
+    beginning, keeps meaning "everything" when channels go.
+    """
+    start_ok = item.start is None or item.start == 0 or item.start <= -size
+    stop_ok = item.stop is None or item.stop >= size
+    return start_ok and stop_ok and item.step in (None, 1)
+
+
 def getitem(c: Call) -> Label:
     container, lab = c.args[0], c.labels[0]
     index = c.args[1]
@@ -497,8 +508,7 @@ def getitem(c: Call) -> Label:
             continue
         if item is None:
             continue
-        whole = isinstance(item, slice) and item == slice(None)
-        if dim in varying and not whole:
+        if dim in varying and not (isinstance(item, slice) and _covers(item, container.shape[dim])):
             c.st.block(lab, f"is sliced by {c.where}")
         dim += 1
     return full[index]

@@ -153,3 +153,94 @@ def test_davit_window_and_channel_attention_heads():
                      "head.fc": "reaches the model output"}  # fmt: skip
     pruned = assert_pruned_equals_masked(model, x, graph, make_plan(model, graph, 0.5))
     assert pruned.stages[3].blocks[0][0].attn.num_heads == 2
+
+
+def _build_small(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """One small member of each family whose attention a `Heads` record describes."""
+    from timm.models import nest, volo
+
+    torch.manual_seed(0)
+    size = 64 if family == "swinv2_cr_tiny_224" else 32
+    if family == "volo":
+        model = volo.VOLO(img_size=32, layers=(1, 1, 1, 1), embed_dims=(64, 128, 128, 128), num_heads=(2, 4, 4, 4))
+    elif family == "nest":
+        model = nest.Nest(img_size=32, depths=(1, 1, 1), embed_dims=(32, 64, 128), num_heads=(2, 4, 8))
+    else:
+        kwargs = {
+            "cait_xxs24_224": dict(patch_size=8, depth=1, depth_token_only=1),
+            "xcit_nano_12_p16_224": dict(depth=1, cls_attn_layers=1),
+            "convit_tiny": dict(patch_size=8, depth=2, local_up_to_layer=1),
+            "swinv2_cr_tiny_224": dict(depths=(1, 1, 1, 1), window_size=2, embed_dim=48),
+            "twins_svt_small": dict(depths=(1, 1, 1, 1)),
+        }[family]
+        model = timm.create_model(family, pretrained=False, img_size=size, **kwargs)
+    model.reset_classifier(10)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return randomize_norms_(model).eval(), x
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["cait_xxs24_224", "xcit_nano_12_p16_224", "convit_tiny", "volo", "swinv2_cr_tiny_224", "twins_svt_small", "nest"],
+)
+def test_attention_with_heads_in_more_places(family):
+    """CaiT, XCiT, ConViT, VOLO, Swin-V2-CR, Twins, NesT: every group prunes, heads go whole, FLOPs price."""
+    from prunecore.ops.timm import HEADS, _head_dim
+
+    model, x = _build_small(family)
+    graph = trace(model, x)
+    assert [g.reason for g in graph if not g.prunable] == ["reaches the model output"]
+    attns = {n: m for n, m in model.named_modules() if type(m) in HEADS}
+    assert attns
+    head_dims = {n: m.head_dim if not HEADS[type(m)].tied else m.proj.in_features // m.num_heads
+                 for n, m in attns.items()}  # fmt: skip
+    plan = make_plan(model, graph, 0.5)
+    pruned = assert_pruned_equals_masked(model, x, graph, plan)
+    for name, before in attns.items():
+        after = pruned.get_submodule(name)
+        assert after.num_heads < before.num_heads or before.num_heads == 1
+        assert after.num_heads * head_dims[name] == after.proj.in_features
+    assert {_head_dim(pruned.get_submodule(n)) for n in attns if hasattr(attns[n], "scale")} <= set(head_dims.values())
+    measured = count(pruned, x)
+    assert cost_model(model, x, graph).price({n: len(g.keep) for n, g in plan.groups.items()}) == (
+        measured.params, measured.flops)  # fmt: skip
+
+
+def test_nest_heads_are_tied_head_minor():
+    """NesT lays its output out d * H + h: width channel j belongs to head j % H, not j // d."""
+    model, x = _build_small("nest")
+    graph = trace(model, x)
+    attn = "levels.0.transformer_encoder.0.attn"
+    heads = graph[attn]
+    width = next(m for m in heads.members if m.path == f"{attn}.proj.weight" and m.dim == 1)
+    num_heads = model.get_submodule(attn).num_heads
+    assert width.unit_of.tolist() == list(range(num_heads)) * (width.unit_of.numel() // num_heads)
+
+
+def test_a_slice_that_takes_every_channel_follows_them():
+    """GhostNet's `out[:, :out_chs]` is whole when out_chs is even; pruned, `out_chs` shrinks with it."""
+    model, x = build("ghostnet_050")
+    graph = trace(model, x)
+    ghost = "blocks.1.0.ghost1"
+    module = model.get_submodule(ghost)
+    assert module.out_chs == 2 * module.primary_conv[0].out_channels
+    plan = make_plan(model, graph, 0.5)
+    pruned = assert_pruned_equals_masked(model, x, graph, plan).get_submodule(ghost)
+    assert pruned.out_chs == pruned.primary_conv[0].out_channels + pruned.cheap_operation[0].out_channels
+    assert pruned.out_chs < module.out_chs
+
+
+def test_a_slice_that_drops_channels_fixes_them():
+    """`x[:, :k]` with k short of the channels would keep the wrong ones once channels go: fixed, with a reason."""
+
+    class Cut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 1)
+            self.head = torch.nn.Conv2d(7, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.conv(x)[:, :7])
+
+    graph = trace(Cut(), torch.randn(1, 3, 4, 4))
+    assert graph["conv"].reason.startswith("is sliced by getitem")
