@@ -21,6 +21,7 @@ from prunecore.attention import PrunedMultiheadAttention
 from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
 from prunecore.ops import Handler
 from prunecore.ops import register as register_handler
+from prunecore.errors import ModelRunError, UserError
 from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
 from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
 from prunecore.importance import list_criteria, register_criterion, score
@@ -50,6 +51,7 @@ __all__ = [
     "GroupPlan",
     "InputSpec",
     "Member",
+    "ModelRunError",
     "ModelSpecError",
     "PRUNED_FORMAT",
     "ModuleCost",
@@ -62,6 +64,7 @@ __all__ = [
     "StoreError",
     "Totals",
     "TraceError",
+    "UserError",
     "allocate",
     "allocation_problem",
     "apply_plan",

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from prunecore.errors import UserError
 from prunecore.cost import CostModel, cost_model
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
@@ -62,7 +63,7 @@ _GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate sparsities of the cu
 _METRIC_PREFERENCE = ("loss", "kl", "accuracy", "agreement")
 
 
-class AllocationError(ValueError):
+class AllocationError(UserError, ValueError):
     """The budget cannot be met under the given bounds, or the curves do not fit the model."""
 
 

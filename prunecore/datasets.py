@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from prunecore.errors import UserError
+
 __all__ = ["DataSpecError", "EvalData", "load_data"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -32,7 +34,7 @@ _RESIZE_RATIO = 256 / 224  # the standard eval transform: resize the shorter sid
 _KINDS = "'sample' (the bundled held-out digits), 'imagefolder:PATH' (a folder of images)"
 
 
-class DataSpecError(ValueError):
+class DataSpecError(UserError, ValueError):
     """The data spec cannot be used; the message says why."""
 
 

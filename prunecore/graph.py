@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from prunecore.errors import UserError
 from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
 from prunecore._modes import eval_mode, training_flags
 from prunecore._tracer import Recorder
@@ -33,7 +34,7 @@ from prunecore._tracer import Recorder
 __all__ = ["ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace"]
 
 
-class TraceError(RuntimeError):
+class TraceError(UserError, RuntimeError):
     """The model could not be traced; the message names the failing part and what to do."""
 
 

@@ -27,6 +27,7 @@ from typing import IO, Any, Callable
 import torch
 from torch import nn
 
+from prunecore.errors import UserError
 from prunecore.graph import trace
 from prunecore.plan import Plan, PlanError
 from prunecore.surgery import apply_plan
@@ -46,7 +47,7 @@ PRUNED_FORMAT = "prunecore.pruned/1"
 _PRUNED_KEYS = ("format", "model", "plan", "state_dict")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """The model spec, its factory or its weights file cannot be used; the message says why."""
 
 

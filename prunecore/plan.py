@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from importlib import metadata, resources
 from typing import Any, Mapping
 
+from prunecore.errors import UserError
 from prunecore.graph import ChannelGraph, InputSpec
 
 __all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals", "json_schema", "kept_units"]
@@ -31,7 +32,7 @@ __all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "
 SCHEMA = "prunecore.plan/1"
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan that is malformed or does not fit the model; the message says which part."""
 
 

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from prunecore.errors import UserError
+
 __all__ = ["Sample", "SampleError", "SampleSpec", "list_samples", "load_sample", "register_sample"]
 
 
-class SampleError(RuntimeError):
+class SampleError(UserError, RuntimeError):
     """A sample model is unknown, or its weights are missing or corrupt; the message says which."""
 
 

@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from prunecore.errors import UserError
+
 __all__ = ["RunInfo", "RunStore", "StoreError", "default_store_path", "fingerprint_data", "fingerprint_model", "run_id"]
 
 SCHEMA_VERSION = 1
@@ -36,7 +38,7 @@ _SCHEMA = (
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The run store cannot do what was asked; the message names the run or the file and a way out."""
 
 
