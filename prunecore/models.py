@@ -19,15 +19,14 @@ keeps the model spec and the plan beside it, enough to rebuild the architecture 
 from __future__ import annotations
 
 import importlib
-import os
-import secrets
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from prunecore.errors import UserError
+from prunecore.files import write_atomic
 from prunecore.graph import trace
 from prunecore.plan import Plan, PlanError
 from prunecore.surgery import apply_plan
@@ -167,32 +166,6 @@ def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 # -- pruned-model files ---------------------------------------------------------------------------
-def write_atomic(path: str | Path, content: str | bytes | Callable[[IO[bytes]], None]) -> Path:
-    """Write `content` (text, bytes, or a function writing to a binary file) to `path` atomically.
-
-    The data goes to a temporary file in the same directory, which then replaces `path` in one
-    step, so a failure midway (a full disk, an exception, Ctrl-C) never leaves a half-written file
-    nor loses the one that was there.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode() if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_pruned(path: str | Path, pruned: nn.Module, plan: Plan, model_spec: str) -> Path:
     """Save `pruned` (the result of applying `plan` to `load_model(model_spec)`) so it can be rebuilt.
 
