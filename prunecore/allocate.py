@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunecore.errors import UserError
+from prunecore.errors import ArgumentError, UserError
 from prunecore.cost import CostModel, cost_model
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
@@ -251,7 +251,7 @@ def list_methods() -> list[str]:
 
 def get_method(name: str) -> Method:
     if name not in _METHODS:
-        raise ValueError(f"unknown allocation method {name!r}; choose one of {', '.join(list_methods())}")
+        raise ArgumentError(f"unknown allocation method {name!r}; choose one of {', '.join(list_methods())}")
     return _METHODS[name]
 
 

@@ -20,47 +20,58 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NoReturn, Sequence
 
 import pandas as pd
 import torch
 
 from prunecore.allocate import AllocationError, allocation_problem, get_method, list_methods, solve
 from prunecore.cost import Cost, count, latency
-from prunecore.datasets import DataSpecError, EvalData, load_data
+from prunecore.datasets import EvalData, load_data
 from prunecore.evaluate import evaluate, evaluate_plan, get_metric, recalibrate_bn_
-from prunecore.graph import ChannelGraph, TraceError, trace
+from prunecore.graph import ChannelGraph, trace
 from prunecore.importance import get_criterion, list_criteria
-from prunecore.models import ModelSpecError, default_input_shape, load_model, load_pruned, save_pruned, write_atomic
+from prunecore.errors import ArgumentError, UserError
+from prunecore.files import check_output_path, write_atomic
+from prunecore.models import default_input_shape, load_model, load_pruned, save_pruned
 from prunecore.plan import Budget, Plan, PlanError
-from prunecore.samples import SampleError
 from prunecore.sensitivity import DEFAULT_LEVELS, DENSE, sweep
 from prunecore.store import RunStore, StoreError, fingerprint_model
 from prunecore.prune import make_plan
 from prunecore.surgery import apply_plan
 
-_USER_ERRORS = (
-    ModelSpecError, DataSpecError, SampleError, StoreError, TraceError, PlanError, AllocationError, ValueError,
-    FileNotFoundError,
-)  # fmt: skip
-
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every `UserError` ends as one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
     try:
+        for attr in ("out", "export"):  # refuse a folder, or a path under a file, before any long work
+            if isinstance(getattr(args, attr, None), Path):
+                check_output_path(getattr(args, attr), f"--{attr}")
         return args.run(args)
-    except _USER_ERRORS as exc:
-        print(f"prunecore: error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"prunecore: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunecore: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `prunecore runs | head`: the reader left early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of every other failure (usage stays behind --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"prunecore: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunecore", description="Structured pruning for PyTorch models.")
+    parser = _Parser(prog="prunecore", description="Structured pruning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="trace a model and list its channel groups")
@@ -71,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(prune)
     prune.add_argument("--sparsity", type=float, required=True, help="fraction of units to remove, in [0, 1)")
     prune.add_argument("--criterion", default="l1", choices=list_criteria(), help="importance criterion")
-    prune.add_argument("--round-to", type=int, default=1, help="round kept channel counts to a multiple")
+    prune.add_argument("--round-to", type=_positive, default=1, help="round kept channel counts to a multiple")
     prune.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
     prune.add_argument("--data", help="'sample': also report held-out accuracy, with BatchNorm re-estimated")
     prune.add_argument("--out", type=Path, help="write the pruned model here (load_pruned reads it), the plan beside")
@@ -80,13 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="sensitivity curves: prune each group alone at rising sparsity")
     _model_args(sweep)
     sweep.add_argument("--data", required=True, help="'sample' or imagefolder:PATH (class subfolders: labelled)")
-    sweep.add_argument("--limit", type=int, help="use at most N images")
+    sweep.add_argument("--limit", type=_positive, help="use at most N images")
     sweep.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="sparsities, e.g. 0.1,0.3,0.5")
     sweep.add_argument("--metric", type=_names, default=None, help="metrics, e.g. accuracy,loss or kl,agreement")
     sweep.add_argument("--criterion", default="l1", choices=list_criteria())
-    sweep.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
+    sweep.add_argument("--bn-recalibration", type=_non_negative, default=0, metavar="N",
                        help="re-estimate BatchNorm statistics on N calibration batches per point")  # fmt: skip
-    sweep.add_argument("--groups", type=_names, help="only these groups (comma-separated names)")
+    sweep.add_argument("--groups", type=_some_names, help="only these groups (comma-separated names)")
     sweep.add_argument("--mode", choices=["exact", "estimate"], default="exact",
                        help="exact: measure every point; estimate: predict the loss curve from gradients")  # fmt: skip
     sweep.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
@@ -123,10 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     pruned.add_argument("--pruned", type=Path, help="a pruned-model file (from apply or prune --out)")
     ev.add_argument("--data", required=True, help="'sample' or imagefolder:PATH")
     ev.add_argument("--metric", type=_names, help="metrics, e.g. accuracy,loss (default: the plan's predicted ones)")
-    ev.add_argument("--bn-recalibration", type=int, default=50, metavar="N",
+    ev.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                     help="re-estimate the pruned model's BatchNorm statistics on N batches (0: off)")  # fmt: skip
-    ev.add_argument("--limit", type=int, help="use at most N images")
+    ev.add_argument("--limit", type=_positive, help="use at most N images")
     ev.add_argument("--update", action="store_true", help="write the measured metrics into the --plan file")
+    ev.add_argument("--trust-model-code", action="store_true",
+                    help="let --pruned name a package.module:function model; prunecore runs it to rebuild the model")
     ev.set_defaults(run=_evaluate)
     return parser
 
@@ -149,9 +162,9 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="write the plan JSON here")
     p.add_argument("--data", help="with --evaluate: measure the plan on this data ('sample' or imagefolder:PATH)")
     p.add_argument("--evaluate", action="store_true", help="measure the plan on --data and record it in the plan")
-    p.add_argument("--bn-recalibration", type=int, default=50, metavar="N",
+    p.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                    help="with --evaluate: BatchNorm re-estimation batches (0: off)")  # fmt: skip
-    p.add_argument("--limit", type=int, help="with --evaluate: use at most N images")
+    p.add_argument("--limit", type=_positive, help="with --evaluate: use at most N images")
     p.set_defaults(run=_allocate)
 
 
@@ -183,7 +196,7 @@ def _example(args: argparse.Namespace) -> torch.Tensor:
     if args.input is None:
         args.input = default_input_shape(args.model)
         if args.input is None:
-            raise ValueError(f"pass --input: prunecore cannot know what input {args.model} expects")
+            raise ArgumentError(f"pass --input: prunecore cannot know what input {args.model} expects")
     return torch.randn(args.input, generator=torch.Generator().manual_seed(0))
 
 
@@ -198,7 +211,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     model, example, graph = _load(args)
     if get_criterion(args.criterion).needs_data:
-        raise ValueError(f"criterion {args.criterion!r} needs data; the prune command has none yet")
+        raise ArgumentError(f"criterion {args.criterion!r} needs data; the prune command has none yet")
     plan = make_plan(model, graph, args.sparsity, args.criterion, args.round_to)
     pruned = apply_plan(model, plan, graph=graph)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
@@ -288,7 +301,7 @@ def _runs(args: argparse.Namespace) -> int:
         return 0
     if args.export:
         if args.out is None:
-            raise ValueError("--export needs --out FILE.csv or FILE.parquet")
+            raise ArgumentError("--export needs --out FILE.csv or FILE.parquet")
         print(f"wrote {store.export(args.export, args.out)}")
         return 0
     runs = store.runs()
@@ -300,6 +313,23 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _levels(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -309,6 +339,13 @@ def _levels(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _some_names(text: str) -> list[str]:
+    names = _names(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _criteria(args: argparse.Namespace) -> int:
@@ -329,9 +366,9 @@ def _methods(args: argparse.Namespace) -> int:
 def _allocate(args: argparse.Namespace) -> int:
     budget, locked = Budget.parse(args.budget), _locks(args.lock)
     if args.evaluate != (args.data is not None):
-        raise ValueError("--evaluate and --data go together: --evaluate --data SPEC measures the plan")
+        raise ArgumentError("--evaluate and --data go together: --evaluate --data SPEC measures the plan")
     model, example, graph = _load(args)
-    curves, source = _curves(args, model)
+    curves, source = _curves(args, model, graph)
     problem = allocation_problem(curves, graph, model, metric=args.metric, model_name=args.model)
     plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
@@ -356,23 +393,33 @@ def _allocate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _curves(args: argparse.Namespace, model: torch.nn.Module) -> tuple[pd.DataFrame, str]:
-    """The sweep curves --curves or --run names (default: the newest complete sweep of --model)."""
+def _curves(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelGraph) -> tuple[pd.DataFrame, str]:
+    """The sweep curves --curves or --run names (default: the newest complete sweep of every group of --model)."""
     if args.curves is not None:
         return _read_curves(args.curves), f"file {args.curves}"
     store = RunStore(args.store)
     if args.run_id is None:
         runs = [r for r in store.runs() if r.complete and r.model_name == args.model]
-        if not runs:
-            raise StoreError(f"no complete sweep of {args.model} in run store {store.path}; run "
-                             f"`prunecore sweep --model {args.model} --data ...` first, or pass --curves")  # fmt: skip
-        info = runs[0]
+        prunable = {g.name for g in graph.prunable}
+        full = [r for r in runs if prunable <= set(r.config.get("groups", []))]
+        if not full:
+            newest = (f"; the newest complete one ({runs[0].run_id}) swept {len(runs[0].config.get('groups', []))} "
+                      f"of its {len(prunable)} prunable groups, pass --run {runs[0].run_id} to use it anyway"
+                      if runs else "")  # fmt: skip
+            raise StoreError(f"no complete sweep of every prunable group of {args.model} in run store {store.path}"
+                             f"{newest}; or run `prunecore sweep --model {args.model} --data ...`, or pass "
+                             "--curves")  # fmt: skip
+        info = full[0]
     else:
         info = store.get(args.run_id)
         if info.model_name != args.model:
             raise AllocationError(f"run {info.run_id} is a sweep of {info.model_name}, not of {args.model}")
     if not info.complete:
         _warn(f"run {info.run_id} is incomplete ({info.points}/{info.expected} points): unswept groups stay dense")
+    unswept = [g.name for g in graph.prunable if g.name not in set(info.config.get("groups", []))]
+    if unswept:
+        _warn(f"run {info.run_id} did not sweep {len(unswept)} prunable group(s) ({', '.join(unswept[:5])}"
+              f"{', ...' if len(unswept) > 5 else ''}): they stay dense")  # fmt: skip
     if info.model_fp != fingerprint_model(model):
         _warn(f"run {info.run_id} measured other weights than these; its predictions may not hold for this model")
     groups, levels = len(info.config.get("groups", [])), len(info.config.get("levels", []))
@@ -384,13 +431,13 @@ def _read_curves(path: Path) -> pd.DataFrame:
     readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"curves file {path.name!r} must be .csv or .parquet")
+        raise ArgumentError(f"curves file {path.name!r} must be .csv or .parquet")
     if not path.is_file():
-        raise ValueError(f"curves file {str(path)!r} does not exist")
+        raise ArgumentError(f"curves file {str(path)!r} does not exist")
     try:
         return reader(path)
     except Exception as exc:  # pandas and pyarrow raise many kinds for a bad file
-        raise ValueError(f"cannot read curves file {str(path)!r}: {_first_line(exc)}") from None
+        raise ArgumentError(f"cannot read curves file {str(path)!r}: {_first_line(exc)}") from None
 
 
 def _locks(text: str) -> dict[str, float]:
@@ -403,7 +450,7 @@ def _locks(text: str) -> dict[str, float]:
         except ValueError:
             sparsity = None
         if not sep or not name.strip() or sparsity is None:
-            raise ValueError(f"--lock must look like group=sparsity[,group=sparsity...], got {item!r}")
+            raise ArgumentError(f"--lock must look like group=sparsity[,group=sparsity...], got {item!r}")
         locked[name.strip()] = sparsity
     return locked
 
@@ -461,9 +508,11 @@ def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
 
 def _evaluate(args: argparse.Namespace) -> int:
     if args.update and args.plan is None:
-        raise ValueError("--update writes the measured metrics into a plan file: pass --plan PLAN.json")
+        raise ArgumentError("--update writes the measured metrics into a plan file: pass --plan PLAN.json")
     model = load_model(args.model, args.weights)
-    pruned, plan = load_pruned(args.pruned) if args.pruned is not None else (None, None)
+    pruned, plan = (None, None)
+    if args.pruned is not None:  # a factory the file names runs only if --model names it too, or when trusted
+        pruned, plan = load_pruned(args.pruned, trust_code=args.trust_model_code, model=args.model)
     plan = _read_plan(args.plan) if args.plan is not None else plan
     example = tuple(spec.example() for spec in plan.inputs) if plan is not None else (_example(args),)
     graph = trace(model, example) if plan is not None else None
@@ -546,6 +595,11 @@ def _metric(name: str, value: float) -> str:
 
 def _warn(message: str) -> None:
     print(f"prunecore: warning: {message}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: multi-line reasons (a trace summary) are joined."""
+    return " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:

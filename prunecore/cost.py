@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunecore.errors import running_model
 from prunecore._labels import Slot
 from prunecore import ops
 from prunecore.ops import FlopRule, FlopTerm
@@ -375,7 +376,7 @@ def _flop_terms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Flop
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), running_model(model, inputs, "counting FLOPs"):
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -425,7 +426,7 @@ def latency(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     times = []
-    with torch.inference_mode(), eval_mode(model):
+    with torch.inference_mode(), eval_mode(model), running_model(model, inputs, "timing"):
         for i in range(warmup + reps):
             start = time.perf_counter()
             model(*inputs)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-__all__ = ["ModelRunError", "UserError", "describe_inputs", "running_model"]
+__all__ = ["ArgumentError", "ModelRunError", "UserError", "describe_inputs", "running_model"]
 
 
 class UserError(Exception):
     """Something the user gave (a spec, a file, a number, a model) cannot be used; the message says what."""
+
+
+class ArgumentError(UserError, ValueError):
+    """An argument out of range or of the wrong kind: a sparsity of 1.5, an unknown metric, no data."""
 
 
 class ModelRunError(UserError, RuntimeError):

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from prunecore.errors import ArgumentError
 from prunecore.evaluate import split_batch
 from prunecore.graph import ChannelGraph
 from prunecore.importance import batch_gradients, unit_sums_of_w_times_grad
@@ -65,7 +66,7 @@ def _unit_terms(
         total_loss += loss * n
         seen += n
     if seen == 0:
-        raise ValueError("estimate mode got no data")
+        raise ArgumentError("estimate mode got no data")
     return {g: torch.stack(r) for g, r in rows.items()}, total_loss / seen
 
 

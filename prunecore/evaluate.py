@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunecore.datasets import DataSpecError
+from prunecore.errors import ArgumentError, ModelRunError, running_model
 from prunecore._modes import training_flags
 from prunecore.graph import ChannelGraph
 from prunecore.plan import Plan
@@ -68,7 +70,7 @@ _METRICS: dict[str, Metric] = {
 
 def get_metric(name: str) -> Metric:
     if name not in _METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(list_metrics())}")
+        raise ArgumentError(f"unknown metric {name!r}; valid metrics: {', '.join(list_metrics())}")
     return _METRICS[name]
 
 
@@ -87,19 +89,35 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return batch, None
     if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
         return batch[0], (torch.as_tensor(batch[1]) if len(batch) == 2 else None)
-    raise ValueError(f"a batch must be a tensor, (inputs,) or (inputs, targets); got {type(batch).__name__}")
+    raise ArgumentError(f"a batch must be a tensor, (inputs,) or (inputs, targets); got {type(batch).__name__}")
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    out = model(inputs.to(_device(model)))
+    with running_model(model, inputs, "evaluation"):
+        out = model(inputs.to(_device(model)))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError(f"expected the model to return logits of shape (B, C); got {getattr(out, 'shape', type(out))}")
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelRunError(f"{type(model).__name__} must return logits of shape (batch, classes) to be evaluated; "
+                            f"it returned {shape}")  # fmt: skip
     return out
+
+
+def _check_targets(targets: torch.Tensor, logits: torch.Tensor) -> None:
+    """Class labels must index the model's outputs; a folder with more classes than outputs fails here."""
+    if targets.dtype.is_floating_point or targets.dim() != 1 or targets.numel() == 0:
+        return  # soft targets or an empty batch: the metric checks its own shapes
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= logits.shape[1]:
+        raise DataSpecError(
+            f"the data has class labels up to {hi} but the model has {logits.shape[1]} outputs (labels 0.."
+            f"{logits.shape[1] - 1}); does the data have more classes than the model was built for?"
+            if lo >= 0 else f"the data has a negative class label ({lo})"
+        )
 
 
 def _limit(data: Iterable[Any], batches: int | None) -> Iterable[Any]:
     if batches is not None and batches < 0:
-        raise ValueError(f"batches must be >= 0 or None, got {batches}")
+        raise ArgumentError(f"batches must be >= 0 or None, got {batches}")
     return data if batches is None else islice(data, batches)
 
 
@@ -119,11 +137,11 @@ def evaluate(
     unknown = [n for n in names if n not in _METRICS]
     if unknown or not names:
         what = f"unknown metric(s) {unknown}" if unknown else "no metric requested"
-        raise ValueError(f"{what}; valid metrics: {', '.join(list_metrics())}")
+        raise ArgumentError(f"{what}; valid metrics: {', '.join(list_metrics())}")
     specs = [_METRICS[n] for n in names]
     if reference is None and any(s.needs_reference for s in specs):
         needy = [s.name for s in specs if s.needs_reference]
-        raise ValueError(f"metric(s) {needy} compare with the dense model: pass reference=")
+        raise ArgumentError(f"metric(s) {needy} compare with the dense model: pass reference=")
     use_ref = reference is not None and any(s.needs_reference for s in specs)
     device = _device(model)
     sums = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
@@ -134,16 +152,18 @@ def evaluate(
             inputs, targets = split_batch(batch)
             if targets is None and any(s.needs_labels for s in specs):
                 needy = [s.name for s in specs if s.needs_labels]
-                raise ValueError(f"metric(s) {needy} need labels but the data has no targets; "
+                raise ArgumentError(f"metric(s) {needy} need labels but the data has no targets; "
                                  "use a label-free metric (kl, agreement) with a reference")
             logits = _logits(model, inputs)  # (B, C)
             ref = _logits(reference, inputs).to(device) if use_ref else None  # (B, C)
             targets = targets.to(device) if targets is not None else None
+            if targets is not None:
+                _check_targets(targets, logits)
             for s in specs:
                 sums[s.name] += s.batch_sum(logits, ref, targets)
             samples += logits.shape[0]
     if samples == 0:
-        raise ValueError("evaluate got no samples: the data is empty (or batches=0)")
+        raise ArgumentError("evaluate got no samples: the data is empty (or batches=0)")
     return {n: (sums[n] / samples).item() for n in names}
 
 
@@ -166,7 +186,7 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None =
     it = iter(_limit(data, batches))
     first = next(it, None)
     if first is None:
-        raise ValueError("recalibrate_bn_ got no batches: the data is empty (or batches=0)")
+        raise ArgumentError("recalibrate_bn_ got no batches: the data is empty (or batches=0)")
     saved = [(bn, bn.momentum, {k: v.clone() for k, v in bn.named_buffers(recurse=False)}) for bn in bns]
     bn_set, device = set(bns), _device(model)
     try:
@@ -175,7 +195,9 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None =
                 bn.reset_running_stats()
                 bn.momentum = None
             for batch in chain([first], it):
-                model(split_batch(batch)[0].to(device))
+                inputs = split_batch(batch)[0].to(device)
+                with running_model(model, inputs, "BatchNorm re-estimation"):
+                    model(inputs)
     except BaseException:
         for bn, _, buffers in saved:
             for k, v in buffers.items():

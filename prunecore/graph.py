@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from prunecore.errors import UserError
+from prunecore.errors import ArgumentError, UserError
 from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
 from prunecore._modes import eval_mode, training_flags
 from prunecore._tracer import Recorder
@@ -78,6 +79,9 @@ class ChannelGroup:
         return f"ChannelGroup({self.name!r}, size={self.size}, members={len(self.members)}, {state})"
 
 
+MAX_EXAMPLE_BYTES = 2**30  # an example input is a batch to trace on; a plan asking for more is not one
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """Shape and dtype of one example input, enough to re-trace a model later."""
@@ -90,7 +94,19 @@ class InputSpec:
         return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
 
     def example(self) -> torch.Tensor:
-        dtype = getattr(torch, self.dtype)
+        """A deterministic tensor of this shape and dtype (random normal, or zeros for integer inputs)."""
+        dtype = getattr(torch, self.dtype, None) if isinstance(self.dtype, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise ArgumentError(f"example input dtype {self.dtype!r} is not a torch dtype (e.g. 'float32', 'int64')")
+        shape = tuple(self.shape)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise ArgumentError(f"example input shape {shape} must be non-negative integers")
+        size = math.prod(shape) * dtype.itemsize
+        if size > MAX_EXAMPLE_BYTES:
+            raise ArgumentError(
+                f"example input of shape {shape} ({self.dtype}) would take {size / 2**30:.1f} GiB; an example input "
+                f"is one small batch (at most {MAX_EXAMPLE_BYTES // 2**30} GiB). Was the plan made for another model?"
+            )
         if dtype.is_floating_point:
             return torch.randn(self.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
         return torch.zeros(self.shape, dtype=dtype)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunecore.errors import ArgumentError
 from prunecore._modes import eval_mode
 from prunecore.evaluate import split_batch
 from prunecore.graph import ChannelGraph, ChannelGroup, Member
@@ -54,7 +55,7 @@ def list_criteria() -> list[str]:
 
 def get_criterion(name: str) -> Criterion:
     if name not in _CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(list_criteria())}")
+        raise ArgumentError(f"unknown criterion {name!r}; choose one of {', '.join(list_criteria())}")
     return _CRITERIA[name]
 
 
@@ -68,7 +69,7 @@ def score(
     """Scores of every prunable group's units (a `(size,)` float tensor per group name)."""
     crit = get_criterion(criterion)
     if crit.needs_data and data is None:
-        raise ValueError(f"criterion {criterion!r} needs data: pass batches of (inputs, targets) or inputs")
+        raise ArgumentError(f"criterion {criterion!r} needs data: pass batches of (inputs, targets) or inputs")
     return crit.fn(model, graph, data=data, seed=seed)
 
 
@@ -155,7 +156,7 @@ def taylor(model: nn.Module, graph: ChannelGraph, data: Iterable[Any], batches: 
             totals[key] = totals[key] + g if key in totals else g
         count += 1
     if count == 0:
-        raise ValueError("criterion 'taylor' got no batches of data")
+        raise ArgumentError("criterion 'taylor' got no batches of data")
     mean = {key: g / count for key, g in totals.items()}
     return {name: s.abs() for name, s in unit_sums_of_w_times_grad(model, graph, mean).items()}
 

@@ -14,13 +14,25 @@ keeps the model spec and the plan beside it, enough to rebuild the architecture 
 
     >>> save_pruned("pruned.pt", apply_plan(model, plan), plan, "sample:resnet20")
     >>> pruned, plan = load_pruned("pruned.pt")
+
+What loading a pruned-model file runs: the file is read with `weights_only=True` (no pickled code),
+and a spec of a data kind (`DATA_SPEC_KINDS`: `sample:`, `torchvision:`, `timm:`) builds a registered
+architecture. A `package.module:function` spec in a file is code and never runs (not even its module
+is imported) unless the caller names that same spec (`model=`; the CLI's `--model`) or trusts the
+file (`trust_code=True`; the CLI's `--trust-model-code`). Format /2 files also carry a SHA-256 over
+spec, plan and weights, so a file edited or corrupted after saving is refused; it is a checksum, not
+a signature (whoever edits a file can recompute it), so it never makes a file trusted.
+
+    >>> load_pruned("downloaded.pt")  # it names 'mypkg.nets:build_net': ModelSpecError, nothing imported
+    >>> load_pruned("downloaded.pt", model="mypkg.nets:build_net")  # the caller names it: it runs
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +44,7 @@ from prunecore.plan import Plan, PlanError
 from prunecore.surgery import apply_plan
 
 __all__ = [
+    "DATA_SPEC_KINDS",
     "PRUNED_FORMAT",
     "ModelSpecError",
     "default_input_shape",
@@ -42,8 +55,11 @@ __all__ = [
     "write_atomic",
 ]
 
-PRUNED_FORMAT = "prunecore.pruned/1"
-_PRUNED_KEYS = ("format", "model", "plan", "state_dict")
+PRUNED_FORMAT = "prunecore.pruned/2"
+_PRUNED_KEYS = {  # the keys of each format this prunecore reads; /1 files predate the hash
+    "prunecore.pruned/1": ("format", "model", "plan", "state_dict"),
+    PRUNED_FORMAT: ("format", "model", "plan", "state_dict", "sha256"),
+}
 
 
 class ModelSpecError(UserError, ValueError):
@@ -51,21 +67,14 @@ class ModelSpecError(UserError, ValueError):
 
 
 def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """Build the model a spec names (random init unless `weights` is given), in eval mode."""
-    kind, name = _split(spec)
-    if kind == "sample":
-        from prunecore.samples import SampleError, load_sample
+    """Build the model a spec names (random init unless `weights` is given), in eval mode.
 
-        try:
-            model = load_sample(name).model
-        except SampleError as exc:
-            raise ModelSpecError(str(exc)) from None
-    elif kind == "torchvision":
-        model = _torchvision(name)
-    elif kind == "timm":
-        model = _timm(name)
-    else:
-        model = _factory(kind, name)
+    A `package.module:function` spec imports and calls that function: pass only specs the user
+    typed, never one read from a file (`load_pruned` checks that first).
+    """
+    kind, name = _split(spec)
+    build = _DATA_KINDS.get(kind)
+    model = build(name) if build is not None else _factory(kind, name)
     if weights is not None:
         load_weights_(model, weights)
     return model.eval()
@@ -101,6 +110,15 @@ def _split(spec: str) -> tuple[str, str]:
     return kind, name
 
 
+def _sample(name: str) -> nn.Module:
+    from prunecore.samples import SampleError, load_sample
+
+    try:
+        return load_sample(name).model
+    except SampleError as exc:
+        raise ModelSpecError(str(exc)) from None
+
+
 def _torchvision(name: str) -> nn.Module:
     import torchvision
 
@@ -126,18 +144,39 @@ def _timm(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+_DATA_KINDS: Mapping[str, Callable[[str], nn.Module]] = {
+    "sample": _sample,
+    "torchvision": _torchvision,
+    "timm": _timm,
+}
+DATA_SPEC_KINDS = frozenset(_DATA_KINDS)
+"""Spec kinds that name a registered architecture, not code: a pruned-model file may name them.
+
+Every other `kind:name` is `package.module:function`, which imports and calls code.
+"""
+
+
 def _factory(module_name: str, attr: str) -> nn.Module:
+    spec = f"{module_name}:{attr}"
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(f"cannot import {module_name!r} for model spec: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raises while it runs
+        raise ModelSpecError(f"cannot import {module_name!r} for model spec {spec!r}: {_reason(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelSpecError(f"{module_name!r} has no callable {attr!r}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code: any error is the spec's failure, reported on one line
+        raise ModelSpecError(f"model factory {spec}() raised {_reason(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{module_name}:{attr}() returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _reason(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
@@ -169,44 +208,63 @@ def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
 def save_pruned(path: str | Path, pruned: nn.Module, plan: Plan, model_spec: str) -> Path:
     """Save `pruned` (the result of applying `plan` to `load_model(model_spec)`) so it can be rebuilt.
 
-    The file is a `torch.save` of plain data (format tag, spec, plan JSON, state_dict), readable
-    with `weights_only=True`: loading it never unpickles code.
+    The file is a `torch.save` of plain data (format tag, spec, plan JSON, state_dict and their
+    SHA-256), readable with `weights_only=True`: loading it never unpickles code.
     """
-    payload = {"format": PRUNED_FORMAT, "model": model_spec, "plan": plan.to_json(), "state_dict": pruned.state_dict()}
+    payload: dict[str, Any] = {
+        "format": PRUNED_FORMAT,
+        "model": model_spec,
+        "plan": plan.to_json(),
+        "state_dict": pruned.state_dict(),
+    }
+    payload["sha256"] = _pruned_digest(payload)
     return write_atomic(path, lambda f: torch.save(payload, f))
 
 
-def load_pruned(path: str | Path) -> tuple[nn.Module, Plan]:
+def load_pruned(path: str | Path, trust_code: bool = False, model: str | None = None) -> tuple[nn.Module, Plan]:
     """Rebuild the model `save_pruned` wrote: its architecture, the plan applied, then its weights.
 
     The architecture comes from the recorded spec (its own weights are overwritten), is re-traced
     on the plan's inputs and pruned by the plan, so the state_dict must fit exactly (strict load).
-    Raises `ModelSpecError` for an unreadable or foreign file, `PlanError` for a plan that does
-    not fit the model.
+    A recorded `package.module:function` spec is code, run only when `model` (the spec the caller
+    itself names) is that same spec or `trust_code` is set; nothing is imported before that check.
+    Raises `ModelSpecError` for an unreadable, foreign, edited or untrusted file, `PlanError` for a
+    plan that does not fit the model.
     """
     payload = _read_pruned(Path(path))
     where = f"pruned-model file {str(path)!r}"
+    spec = payload["model"]
     try:
+        _check_runnable(spec, trust_code, model)
         plan = Plan.from_json(payload["plan"])
-    except PlanError as exc:
-        raise PlanError(f"{where}: {exc}") from None
-    try:
-        model = load_model(payload["model"])
-    except ModelSpecError as exc:
-        raise ModelSpecError(f"{where}: {exc}") from None
-    graph = trace(model, tuple(spec.example() for spec in plan.inputs))
+        built = load_model(spec)
+    except (ModelSpecError, PlanError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    graph = trace(built, tuple(s.example() for s in plan.inputs))
     try:
         plan.check(graph)
     except PlanError as exc:
         raise PlanError(f"{where}: {exc}") from None
-    pruned = apply_plan(model, plan, graph=graph)
+    pruned = apply_plan(built, plan, graph=graph)
     try:
         pruned.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
         detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
-        message = f"{where}: its weights do not fit {payload['model']} pruned by its plan: {detail}"
-        raise ModelSpecError(message) from None
+        raise ModelSpecError(f"{where}: its weights do not fit {spec} pruned by its plan: {detail}") from None
     return pruned.eval(), plan
+
+
+def _check_runnable(spec: str, trust_code: bool, model: str | None) -> None:
+    """Refuse a code spec read from a file unless the caller named it or trusts the file; imports nothing."""
+    kind, _ = _split(spec)
+    if kind in DATA_SPEC_KINDS or trust_code or model == spec:
+        return
+    other = f" (the model you named is {model!r})" if model is not None else ""
+    raise ModelSpecError(
+        f"it names code {spec!r} as its model{other} and prunecore does not run code named in a file; "
+        f"if you trust the file, pass that same spec (model={spec!r}, --model {spec} on the CLI) or "
+        "trust_code=True (--trust-model-code on the CLI)"
+    )
 
 
 def _read_pruned(path: Path) -> dict[str, Any]:
@@ -224,18 +282,45 @@ def _read_pruned(path: Path) -> dict[str, Any]:
         what = "a plain state_dict" if plain else f"a {type(payload).__name__}"
         raise ModelSpecError(f"{where} holds {what}, not a pruned model ({PRUNED_FORMAT}, written by "
                              "`prunecore apply` or save_pruned)")  # fmt: skip
-    if payload["format"] != PRUNED_FORMAT:
-        raise ModelSpecError(f"{where} has format {payload['format']!r}; this prunecore reads {PRUNED_FORMAT!r}")
-    missing, unknown = set(_PRUNED_KEYS) - set(payload), set(payload) - set(_PRUNED_KEYS)
+    keys = _PRUNED_KEYS.get(payload["format"]) if isinstance(payload["format"], str) else None
+    if keys is None:
+        readable = " or ".join(map(repr, _PRUNED_KEYS))
+        raise ModelSpecError(f"{where} has format {payload['format']!r}; this prunecore reads {readable}")
+    missing, unknown = set(keys) - set(payload), set(payload) - set(keys)
     if missing or unknown:
         problem = f"lacks {sorted(missing)}" if missing else f"has unknown keys {sorted(map(str, unknown))}"
         raise ModelSpecError(f"{where} {problem}")
-    for key, kind in (("model", str), ("plan", str), ("state_dict", dict)):
-        if not isinstance(payload[key], kind):
+    for key, kind in (("model", str), ("plan", str), ("state_dict", dict), ("sha256", str)):
+        if key in keys and not isinstance(payload[key], kind):
             raise ModelSpecError(f"{where}: {key!r} must be a {kind.__name__}, got {type(payload[key]).__name__}")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
         raise ModelSpecError(f"{where}: 'state_dict' must map names to tensors")
+    if "sha256" in keys and payload["sha256"] != _pruned_digest(payload):
+        raise ModelSpecError(f"{where} does not match its SHA-256: its plan or weights were changed after saving")
     return payload
+
+
+def _pruned_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 over format, spec, plan JSON and each tensor's name, dtype, shape and bytes, by name.
+
+    Every field is length-prefixed, so no two different payloads hash the same bytes.
+    """
+    digest = hashlib.sha256()
+
+    def field(data: bytes | memoryview) -> None:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    for key in ("format", "model", "plan"):
+        field(payload[key].encode())
+    state = payload["state_dict"]
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().resolve_conj().resolve_neg().contiguous()
+        field(name.encode())
+        field(str(tensor.dtype).encode())
+        field(",".join(map(str, tensor.shape)).encode())
+        field(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # raw bytes, any dtype
+    return digest.hexdigest()
 
 
 def _load_failure(exc: BaseException) -> str:

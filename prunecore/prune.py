@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from prunecore.errors import ArgumentError
 from prunecore.graph import ChannelGraph, trace
 from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan, PlanError, kept_units
@@ -42,11 +43,11 @@ def make_plan(
                 raise PlanError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
     else:
         if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+            raise ArgumentError(f"sparsity must be in [0, 1), got {sparsity}")
         targets = {g.name: float(sparsity) for g in graph.prunable}
     for name, s in targets.items():
         if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity of group {name!r} must be in [0, 1), got {s}")
+            raise ArgumentError(f"sparsity of group {name!r} must be in [0, 1), got {s}")
     scores = score(model, graph, criterion, data=data, seed=seed) if any(targets.values()) else {}
     groups = {
         name: select_units(scores.get(name), graph[name].size, s, round_to, graph[name].channels or None)

@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from prunecore.errors import ArgumentError
 from prunecore._modes import eval_mode
 from prunecore import ops
 from prunecore.cost import count, plan_costs
@@ -90,7 +91,7 @@ def sweep(
     (see `prunecore.estimate`): a first look for large models, many times faster, less faithful.
     """
     if mode not in ("exact", "estimate"):
-        raise ValueError(f"mode must be 'exact' or 'estimate', got {mode!r}")
+        raise ArgumentError(f"mode must be 'exact' or 'estimate', got {mode!r}")
     levels = _check_levels(levels)
     metrics = [metric] if isinstance(metric, str) else list(metric)
     for name in metrics:
@@ -216,7 +217,7 @@ def _plan(graph: ChannelGraph, p: _Point) -> Plan:
 def _check_levels(levels: Sequence[float]) -> list[float]:
     out = sorted({round(float(s), 6) for s in levels})
     if not out or any(not 0.0 <= s < 1.0 for s in out):
-        raise ValueError(f"levels must be sparsities in [0, 1), got {list(levels)}")
+        raise ArgumentError(f"levels must be sparsities in [0, 1), got {list(levels)}")
     return out
 
 
@@ -225,9 +226,9 @@ def _check_groups(graph: ChannelGraph, groups: Sequence[str] | None) -> list[str
         return [g.name for g in graph.prunable]
     for name in groups:
         if name not in graph:
-            raise ValueError(f"no channel group named {name!r} in {graph.model_type}")
+            raise ArgumentError(f"no channel group named {name!r} in {graph.model_type}")
         if not graph[name].prunable:
-            raise ValueError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
+            raise ArgumentError(f"group {name!r} cannot be pruned: it {graph[name].reason}")
     return list(dict.fromkeys(groups))
 
 
@@ -408,7 +409,7 @@ class _Engine:
             reference = None
             if self.reference:
                 if b >= len(self.batch_keys) or float(inputs.double().sum()) != self.batch_keys[b]:
-                    raise ValueError(
+                    raise ArgumentError(
                         f"batch {b} differs between passes over the data: a sweep needs data that comes in the "
                         "same order every time (e.g. a DataLoader without shuffle=True)"
                     )

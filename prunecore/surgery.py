@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from prunecore.errors import ArgumentError
 from prunecore import ops
 from prunecore._labels import Slot
 from prunecore.graph import ChannelGraph, trace
@@ -62,7 +63,7 @@ def apply_plan(
     (its fingerprint differs) is refused unless `force=True`; group names and sizes must fit anyway.
     """
     if mode not in ("remove", "mask"):
-        raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
+        raise ArgumentError(f"mode must be 'remove' or 'mask', got {mode!r}")
     if graph is None:
         graph = trace(model, tuple(spec.example() for spec in plan.inputs))
     keep = kept_positions(graph, plan, force=force)

@@ -160,17 +160,23 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plan_file(tmp_path_factory, store):
+def run(store) -> list[str]:
+    """Arguments naming the stored sweep: it covers 3 of 12 groups, so allocate needs it named."""
+    return ["--store", str(store), "--run", RunStore(store).runs()[0].run_id]
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory, run):
     """A dp plan for 60% of the MACs, measured on the sample data (allocate --evaluate)."""
     path = tmp_path_factory.mktemp("plan") / "plan.json"
-    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--method", "dp", "--store", str(store),
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--method", "dp", *run,
             "--out", str(path), "--data", "sample", "--evaluate", *QUICK]  # fmt: skip
     assert main(args) == 0
     return path
 
 
 def _one_line_error(capsys, message: str) -> None:
-    err = capsys.readouterr().err
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("prunecore: warning:"))
     assert err.startswith("prunecore: error: ") and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
 
@@ -223,9 +229,9 @@ def test_evaluate_update_adds_measured_metrics(tmp_path, plan_file):
 
 
 @pytest.mark.parametrize("method", list_methods())
-def test_allocate_every_method_meets_the_budget(tmp_path, store, method):
+def test_allocate_every_method_meets_the_budget(tmp_path, run, method):
     out = tmp_path / "plan.json"
-    args = ["allocate", "--model", SPEC, "--budget", "params=0.85", "--method", method, "--store", str(store)]
+    args = ["allocate", "--model", SPEC, "--budget", "params=0.85", "--method", method, *run]
     assert main([*args, "--out", str(out), "--lock", "layer1.0.conv1=0.25", "--exclude", "layer3.0.conv2"]) == 0
     plan = Plan.from_json(out.read_text())
     assert plan.totals.params_after <= 0.85 * plan.totals.params_before
@@ -262,9 +268,10 @@ def test_allocate_from_a_run_id_or_a_curves_file(tmp_path, store, capsys):
         (["--metric", "kl"], "the curves have no 'kl' column"),
     ],
 )
-def test_allocate_bad_input(tmp_path, store, extra, message, capsys):
+def test_allocate_bad_input(tmp_path, store, run, extra, message, capsys):
     out = tmp_path / "p.json"
-    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--store", str(store), "--out", str(out)]
+    source = ["--store", str(store)] if {"--run", "--curves"} & set(extra) else run
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", *source, "--out", str(out)]
     assert main([*args, *extra]) == 2
     _one_line_error(capsys, message)
     assert not out.exists()
@@ -273,7 +280,18 @@ def test_allocate_bad_input(tmp_path, store, extra, message, capsys):
 def test_allocate_without_a_stored_sweep(tmp_path, capsys):
     args = ["allocate", "--model", SPEC, "--budget", "flops=0.5", "--store", str(tmp_path / "runs.db")]
     assert main([*args, "--out", str(tmp_path / "p.json")]) == 2
-    _one_line_error(capsys, "no complete sweep of sample:resnet20 .* run `prunecore sweep")
+    _one_line_error(capsys, "no complete sweep of every prunable group of sample:resnet20 .* run `prunecore sweep")
+
+
+def test_allocate_does_not_take_a_partial_sweep_unasked(tmp_path, store, run, capsys):
+    """The stored sweep covers 3 of 12 groups: allocate names it and asks for --run instead of pruning 3 groups."""
+    out = tmp_path / "p.json"
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--out", str(out)]
+    assert main([*args, "--store", str(store)]) == 2
+    _one_line_error(capsys, rf"swept 3 of its 12 prunable groups, pass --run {run[-1]} to use it anyway")
+    assert not out.exists()
+    assert main([*args, *run]) == 0
+    assert "did not sweep 9 prunable group(s)" in capsys.readouterr().err
 
 
 def test_methods_lists_every_method(capsys):

@@ -56,14 +56,20 @@ def test_round_trip_is_identical(saved, pruned_and_plan):
 
 def test_file_holds_plain_data(saved, pruned_and_plan):
     payload = saved[1]
-    assert set(payload) == {"format", "model", "plan", "state_dict"}
-    assert payload["format"] == PRUNED_FORMAT and payload["model"] == SPEC
+    assert set(payload) == {"format", "model", "plan", "state_dict", "sha256"}
+    assert payload["format"] == PRUNED_FORMAT == "prunecore.pruned/2" and payload["model"] == SPEC
+    assert len(payload["sha256"]) == 64 and int(payload["sha256"], 16) >= 0
     assert Plan.from_json(payload["plan"]) == pruned_and_plan[1]
 
 
 def _write(path, payload) -> object:
     torch.save(payload, path)
     return path
+
+
+def _legacy(payload: dict) -> dict:
+    """The payload as format /1 wrote it (no hash), so an edit to it is not caught as an edit."""
+    return {**{k: v for k, v in payload.items() if k != "sha256"}, "format": "prunecore.pruned/1"}
 
 
 @pytest.mark.parametrize(
@@ -78,13 +84,19 @@ def _write(path, payload) -> object:
         (lambda p, good: _write(p, {**torch.load(good), "extra": 1}), ModelSpecError, "unknown keys"),
         (lambda p, good: _write(p, {k: v for k, v in torch.load(good).items() if k != "plan"}), ModelSpecError,
          "lacks"),
-        (lambda p, good: _write(p, {**torch.load(good), "plan": "{"}), PlanError, "plan is not valid JSON"),
-        (lambda p, good: _write(p, {**torch.load(good), "model": "sample:mobilenet_v2"}), PlanError,
+        (lambda p, good: _write(p, {**torch.load(good), "sha256": 5}), ModelSpecError,
+         "'sha256' must be a str, got int"),
+        (lambda p, good: _write(p, {**_legacy(torch.load(good)), "sha256": "0" * 64}), ModelSpecError,
+         r"unknown keys \['sha256'\]"),
+        (lambda p, good: _write(p, {**_legacy(torch.load(good)), "plan": "{"}), PlanError, "plan is not valid JSON"),
+        (lambda p, good: _write(p, {**_legacy(torch.load(good)), "model": "sample:mobilenet_v2"}), PlanError,
          "plan is for a ResNet20, the model is a MobileNetV2"),
-        (lambda p, good: _write(p, {**torch.load(good), "model": "sample:nope"}), ModelSpecError, "nope"),
+        (lambda p, good: _write(p, {**_legacy(torch.load(good)), "model": "sample:nope"}), ModelSpecError, "nope"),
+        (lambda p, good: _write(p, {**_legacy(torch.load(good)), "model": "resnet20"}), ModelSpecError,
+         "must look like"),
     ],
-    ids=["garbage", "truncated", "plain-state-dict", "list", "format", "extra-key", "no-plan", "bad-plan",
-         "plan-for-other-model", "unknown-spec"],  # fmt: skip
+    ids=["garbage", "truncated", "plain-state-dict", "list", "format", "extra-key", "no-plan", "hash-type",
+         "hash-in-v1", "bad-plan", "plan-for-other-model", "unknown-spec", "no-kind"],  # fmt: skip
 )
 def test_bad_file_is_refused_with_a_reason(tmp_path, saved, corrupt, error, message):
     bad = tmp_path / "bad.pt"
@@ -95,14 +107,21 @@ def test_bad_file_is_refused_with_a_reason(tmp_path, saved, corrupt, error, mess
     assert len(str(info.value).splitlines()) == 1
 
 
-def test_weights_that_do_not_fit_the_plan(tmp_path, saved):
+def test_weights_that_do_not_fit_the_plan(tmp_path, saved, pruned_and_plan):
     payload = torch.load(saved[0])
     plan = json.loads(payload["plan"])
     group = plan["groups"]["layer3.1.conv1"]
     group["keep"] = list(range(group["size"]))  # the plan keeps every unit, the weights have fewer
     group.update(sparsity=0.0, channels_after=group["size"])
-    bad = _write(tmp_path / "bad.pt", {**payload, "plan": json.dumps(plan)})
+    bad = tmp_path / "bad.pt"
+    save_pruned(bad, pruned_and_plan[0], Plan.from_json(json.dumps(plan)), SPEC)  # a consistent file, hash and all
     with pytest.raises(ModelSpecError, match="weights do not fit sample:resnet20 pruned by its plan"):
+        load_pruned(bad)
+
+
+def test_consistent_file_for_another_model_is_refused(tmp_path, pruned_and_plan):
+    bad = save_pruned(tmp_path / "bad.pt", *pruned_and_plan, "sample:mobilenet_v2")
+    with pytest.raises(PlanError, match="plan is for a ResNet20, the model is a MobileNetV2"):
         load_pruned(bad)
 
 
@@ -136,9 +155,8 @@ def test_write_atomic_replaces_and_creates_folders(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["plan.json"]
 
 
-def test_plan_with_other_fingerprint_is_refused(tmp_path, saved):
-    payload = torch.load(saved[0])
-    plan = dataclasses.replace(Plan.from_json(payload["plan"]), fingerprint="0" * 16)
-    bad = _write(tmp_path / "bad.pt", {**payload, "plan": plan.to_json()})
+def test_plan_with_other_fingerprint_is_refused(tmp_path, pruned_and_plan):
+    pruned, plan = pruned_and_plan
+    bad = save_pruned(tmp_path / "bad.pt", pruned, dataclasses.replace(plan, fingerprint="0" * 16), SPEC)
     with pytest.raises(PlanError, match="fingerprint"):
         load_pruned(bad)
