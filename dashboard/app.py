@@ -1,12 +1,24 @@
-"""prunecore dashboard: `streamlit run dashboard/app.py` (binds to 127.0.0.1; see .streamlit/config.toml).
+"""prunecore dashboard: `streamlit run dashboard/app.py`, from any folder.
+
+It listens on 127.0.0.1 only: `dashboard/.streamlit/config.toml`, next to this file, says so, and
+Streamlit (>= 1.46) reads that script-level config wherever it is started from. Serving other
+machines takes `--server.address ADDRESS`; every page then warns, and the Factory box (which runs
+code on this machine) stays off unless PRUNECORE_DASHBOARD_REMOTE=1 (`state.factory_allowed`).
 
 This file only builds the navigation; each page is a short script in `dashboard/pages/` that starts
 with `state.page(title)` (session defaults, the shared sidebar, the title).
 """
 
+import os
+
 import streamlit as st
 
+from dashboard import state
+
 st.set_page_config(page_title="prunecore", layout="wide")
+warning = state.exposure_warning(st.get_option("server.address"), os.environ)
+if warning:
+    st.warning(warning, icon=":material/public:")
 pages = [
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/show_chart:"),

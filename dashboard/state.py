@@ -3,29 +3,35 @@
 Pages read the user's choices from `st.session_state` under the keys below and get models,
 data, curves and allocation problems from the cached loaders, so a rerun (every widget change)
 recomputes nothing it does not have to. Nothing here prunes: it calls prunecore.
+
+Every user error reaches the page through `user_errors()`: an `st.error` with prunecore's message,
+the app still running. Who can reach the app decides whether the Factory box (which runs code on
+this machine) is offered: `factory_enabled()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 import streamlit as st
 import torch
 
 import prunecore as pc
-from prunecore.allocate import AllocationError
 from prunecore.cost import cost_model
-from prunecore.datasets import DataSpecError, EvalData, load_data
+from prunecore.datasets import EvalData, load_data
+from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
-from prunecore.models import ModelSpecError, default_input_shape, load_model
+from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
 
 # -- session-state keys (every widget's key= is one of these, or built by a function below) -------
 MODEL_SPEC = "model_spec"
@@ -68,8 +74,8 @@ MODEL_PAGE_WIDGETS = ("model_source", "sample_name", "tv_name", "factory_spec", 
                       "data_folder")  # fmt: skip
 DEFAULTS_ENV = "PRUNECORE_DASHBOARD_DEFAULTS"
 """A JSON object overriding `DEFAULTS` (e.g. a team's sweep levels, or a quick sweep for tests)."""
-ERRORS = (ModelSpecError, DataSpecError, pc.TraceError, pc.PlanError, pc.SampleError, pc.StoreError, AllocationError,
-          ValueError, FileNotFoundError)  # fmt: skip
+REMOTE_ENV = "PRUNECORE_DASHBOARD_REMOTE"
+"""Set to 1 to offer the Factory box although other machines can reach the app (see `factory_allowed`)."""
 
 
 def init() -> None:
@@ -117,7 +123,7 @@ def read_plan(data: bytes, ws: Workspace) -> pc.Plan | str:
     try:
         plan = pc.Plan.from_json(data)
         plan.check(ws.graph)
-    except pc.PlanError as exc:
+    except UserError as exc:
         return f"This plan cannot be used with {ws.spec}: {exc}"
     return plan
 
@@ -127,6 +133,19 @@ def load_sliders(sparsities: dict[str, float]) -> None:
     for name, s in sparsities.items():
         st.session_state[sparsity_key(name)] = min(s, 0.99)
     st.session_state[LOADED] = dict(sparsities)
+
+
+def parse_shape(text: str) -> list[int] | None:
+    """`"1,3,224,224"` -> `[1, 3, 224, 224]`; blank -> None (the model's own shape)."""
+    if not text.strip():
+        return None
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or min(shape) < 1:
+        raise ModelSpecError(f"Input shape must be comma-separated integers (each at least 1), got {text!r}")
+    return shape
 
 
 def sparsity_key(group: str) -> str:
@@ -152,19 +171,15 @@ class Workspace:
 
 @st.cache_resource(max_entries=3, show_spinner="Loading and tracing the model ...")
 def _workspace(spec: str, weights_digest: str, _weights: bytes | None, shape: tuple[int, ...] | None) -> Workspace:
-    path = None
-    if _weights is not None:  # load_model reads a file; weights_only=True there
-        with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
-            f.write(_weights)
-            path = Path(f.name)
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = None
+        if _weights is not None:  # load_model reads a file; weights_only=True there
+            path = Path(tmp) / "uploaded-weights.pt"
+            path.write_bytes(_weights)
         model = load_model(spec, path)
-    finally:
-        if path is not None:
-            path.unlink(missing_ok=True)
     shape = shape or default_input_shape(spec)
     if shape is None:
-        raise ValueError(f"give an input shape: prunecore cannot know what input {spec} expects")
+        raise ModelSpecError(f"give an input shape: prunecore cannot know what input {spec} expects")
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     graph = pc.trace(model, example)
     shares = cost_model(model, example, graph).flop_shares()
@@ -173,10 +188,16 @@ def _workspace(spec: str, weights_digest: str, _weights: bytes | None, shape: tu
 
 def workspace() -> Workspace:
     """The selected model, loaded once; stops the page with the reason if it cannot be loaded."""
+    spec = st.session_state[MODEL_SPEC]
+    if runs_code(spec) and not factory_enabled():  # also when a spec arrives other than by the Factory box
+        st.error(f"Not loading {spec}. {FACTORY_DISABLED}")
+        st.stop()
     raw = st.session_state.get(WEIGHTS)
     digest = hashlib.sha256(raw).hexdigest() if raw is not None else ""
     shape = st.session_state.get(INPUT_SHAPE)
-    return guard(lambda: _workspace(st.session_state[MODEL_SPEC], digest, raw, tuple(shape) if shape else None))
+    with user_errors():
+        ws = _workspace(spec, digest, raw, tuple(shape) if shape else None)
+    return ws
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the data ...")
@@ -186,7 +207,9 @@ def _data(spec: str, shape: tuple[int, ...], limit: int | None) -> EvalData:
 
 def data(ws: Workspace) -> EvalData:
     limit = st.session_state.get(DATA_LIMIT) or None
-    return guard(lambda: _data(st.session_state[DATA_SPEC], tuple(ws.example.shape), limit))
+    with user_errors():
+        loaded = _data(st.session_state[DATA_SPEC], tuple(ws.example.shape), limit)
+    return loaded
 
 
 # -- curves and the allocation problem --------------------------------------------------------------
@@ -213,10 +236,11 @@ def curves(ws: Workspace) -> pd.DataFrame:
     def report(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"Sweeping: {done} of {total} batches")
 
-    frame = guard(lambda: pc.sweep(
-        ws.model, data_.evaluation, ws.example, graph=ws.graph, store=pc.RunStore(), model_name=ws.spec,
-        calibration=data_.calibration, progress=report, **settings,
-    ))  # fmt: skip
+    with user_errors():
+        frame = pc.sweep(
+            ws.model, data_.evaluation, ws.example, graph=ws.graph, store=pc.RunStore(), model_name=ws.spec,
+            calibration=data_.calibration, progress=report, **settings,
+        )  # fmt: skip
     bar.empty()
     st.session_state["curves_cache"] = (key, frame)
     st.session_state[RUN_ID] = frame.attrs.get("run_id", "")
@@ -229,7 +253,9 @@ def _problem(spec: str, run_id: str, _ws: Workspace, _curves: pd.DataFrame) -> p
 
 
 def problem(ws: Workspace, frame: pd.DataFrame) -> pc.AllocationProblem:
-    return guard(lambda: _problem(ws.spec, frame.attrs.get("run_id", ""), ws, frame))
+    with user_errors():
+        made = _problem(ws.spec, frame.attrs.get("run_id", ""), ws, frame)
+    return made
 
 
 @st.cache_data(max_entries=16, show_spinner="Computing each method's Pareto front ...")
@@ -237,14 +263,66 @@ def pareto(spec: str, run_id: str, kind: str, _problem: pc.AllocationProblem) ->
     return pc.pareto(_problem, budgets=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), kind=kind)
 
 
-# -- shared pieces ----------------------------------------------------------------------------------
-def guard(fn: Callable[[], Any]) -> Any:
-    """Run `fn`; a user error becomes an `st.error` with the reason and stops this page, not the app."""
+# -- who can reach the app, and so whether the Factory box runs code -------------------------------
+FACTORY_DISABLED = (
+    "The Factory box is off: a factory spec imports a module and runs a function on this machine, which "
+    "nobody reaching the dashboard from another machine should be able to do. Serve it on 127.0.0.1 (the "
+    f"default) to use it, or set {REMOTE_ENV}=1 if everyone who can reach it may run code here."
+)
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a `server.address` serves this machine only; unset or empty means every interface.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback(""), is_loopback("0.0.0.0")
+    (True, True, True, False, False)
+    """
+    host = (address or "").strip().removeprefix("[").removesuffix("]").lower()
+    if host == "localhost":
+        return True
     try:
-        return fn()
-    except ERRORS as exc:
-        st.error(f"{type(exc).__name__}: {exc}")
-        st.stop()
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or nothing: other machines may reach it
+        return False
+
+
+def factory_allowed(address: str | None, environ: Mapping[str, str]) -> bool:
+    """Offer the Factory box on a loopback address, or elsewhere only on `REMOTE_ENV=1` (explicit opt-in)."""
+    return is_loopback(address) or environ.get(REMOTE_ENV) == "1"
+
+
+def exposure_warning(address: str | None, environ: Mapping[str, str]) -> str | None:
+    """What to tell the user when other machines can reach the app and nobody opted in; None when local."""
+    if factory_allowed(address, environ):
+        return None
+    where = f"`{address}`" if address else "every network interface"
+    return f"This dashboard listens on {where}, so other machines can reach it (it has no login). {FACTORY_DISABLED}"
+
+
+def factory_enabled() -> bool:
+    """`factory_allowed` for the address this server was started on and this process's environment."""
+    return factory_allowed(st.get_option("server.address"), os.environ)
+
+
+def runs_code(spec: str) -> bool:
+    """Whether loading a model spec imports and calls code (`package.module:function`), not a registered name."""
+    return spec.partition(":")[0] not in DATA_SPEC_KINDS
+
+
+# -- shared pieces ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def user_errors(stop: bool = True) -> Iterator[None]:
+    """Show a `UserError` raised in the block as an `st.error`, the app still running.
+
+    `stop=True` ends this page's run there (what follows needs the block's result); `stop=False`
+    carries on after the block. Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except UserError as exc:
+        st.error(str(exc))
+        if stop:
+            st.stop()
 
 
 def page(title: str) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunecore.errors import ArgumentError
+from prunecore.errors import ArgumentError, running_model
 from prunecore._modes import eval_mode
 from prunecore.evaluate import split_batch
 from prunecore.graph import ChannelGraph, ChannelGroup, Member
@@ -184,11 +184,12 @@ def batch_gradients(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[
     with eval_mode(model):
         for batch in batches:
             inputs, targets = split_batch(batch)
-            logits = model(inputs.to(device))
-            if targets is None:
-                targets = logits.detach().argmax(dim=-1)
-            loss = F.cross_entropy(logits, targets.to(device))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with running_model(model, inputs, "a gradient pass"):
+                logits = model(inputs.to(device))
+                if targets is None:
+                    targets = logits.detach().argmax(dim=-1)
+                loss = F.cross_entropy(logits, targets.to(device))
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
             yield {id(p): g for p, g in zip(params, grads) if g is not None}, float(loss.detach()), inputs.shape[0]
 
 

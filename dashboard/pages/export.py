@@ -24,8 +24,8 @@ else:
                          key="download_plan", type="primary")  # fmt: skip
     left.caption("Measured metrics included." if plan.measured else "Validate the plan to include measured metrics.")
     if right.button("Build the pruned model file", key="build_pruned"):
-        with st.spinner("Applying the plan ..."), tempfile.TemporaryDirectory() as tmp:
-            pruned = state.guard(lambda: pc.apply_plan(ws.model, plan, graph=ws.graph))
+        with state.user_errors(stop=False), st.spinner("Applying the plan ..."), tempfile.TemporaryDirectory() as tmp:
+            pruned = pc.apply_plan(ws.model, plan, graph=ws.graph)
             path = pc.save_pruned(Path(tmp) / "pruned.pt", pruned, plan, ws.spec)
             st.session_state["pruned_file"] = (state.plan_key(plan), path.read_bytes())
     built = st.session_state.get("pruned_file")

@@ -21,12 +21,21 @@ with left:
         names = torchvision.models.list_models(module=torchvision.models)
         name = st.selectbox("Architecture", names, index=names.index("resnet18"), key="tv_name")
         spec = f"torchvision:{name}"
+        limit = st.get_option("server.maxUploadSize")
         upload = st.file_uploader("Weights (a state_dict, loaded with weights_only=True)", type=["pt", "pth"],
-                                  key="weights_uploader")  # fmt: skip
+                                  key="weights_uploader",
+                                  help=f"A torch.save'd state_dict, up to {limit:,} MB (Streamlit's "
+                                       "server.maxUploadSize); no pickled code is run.")  # fmt: skip
         st.session_state[state.WEIGHTS] = upload.getvalue() if upload is not None else None
-    else:
-        spec = st.text_input("Factory", "torchvision.models:resnet18", key="factory_spec",
-                             help="package.module:function returning an nn.Module")  # fmt: skip
+    elif state.factory_enabled():
+        spec = st.text_input("Factory: imports the module and runs the function, on this machine",
+                             "torchvision.models:resnet18", key="factory_spec",
+                             help="package.module:function. The dashboard imports package.module and calls "
+                                  "function() in its own process, on the machine it runs on, with its user's "
+                                  "permissions; it must return an nn.Module. Name only code you trust.")  # fmt: skip
+    else:  # never read a spec from a box that is not offered
+        st.info(state.FACTORY_DISABLED)
+        st.stop()
     shape_text = st.text_input("Input shape (blank: the model's own)", key="input_shape_text",
                                help="e.g. 1,3,224,224")  # fmt: skip
 with right:
@@ -41,11 +50,8 @@ with right:
 
 if source != "torchvision architecture":
     st.session_state[state.WEIGHTS] = None
-try:
-    st.session_state[state.INPUT_SHAPE] = [int(v) for v in shape_text.split(",")] if shape_text.strip() else None
-except ValueError:
-    st.error(f"Input shape must be comma-separated integers, got {shape_text!r}")
-    st.stop()
+with state.user_errors():
+    st.session_state[state.INPUT_SHAPE] = state.parse_shape(shape_text)
 if spec != st.session_state[state.MODEL_SPEC] or data_spec != st.session_state[state.DATA_SPEC]:
     st.session_state[state.MODEL_SPEC], st.session_state[state.DATA_SPEC] = spec, data_spec
     st.session_state.pop(state.ALLOCATED, None)

@@ -28,7 +28,8 @@ if loaded is not None:  # an uploaded plan: its values stay until the budget or 
     st.session_state[state.ALLOCATED] = {"key": key, "sparsities": loaded}
 allocated = st.session_state.get(state.ALLOCATED)
 if reset or allocated is None or allocated["key"] != key:
-    plan = state.guard(lambda: pc.solve(problem, budget, method, locked=locked))
+    with state.user_errors():
+        plan = pc.solve(problem, budget, method, locked=locked)
     st.session_state[state.ALLOCATED] = {"key": key, "sparsities": plan.sparsities}
     for name, s in plan.sparsities.items():
         st.session_state[state.sparsity_key(name)] = s  # exact: rounding could change a large group's kept count
@@ -78,9 +79,11 @@ with right:
     st.plotly_chart(charts.allocation_figure(current, reference, order=names), width="stretch",
                     key="allocation_chart")  # fmt: skip
     if problem.metric:
-        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
-        st.plotly_chart(
-            charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
-                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
-            width="stretch", key="pareto_chart",
-        )  # fmt: skip
+        with state.user_errors(stop=False):  # the sliders above stay usable without the front
+            front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
+            st.plotly_chart(
+                charts.pareto_figure(front, problem.metric,
+                                     current=(budgeted, predicted.get(problem.metric, float("nan"))),
+                                     dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
+                width="stretch", key="pareto_chart",
+            )  # fmt: skip

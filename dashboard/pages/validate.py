@@ -21,12 +21,12 @@ st.caption(f"Measured on {data.description}; BatchNorm statistics re-estimated o
 key = (state.plan_key(plan), bn)
 result = st.session_state.get(state.VALIDATION)
 if st.button("Apply and measure", type="primary", key="validate_run"):
-    with st.status("Applying the plan and measuring ...", expanded=True) as status:
+    with state.user_errors(), st.status("Applying the plan and measuring ...", expanded=True) as status:
         st.write("Applying the plan (physical channel removal) ...")
-        pruned = state.guard(lambda: pc.apply_plan(ws.model, plan, graph=ws.graph))
+        pruned = pc.apply_plan(ws.model, plan, graph=ws.graph)
         st.write("Re-estimating BatchNorm statistics and evaluating ...")
-        measured = state.guard(lambda: pc.evaluate_plan(ws.model, plan, data.evaluation, metrics, bn_recalibration=bn,
-                                                        calibration=data.calibration, graph=ws.graph))  # fmt: skip
+        measured = pc.evaluate_plan(ws.model, plan, data.evaluation, metrics, bn_recalibration=bn,
+                                    calibration=data.calibration, graph=ws.graph)  # fmt: skip
         dense = pc.evaluate(ws.model, data.evaluation, metrics, reference=ws.model)
         st.write("Timing both models on the CPU ...")
         cost = pc.count(pruned, ws.example)
