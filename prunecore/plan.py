@@ -5,8 +5,9 @@ objects, so it serialises, survives a reload and can be re-applied to a fresh co
 Beside the kept units it records where it came from (the model's channel-structure fingerprint,
 the criterion, the budget and allocation method) and what it is expected to do (params and FLOPs
 before and after, the predicted metric, and the measured one once `evaluate_plan` has run). The
-format is closed: `Plan.from_json` rejects unknown fields, and `plan.schema.json` in this package
-is its JSON Schema.
+format is closed: `Plan.from_json` rejects unknown fields, duplicate keys, numbers JSON cannot hold
+and counts prunecore would not have written, and `plan.schema.json` in this package is its JSON Schema.
+A metric that could not be computed (NaN: a sweep of a diverged model) is written as `null`.
 
 Example:
     >>> plan = make_plan(model, graph, 0.5)
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from typing import Any, Mapping
 
-from prunecore.errors import UserError
+from prunecore.errors import ArgumentError, UserError
 from prunecore.graph import ChannelGraph, InputSpec
 
 __all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals", "json_schema", "kept_units"]
@@ -46,14 +48,51 @@ def kept_units(size: int, sparsity: float, round_to: int = 1) -> int:
     (45, 48, 1)
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise ArgumentError(f"sparsity must be in [0, 1), got {sparsity}")
     if round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to}")
+        raise ArgumentError(f"round_to must be a positive integer, got {round_to}")
     if sparsity == 0.0:
         return size
     exact = size * (1.0 - sparsity) / round_to
     kept = math.floor(exact + 0.5) * round_to
     return max(min(kept, size), min(round_to, size))
+
+
+def _written_sparsity(kept: int, size: int) -> float:
+    """The sparsity a plan file records for `kept` of `size` units: `1 - kept/size` to 6 decimals.
+
+    Capped at 0.999999, so a huge group keeping one unit stays below 1; `Plan.from_json` requires
+    exactly this value.
+
+    >>> _written_sparsity(2, 3), _written_sparsity(1, 3_000_000)
+    (0.333333, 0.999999)
+    """
+    return min(round(1.0 - kept / size, 6), 0.999999)
+
+
+def _rounding_problem(kept: int, size: int, round_to: int) -> str | None:
+    """Why `kept` of `size` units cannot come from `kept_units(size, s, round_to)`; None when it can.
+
+    `kept_units` gives a multiple of `round_to`, or the whole group (never emptied, never above size).
+    """
+    if kept == size or kept % round_to == 0:
+        return None
+    return (f"keeps {kept} of {size} units, which is not a multiple of round_to ({round_to}); "
+            "prunecore keeps a multiple of round_to or the whole group")  # fmt: skip
+
+
+_UNKNOWN = float("nan")  # the one NaN a plan holds for a metric it cannot know (see `_known`)
+
+
+def _known(value: Any) -> Any:
+    """`value`, or `_UNKNOWN` for NaN and infinities, which a plan file writes as null.
+
+    Sharing one NaN object lets plans holding it compare equal (NaN != NaN, but dict and tuple
+    equality accept the identical object), so a plan with unknown metrics round-trips exactly.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+        return _UNKNOWN
+    return value
 
 
 @dataclass(frozen=True)
@@ -72,10 +111,10 @@ class Budget:
     def __post_init__(self) -> None:
         given = [v for v in (self.flops, self.params) if v is not None]
         if len(given) != 1:
-            raise ValueError("a budget names exactly one of flops= or params=")
+            raise ArgumentError("a budget names exactly one of flops= or params=")
         value = given[0]
         if not _is_number(value) or value <= 0:
-            raise ValueError(f"budget {self.kind} must be a positive number, got {value!r}")
+            raise ArgumentError(f"budget {self.kind} must be a positive number, got {value!r}")
 
     @property
     def kind(self) -> str:
@@ -102,11 +141,11 @@ class Budget:
         kind, sep, value = text.partition("=")
         kind = kind.strip()
         if not sep or kind not in ("flops", "params"):
-            raise ValueError(f"budget must look like flops=0.5 or params=0.3, got {text!r}")
+            raise ArgumentError(f"budget must look like flops=0.5 or params=0.3, got {text!r}")
         try:
             number = float(value)
         except ValueError:
-            raise ValueError(f"budget value must be a number, got {value.strip()!r}") from None
+            raise ArgumentError(f"budget value must be a number, got {value.strip()!r}") from None
         return cls(**{kind: number})
 
 
@@ -135,7 +174,8 @@ class GroupPlan:
 
     `channels` is the group's width in channels (a unit is several channels where a grouped conv
     forces whole conv groups out); `predicted_change` is the metric change the sensitivity curve
-    predicts for this group alone, when the plan came from `allocate`.
+    predicts for this group alone, when the plan came from `allocate` (None: no prediction, also
+    what a NaN or infinite change becomes).
     """
 
     size: int
@@ -147,6 +187,8 @@ class GroupPlan:
         object.__setattr__(self, "keep", tuple(sorted(self.keep)))
         if self.channels is None:
             object.__setattr__(self, "channels", self.size)  # one channel per unit
+        if _known(self.predicted_change) is _UNKNOWN:
+            object.__setattr__(self, "predicted_change", None)
 
     @property
     def sparsity(self) -> float:
@@ -187,7 +229,8 @@ class Plan:
     """Per-group kept units, what is needed to re-trace the model they belong to, and provenance.
 
     `fingerprint` is `ChannelGraph.fingerprint` of the model the plan was made for (empty: not
-    recorded); `predicted` and `measured` map metric names to values of the pruned model.
+    recorded); `predicted` and `measured` map metric names to values of the pruned model (NaN when
+    unknown: curves that were all NaN; infinities become NaN too, as the file has only null for them).
     """
 
     groups: Mapping[str, GroupPlan]
@@ -204,6 +247,12 @@ class Plan:
     measured: Mapping[str, float] = field(default_factory=dict)
     version: str = field(default_factory=_version)
     created: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        for name in ("predicted", "measured"):
+            values = getattr(self, name)
+            if any(_known(v) is _UNKNOWN and v is not _UNKNOWN for v in values.values()):
+                object.__setattr__(self, name, {k: _known(v) for k, v in values.items()})
 
     @property
     def sparsities(self) -> dict[str, float]:
@@ -227,31 +276,36 @@ class Plan:
                     "size": g.size,
                     "channels_before": g.channels_before,
                     "channels_after": g.channels_after,
-                    "sparsity": min(round(g.sparsity, 6), 0.999999),
+                    "sparsity": _written_sparsity(len(g.keep), g.size),
                     "keep": list(g.keep),
-                    "predicted_change": g.predicted_change,
+                    "predicted_change": _null_if_unknown(g.predicted_change),
                 }
                 for name, g in self.groups.items()
             },
             "totals": None if self.totals is None else dict(vars(self.totals)),
-            "metrics": {"predicted": dict(self.predicted), "measured": dict(self.measured)},
+            "metrics": {
+                "predicted": {k: _null_if_unknown(v) for k, v in self.predicted.items()},
+                "measured": {k: _null_if_unknown(v) for k, v in self.measured.items()},
+            },
             "meta": dict(self.meta),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """Strict JSON (no NaN, no Infinity); `PlanError` naming the field where `meta` or a count is not finite."""
+        data = self.to_dict()
+        try:
+            return json.dumps(data, indent=indent, allow_nan=False)
+        except ValueError:
+            path = _find(data, lambda v: isinstance(v, float) and not math.isfinite(v))
+            if path is None:
+                raise  # not a number problem (a circular meta): a bug of the caller
+            value = _at(data, path)
+            raise PlanError(f"plan cannot be written: {_where(path)} is {value}, which JSON cannot hold") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
-        try:
-            data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-        except PlanError:
-            raise
-        except ValueError as exc:  # bad syntax or encoding, an integer literal over 4300 digits
-            raise PlanError(f"plan is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise PlanError("plan is not valid JSON: nested too deeply") from None
-        return cls.from_dict(data)
+        """Parse and validate a plan file; any problem is a `PlanError` that names the field."""
+        return cls.from_dict(_loads(text))
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
@@ -268,6 +322,7 @@ class Plan:
             _expect(isinstance(model.get(key, ""), str), f"model.{key} must be a string")
         round_to = data.get("round_to", 1)
         _expect(_is_int(round_to) and round_to >= 1, "round_to must be a positive integer")
+        _in_range(round_to, "round_to")
         criterion = data.get("criterion", "l1")
         _expect(isinstance(criterion, str), "criterion must be a string")
         version, created = data.get("prunecore_version", "unknown"), data.get("created", "")
@@ -278,8 +333,12 @@ class Plan:
         raw = data["groups"]
         _expect(isinstance(raw, dict), "groups must be an object keyed by group name")
         predicted, measured = _metrics_from_dict(data.get("metrics", {}))
+        groups = {name: _group_from_dict(name, g) for name, g in raw.items()}
+        for name, g in groups.items():
+            problem = _rounding_problem(len(g.keep), g.size, round_to)
+            _expect(problem is None, f"groups[{name!r}] {problem}")
         return cls(
-            groups={name: _group_from_dict(name, g) for name, g in raw.items()},
+            groups=groups,
             inputs=_inputs_from_list(data["inputs"]),
             model_type=model["type"],
             criterion=criterion,
@@ -296,7 +355,7 @@ class Plan:
         )
 
     def check(self, graph: ChannelGraph, force: bool = False) -> None:
-        """Raise `PlanError` unless this plan fits the traced model.
+        """Raise `PlanError` unless this plan fits the traced model (and keeps counts `kept_units` can give).
 
         A recorded fingerprint that differs from the model's means the plan was made for another
         architecture; `force=True` skips that test (the per-group checks still run).
@@ -316,6 +375,9 @@ class Plan:
                 raise PlanError(f"plan gives group {name!r} {g.size} units, the model has {group.size}")
             if len(g.keep) < g.size and not group.prunable:
                 raise PlanError(f"plan prunes group {name!r}, which cannot be pruned: it {group.reason}")
+            problem = _rounding_problem(len(g.keep), g.size, self.round_to)
+            if problem is not None:
+                raise PlanError(f"plan group {name!r} {problem}")
 
 
 _TOP_LEVEL = (
@@ -335,6 +397,8 @@ def _inputs_from_list(inputs: Any) -> tuple[InputSpec, ...]:
             isinstance(shape, list) and bool(shape) and all(_is_int(s) and s > 0 for s in shape),
             f"inputs[{i}].shape must be a non-empty list of positive integers",
         )
+        for j, s in enumerate(shape):
+            _in_range(s, f"inputs[{i}].shape[{j}]")
         dtype = spec.get("dtype", "float32")
         _expect(dtype in _DTYPES, f"inputs[{i}].dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         specs.append(InputSpec(tuple(shape), dtype))
@@ -350,6 +414,7 @@ def _group_from_dict(name: str, g: Any) -> GroupPlan:
     _no_unknown(g, {"size", "keep", "sparsity", "channels_before", "channels_after", "predicted_change"}, where)
     size, keep = g.get("size"), g.get("keep")
     _expect(_is_int(size) and size >= 1, f"{where}.size must be a positive integer")
+    _in_range(size, f"{where}.size")
     _expect(isinstance(keep, list) and all(_is_int(i) for i in keep), f"{where}.keep must be a list of integers")
     _expect(len(keep) >= 1, f"{where}.keep must keep at least one unit")
     _expect(all(0 <= i < size for i in keep), f"{where}.keep has indices outside [0, {size})")
@@ -357,11 +422,14 @@ def _group_from_dict(name: str, g: Any) -> GroupPlan:
     if "sparsity" in g:
         s = g["sparsity"]
         _expect(_is_number(s) and 0 <= s < 1, f"{where}.sparsity must be a number in [0, 1)")
-        _expect(abs(s - (1 - len(keep) / size)) < 1e-4, f"{where}.sparsity does not match its kept units")
+        written = _written_sparsity(len(keep), size)
+        _expect(s == written, f"{where}.sparsity does not match its kept units: it is {s!r}, keeping {len(keep)} of "
+                              f"{size} is {written!r} (1 - kept/size, rounded to 6 decimals)")  # fmt: skip
     channels = g.get("channels_before")
     if "channels_before" in g:
         _expect(_is_int(channels) and channels >= size and channels % size == 0,
                 f"{where}.channels_before must be a positive multiple of size ({size})")  # fmt: skip
+        _in_range(channels, f"{where}.channels_before")
     plan = GroupPlan(size, tuple(sorted(keep)), channels, None)
     if "channels_after" in g:
         _expect(_is_int(g["channels_after"]) and g["channels_after"] == plan.channels_after,
@@ -395,6 +463,7 @@ def _totals_from_dict(t: Any) -> Totals | None:
     _no_unknown(t, set(fields), "totals")
     for key in fields:
         _expect(_is_int(t.get(key)) and t[key] >= 0, f"totals.{key} must be a non-negative integer")
+        _in_range(t[key], f"totals.{key}")
     return Totals(*(t[key] for key in fields))
 
 
@@ -404,15 +473,103 @@ def _metrics_from_dict(m: Any) -> tuple[dict[str, float], dict[str, float]]:
     out = []
     for key in ("predicted", "measured"):
         values = m.get(key, {})
-        _expect(isinstance(values, dict), f"metrics.{key} must be an object of metric name: number")
+        _expect(isinstance(values, dict), f"metrics.{key} must be an object of metric name: number or null")
         for name, v in values.items():
-            _expect(_is_number(v), f"metrics.{key}.{name} must be a number")
-        out.append({name: float(v) for name, v in values.items()})
+            _expect(v is None or _is_number(v), f"metrics.{key}.{name} must be a number or null (unknown)")
+        out.append({name: _UNKNOWN if v is None else float(v) for name, v in values.items()})
     return out[0], out[1]
 
 
-def _reject_constant(name: str) -> Any:
-    raise PlanError(f"plan is not valid JSON: {name} is not a number JSON allows")
+_INT_MAX = 2**63 - 1  # every count and size of a plan fits a signed 64-bit integer
+
+
+def _in_range(value: int, where: str) -> None:
+    _expect(value <= _INT_MAX, f"{where} is out of range: above 2**63 - 1")
+
+
+def _null_if_unknown(value: Any) -> Any:
+    return None if _known(value) is _UNKNOWN else value
+
+
+class _Refused:
+    """A value `_loads` refuses (NaN, an overflowing float, an object with a key twice), kept in place
+    until parsing ends so that the error can say where it is."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _loads(text: str | bytes) -> Any:
+    """`json.loads` that refuses what Python's parser lets through: NaN and Infinity, floats that
+    overflow, and duplicate keys (where the last would silently win), naming where each one is."""
+    refused: list[tuple[object, str]] = []  # (the value or object in the tree, message)
+
+    def constant(name: str) -> _Refused:
+        hint = "; write null for an unknown metric" if name == "NaN" else ""
+        value = _Refused(f"is {name}, which JSON does not allow{hint}")
+        refused.append((value, value.message))
+        return value
+
+    def number(literal: str) -> float | _Refused:
+        value = float(literal)
+        if math.isfinite(value):
+            return value
+        bad = _Refused(f"is {literal}, which does not fit a float")
+        refused.append((bad, bad.message))
+        return bad
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) < len(items):
+            seen: set[str] = set()
+            twice = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            refused.append((obj, f"has the key {twice!r} twice"))
+        return obj
+
+    try:
+        data = json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=pairs)
+    except ValueError as exc:  # bad syntax or encoding, an integer literal over 4300 digits
+        raise PlanError(f"plan is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PlanError("plan is not valid JSON: nested too deeply") from None
+    for value, message in refused:  # the first one still in the tree (a duplicate key may have dropped some)
+        path = _find(data, lambda v, target=value: v is target)
+        if path is not None:
+            raise PlanError(f"plan is not valid JSON: {_where(path)} {message}")
+    return data
+
+
+def _find(tree: Any, match: Any) -> tuple | None:
+    """Path (keys and indices) of the first value in `tree` that `match`es, without recursion."""
+    stack: list[tuple[tuple, Any]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if match(node):
+            return path
+        if isinstance(node, dict):
+            stack.extend(((*path, k), v) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(node))))
+    return None
+
+
+def _at(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _where(path: tuple) -> str:
+    """`("groups", "a.0", "keep", 3)` as `groups['a.0'].keep[3]`, the way messages name fields."""
+    out = ""
+    for i, key in enumerate(path):
+        if isinstance(key, int):
+            out += f"[{key}]"
+        elif key.isidentifier() and not (i == 1 and path[0] == "groups"):
+            out += f".{key}" if out else key
+        else:
+            out += f"[{key!r}]"
+    return out or "plan"
 
 
 def _is_int(x: Any) -> bool:
@@ -426,13 +583,6 @@ def _is_number(x: Any) -> bool:
         return math.isfinite(x)
     except OverflowError:  # an int too large for a float
         return False
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise PlanError(f"plan is not valid JSON: {text} does not fit a float")
-    return value
 
 
 def _expect(ok: bool, message: str) -> None:

@@ -224,6 +224,8 @@ def _check_levels(levels: Sequence[float]) -> list[float]:
 def _check_groups(graph: ChannelGraph, groups: Sequence[str] | None) -> list[str]:
     if groups is None:
         return [g.name for g in graph.prunable]
+    if not groups:
+        raise ArgumentError("groups is empty: name at least one group to sweep, or pass None for every prunable one")
     for name in groups:
         if name not in graph:
             raise ArgumentError(f"no channel group named {name!r} in {graph.model_type}")

@@ -2,6 +2,7 @@
 
 Runs are keyed by fingerprints of model, data and config, points by (group, sparsity), so a re-run
 finds its stored curve and a killed sweep resumes; WAL mode lets a dashboard and a CLI share the file.
+A store the user cannot write (a read-only folder or file, `read_only=True`) is opened for reading only.
 
     >>> store.open_run(rid, "resnet18", model_fp, data_fp, {"criterion": "l1"}, expected=40)
     >>> store.add_point(rid, {"group": "layer1.0.conv1", "sparsity": 0.5, "accuracy": 0.71})
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from prunecore.errors import UserError
+from prunecore.files import write_atomic
 
 __all__ = ["RunInfo", "RunStore", "StoreError", "default_store_path", "fingerprint_data", "fingerprint_model", "run_id"]
 
@@ -106,6 +108,19 @@ class RunInfo:
     complete: bool
 
 
+def _unwritable(path: Path) -> str:
+    """Why the store at `path` can only be read ("" when it can be written): the file or its folder."""
+    if path.exists() and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    if path.exists() and not os.access(path.parent, os.W_OK):  # WAL needs its -wal and -shm files beside it
+        return f"its folder {path.parent} is not writable"
+    if not path.exists():
+        folder = next((p for p in path.parents if p.exists()), None)
+        if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK):
+            return f"the folder {folder} is not writable"
+    return ""
+
+
 def _plain(value: Any) -> Any:  # numpy and torch scalars or arrays, as metrics often come
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -113,37 +128,79 @@ def _plain(value: Any) -> Any:  # numpy and torch scalars or arrays, as metrics 
 
 
 class RunStore:
-    """Sweep runs and their points in one SQLite file; safe across threads and processes."""
+    """Sweep runs and their points in one SQLite file; safe across threads and processes.
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    `read_only=True` never writes the file (nor its folder); a store whose file or folder the user
+    cannot write is opened that way by itself. Writing to a read-only store is a `StoreError`.
+    """
+
+    def __init__(self, path: str | Path | None = None, read_only: bool = False) -> None:
         self.path = Path(path).expanduser() if path is not None else default_store_path()
         self._lock = threading.Lock()  # one connection, so one operation at a time per instance
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._op(write=True) as conn:
+        self._read_only = "it was opened with read_only=True" if read_only else _unwritable(self.path)
+        if self._read_only and not self.path.is_file():
+            raise StoreError(f"run store {self.path} does not exist, and it cannot be created: {self._read_only}")
+        if not self._read_only:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"run store {self.path} cannot be created: {e.strerror or e}; "
+                                 "pick another with PRUNECORE_STORE or store=") from None  # fmt: skip
+        with self._op(write=not self._read_only) as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"run store {self.path} has schema version {version}, newer than this prunecore "
                                  f"reads ({SCHEMA_VERSION}); upgrade, or pick another with PRUNECORE_STORE or store=")
+            if version < SCHEMA_VERSION and self._read_only:
+                raise StoreError(f"run store {self.path} holds no runs yet (schema version {version}) and is "
+                                 f"read-only: {self._read_only}")  # fmt: skip
             if version < SCHEMA_VERSION:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    @property
+    def read_only(self) -> bool:
+        """Whether this store only reads (asked for, or the file or its folder is not writable)."""
+        return bool(self._read_only)
+
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # a connection must never cross a fork
-            # timeout=30 is busy_timeout: wait up to 30 s for another writer instead of failing
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn = self._connect_read_only() if self._read_only else self._connect_read_write()
             self._conn, self._pid = conn, os.getpid()
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")  # kept in the file: readers never block the writer
-            conn.execute("PRAGMA synchronous = NORMAL")  # in WAL a commit survives kill -9, not power loss
         return self._conn
+
+    def _connect_read_write(self) -> sqlite3.Connection:
+        # timeout=30 is busy_timeout: wait up to 30 s for another writer instead of failing
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")  # kept in the file: readers never block the writer
+        conn.execute("PRAGMA synchronous = NORMAL")  # in WAL a commit survives kill -9, not power loss
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """`mode=ro`; where that cannot open a WAL store (no -shm file, and none can be made in a
+        read-only folder) the file is read as an immutable snapshot: no writer has it open then."""
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:  # SQLITE_READONLY_DIRECTORY, SQLITE_CANTOPEN
+            conn.close()
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+
+    def _refuse_write(self, why: str) -> StoreError:
+        return StoreError(f"run store {self.path} is read-only ({why}), so nothing can be written to it; "
+                          "pick a writable one with PRUNECORE_STORE or store=")  # fmt: skip
 
     @contextmanager
     def _op(self, write: bool = False, run: str | None = None) -> Iterator[sqlite3.Connection]:
         """One transaction (on a known `run`); sqlite3 errors become StoreError naming the file."""
+        if write and self._read_only:
+            raise self._refuse_write(self._read_only)
         with self._lock:
             try:
                 conn = self._connect()  # writes lock up front: a read upgraded to a write would skip busy_timeout
@@ -159,6 +216,8 @@ class RunStore:
                     if conn.in_transaction:  # an error, or a failed COMMIT: leave the connection clean
                         conn.execute("ROLLBACK")
             except sqlite3.DatabaseError as e:
+                if write and getattr(e, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+                    raise self._refuse_write(f"SQLite says: {e}") from e  # e.g. permissions changed since opening
                 bad = any(word in str(e) for word in ("not a database", "malformed"))
                 hint = " (not a readable SQLite database: delete it, or pick another with PRUNECORE_STORE or store=)"
                 raise StoreError(f"run store {self.path}: {e}{hint if bad else ''}") from e
@@ -173,7 +232,14 @@ class RunStore:
     def open_run(
         self, run_id: str, model_name: str, model_fp: str, data_fp: str, config: Mapping[str, Any], expected: int
     ) -> None:
-        """Create the run if absent; an existing run (a resumed sweep) is left as it is."""
+        """Create the run if absent; an existing run (a resumed sweep) is left as it is.
+
+        A `config` whose "groups" is an empty list is refused: such a sweep measures nothing.
+        """
+        groups = config.get("groups")
+        if isinstance(groups, (list, tuple)) and not groups:
+            raise StoreError(f"run {run_id!r} sweeps no groups (its group list is empty); name at least one group, "
+                             "or give none to sweep every prunable group")  # fmt: skip
         created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         values = (run_id, model_name, model_fp, data_fp, json.dumps(dict(config), sort_keys=True), created, expected)
         with self._op(write=True) as conn:
@@ -183,7 +249,12 @@ class RunStore:
         """The (group, sparsity) keys already stored: what a resumed sweep skips."""
         with self._op(run=run_id) as conn:
             rows = conn.execute("SELECT grp, sparsity FROM points WHERE run_id = ?", (run_id,)).fetchall()
-        return {(grp, round(sparsity, _DIGITS)) for grp, sparsity in rows}
+        out = set()
+        for grp, sparsity in rows:
+            if not isinstance(grp, str) or isinstance(sparsity, (str, bytes)) or sparsity is None:
+                raise self._corrupt(run_id, f"point key ({grp!r}, {sparsity!r})", "not a (group, sparsity) pair")
+            out.add((grp, round(sparsity, _DIGITS)))
+        return out
 
     def add_point(self, run_id: str, row: Mapping[str, Any]) -> None:
         """Store one point, committed at once; re-adding a key replaces its values but keeps its place."""
@@ -205,9 +276,10 @@ class RunStore:
         which `allocate` reads to stay consistent with how the curves were measured.
         """
         with self._op(run=run_id) as conn:
-            found = conn.execute("SELECT data FROM points WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
+            found = conn.execute("SELECT grp, sparsity, data FROM points WHERE run_id = ? ORDER BY seq",
+                                 (run_id,)).fetchall()  # fmt: skip
             info = self._infos(conn, run_id)[0]
-        rows = [json.loads(d) for (d,) in found]
+        rows = [self._decode(run_id, f"point ({grp!r}, {sparsity!r})", data, dict) for grp, sparsity, data in found]
         columns = list(dict.fromkeys(["group", "sparsity", *(k for r in rows for k in r)]))
         frame = pd.DataFrame(rows, columns=columns)
         frame.attrs.update(run_id=run_id, model_name=info.model_name, config=info.config)
@@ -224,7 +296,21 @@ class RunStore:
             " WHERE p.run_id = r.run_id), expected, complete FROM runs r WHERE ?1 IS NULL OR run_id = ?1"
             " ORDER BY created DESC, rowid DESC", (run_id,)
         ).fetchall()
-        return [RunInfo(*r[:4], json.loads(r[4]), r[5], r[6], r[7], bool(r[8])) for r in rows]
+        return [RunInfo(*r[:4], self._decode(r[0], "config", r[4], dict), r[5], r[6], r[7], bool(r[8])) for r in rows]
+
+    def _decode(self, run_id: str, what: str, text: Any, kind: type) -> Any:
+        """A JSON column of one row, or a StoreError naming the store, the run and the row."""
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError) as e:  # not text, or not JSON
+            raise self._corrupt(run_id, what, f"not JSON: {e}") from None
+        if not isinstance(value, kind):
+            raise self._corrupt(run_id, what, f"a JSON {type(value).__name__}, not a {kind.__name__}")
+        return value
+
+    def _corrupt(self, run_id: str, what: str, why: str) -> StoreError:
+        return StoreError(f"run store {self.path}: run {run_id!r} has a corrupt {what}: {why}; delete the run "
+                          f"(prunecore runs --store {self.path} --delete {run_id}) or the store")  # fmt: skip
 
     def runs(self) -> list[RunInfo]:
         """Every stored run, newest first."""
@@ -243,12 +329,15 @@ class RunStore:
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
     def export(self, run_id: str, path: str | Path) -> Path:
-        """Write the points as .csv or .parquet (chosen by suffix) and return the path."""
+        """Write the points as .csv or .parquet (chosen by suffix), atomically, and return the path.
+
+        The file appears whole or not at all: a full disk leaves no partial file and whatever was
+        there untouched (`OutputPathError`, as for a folder or a path under a file).
+        """
         path = Path(path)
         writer = {".csv": pd.DataFrame.to_csv, ".parquet": pd.DataFrame.to_parquet}.get(path.suffix.lower())
         if writer is None:
             raise StoreError(f"cannot export to {path.name!r}: supported formats are .csv and .parquet")
         frame = self.points(run_id)  # before mkdir: an unknown run leaves no folder behind
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer(frame, path, index=False)
-        return path
+        content = writer(frame, None, index=False)  # no path: the text or bytes the file will hold
+        return write_atomic(path, content, what="export file")

@@ -235,10 +235,12 @@ NAMES = st.text(min_size=1, max_size=16) | st.from_regex(r"[a-z_]{1,6}(\.[0-9a-z
 
 
 @st.composite
-def group_plans(draw) -> GroupPlan:
+def group_plans(draw, round_to: int = 1) -> GroupPlan:
+    """A group keeping a count `kept_units` can give: a multiple of `round_to`, or all its units."""
     size = draw(st.integers(1, 300))
     per_unit = draw(st.integers(1, 4))  # channels per unit (conv groups)
-    keep = draw(st.sets(st.integers(0, size - 1), min_size=1, max_size=size) | st.just(set(range(size))))
+    kept = draw(st.sampled_from([size, *range(round_to, size, round_to)]))
+    keep = draw(st.permutations(range(size)))[:kept]
     change = draw(st.none() | FINITE)
     return GroupPlan(size, tuple(sorted(keep)), size * per_unit, change)
 
@@ -255,12 +257,13 @@ def plans(draw) -> Plan:
     shapes = st.lists(st.integers(1, 1024), min_size=1, max_size=5).map(tuple)
     inputs = st.builds(InputSpec, shapes, st.sampled_from(DTYPES))
     metrics = st.dictionaries(st.text(max_size=10), FINITE, max_size=3)
+    round_to = draw(st.integers(1, 64))
     return Plan(
-        groups=draw(st.dictionaries(NAMES, group_plans(), max_size=5)),
+        groups=draw(st.dictionaries(NAMES, group_plans(round_to), max_size=5)),
         inputs=tuple(draw(st.lists(inputs, min_size=1, max_size=3))),
         model_type=draw(st.text(max_size=12)),
         criterion=draw(st.sampled_from(["l1", "l2", "taylor"]) | st.text(max_size=8)),
-        round_to=draw(st.integers(1, 64)),
+        round_to=round_to,
         meta=draw(st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=3)),
         model_name=draw(st.text(max_size=12)),
         fingerprint=draw(st.text("0123456789abcdef", min_size=16, max_size=16) | st.just("")),
@@ -387,10 +390,10 @@ MALFORMED = [
     ((*A0, "predicted_change"), True, "predicted_change must be a number or null"),
     ((*A0, "predicted_change"), [], "predicted_change must be a number or null"),
     # NaN and Infinity are not JSON
-    ((*A0, "sparsity"), RawJSON("NaN"), "plan is not valid JSON: NaN is not a number JSON allows"),
-    ((*A0, "predicted_change"), RawJSON("Infinity"), "plan is not valid JSON: Infinity is not a number"),
-    (("metrics", "predicted", "loss"), RawJSON("-Infinity"), "plan is not valid JSON: -Infinity is not a number"),
-    (("meta", "x"), RawJSON("NaN"), "plan is not valid JSON: NaN is not a number JSON allows"),
+    ((*A0, "sparsity"), RawJSON("NaN"), r"plan is not valid JSON: groups\['a.0'\].sparsity is NaN, which JSON does"),
+    ((*A0, "predicted_change"), RawJSON("Infinity"), r"groups\['a.0'\].predicted_change is Infinity, which JSON"),
+    (("metrics", "predicted", "loss"), RawJSON("-Infinity"), "metrics.predicted.loss is -Infinity, which JSON does"),
+    (("meta", "x"), RawJSON("NaN"), "plan is not valid JSON: meta.x is NaN, which JSON does not allow"),
     # allocation and budget
     (("allocation",), "greedy", "allocation must be an object or null"),
     (("allocation",), [], "allocation must be an object or null"),
@@ -417,10 +420,10 @@ MALFORMED = [
     # metrics
     (("metrics",), [], "metrics must be an object"),
     (("metrics",), None, "metrics must be an object"),
-    (("metrics", "predicted"), [0.9], "metrics.predicted must be an object of metric name: number"),
+    (("metrics", "predicted"), [0.9], "metrics.predicted must be an object of metric name: number or null"),
     (("metrics", "measured"), None, "metrics.measured must be an object of metric name: number"),
-    (("metrics", "predicted", "accuracy"), "high", "metrics.predicted.accuracy must be a number"),
-    (("metrics", "measured", "accuracy"), None, "metrics.measured.accuracy must be a number"),
+    (("metrics", "predicted", "accuracy"), "high", "metrics.predicted.accuracy must be a number or null"),
+    (("metrics", "measured", "accuracy"), [], "metrics.measured.accuracy must be a number or null"),
     (("metrics", "measured", "accuracy"), True, "metrics.measured.accuracy must be a number"),
     # inputs
     (("inputs",), [], "inputs must be a non-empty list"),
@@ -724,5 +727,6 @@ def test_a_plan_json_for_another_width_is_refused_by_apply_plan(resnet20):
 
 def test_nan_is_never_written():
     plan = Plan({}, (InputSpec((1, 3)),), "Net", predicted={"loss": math.nan})
-    with pytest.raises(ValueError):
-        plan.to_json()
+    assert json.loads(plan.to_json())["metrics"]["predicted"] == {"loss": None}  # an unknown metric is null
+    with pytest.raises(PlanError, match=r"plan cannot be written: meta.x is nan, which JSON cannot hold"):
+        dataclasses.replace(plan, meta={"x": math.nan}).to_json()
