@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from prunecore._concurrency import forward_pass
+
 __all__ = ["ArgumentError", "ModelRunError", "UserError", "describe_inputs", "running_model"]
 
 
@@ -42,10 +44,12 @@ def running_model(model: Any, inputs: Any, step: str) -> Iterator[None]:
 
     Torch's own message ("mat1 and mat2 shapes cannot be multiplied") says what failed but not
     in which model, at which prunecore step, on which inputs; this adds all three. Errors that are
-    already a `UserError`, and interrupts, pass through unchanged.
+    already a `UserError`, and interrupts, pass through unchanged. The forward pass also holds
+    `_concurrency.forward_pass`, so no torch.fx trace in another thread patches modules meanwhile.
     """
     try:
-        yield
+        with forward_pass():
+            yield
     except UserError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, AssertionError) as exc:

@@ -27,9 +27,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from prunecore._concurrency import forward_pass
 from prunecore.errors import ArgumentError, UserError
 from prunecore._labels import FIXED, Coupling, Slot, compress, varying_dims
-from prunecore._modes import eval_mode, training_flags
+from prunecore._modes import eval_mode, training_flags, working_copy
 from prunecore._tracer import Recorder
 
 __all__ = ["ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace"]
@@ -193,7 +194,8 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], st: Coupling, leave
     """Run the model once under the recorder; the names of the modules (and owners of tensors) it used."""
     recorder = Recorder(model, st, leaves)
     try:
-        recorder.run(inputs)
+        with forward_pass():
+            recorder.run(inputs)
     except Exception as exc:
         where = f"at {recorder.current}"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -215,11 +217,13 @@ def trace(
 
     The model is traced in eval mode; modules that only run in training mode (auxiliary heads)
     are found by a second trace in training mode, so pruning keeps them consistent too. The model
-    is not changed (its training flags are restored).
+    is not changed, not even for a moment: hooks and training flags go on a `working_copy` that
+    shares its tensors, so other threads may run or copy the model meanwhile.
     """
     inputs = _as_tuple(example_inputs)
     leaves = tuple(leaf_modules)
     st = Coupling()
+    model = working_copy(model)
     with eval_mode(model):
         used = _run(model, inputs, st, leaves)
     with_params = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}

@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from prunecore._concurrency import forward_pass, fx_tracing
 from prunecore.errors import ArgumentError
 from prunecore._modes import eval_mode
 from prunecore import ops
@@ -253,7 +254,8 @@ def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> fx.
     """
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        with fx_tracing():  # fx patches nn.Module.__call__ process-wide while it traces
+            graph = tracer.trace(model)
     except Exception as exc:
         where = failing_frame(exc)
         raise TraceError(
@@ -305,6 +307,10 @@ class _Engine:
 
     def advance(self, env: dict, start: int, stop: int) -> Any:
         """Run nodes [start, stop) in `env`, freeing values after their last use."""
+        with forward_pass():
+            return self._advance(env, start, stop)
+
+    def _advance(self, env: dict, start: int, stop: int) -> Any:
         for i in range(start, stop):
             node = self.nodes[i]
             if node.op == "placeholder":
@@ -331,7 +337,8 @@ class _Engine:
     def suffix(self, env: dict, start: int) -> torch.Tensor:
         began = time.perf_counter()
         if start == WHOLE:
-            out = self.model(*env.values())
+            with forward_pass():
+                out = self.model(*env.values())
         else:
             out = self.advance(dict(env), start, len(self.nodes))
         self.floor_seconds += time.perf_counter() - began
@@ -373,7 +380,8 @@ class _Engine:
         with eval_mode(self.original):
             for batch in self.data:
                 inputs = split_batch(batch)[0]
-                self.reference.append(self.original(inputs))
+                with forward_pass():
+                    self.reference.append(self.original(inputs))
                 self.batch_keys.append(float(inputs.double().sum()))
 
     def _calibrate(self, start, pts, masks, after, dense_bn, bar):
