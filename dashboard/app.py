@@ -6,7 +6,9 @@ machines takes `--server.address ADDRESS`; every page then warns, and the Factor
 code on this machine) stays off unless PRUNECORE_DASHBOARD_REMOTE=1 (`state.factory_allowed`).
 
 This file only builds the navigation; each page is a short script in `dashboard/pages/` that starts
-with `state.page(title)` (session defaults, the shared sidebar, the title).
+with `state.page(title)` (session defaults, the shared sidebar, the title). The sidebar is drawn again
+as the page loads things and once it is done, so it names the model, data and run the page has just
+loaded, not those of the previous run.
 """
 
 import os
@@ -27,3 +29,4 @@ pages = [
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 st.navigation(pages).run()
+state.sidebar()  # what the page left loaded (pages also redraw it as they load: see state.sidebar)

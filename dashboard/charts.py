@@ -26,11 +26,13 @@ from prunecore.sensitivity import DENSE
 __all__ = [
     "allocation_figure",
     "curves_figure",
+    "format_delta",
     "format_metric",
     "heatmap_figure",
     "is_fraction",
     "pareto_figure",
     "predicted_vs_measured_figure",
+    "short_label",
 ]
 
 TEMPLATE = "plotly_white"
@@ -54,6 +56,17 @@ def format_metric(name: str, value: float) -> str:
     return f"{value * 100:.2f} %" if is_fraction(name) else f"{value:.4g}"
 
 
+def format_delta(name: str, delta: float) -> str:
+    """A change of a metric in its own unit: percentage points for fractions, a plain number otherwise.
+
+    `"-2.00 pp"` for accuracy 0.968 -> 0.948 (not `"-0.0200"`), `"+0.0312"` for loss, `"n/a"` for a
+    missing value. The sign leads, so `st.metric` draws the arrow the right way.
+    """
+    if pd.isna(delta):
+        return "n/a"
+    return f"{delta * 100:+.2f} pp" if is_fraction(name) else f"{delta:+.4g}"
+
+
 def _d3(metric: str, signed: bool = False) -> str:
     """The d3 format of a metric's values in hover text (`:.2%`, `:+.4g`)."""
     return (":+" if signed else ":") + (".2%" if is_fraction(metric) else ".4g")
@@ -71,6 +84,33 @@ def _layout(fig: go.Figure, title: str, uirevision: str, height: int, **more) ->
 def _rows_height(n: int, per_row: int = 18, base: int = 140, low: int = 320, high: int = 1400) -> int:
     """A figure height that grows with its number of rows (groups), within [low, high] pixels."""
     return int(min(max(base + per_row * n, low), high))
+
+
+_LABEL_PX = 7  # width of one tick-label character at plotly's default 12 px font, a little generous
+_MAX_LABEL = 48  # characters of a group name an axis shows; the hover shows the whole name
+
+
+def short_label(name: str, limit: int = _MAX_LABEL) -> str:
+    """`name` cut in its middle to at most `limit` characters, keeping both ends (where names differ).
+
+    >>> short_label("encoder.layers.encoder_layer_11.self_attention", 24)
+    'encoder.lay…lf_attention'
+    """
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "…" + name[len(name) - (limit - 1 - head):]
+
+
+def _axis_labels(names: Sequence[str], limit: int = _MAX_LABEL) -> list[str]:
+    """The names cut by `short_label` to the shortest limit (from `limit`) that still tells them all apart."""
+    longest = max(map(len, names), default=0)
+    while limit < longest:
+        labels = [short_label(n, limit) for n in names]
+        if len(set(labels)) == len(labels):
+            return labels
+        limit += 8
+    return list(names)
 
 
 # -- input checks ---------------------------------------------------------------------------------
@@ -210,11 +250,13 @@ def allocation_figure(
             hovertemplate="<b>%{y}</b><br>method's sparsity %{x:.1%}<extra></extra>",
         ))  # fmt: skip
     fig.update_xaxes(title={"text": _SPARSITY_AXIS}, tickformat=".0%", range=[0, 1])
-    fig.update_yaxes(type="category", autorange="reversed", automargin=True)
+    labels = _axis_labels(names)  # long names would squash the bars: cut, whole in the hover
+    fig.update_yaxes(type="category", autorange="reversed", tickvals=names, ticktext=labels)
     title = "Per-group sparsity" + (" (red: edited)" if any(edited) else "")
-    height = _rows_height(len(names), per_row=24)
+    height = _rows_height(len(names), per_row=22, high=22 * 400)  # a readable row per group; pages scroll it
+    margin = {"l": 24 + _LABEL_PX * max(map(len, labels)), "r": 20, "t": 80, "b": 50}
     return _layout(fig, title, "allocation", height, legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0},
-                   bargap=0.2)
+                   bargap=0.2, margin=margin)
 
 
 def pareto_figure(

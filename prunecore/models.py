@@ -2,12 +2,16 @@
 
 `sample:NAME` (a trained sample model), `torchvision:NAME` or `timm:NAME` (random init unless
 weights are given; nothing is downloaded) or `package.module:function` (any factory returning an
-`nn.Module`).
+`nn.Module`). Constructor arguments follow the name in parentheses, `name=value` separated by commas;
+each value is a Python literal read with `ast.literal_eval` (a number, string, True/False/None or a
+tuple of them), never evaluated as code, so the spec string alone rebuilds the same model:
 
     >>> model = load_model("sample:resnet20")
-    >>> model = load_model("torchvision:resnet18", weights="resnet18.pt")
-    >>> model = load_model("timm:convnext_atto")
-    >>> model = load_model("mypkg.nets:build_net")
+    >>> model = load_model("torchvision:resnet18(num_classes=10)", weights="resnet18.pt")
+    >>> model = load_model("timm:convnext_atto(in_chans=1,num_classes=10)")
+    >>> model = load_model("mypkg.nets:build_net(width=2)")  # calls build_net(width=2)
+    >>> canonical_spec("timm:resnet18( num_classes=10, in_chans=1 )")
+    'timm:resnet18(in_chans=1,num_classes=10)'
 
 A pruned model has new layer shapes, so its state_dict alone fits no class; a pruned-model file
 keeps the model spec and the plan beside it, enough to rebuild the architecture and load it:
@@ -17,9 +21,11 @@ keeps the model spec and the plan beside it, enough to rebuild the architecture 
 
 What loading a pruned-model file runs: the file is read with `weights_only=True` (no pickled code),
 and a spec of a data kind (`DATA_SPEC_KINDS`: `sample:`, `torchvision:`, `timm:`) builds a registered
-architecture. A `package.module:function` spec in a file is code and never runs (not even its module
-is imported) unless the caller names that same spec (`model=`; the CLI's `--model`) or trusts the
-file (`trust_code=True`; the CLI's `--trust-model-code`). Format /2 files also carry a SHA-256 over
+architecture, with arguments that are plain values (those that would load or download weights, such
+as timm's `checkpoint_path`, are refused). A `package.module:function` spec in a file, with or without
+arguments, is code and never runs (not even its module is imported) unless the caller names that
+same spec (`model=`; the CLI's `--model`) or trusts the file (`trust_code=True`; the CLI's
+`--trust-model-code`). Format /2 files also carry a SHA-256 over
 spec, plan and weights, so a file edited or corrupted after saving is refused; it is a checksum, not
 a signature (whoever edits a file can recompute it), so it never makes a file trusted.
 
@@ -29,8 +35,12 @@ a signature (whoever edits a file can recompute it), so it never makes a file tr
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,12 +56,16 @@ from prunecore.surgery import apply_plan
 __all__ = [
     "DATA_SPEC_KINDS",
     "PRUNED_FORMAT",
+    "ModelSpec",
     "ModelSpecError",
+    "canonical_spec",
     "default_input_shape",
     "load_model",
     "load_pruned",
     "load_weights_",
+    "parse_spec",
     "save_pruned",
+    "with_args",
     "write_atomic",
 ]
 
@@ -66,23 +80,176 @@ class ModelSpecError(UserError, ValueError):
     """The model spec, its factory or its weights file cannot be used; the message says why."""
 
 
-def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
+ArgValue = Any  # bool | int | float | str | None | tuple of these: what `ast.literal_eval` may return here
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_NAME = re.compile(r"[\w.\-]+")  # torchvision and timm names; timm's may carry a '.tag'
+_FORMS = ("'sample:NAME', 'torchvision:NAME', 'timm:NAME' or 'package.module:function', each optionally "
+          "followed by (arg=value, ...)")
+_LOADING_ARGS = {  # constructor arguments that would download or read weights: never taken from a spec
+    "torchvision": frozenset({"weights", "weights_backbone"}),
+    "timm": frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: kind, name and constructor arguments (sorted); `str()` is its canonical form.
+
+    >>> spec = parse_spec("timm:resnet18( num_classes=10, in_chans=1 )")
+    >>> spec.kind, spec.name, spec.kwargs
+    ('timm', 'resnet18', {'in_chans': 1, 'num_classes': 10})
+    >>> str(spec)
+    'timm:resnet18(in_chans=1,num_classes=10)'
+    """
+
+    kind: str  # a data kind (`DATA_SPEC_KINDS`) or, for a factory, the module to import
+    name: str  # the architecture, or the factory function
+    args: tuple[tuple[str, ArgValue], ...] = ()  # (name, value), sorted by name
+
+    @property
+    def kwargs(self) -> dict[str, ArgValue]:
+        return dict(self.args)
+
+    @property
+    def runs_code(self) -> bool:
+        """Whether building it imports and calls code (`package.module:function`), not a registered name."""
+        return self.kind not in DATA_SPEC_KINDS
+
+    def __str__(self) -> str:
+        args = ",".join(f"{k}={_literal(v)}" for k, v in self.args)
+        return f"{self.kind}:{self.name}({args})" if args else f"{self.kind}:{self.name}"
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Read a model spec; `ModelSpecError` naming the part (or argument) that cannot be used.
+
+    Arguments are `name=value` pairs whose values are literals (`ast.literal_eval`: numbers,
+    strings, True/False/None, tuples of them); anything else, code included, is refused unrun.
+    """
+    kind, sep, rest = spec.strip().partition(":")
+    name, paren, tail = rest.partition("(")
+    kind, name = kind.strip(), name.strip()
+    if not sep or not kind or not name:
+        raise ModelSpecError(f"model spec {spec!r} must look like {_FORMS}")
+    data = kind in DATA_SPEC_KINDS
+    if not (_NAME.fullmatch(name) if data else _MODULE.fullmatch(kind) and name.isidentifier()):
+        what = f"a {kind} model name" if data else "a package.module:function"
+        raise ModelSpecError(f"model spec {spec!r} is not {what}; it must look like {_FORMS}")
+    if not paren:
+        return ModelSpec(kind, name)
+    tail = tail.rstrip()
+    if not tail.endswith(")"):
+        raise ModelSpecError(f"model spec {spec!r}: its arguments must end with ')', e.g. {kind}:{name}(a=1,b='x')")
+    args = _parse_args(spec, tail[:-1])
+    if args and kind == "sample":
+        raise ModelSpecError(f"model spec {spec!r}: sample models are fixed trained models and take no arguments")
+    refused = sorted(_LOADING_ARGS.get(kind, frozenset()) & {k for k, _ in args})
+    if refused:
+        raise ModelSpecError(
+            f"model spec {spec!r}: argument {refused[0]!r} would load or download weights, which a spec never "
+            "does; give a state_dict file instead (weights=, --weights on the CLI, the uploader in the dashboard)"
+        )
+    return ModelSpec(kind, name, args)
+
+
+def canonical_spec(spec: str) -> str:
+    """The one spelling of a spec: arguments sorted, no spaces, so equal models give equal strings."""
+    return str(parse_spec(spec))
+
+
+def with_args(spec: str, args: Mapping[str, ArgValue]) -> str:
+    """The canonical `spec` with `args` added (None values skipped); an argument given twice is an error.
+
+    >>> with_args("timm:resnet18(drop_rate=0.1)", {"num_classes": 10, "in_chans": None})
+    'timm:resnet18(drop_rate=0.1,num_classes=10)'
+    """
+    parsed = parse_spec(spec)
+    extra = {k: v for k, v in args.items() if v is not None}
+    twice = sorted(set(extra) & set(parsed.kwargs))
+    if twice:
+        raise ModelSpecError(f"model spec {spec!r} already sets {', '.join(twice)}; give each argument once")
+    merged = ModelSpec(parsed.kind, parsed.name, tuple(sorted({**parsed.kwargs, **extra}.items())))
+    return canonical_spec(str(merged))  # checks the added values as a typed spec would be checked
+
+
+def _parse_args(spec: str, text: str) -> tuple[tuple[str, ArgValue], ...]:
+    """`"num_classes=10, in_chans=1"` -> sorted (name, value) pairs; parsed with `ast`, never evaluated."""
+    if not text.strip():
+        return ()
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body  # parsing runs nothing
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        reason = exc.msg if isinstance(exc, SyntaxError) else type(exc).__name__
+        message = f"model spec {spec!r}: cannot read its arguments ({reason}); write name=value,..."
+        raise ModelSpecError(message) from None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "f"):
+        raise ModelSpecError(f"model spec {spec!r}: cannot read its arguments; write name=value,...")
+    if call.args or any(kw.arg is None for kw in call.keywords):
+        raise ModelSpecError(f"model spec {spec!r}: every argument needs a name (name=value)")
+    names = [kw.arg for kw in call.keywords]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ModelSpecError(f"model spec {spec!r}: argument {twice[0]!r} is given more than once")
+    args = []
+    for kw in call.keywords:
+        try:
+            value = ast.literal_eval(kw.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            code = ast.unparse(kw.value)
+            shown = code if len(code) <= 60 else code[:57] + "..."
+            raise ModelSpecError(
+                f"model spec {spec!r}: argument {kw.arg!r} is {shown!r}, not a plain value (a number, string, "
+                "True/False/None or a tuple of them); constructor arguments are data, never code"
+            ) from None
+        problem = _plain(value)
+        if problem:
+            raise ModelSpecError(f"model spec {spec!r}: argument {kw.arg!r} is {problem}")
+        args.append((kw.arg, value))
+    return tuple(sorted(args))
+
+
+def _plain(value: object) -> str | None:
+    """Why `value` is not a plain spec value (None when it is one)."""
+    if isinstance(value, tuple):
+        return next(filter(None, map(_plain, value)), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value}, not a finite number"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return None
+    hint = " (write a tuple)" if isinstance(value, list) else ""
+    return f"a {type(value).__name__}, not a number, string, True/False/None or a tuple of them{hint}"
+
+
+def _literal(value: ArgValue) -> str:
+    """The source text `ast.literal_eval` reads back as `value`, without spaces outside strings."""
+    if isinstance(value, tuple):
+        inner = ",".join(map(_literal, value))
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
+
+
+def load_model(spec: str, weights: str | Path | None = None, weights_name: str | None = None) -> nn.Module:
     """Build the model a spec names (random init unless `weights` is given), in eval mode.
 
     A `package.module:function` spec imports and calls that function: pass only specs the user
-    typed, never one read from a file (`load_pruned` checks that first).
+    typed, never one read from a file (`load_pruned` checks that first). `weights_name` is what
+    error messages call the weights file (an upload's original name); the path by default.
     """
-    kind, name = _split(spec)
-    build = _DATA_KINDS.get(kind)
-    model = build(name) if build is not None else _factory(kind, name)
+    parsed = parse_spec(spec)
+    build = _DATA_KINDS.get(parsed.kind)
+    model = build(parsed) if build is not None else _factory(parsed)
     if weights is not None:
-        load_weights_(model, weights)
+        _load_weights(model, weights, weights_name, _fit_hint(parsed))
     return model.eval()
 
 
 def default_input_shape(spec: str) -> tuple[int, ...] | None:
-    """The example input a spec's model expects, where it is known (None for arbitrary factories)."""
-    kind, name = _split(spec)
+    """The example input a spec's model expects, where it is known (None for arbitrary factories).
+
+    Arguments that change the input count: timm's `in_chans` and `img_size`, torchvision's `image_size`.
+    """
+    parsed = parse_spec(spec)
+    kind, name, kwargs = parsed.kind, parsed.name, parsed.kwargs
     if kind == "sample":
         from prunecore.samples import SampleError, get_spec
 
@@ -91,60 +258,78 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
         except SampleError as exc:
             raise ModelSpecError(str(exc)) from None
     if kind == "torchvision":
-        return (1, 3, 299, 299) if name == "inception_v3" else (1, 3, 224, 224)
+        side = 299 if name == "inception_v3" else 224
+        return (1, 3, *_image_size(kwargs.get("image_size"), (side, side)))
     if kind == "timm":
         import timm
 
         cfg = timm.get_pretrained_cfg(name)
-        return (1, *cfg.input_size) if cfg is not None and cfg.input_size else (1, 3, 224, 224)
+        c, h, w = cfg.input_size if cfg is not None and cfg.input_size else (3, 224, 224)
+        chans = kwargs.get("in_chans")
+        c = chans if isinstance(chans, int) and not isinstance(chans, bool) else c
+        return (1, c, *_image_size(kwargs.get("img_size"), (h, w)))
     return None
 
 
-def _split(spec: str) -> tuple[str, str]:
-    kind, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise ModelSpecError(
-            f"model spec {spec!r} must look like 'sample:NAME', 'torchvision:NAME', 'timm:NAME' or "
-            "'package.module:function'"
-        )
-    return kind, name
+def _image_size(value: ArgValue, default: tuple[int, int]) -> tuple[int, int]:
+    """An `img_size`-style argument (an int, or a (height, width) tuple) as (H, W); `default` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value
+    return default
 
 
-def _sample(name: str) -> nn.Module:
+def _construct(spec: ModelSpec, build: Callable[..., Any]) -> Any:
+    """`build(**spec.kwargs)`; with arguments, a failure is the arguments' and names them."""
+    if not spec.args:
+        return build()
+    try:
+        return build(**spec.kwargs)
+    except Exception as exc:  # TypeError for an unknown argument, anything for a value the model rejects
+        text = str(exc)
+        named = [k for k, _ in spec.args if f"'{k}'" in text] or [k for k, _ in spec.args]
+        which = f"argument {named[0]!r}" if len(named) == 1 else f"arguments {', '.join(map(repr, named))}"
+        raise ModelSpecError(f"model spec {str(spec)!r}: {which} did not work: {_reason(exc)}") from None
+
+
+def _sample(spec: ModelSpec) -> nn.Module:
     from prunecore.samples import SampleError, load_sample
 
     try:
-        return load_sample(name).model
+        return load_sample(spec.name).model
     except SampleError as exc:
         raise ModelSpecError(str(exc)) from None
 
 
-def _torchvision(name: str) -> nn.Module:
+def _torchvision(spec: ModelSpec) -> nn.Module:
     import torchvision
 
+    name = spec.name
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         close = [n for n in available if name.split("_")[0] in n][:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelSpecError(f"torchvision has no classification model {name!r}{hint}")
-    return torchvision.models.get_model(name, weights=None)
+    return _construct(spec, lambda **kwargs: torchvision.models.get_model(name, weights=None, **kwargs))
 
 
-def _timm(name: str) -> nn.Module:
+def _timm(spec: ModelSpec) -> nn.Module:
     """A timm architecture with random init: `pretrained=False`, so nothing is downloaded."""
     try:
         import timm
     except ImportError:
         raise ModelSpecError("model spec 'timm:...' needs timm: pip install 'prunecore[timm]'") from None
+    name = spec.name
     available = timm.list_models()
     if name not in available:
         close = [n for n in available if n.startswith(name.split("_")[0])][:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelSpecError(f"timm has no model {name!r}{hint}")
-    return timm.create_model(name, pretrained=False)
+    return _construct(spec, lambda **kwargs: timm.create_model(name, pretrained=False, **kwargs))
 
 
-_DATA_KINDS: Mapping[str, Callable[[str], nn.Module]] = {
+_DATA_KINDS: Mapping[str, Callable[[ModelSpec], nn.Module]] = {
     "sample": _sample,
     "torchvision": _torchvision,
     "timm": _timm,
@@ -156,21 +341,25 @@ Every other `kind:name` is `package.module:function`, which imports and calls co
 """
 
 
-def _factory(module_name: str, attr: str) -> nn.Module:
-    spec = f"{module_name}:{attr}"
+def _factory(spec: ModelSpec) -> nn.Module:
+    module_name, attr = spec.kind, spec.name
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while it runs
-        raise ModelSpecError(f"cannot import {module_name!r} for model spec {spec!r}: {_reason(exc)}") from None
+        raise ModelSpecError(f"cannot import {module_name!r} for model spec {str(spec)!r}: {_reason(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelSpecError(f"{module_name!r} has no callable {attr!r}")
-    try:
-        model = factory()
-    except Exception as exc:  # the user's code: any error is the spec's failure, reported on one line
-        raise ModelSpecError(f"model factory {spec}() raised {_reason(exc)}") from None
+    if spec.args:
+        model = _construct(spec, factory)
+    else:
+        try:
+            model = factory()
+        except Exception as exc:  # the user's code: any error is the spec's failure, reported on one line
+            raise ModelSpecError(f"model factory {spec}() raised {_reason(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{module_name}:{attr}() returned {type(model).__name__}, not an nn.Module")
+        called = f"{spec}" if spec.args else f"{spec}()"
+        raise ModelSpecError(f"{called} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -179,28 +368,44 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a `state_dict` file into `model` without unpickling arbitrary objects."""
+def _fit_hint(spec: ModelSpec) -> str:
+    """What to try when weights do not fit a registered architecture: its constructor arguments."""
+    if spec.kind not in ("torchvision", "timm"):
+        return ""
+    return (f"; if they were trained with other constructor arguments, name them in the spec, e.g. "
+            f"{spec.kind}:{spec.name}(num_classes=10)")  # fmt: skip
+
+
+def load_weights_(model: nn.Module, path: str | Path, name: str | None = None) -> nn.Module:
+    """Load a `state_dict` file into `model` without unpickling arbitrary objects.
+
+    `name` is what error messages call the file (e.g. an upload's original name); the path by default.
+    """
+    return _load_weights(model, path, name, "")
+
+
+def _load_weights(model: nn.Module, path: str | Path, name: str | None, hint: str) -> nn.Module:
     path = Path(path)
+    where = f"weights file {name or str(path)!r}"
     if not path.is_file():
-        raise ModelSpecError(f"weights file {str(path)!r} does not exist")
+        raise ModelSpecError(f"{where} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelSpecError(
-            f"weights file {str(path)!r} is not a readable PyTorch weights file (corrupt, truncated, or not "
+            f"{where} is not a readable PyTorch weights file (corrupt, truncated, or not "
             f"saved with torch.save; loading is restricted to weights_only=True): {_load_failure(exc)}"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelSpecError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
+        raise ModelSpecError(f"{where} does not hold a state_dict of tensors")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
-        raise ModelSpecError(f"weights file {str(path)!r} does not fit {type(model).__name__}: {detail}") from None
+        raise ModelSpecError(f"{where} does not fit {type(model).__name__}: {detail}{hint}") from None
     return model
 
 
@@ -208,12 +413,12 @@ def load_weights_(model: nn.Module, path: str | Path) -> nn.Module:
 def save_pruned(path: str | Path, pruned: nn.Module, plan: Plan, model_spec: str) -> Path:
     """Save `pruned` (the result of applying `plan` to `load_model(model_spec)`) so it can be rebuilt.
 
-    The file is a `torch.save` of plain data (format tag, spec, plan JSON, state_dict and their
-    SHA-256), readable with `weights_only=True`: loading it never unpickles code.
+    The file is a `torch.save` of plain data (format tag, canonical spec, plan JSON, state_dict and
+    their SHA-256), readable with `weights_only=True`: loading it never unpickles code.
     """
     payload: dict[str, Any] = {
         "format": PRUNED_FORMAT,
-        "model": model_spec,
+        "model": canonical_spec(model_spec),
         "plan": plan.to_json(),
         "state_dict": pruned.state_dict(),
     }
@@ -227,7 +432,8 @@ def load_pruned(path: str | Path, trust_code: bool = False, model: str | None = 
     The architecture comes from the recorded spec (its own weights are overwritten), is re-traced
     on the plan's inputs and pruned by the plan, so the state_dict must fit exactly (strict load).
     A recorded `package.module:function` spec is code, run only when `model` (the spec the caller
-    itself names) is that same spec or `trust_code` is set; nothing is imported before that check.
+    itself names) is that same spec, arguments included (compared canonically), or `trust_code` is
+    set; nothing is imported before that check.
     Raises `ModelSpecError` for an unreadable, foreign, edited or untrusted file, `PlanError` for a
     plan that does not fit the model.
     """
@@ -256,8 +462,8 @@ def load_pruned(path: str | Path, trust_code: bool = False, model: str | None = 
 
 def _check_runnable(spec: str, trust_code: bool, model: str | None) -> None:
     """Refuse a code spec read from a file unless the caller named it or trusts the file; imports nothing."""
-    kind, _ = _split(spec)
-    if kind in DATA_SPEC_KINDS or trust_code or model == spec:
+    parsed = parse_spec(spec)  # the text only, as load_model will read it; imports nothing
+    if not parsed.runs_code or trust_code or _same_spec(model, parsed):
         return
     other = f" (the model you named is {model!r})" if model is not None else ""
     raise ModelSpecError(
@@ -265,6 +471,16 @@ def _check_runnable(spec: str, trust_code: bool, model: str | None) -> None:
         f"if you trust the file, pass that same spec (model={spec!r}, --model {spec} on the CLI) or "
         "trust_code=True (--trust-model-code on the CLI)"
     )
+
+
+def _same_spec(named: str | None, recorded: ModelSpec) -> bool:
+    """Whether the caller's spec is the recorded one, arguments included, however either is spelled."""
+    if named is None:
+        return False
+    try:
+        return canonical_spec(named) == str(recorded)
+    except ModelSpecError:
+        return False
 
 
 def _read_pruned(path: Path) -> dict[str, Any]:

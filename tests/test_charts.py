@@ -14,6 +14,7 @@ import pytest
 
 import prunecore as pc
 from prunecore.datasets import load_data
+from prunecore.evaluate import get_metric
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for the dashboard package
 from dashboard import charts  # noqa: E402
@@ -154,6 +155,22 @@ def test_allocation_bars_follow_order_and_reference_shows_edits():
     serialises(fig)
 
 
+def test_allocation_sizes_its_margin_and_height_to_the_group_names():
+    short = charts.allocation_figure({"a": 0.5, "b": 0.25})
+    names = [f"model.backbone.encoder.stages.stage_with_a_long_name.block_{i}.mlp.fc1" for i in range(200)]
+    fig = charts.allocation_figure(dict.fromkeys(names, 0.5))
+    (bars,) = fig.data
+    assert list(bars.y) == names and list(fig.layout.yaxis.tickvals) == names  # whole names: the hover, the keys
+    labels = list(fig.layout.yaxis.ticktext)
+    assert max(map(len, labels)) <= 48 and all("…" in t for t in labels) and len(set(labels)) == len(names)
+    assert short.layout.margin.l < fig.layout.margin.l <= 24 + 7 * 48  # room for the labels, not more
+    assert fig.layout.height >= 200 * 20  # a readable row per group however many there are
+    serialises(fig)
+    alike = [f"encoder.layers.encoder_layer_{i}.self_attention.out_proj.extra_long_suffix" for i in range(12)]
+    labels = list(charts.allocation_figure(dict.fromkeys(alike, 0.5)).layout.yaxis.ticktext)
+    assert len(set(labels)) == len(alike)  # cut further from the middle only while they stay apart
+
+
 def test_allocation_rejects_bad_plans():
     with pytest.raises(ValueError, match="no groups"):
         charts.allocation_figure({})
@@ -253,3 +270,18 @@ def test_format_metric():
     assert charts.format_metric("loss", 0.112736) == "0.1127"
     assert charts.format_metric("kl", 12345.6) == "1.235e+04"
     assert charts.format_metric("loss", float("nan")) == "n/a"
+
+
+@pytest.mark.parametrize("metric", pc.list_metrics())
+def test_format_delta_is_in_the_metrics_own_unit(metric):
+    text = charts.format_delta(metric, -0.02)
+    if get_metric(metric).bounds == (0.0, 1.0):  # a fraction shown in %: its change in percentage points
+        assert text == "-2.00 pp"
+    else:
+        assert text == "-0.02"
+    assert charts.format_delta(metric, 0.0312).startswith("+") and charts.format_delta(metric, float("nan")) == "n/a"
+
+
+def test_format_delta_of_the_reported_accuracy_drop():
+    assert charts.format_delta("accuracy", 0.948 - 0.968) == "-2.00 pp"  # not "-0.0200"
+    assert charts.format_delta("loss", 0.0312) == "+0.0312"

@@ -89,7 +89,7 @@ def test_plan_page_sliders_update_the_numbers_without_touching_the_model():
     assert float(metric(at, "FLOPs kept").rstrip("%")) < float(flops.rstrip("%"))
     plan = at.session_state["edited_plan"]
     assert plan.groups[group].sparsity == pytest.approx(1 - pc.kept_units(64, 0.9) / 64)
-    at.button(key="reset").click().run()
+    at.button(key="reallocate").click().run()
     assert metric(at, "FLOPs kept") == flops
 
 
@@ -100,7 +100,7 @@ def test_plan_page_budget_method_lock_and_search():
     group = "layer1.0.conv1"
     at.slider(key=f"sparsity::{group}").set_value(0.0).run()
     at.checkbox(key=f"lock::{group}").check().run()
-    at.selectbox(key="method").set_value("greedy").run()
+    at.selectbox(key="method").set_value("greedy").run()  # no unlocked edits: it re-allocates by itself
     assert at.slider(key=f"sparsity::{group}").value == 0.0  # locked through the re-allocation
     assert float(metric(at, "FLOPs kept").rstrip("%")) <= 30.0
     at.text_input(key="group_search").set_value("layer2").run()

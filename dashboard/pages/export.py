@@ -10,6 +10,8 @@ import prunecore as pc
 from dashboard import state
 from prunecore.plan import json_schema
 
+JSON_PX = 400  # the plan JSON scrolls inside this height: a big model's plan is thousands of lines
+
 state.page("Export")
 ws = state.workspace()
 plan = state.measured_plan()
@@ -19,6 +21,19 @@ else:
     text = plan.to_json()
     jsonschema.validate(plan.to_dict(), json_schema())  # what we offer is what the format promises
     assert pc.Plan.from_json(text) == plan
+    pruned_groups = sum(len(g.keep) < g.size for g in plan.groups.values())
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Groups pruned", f"{pruned_groups} of {len(plan.groups)}")
+    if plan.totals is not None:
+        t = plan.totals
+        c2.metric("Params kept", f"{t.params_after / t.params_before:.1%}",
+                  help=f"{t.params_after:,} of {t.params_before:,}")  # fmt: skip
+        c3.metric("MACs kept", f"{t.flops_after / t.flops_before:.1%}",
+                  help=f"{t.flops_after:,} of {t.flops_before:,} MACs per example")  # fmt: skip
+    if plan.allocation is not None:
+        c4.metric("Method", plan.allocation.method, help=f"budget {plan.allocation.budget}; sliders may have been "
+                  "edited after the method allocated")  # fmt: skip
+        c4.caption(f"Budget `{plan.allocation.budget}`")
     left, right = st.columns(2)
     left.download_button("Download the plan (JSON)", text, file_name="plan.json", mime="application/json",
                          key="download_plan", type="primary")  # fmt: skip
@@ -33,7 +48,7 @@ else:
         right.download_button("Download the pruned model (.pt)", built[1], file_name="pruned.pt",
                               mime="application/octet-stream", key="download_pruned")  # fmt: skip
         right.caption("Rebuild it with `model, plan = prunecore.load_pruned('pruned.pt')`.")
-    with st.expander("Plan JSON"):
+    with st.expander(f"Plan JSON ({len(text):,} characters)"), st.container(height=JSON_PX, key="plan_json"):
         st.code(text, language="json")
 
 st.subheader("Continue from a plan file")
@@ -43,5 +58,5 @@ if upload is not None and st.button("Load this plan into the sliders", key="load
     if isinstance(loaded, str):
         st.error(loaded)
     else:
-        state.load_sliders(loaded.sparsities)
+        state.load_sliders(loaded)
         st.success(f"Loaded {upload.name}: {len(loaded.groups)} groups. Continue on the Plan page.")

@@ -1,4 +1,13 @@
-"""Plan page: a budget and a method give an allocation; per-group sliders edit it with live predictions."""
+"""Plan page: a budget and a method give an allocation; per-group sliders edit it with live predictions.
+
+Each slider moves its group's sparsity one unit a step (one `round_to` multiple): a 4-head group
+in quarters, every position a kept count, which shows beside it. Edits are never thrown away
+unasked: a lock pins a group's current kept count, and the method re-allocates the unlocked
+groups only when the user presses "Re-allocate unlocked groups", or by itself when the budget,
+method or sweep changes and no unlocked slider was edited (`state.sync_sliders`).
+"""
+
+import math
 
 import streamlit as st
 
@@ -6,55 +15,50 @@ import prunecore as pc
 from dashboard import charts, state
 from prunecore.evaluate import get_metric
 
+SCROLL_PX = 500  # the sliders and the per-group chart scroll inside this height, under the cards
+
 state.page("Plan")
 ws = state.workspace()
 frame = state.curves(ws)
 problem = state.problem(ws, frame)
 names = list(problem.cost.groups)
+sizes = {n: ws.graph[n].size for n in names}
 
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns([2, 3, 2, 2], vertical_alignment="bottom")
 c1.radio("Budget on", ["flops", "params"], key=state.BUDGET_KIND, horizontal=True)
 c2.slider("Keep this fraction", 0.05, 1.0, step=0.05, key=state.BUDGET_VALUE)
 methods = [m for m in pc.list_methods() if problem.curves or m in ("uniform", "global")]
 c3.selectbox("Method", methods, key=state.METHOD)
+reallocate = c4.button("Re-allocate unlocked groups", key="reallocate",
+                       help="Apply the method to every unlocked group; locked groups keep their kept counts. "
+                            "Until you press it, your edits stay.")  # fmt: skip
 budget = pc.Budget(**{st.session_state[state.BUDGET_KIND]: st.session_state[state.BUDGET_VALUE]})
-locked = {n: st.session_state[state.sparsity_key(n)] for n in names if st.session_state.get(state.lock_key(n))}
-
 method = st.session_state[state.METHOD]
-key = (ws.spec, frame.attrs.get("run_id", ""), str(budget), method, tuple(sorted(locked.items())))
-reset = st.button("Reset sliders to the method", key="reset")
-loaded = st.session_state.pop(state.LOADED, None)
-if loaded is not None:  # an uploaded plan: its values stay until the budget or method changes
-    st.session_state[state.ALLOCATED] = {"key": key, "sparsities": loaded}
-allocated = st.session_state.get(state.ALLOCATED)
-if reset or allocated is None or allocated["key"] != key:
-    with state.user_errors():
-        plan = pc.solve(problem, budget, method, locked=locked)
-    st.session_state[state.ALLOCATED] = {"key": key, "sparsities": plan.sparsities}
-    for name, s in plan.sparsities.items():
-        st.session_state[state.sparsity_key(name)] = s  # exact: rounding could change a large group's kept count
-reference = st.session_state[state.ALLOCATED]["sparsities"]
-for name in names:
-    st.session_state.setdefault(state.sparsity_key(name), 0.0)
-current = {n: st.session_state[state.sparsity_key(n)] for n in names}
+reference, note = state.sync_sliders(problem, budget, method, frame.attrs.get("run_id", ""), reallocate)
+if note:
+    st.info(note)
+current = state.slider_kept(problem)
+sparsities = {n: state.sparsity_of(k, sizes[n]) for n, k in current.items()}
 
 # live numbers: pure arithmetic on the precomputed problem, no model pass
-params, flops = problem.price(current)
+params, flops = problem.price(sparsities)
 dense_params, dense_flops = problem.cost.dense
-predicted = problem.predict(current)
-st.session_state[state.EDITED_PLAN] = problem.plan(current, pc.Allocation(method, budget, problem.metric))
+predicted = problem.predict(sparsities)
+st.session_state[state.EDITED_PLAN] = problem.plan(sparsities, pc.Allocation(method, budget, problem.metric))
 cards = st.columns(2 + len(problem.dense))
 cards[0].metric("FLOPs kept", f"{flops / dense_flops:.1%}", help=f"{flops:,} of {dense_flops:,} MACs per example")
 cards[1].metric("Params kept", f"{params / dense_params:.1%}", help=f"{params:,} of {dense_params:,}")
 for card, (name, dense) in zip(cards[2:], problem.dense.items()):
-    value = predicted.get(name)
-    card.metric(f"Predicted {name}", "n/a" if value is None else charts.format_metric(name, value),
-                delta=None if value is None else f"{value - dense:+.4f} vs dense",
-                delta_color="normal" if get_metric(name).higher_is_better else "inverse")  # fmt: skip
+    value = predicted.get(name, math.nan)
+    change = None if math.isnan(value - dense) else value - dense
+    card.metric(f"Predicted {name}", charts.format_metric(name, value),
+                delta=None if change is None else charts.format_delta(name, change), delta_description="vs dense",
+                delta_color=("off" if not change else "normal" if get_metric(name).higher_is_better else "inverse"),
+                help=state.metric_help(name))  # fmt: skip
 budgeted, budgeted_dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
 if budgeted > budget.target(budgeted_dense):
     st.warning(f"The edited plan is over the budget ({budget}).")
-beyond = [n for n in problem.curves if current[n] > problem.curves[n].fractions[-1] + 1e-9]
+beyond = [n for n in problem.curves if sparsities[n] > problem.curves[n].fractions[-1] + 1e-9]
 if beyond:
     st.caption(f"{len(beyond)} group(s) beyond their largest measured sparsity ({', '.join(beyond[:5])}"
                f"{', ...' if len(beyond) > 5 else ''}): the prediction holds their last measured value.")  # fmt: skip
@@ -70,20 +74,33 @@ with left:
                    else 0.0)  # most damaged by half its units first; fmt: skip
     elif order == "cost":
         shown.sort(key=lambda n: -ws.flop_shares.get(n, 0.0))
-    for name in shown:
-        a, b = st.columns([5, 1])
-        a.slider(name, 0.0, 0.99, step=0.01, key=state.sparsity_key(name),
-                 help=f"{ws.graph[name].size} units; {ws.flop_shares.get(name, 0):.0%} of FLOPs touch it")  # fmt: skip
-        b.checkbox("lock", key=state.lock_key(name), help="keep this value when the method re-allocates")
-with right:
-    st.plotly_chart(charts.allocation_figure(current, reference, order=names), width="stretch",
-                    key="allocation_chart")  # fmt: skip
-    if problem.metric:
-        with state.user_errors(stop=False):  # the sliders above stay usable without the front
-            front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
-            st.plotly_chart(
-                charts.pareto_figure(front, problem.metric,
-                                     current=(budgeted, predicted.get(problem.metric, float("nan"))),
-                                     dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
-                width="stretch", key="pareto_chart",
-            )  # fmt: skip
+    with st.container(height=SCROLL_PX, key="sliders"):
+        for name in shown:
+            size, step = sizes[name], min(problem.round_to, sizes[name])
+            a, b, c = st.columns([5, 2, 1.5], vertical_alignment="center")
+            share = ws.flop_shares.get(name, 0)
+            hint = (f"Sparsity: the fraction of its {size} units removed, one step = {step} unit(s); {share:.0%} "
+                    f"of the FLOPs touch it. {state.FLOP_SHARE_HELP}")  # fmt: skip
+            key = state.sparsity_key(name)
+            if size <= step:
+                a.markdown(f"`{name}`: one unit, cannot be pruned")
+            elif size % step == 0:
+                a.slider(name, 0.0, state.sparsity_of(step, size), step=step / size, format="%.3f", key=key, help=hint)
+            else:  # a size that is not a multiple of round_to: uneven steps, each a count it can keep
+                options = [state.sparsity_of(k, size) for k in reversed(state.kept_options(size, problem.round_to))]
+                a.select_slider(name, options, format_func=lambda s: f"{s:.3f}", key=key, help=hint)
+            b.markdown(state.kept_label(current[name], size))
+            c.checkbox("lock", key=state.lock_key(name), help="Pin this kept count: re-allocation moves unlocked "
+                       "groups only.")  # fmt: skip
+with right, st.container(height=SCROLL_PX, key="allocation"):
+    st.plotly_chart(charts.allocation_figure(sparsities, {n: state.sparsity_of(k, sizes[n])
+                                                          for n, k in reference.items()}, order=names),
+                    width="stretch", key="allocation_chart")  # fmt: skip
+if problem.metric:
+    with state.user_errors(stop=False):  # the sliders above stay usable without the front
+        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
+        st.plotly_chart(
+            charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
+                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
+            width="stretch", key="pareto_chart",
+        )  # fmt: skip

@@ -5,7 +5,7 @@ import streamlit as st
 
 import prunecore as pc
 from dashboard import charts, state
-from prunecore.cost import latency as cpu_latency
+from prunecore.cost import compare_latency, format_latency, format_speedup
 
 state.page("Validate")
 plan = st.session_state.get(state.EDITED_PLAN)
@@ -28,9 +28,9 @@ if st.button("Apply and measure", type="primary", key="validate_run"):
         measured = pc.evaluate_plan(ws.model, plan, data.evaluation, metrics, bn_recalibration=bn,
                                     calibration=data.calibration, graph=ws.graph)  # fmt: skip
         dense = pc.evaluate(ws.model, data.evaluation, metrics, reference=ws.model)
-        st.write("Timing both models on the CPU ...")
+        st.write("Timing both models on the CPU, in alternating rounds ...")
         cost = pc.count(pruned, ws.example)
-        latency = (cpu_latency(ws.model, ws.example), cpu_latency(pruned, ws.example))
+        latency = compare_latency(ws.model, pruned, ws.example)  # the same measurement the CLI reports
         status.update(label="Measured", state="complete")
     result = {"key": key, "measured": measured, "dense": dense, "params": cost.params, "flops": cost.flops,
               "latency": latency}  # fmt: skip
@@ -42,9 +42,9 @@ if result is None or result["key"] != key:
 c1, c2, c3 = st.columns(3)
 c1.metric("Params kept", f"{result['params'] / ws.cost.params:.1%}", help=f"{result['params']:,} of {ws.cost.params:,}")
 c2.metric("FLOPs kept", f"{result['flops'] / ws.cost.flops:.1%}", help=f"{result['flops']:,} of {ws.cost.flops:,} MACs")
-dense_s, pruned_s = result["latency"]
-c3.metric("CPU latency", f"{pruned_s * 1e3:.2f} ms", delta=f"{dense_s / pruned_s:.2f}x faster than dense",
-          delta_color="off")  # fmt: skip
+dense_t, pruned_t = result["latency"]
+c3.metric("CPU latency", format_latency(pruned_t), delta=format_speedup(dense_t, pruned_t), delta_color="off",
+          help=f"dense model: {format_latency(dense_t)}")  # fmt: skip
 rows = pd.DataFrame([{"metric": m, "dense": result["dense"].get(m), "predicted": plan.predicted.get(m),
                       "measured": result["measured"].get(m)} for m in metrics])  # fmt: skip
 st.plotly_chart(charts.predicted_vs_measured_figure(rows), width="stretch", key="validate_chart")
