@@ -79,6 +79,7 @@ def sweep(
     model_name: str = "",
     mode: str = "exact",
     leaf_modules: Sequence[type] = (),
+    on_group: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Sensitivity curves of every prunable group (or of `groups`), as a tidy DataFrame.
 
@@ -86,7 +87,8 @@ def sweep(
     `agreement`, measured against the dense model); it must iterate in the same order each time.
     `bn_recalibration=N` re-estimates BatchNorm statistics on N batches of `calibration` (default:
     `data`) for every point. `store` (a `RunStore` or a path) persists points and resumes.
-    `progress` is True for a progress bar, or a callable `(done, total)`.
+    `progress` is True for a progress bar, or a callable `(done, total)`. `on_group(name)` is called as
+    each group's measurement starts (exact mode; groups already stored are skipped).
 
     `mode="estimate"` predicts the `loss` curve from a few backward passes instead of measuring it
     (see `prunecore.estimate`): a first look for large models, many times faster, less faithful.
@@ -123,7 +125,7 @@ def sweep(
         for p, cost in zip(points.values(), costs):
             p.row.update(params=cost.params, flops=cost.flops)
         engine = _Engine(model, graph, metrics, data, calibration, bn_recalibration, progress, tuple(leaf_modules))
-        engine.run(points, on_group_done=run.add)
+        engine.run(points, on_group_done=run.add, on_group=on_group)
         floor = engine.floor_seconds
     run.complete()
     frame = run.frame()
@@ -345,7 +347,8 @@ class _Engine:
         return out
 
     # the sweep --------------------------------------------------------------------------------
-    def run(self, points: dict[tuple[str, float], _Point], on_group_done: Callable[[list[dict]], None]) -> None:
+    def run(self, points: dict[tuple[str, float], _Point], on_group_done: Callable[[list[dict]], None],
+            on_group: Callable[[str], None] | None = None) -> None:  # fmt: skip
         by_group: dict[str, list[_Point]] = {}
         for p in points.values():
             by_group.setdefault(p.group, []).append(p)
@@ -361,6 +364,8 @@ class _Engine:
             with torch.no_grad():
                 self._reference_outputs()
                 for group, pts in by_group.items():
+                    if on_group is not None:
+                        on_group(group)
                     start = WHOLE if self._changes_constants(group) else self._first_node(group)
                     target = self.model if start == WHOLE else self.gm
                     masks = _Variants(target, self.graph, [_plan(self.graph, p) for p in pts])

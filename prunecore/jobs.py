@@ -1,0 +1,452 @@
+"""Sweeps as background jobs: one worker process per job, the run store as the source of truth.
+
+A dashboard sweep must outlive the browser tab that asked for it, and two sessions asking for the
+same sweep must share it. So a sweep runs in a process of its own, not in a thread: Streamlit's
+script thread dies with its session (closing the tab would stop the sweep), torch holds the GIL in
+its Python parts (a sweep thread would slow every page of the app), and a crash in a user's model
+(a segfault, an out-of-memory kill) takes down one worker, never the app.
+
+    >>> job = SweepJob("sample:resnet20", "sample", store="runs.sqlite", levels=(0.3, 0.6))
+    >>> key = submit(job)                      # returns at once; the worker sweeps in the background
+    >>> status(key, job.store).state           # starting, running, then done (or failed, cancelled, died)
+    'running'
+    >>> cancel(key, job.store)                 # stops after the current batch; finished groups stay stored
+    True
+    >>> submit(job) == key                     # the same job again resumes from the stored points
+    True
+
+A job lives in `<store folder>/jobs/<key>/`: `job.json` (the job), `status.json` (what the worker
+reports, written atomically about once a second), `worker.log` (its output and tracebacks) and
+`lock`, which the worker holds (`flock`) until it has written its final status. A lock nobody holds
+means no worker, whatever `status.json` last said: a "running" job whose worker is gone (killed,
+crashed) reads as "died", and submitting it again resumes it. `submit` takes the lock itself and
+hands it to the worker it starts (an inherited file descriptor), so a second `submit` never starts
+a second worker.
+
+Test hook: `PRUNECORE_JOBS_TEST_DELAY=<seconds>` in a worker's environment makes it wait that long
+after every batch (a cancel cuts the wait short), so tests can act while a sweep is mid-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from prunecore.errors import UserError
+from prunecore.files import write_atomic
+
+# torch and the engine are imported inside the worker, after it has set up its SIGTERM handler
+
+__all__ = ["DELAY_ENV", "JobError", "JobStatus", "STATES", "SweepJob", "cancel", "job_key", "list_jobs", "main",
+           "read_job", "status", "submit"]  # fmt: skip
+
+STATES = ("starting", "running", "done", "failed", "cancelled", "died")
+"""What `JobStatus.state` can be; "died" is never written, it is read from a running job without a worker."""
+ACTIVE = ("starting", "running")
+DELAY_ENV = "PRUNECORE_JOBS_TEST_DELAY"
+"""Test hook: seconds a worker waits after every batch (see the module docstring)."""
+_WRITE_EVERY = 1.0  # seconds between status writes while a sweep runs
+
+
+class JobError(UserError, ValueError):
+    """A job cannot be submitted or read: a missing weights file, an unknown key, a damaged job file."""
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """One sweep as plain values: what to load, how to sweep it, and the run store to fill.
+
+    Paths are made absolute and sequences tuples, so a job equals itself read back from JSON.
+    """
+
+    model: str  # a model spec, as `load_model` takes it
+    data: str  # a data spec, as `load_data` takes it
+    store: str  # the run store file
+    levels: tuple[float, ...]  # sparsities, sorted
+    weights: str | None = None  # a state_dict file for the model
+    input_shape: tuple[int, ...] | None = None  # None: `default_input_shape(model)`
+    limit: int | None = None  # only the first N images of the data
+    criterion: str = "l1"
+    metrics: tuple[str, ...] = ("accuracy",)
+    groups: tuple[str, ...] | None = None  # None: every prunable group
+    bn_recalibration: int = 0
+    mode: str = "exact"
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        fix("store", str(Path(self.store).expanduser().resolve()))
+        if self.weights is not None:
+            fix("weights", str(Path(self.weights).expanduser().resolve()))
+        fix("levels", tuple(sorted({float(s) for s in self.levels})))
+        fix("metrics", (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics))
+        if self.groups is not None:
+            fix("groups", tuple(self.groups))
+        if self.input_shape is not None:
+            fix("input_shape", tuple(int(n) for n in self.input_shape))
+
+    def to_json(self) -> str:
+        """The job as a JSON object, one key per field."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SweepJob:
+        """The job `to_json` wrote; `JobError` for anything else."""
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (TypeError, ValueError) as exc:  # not JSON, not an object, unknown or missing fields
+            raise JobError(f"not a sweep job: {exc}") from None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What a job's worker last reported, with "died" for a job whose worker is gone."""
+
+    key: str
+    state: str  # one of STATES
+    pid: int | None = None  # the worker (and its process group)
+    run_id: str | None = None  # the run in the store, once the worker has opened it
+    done: int = 0  # batches measured, of `total`: the groups left to sweep (a resumed job counts only those)
+    total: int = 0
+    group: str | None = None  # the group being measured
+    started: str | None = None  # ISO 8601 UTC: when the worker started
+    updated: str | None = None  # ISO 8601 UTC: the last write
+    eta_s: float | None = None  # seconds left, from the rate so far; None until known
+    error: str | None = None  # one line, when failed
+
+
+def job_key(job: SweepJob) -> str:
+    """16 hex digits naming the job: a SHA-256 of its JSON, with the weights file's content instead of its path."""
+    fields = dataclasses.asdict(job)
+    if job.weights is not None:
+        fields["weights"] = "sha256:" + _digest(Path(job.weights))
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def submit(job: SweepJob) -> str:
+    """Start a worker for `job` and return its key, unless one runs already or the job is done.
+
+    The weights file is copied into the jobs folder under its digest, so the worker reads exactly
+    the bytes the key names (a temporary upload may be deleted once this returns).
+    """
+    key = job_key(job)
+    folder = _jobs_folder(job.store) / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise JobError(f"job folder {folder} cannot be written: {exc.strerror or exc}") from None
+    try:
+        if not _lock(fd) or _finished(folder, job.store):
+            return key  # a worker holds the lock: share it; or nothing is left to do
+        write_atomic(folder / "job.json", _stash_weights(job, folder.parent).to_json(), what="job file")
+        write_atomic(folder / "status.json", json.dumps({"state": "starting", "updated": _now()}), what="job status")
+        _spawn(folder, fd)
+    finally:
+        os.close(fd)  # the worker holds its own copy of the descriptor, and so the lock
+    return key
+
+
+def status(key: str, store: str | Path | None = None) -> JobStatus:
+    """The job's last reported status; "died" where it says running but no worker holds the lock."""
+    folder = _jobs_folder(store) / key
+    alive = _held(folder / "lock")  # before reading: a worker that ends has written its last status
+    try:
+        fields = json.loads((folder / "status.json").read_text())
+    except FileNotFoundError:
+        raise JobError(f"no job {key!r} in {folder.parent}") from None
+    except ValueError as exc:
+        raise JobError(f"job {key!r}: status.json is not JSON ({exc}); submit the job again") from None
+    if fields.get("state") in ACTIVE and not alive:
+        fields["state"] = "died"
+    known = {f.name for f in dataclasses.fields(JobStatus)} - {"key"}
+    return JobStatus(key=key, **{name: value for name, value in fields.items() if name in known})
+
+
+def list_jobs(store: str | Path | None = None) -> list[JobStatus]:
+    """The statuses of the store's jobs, most recently updated first."""
+    path, jobs = str(_store_path(store)), _jobs_folder(store)
+    found = []
+    for folder in sorted(jobs.iterdir()) if jobs.is_dir() else []:
+        if (folder / "status.json").is_file() and (folder / "job.json").is_file():
+            if read_job(folder.name, store).store == path:  # stores in one folder share its jobs folder
+                found.append(status(folder.name, store))
+    return sorted(found, key=lambda s: s.updated or "", reverse=True)
+
+
+def read_job(key: str, store: str | Path | None = None) -> SweepJob:
+    """The job a key names (its weights path is the copy in the jobs folder)."""
+    path = _jobs_folder(store) / key / "job.json"
+    if not path.is_file():
+        raise JobError(f"no job {key!r} in {path.parent.parent}")
+    return SweepJob.from_json(path.read_text())
+
+
+def cancel(key: str, store: str | Path | None = None) -> bool:
+    """Ask the job's worker to stop (SIGTERM); False if no worker runs it (or it is still starting).
+
+    The worker stops after the current batch and reports "cancelled"; groups already finished stay
+    in the store, and `submit` resumes from them. A second cancel stops the worker at once (for
+    steps that report no batches, such as `mode="estimate"`).
+    """
+    current = status(key, store)
+    if current.state not in ACTIVE or current.pid is None:
+        return False
+    try:
+        os.killpg(current.pid, signal.SIGTERM)  # the worker leads its own session, so its group is its pid
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# -- submitting ------------------------------------------------------------------------------------
+def _store_path(store: str | Path | None) -> Path:
+    if store is None:
+        from prunecore.store import default_store_path
+
+        store = default_store_path()
+    return Path(store).expanduser().resolve()
+
+
+def _jobs_folder(store: str | Path | None) -> Path:
+    return _store_path(store).parent / "jobs"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as exc:
+        raise JobError(f"weights file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def _stash_weights(job: SweepJob, jobs: Path) -> SweepJob:
+    if job.weights is None:
+        return job
+    copy = jobs / "weights" / f"{_digest(Path(job.weights))}.pt"
+    if not copy.is_file():
+        with open(job.weights, "rb") as source:
+            write_atomic(copy, lambda f: shutil.copyfileobj(source, f), what="weights copy")
+    return dataclasses.replace(job, weights=str(copy))
+
+
+def _lock(fd: int, tries: int = 3) -> bool:
+    """Take the job's lock if no worker holds it; retries ride out a `status` probe that holds it for a moment."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.05)
+    return False
+
+
+def _held(path: Path) -> bool:
+    """Whether a worker (or a submit) holds the lock file at `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the probe's own shared lock
+
+
+def _finished(folder: Path, store: str) -> bool:
+    """Whether the job's last worker finished and its run is complete in the store."""
+    try:
+        last = json.loads((folder / "status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if last.get("state") != "done" or not last.get("run_id"):
+        return False
+    from prunecore.store import RunStore, StoreError
+
+    runs = RunStore(store)
+    try:
+        return runs.get(last["run_id"]).complete
+    except StoreError:  # the run was deleted since
+        return False
+    finally:
+        runs.close()
+
+
+def _spawn(folder: Path, lock_fd: int) -> None:
+    command = [sys.executable, "-m", "prunecore.jobs", str(folder), "--lock-fd", str(lock_fd)]
+    with open(folder / "worker.log", "ab") as log:
+        worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, pass_fds=(lock_fd,))  # fmt: skip
+    # reap the worker when it ends, so a long-lived app keeps no zombie (the thread dies with the app, the worker not)
+    threading.Thread(target=worker.wait, daemon=True, name=f"reap job {folder.name}").start()
+
+
+# -- the worker ------------------------------------------------------------------------------------
+class _Cancelled(BaseException):
+    """Raised in the worker to stop the sweep; a BaseException so that no `except Exception` swallows it."""
+
+
+class _Worker:
+    """The worker's status (written to `status.json`), its progress callbacks and its cancel flag."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.fields = dataclasses.asdict(JobStatus(folder.name, "running", pid=os.getpid(), started=_now()))
+        self.written = 0.0
+        self.first: tuple[float, int] | None = None  # (time, done) at the first batch: the origin of the rate
+        self.stopping = False
+        self.delay = float(os.environ.get(DELAY_ENV) or 0)
+
+    def on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            raise _Cancelled  # a second cancel: stop wherever the worker is
+        self.stopping = True  # the first: stop at the next batch
+
+    def check(self) -> None:
+        if self.stopping:
+            raise _Cancelled
+
+    def write(self, force: bool = False, **fields: Any) -> None:
+        self.fields.update(fields)
+        if force or time.monotonic() - self.written >= _WRITE_EVERY:
+            self.fields["updated"] = _now()
+            write_atomic(self.folder / "status.json", json.dumps(self.fields), what="job status")
+            self.written = time.monotonic()
+
+    def opened(self, run_id: str, stored: int, expected: int) -> None:
+        _log(f"run {run_id}: {stored} of {expected} points already stored")
+        self.write(force=True, run_id=run_id)
+
+    def progress(self, done: int, total: int) -> None:
+        end = time.monotonic() + self.delay  # the test hook
+        while not self.stopping and time.monotonic() < end:
+            time.sleep(0.05)
+        self.check()
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, done)
+        eta = None
+        if total and done > self.first[1]:
+            eta = round((total - done) * (now - self.first[0]) / (done - self.first[1]), 1)
+        self.write(done=done, total=total, eta_s=eta)
+
+    def on_group(self, name: str) -> None:
+        self.check()
+        self.write(group=name)
+
+
+class _OpeningStore:
+    """A `RunStore` that tells the worker the run id the moment `sweep` opens its run."""
+
+    def __init__(self, store: Any, opened: Callable[[str, int, int], None]) -> None:
+        self.store, self.opened = store, opened
+
+    def open_run(self, run_id: str, *args: Any) -> None:
+        self.store.open_run(run_id, *args)
+        info = self.store.get(run_id)
+        self.opened(run_id, info.points, info.expected)
+
+    def __getattr__(self, name: str) -> Any:  # every other method is the store's own
+        return getattr(self.store, name)
+
+
+def _sweep(job: SweepJob, worker: _Worker) -> str:
+    """Load the model and the data, sweep into the store, and return the run id."""
+    import torch
+
+    from prunecore.datasets import load_data
+    from prunecore.models import ModelSpecError, default_input_shape, load_model
+    from prunecore.sensitivity import sweep
+    from prunecore.store import RunStore
+
+    model = load_model(job.model, job.weights)
+    shape = job.input_shape or default_input_shape(job.model)
+    if shape is None:
+        raise ModelSpecError(f"give an input shape: prunecore cannot know what input {job.model} expects")
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # as the dashboard makes it
+    data = load_data(job.data, input_shape=tuple(shape), limit=job.limit)
+    worker.check()
+    curves = sweep(
+        model, data.evaluation, example, levels=list(job.levels), criterion=job.criterion, metric=list(job.metrics),
+        groups=None if job.groups is None else list(job.groups), bn_recalibration=job.bn_recalibration,
+        calibration=data.calibration, round_to=job.round_to, progress=worker.progress,
+        store=_OpeningStore(RunStore(job.store), worker.opened), model_name=job.model, mode=job.mode,
+        on_group=worker.on_group,
+    )  # fmt: skip
+    return curves.attrs["run_id"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m prunecore.jobs FOLDER [--lock-fd N]`: run the job in FOLDER, as `submit` starts it."""
+    parser = argparse.ArgumentParser(prog="python -m prunecore.jobs", description=main.__doc__)
+    parser.add_argument("folder", type=Path, help="the job's folder, <store folder>/jobs/<key>")
+    parser.add_argument("--lock-fd", type=int, help="the job's lock, already taken by submit")
+    args = parser.parse_args(argv)
+    folder: Path = args.folder
+    worker = _Worker(folder)
+    signal.signal(signal.SIGTERM, worker.on_sigterm)  # first, so a cancel while loading is a clean one too
+    lock = args.lock_fd if args.lock_fd is not None else os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the job is over
+    except BlockingIOError:
+        _log(f"worker {os.getpid()}: another worker runs job {folder.name}; exiting")
+        return 0
+    _log(f"worker {os.getpid()} started job {folder.name}")
+    try:
+        worker.write(force=True)
+        run_id = _sweep(SweepJob.from_json((folder / "job.json").read_text()), worker)
+        final, code = {"state": "done", "run_id": run_id, "group": None, "eta_s": 0.0}, 0
+    except _Cancelled:  # the groups finished so far are in the store
+        final, code = {"state": "cancelled", "eta_s": None}, 0
+    except UserError as exc:  # the job's own inputs: the message says what to change
+        final, code = {"state": "failed", "eta_s": None, "error": _first_line(exc)}, 1
+    except Exception as exc:  # a bug, or the user's model crashing: the traceback goes to worker.log
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {_first_line(exc)}"
+        final, code = {"state": "failed", "eta_s": None, "error": error}, 1
+    worker.write(force=True, **final)
+    _log(f"{final['state']} (run {worker.fields['run_id']})" + (f": {final['error']}" if "error" in final else ""))
+    fcntl.flock(lock, fcntl.LOCK_UN)  # the job is over: a submit may start a new worker while this process exits
+    return code
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _log(message: str) -> None:
+    print(f"{_now()} {message}", flush=True)  # stdout is the job's worker.log
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
