@@ -7,31 +7,100 @@
     >>> pc.count(smaller, example).flops                   # MACs per example
 """
 
-from prunecore.allocate import (
-    AllocationError,
-    AllocationProblem,
-    allocate,
-    allocation_problem,
-    list_methods,
-    pareto,
-    register_method,
-    solve,
-)
-from prunecore.attention import PrunedMultiheadAttention
-from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
-from prunecore.ops import Handler
-from prunecore.ops import register as register_handler
-from prunecore.errors import ModelRunError, UserError
-from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
-from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
-from prunecore.importance import list_criteria, register_criterion, score
-from prunecore.models import PRUNED_FORMAT, ModelSpecError, load_model, load_pruned, save_pruned
-from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
-from prunecore.prune import make_plan, prune
-from prunecore.samples import Sample, SampleError, list_samples, load_sample
-from prunecore.sensitivity import DENSE, sweep
-from prunecore.store import RunStore, StoreError
-from prunecore.surgery import apply_plan
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from prunecore.allocate import (
+        AllocationError,
+        AllocationProblem,
+        allocate,
+        allocation_problem,
+        list_methods,
+        pareto,
+        register_method,
+        solve,
+    )
+    from prunecore.attention import PrunedMultiheadAttention
+    from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
+    from prunecore.ops import Handler
+    from prunecore.ops import register as register_handler
+    from prunecore.errors import ModelRunError, UserError
+    from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
+    from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
+    from prunecore.importance import list_criteria, register_criterion, score
+    from prunecore.models import (
+        PRUNED_FORMAT, ModelSpec, ModelSpecError, canonical_spec, load_model, load_pruned, parse_spec, save_pruned,
+    )
+    from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
+    from prunecore.prune import make_plan, prune
+    from prunecore.samples import Sample, SampleError, list_samples, load_sample
+    from prunecore.sensitivity import DENSE, sweep
+    from prunecore.store import RunStore, StoreError
+    from prunecore.surgery import apply_plan
+
+# Public name -> (module, attribute). Imported on first use (PEP 562), so `import prunecore` and the
+# `prunecore` command's --help load neither torch nor the engine; `pc.trace` imports what it needs.
+_LAZY: dict[str, tuple[str, str]] = {
+    **{n: ("allocate", n) for n in ("AllocationError", "AllocationProblem", "allocate", "allocation_problem",
+                                    "list_methods", "pareto", "register_method", "solve")},
+    "PrunedMultiheadAttention": ("attention", "PrunedMultiheadAttention"),
+    **{n: ("cost", n) for n in ("Cost", "CostModel", "FlopTerm", "ModuleCost", "cost_model", "count",
+                                "register_flops")},
+    "Handler": ("ops", "Handler"),
+    "register_handler": ("ops", "register"),
+    **{n: ("errors", n) for n in ("ModelRunError", "UserError")},
+    **{n: ("evaluate", n) for n in ("evaluate", "evaluate_plan", "list_metrics", "recalibrate_bn_")},
+    **{n: ("graph", n) for n in ("ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace")},
+    **{n: ("importance", n) for n in ("list_criteria", "register_criterion", "score")},
+    **{n: ("models", n) for n in ("PRUNED_FORMAT", "ModelSpec", "ModelSpecError", "canonical_spec", "load_model",
+                                  "load_pruned", "parse_spec", "save_pruned")},
+    **{n: ("plan", n) for n in ("SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals",
+                                "kept_units")},
+    **{n: ("prune", n) for n in ("make_plan", "prune")},
+    **{n: ("samples", n) for n in ("Sample", "SampleError", "list_samples", "load_sample")},
+    **{n: ("sensitivity", n) for n in ("DENSE", "sweep")},
+    **{n: ("store", n) for n in ("RunStore", "StoreError")},
+    "apply_plan": ("surgery", "apply_plan"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule, `pc.cost`) on first use and keep it in the package."""
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(f"prunecore.{module}"), attribute)
+    elif not name.startswith("__") and importlib.util.find_spec(f"prunecore.{name}") is not None:
+        value = importlib.import_module(f"prunecore.{name}")
+    else:
+        raise AttributeError(f"module 'prunecore' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module: importing a submodule named like a public function keeps the function.
+
+    The import system sets `prunecore.prune` to the submodule once `prunecore.prune` is imported;
+    the public `prune`, `evaluate` and `allocate` are the functions of those modules, as they were
+    when this file imported everything eagerly.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType) and value.__name__ == f"prunecore.{name}":
+            value = getattr(value, _LAZY[name][1])
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 
@@ -52,6 +121,7 @@ __all__ = [
     "InputSpec",
     "Member",
     "ModelRunError",
+    "ModelSpec",
     "ModelSpecError",
     "PRUNED_FORMAT",
     "ModuleCost",
@@ -68,6 +138,7 @@ __all__ = [
     "allocate",
     "allocation_problem",
     "apply_plan",
+    "canonical_spec",
     "cost_model",
     "count",
     "evaluate",
@@ -82,6 +153,7 @@ __all__ = [
     "load_sample",
     "make_plan",
     "pareto",
+    "parse_spec",
     "prune",
     "recalibrate_bn_",
     "save_pruned",

@@ -13,6 +13,10 @@
 
 Bad input (an unknown model, an unreadable weights file, a sparsity out of range, a model that
 cannot be traced) ends with a one-line message and a non-zero exit status, never a traceback.
+
+Building the parser imports neither torch, pandas nor the engine, so `--help` and usage errors are
+instant: each command imports what it needs when it runs, and criterion and method names are
+checked then (one-line errors that list the choices) rather than by argparse.
 """
 
 from __future__ import annotations
@@ -22,26 +26,22 @@ import copy
 import dataclasses
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Mapping, NoReturn, Sequence
 
-import pandas as pd
-import torch
-
-from prunecore.allocate import AllocationError, allocation_problem, get_method, list_methods, solve
-from prunecore.cost import Cost, count, latency
-from prunecore.datasets import EvalData, load_data
-from prunecore.evaluate import evaluate, evaluate_plan, get_metric, recalibrate_bn_
-from prunecore.graph import ChannelGraph, trace
-from prunecore.importance import get_criterion, list_criteria
 from prunecore.errors import ArgumentError, UserError
 from prunecore.files import check_output_path, write_atomic
-from prunecore.models import default_input_shape, load_model, load_pruned, save_pruned
-from prunecore.plan import Budget, Plan, PlanError
-from prunecore.sensitivity import DEFAULT_LEVELS, DENSE, sweep
-from prunecore.store import RunStore, StoreError, fingerprint_model
-from prunecore.prune import make_plan
-from prunecore.surgery import apply_plan
+
+if TYPE_CHECKING:  # the commands import these when they run: --help stays free of torch
+    import pandas as pd
+    import torch
+
+    from prunecore.cost import Cost
+    from prunecore.datasets import EvalData
+    from prunecore.graph import ChannelGraph
+    from prunecore.plan import Plan
+    from prunecore.store import RunInfo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for attr in ("out", "export"):  # refuse a folder, or a path under a file, before any long work
             if isinstance(getattr(args, attr, None), Path):
                 check_output_path(getattr(args, attr), f"--{attr}")
+        if getattr(args, "model", None):  # one spelling in stores, plans and files: args sorted, no spaces
+            from prunecore.models import canonical_spec
+
+            args.model = canonical_spec(args.model)
         return args.run(args)
     except UserError as exc:
         print(f"prunecore: error: {_one_line(exc)}", file=sys.stderr)
@@ -81,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune every prunable group to one sparsity")
     _model_args(prune)
     prune.add_argument("--sparsity", type=float, required=True, help="fraction of units to remove, in [0, 1)")
-    prune.add_argument("--criterion", default="l1", choices=list_criteria(), help="importance criterion")
+    prune.add_argument("--criterion", default="l1", help="importance criterion (see `prunecore criteria`)")
     prune.add_argument("--round-to", type=_positive, default=1, help="round kept channel counts to a multiple")
     prune.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
     prune.add_argument("--data", help="'sample': also report held-out accuracy, with BatchNorm re-estimated")
@@ -92,9 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(sweep)
     sweep.add_argument("--data", required=True, help="'sample' or imagefolder:PATH (class subfolders: labelled)")
     sweep.add_argument("--limit", type=_positive, help="use at most N images")
-    sweep.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="sparsities, e.g. 0.1,0.3,0.5")
+    sweep.add_argument("--levels", type=_levels, help="sparsities, e.g. 0.1,0.3,0.5 (default: 0.1 to 0.9 by 0.1)")
     sweep.add_argument("--metric", type=_names, default=None, help="metrics, e.g. accuracy,loss or kl,agreement")
-    sweep.add_argument("--criterion", default="l1", choices=list_criteria())
+    sweep.add_argument("--criterion", default="l1", help="importance criterion (see `prunecore criteria`)")
     sweep.add_argument("--bn-recalibration", type=_non_negative, default=0, metavar="N",
                        help="re-estimate BatchNorm statistics on N calibration batches per point")  # fmt: skip
     sweep.add_argument("--groups", type=_some_names, help="only these groups (comma-separated names)")
@@ -104,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, help="also write the curves to a .csv or .parquet file")
     sweep.set_defaults(run=_sweep)
 
-    runs = sub.add_parser("runs", help="list, export or delete stored sweeps")
+    runs = sub.add_parser("runs", help="list (id, age, model, data, mode, levels, groups), export or delete sweeps")
     runs.add_argument("--store", type=Path)
     runs.add_argument("--export", metavar="RUN_ID", help="write this run's curves to --out")
     runs.add_argument("--delete", metavar="RUN_ID", help="delete this run")
@@ -123,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(apply, with_input=False)
     apply.add_argument("--out", type=Path, required=True, help="write the pruned model here (load_pruned reads it)")
     apply.add_argument("--force", action="store_true", help="apply a plan made for a model of another fingerprint")
-    apply.add_argument("--export", type=Path, metavar="PROGRAM.pt2", help="also save a torch.export program")
+    apply.add_argument("--export", type=Path, metavar="PROGRAM.pt2",
+                       help="also save a torch.export program (batch size dynamic where the model allows)")  # fmt: skip
     apply.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
     apply.set_defaults(run=_apply)
 
@@ -148,7 +153,7 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("allocate", help="per-group sparsities that meet a FLOPs or params budget, from sweep curves")
     _model_args(p)
     p.add_argument("--budget", required=True, help="flops=0.5 or params=0.3 (fractions of dense), flops=2e7 (absolute)")
-    p.add_argument("--method", default="dp", choices=list_methods(), help="allocation method (see `prunecore methods`)")
+    p.add_argument("--method", default="dp", help="allocation method (see `prunecore methods`)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--run", dest="run_id", metavar="RUN_ID",
                         help="a stored sweep (default: the newest complete one of --model)")  # fmt: skip
@@ -186,6 +191,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, ChannelGraph]:
+    from prunecore.graph import trace
+    from prunecore.models import load_model
+
     model = load_model(args.model, args.weights)
     example = _example(args)
     return model, example, trace(model, example)
@@ -193,6 +201,10 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, Chan
 
 def _example(args: argparse.Namespace) -> torch.Tensor:
     """The example input --input (or the model's known default) describes; sets `args.input`."""
+    import torch
+
+    from prunecore.models import default_input_shape
+
     if args.input is None:
         args.input = default_input_shape(args.model)
         if args.input is None:
@@ -201,6 +213,8 @@ def _example(args: argparse.Namespace) -> torch.Tensor:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from prunecore.cost import count
+
     model, example, graph = _load(args)
     cost = count(model, example)
     print(f"{args.model}  input {'x'.join(map(str, args.input))}  {_num(cost.params)} params  {_num(cost.flops)} MACs")
@@ -209,8 +223,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from prunecore.datasets import load_data
+    from prunecore.importance import get_criterion
+    from prunecore.models import save_pruned
+    from prunecore.prune import make_plan
+    from prunecore.surgery import apply_plan
+
+    criterion = get_criterion(args.criterion)  # an unknown name fails before the model loads
     model, example, graph = _load(args)
-    if get_criterion(args.criterion).needs_data:
+    if criterion.needs_data:
         raise ArgumentError(f"criterion {args.criterion!r} needs data; the prune command has none yet")
     plan = make_plan(model, graph, args.sparsity, args.criterion, args.round_to)
     pruned = apply_plan(model, plan, graph=graph)
@@ -231,19 +252,27 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _report_costs(model: torch.nn.Module, pruned: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Cost:
-    """Print params, MACs and CPU latency of the dense and the pruned model; return the pruned cost."""
-    before, after = count(model, example), count(pruned, example)
-    t_before, t_after = latency(model, example), latency(pruned, example)
+    """Print params, MACs and CPU latency of the dense and the pruned model; return the pruned cost.
+
+    The latency line is `cost.compare_latency` and `cost.format_speedup`, as on the dashboard's
+    Validate page: interleaved rounds, and no ratio where the timings are too noisy to carry one.
+    """
+    from prunecore import cost
+
+    before, after = cost.count(model, example), cost.count(pruned, example)
+    t_before, t_after = cost.compare_latency(model, pruned, example)
     print(_cost_lines(before.params, after.params, before.flops, after.flops))
-    print(
-        f"{'latency':10} {t_before * 1e3:>8.1f}ms {t_after * 1e3:>8.1f}ms   "
-        f"{t_before / t_after:.2f}x faster (CPU, median of 10)"
-    )
+    print(f"{'latency':10} {_duration(t_before.median_s):>10} {_duration(t_after.median_s):>10}   "
+          f"{cost.format_speedup(t_before, t_after)}")  # fmt: skip
     return after
 
 
 def _check(model: torch.nn.Module, pruned: torch.nn.Module, plan: Plan, graph: ChannelGraph) -> int:
     """Compare the pruned model with its masked twin on the plan's inputs: 0 if they agree, else 1."""
+    import torch
+
+    from prunecore.surgery import apply_plan
+
     masked = apply_plan(model, plan, mode="mask", graph=graph)
     example = tuple(spec.example() for spec in graph.inputs)
     with torch.no_grad():
@@ -256,6 +285,8 @@ def _check(model: torch.nn.Module, pruned: torch.nn.Module, plan: Plan, graph: C
 
 def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: EvalData) -> None:
     """Dense vs pruned accuracy; the pruned model is also measured after BatchNorm re-estimation."""
+    from prunecore.evaluate import evaluate, recalibrate_bn_
+
     dense = evaluate(model, data.evaluation, ["accuracy", "loss"])
     raw = evaluate(pruned, data.evaluation, ["accuracy", "loss"])
     recalibrated = evaluate(recalibrate_bn_(copy.deepcopy(pruned), data.calibration), data.evaluation, ["accuracy"])
@@ -264,15 +295,22 @@ def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: Eval
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from prunecore.datasets import load_data
+    from prunecore.importance import get_criterion
+    from prunecore.sensitivity import DEFAULT_LEVELS, sweep
+    from prunecore.store import RunStore
+
+    get_criterion(args.criterion)  # an unknown name fails before the model loads
     model, example, graph = _load(args)
     data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
     metrics = args.metric or _default_metrics(data)
     if args.mode == "estimate":
         metrics = ["loss"]
     store = RunStore(args.store)
-    print(f"sweeping {args.model} on {data.description}: {len(graph.prunable)} groups x {len(args.levels)} levels")
+    print(f"sweeping {args.model} on {data.description}: {len(graph.prunable)} groups x "
+          f"{len(args.levels or DEFAULT_LEVELS)} levels")  # fmt: skip
     curves = sweep(
-        model, data.evaluation, example, levels=args.levels, criterion=args.criterion, metric=metrics,
+        model, data.evaluation, example, levels=args.levels or DEFAULT_LEVELS, criterion=args.criterion, metric=metrics,
         groups=args.groups, bn_recalibration=args.bn_recalibration, calibration=data.calibration,
         store=store, graph=graph, model_name=args.model, mode=args.mode,
     )  # fmt: skip
@@ -286,6 +324,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _curve_table(curves, metric: str) -> str:
     """Groups as rows, sparsity levels as columns: the metric at each point."""
+    from prunecore.sensitivity import DENSE
+
     points = curves[curves.group != DENSE]
     table = points.pivot(index="group", columns="sparsity", values=metric).reindex(points.group.unique())
     dense = curves[curves.group == DENSE][metric]
@@ -294,6 +334,8 @@ def _curve_table(curves, metric: str) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    from prunecore.store import RunStore
+
     store = RunStore(args.store)
     if args.delete:
         store.delete(args.delete)
@@ -307,10 +349,49 @@ def _runs(args: argparse.Namespace) -> int:
     runs = store.runs()
     if not runs:
         print(f"no stored sweeps in {store.path}")
-    for r in runs:
-        state = "complete" if r.complete else f"{r.points}/{r.expected} points"
-        print(f"{r.run_id}  {r.created[:19]}  {r.model_name:<28} {state:<16} {r.config.get('metrics')}")
+        return 0
+    print(_runs_table(runs, datetime.now(timezone.utc)))
+    print(f"{len(runs)} run(s) in {store.path}; data fp: fingerprint of the swept data (same data, same fp); "
+          "levels: first..last/step. Use an id with `prunecore allocate --run RUN_ID`")  # fmt: skip
     return 0
+
+
+def _runs_table(runs: Sequence[RunInfo], now: datetime) -> str:
+    """One row per stored sweep, newest first: id, age, model, data, mode, criterion, levels, groups, metrics, state."""
+    heads = ("run id", "age", "model", "data fp", "mode", "criterion", "levels", "groups", "metrics", "state")
+    rows = [heads]
+    for r in runs:
+        c = r.config
+        state = "complete" if r.complete else f"{r.points}/{r.expected} points"
+        rows.append((r.run_id, _age(r.created, now), r.model_name, r.data_fp[:8], str(c.get("mode", "exact")),
+                     str(c.get("criterion", "?")), _level_range(c.get("levels", [])), str(len(c.get("groups", []))),
+                     ",".join(c.get("metrics") or []) or "-", state))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(heads))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _level_range(levels: Sequence[float]) -> str:
+    """`0.1..0.9/0.2` for more than three evenly spaced levels (first..last/step), else the list: `0.3,0.6`."""
+    step = levels[1] - levels[0] if len(levels) > 3 else 0
+    if step > 0 and all(abs((b - a) - step) < 1e-9 for a, b in zip(levels, levels[1:])):
+        return f"{levels[0]:g}..{levels[-1]:g}/{round(step, 6):g}"
+    return ",".join(f"{v:g}" for v in levels) or "-"
+
+
+def _age(created: str, now: datetime) -> str:
+    """`'3 min ago'` for an ISO timestamp (UTC where it names no zone); the text itself if unreadable."""
+    try:
+        then = datetime.fromisoformat(created)
+    except ValueError:
+        return created[:19] or "?"
+    seconds = (now - (then if then.tzinfo else then.replace(tzinfo=timezone.utc))).total_seconds()
+    if seconds < 60:
+        return "just now" if seconds >= -60 else created[:19]  # a clock a little behind is still "now"
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if unit == 'day' and n != 1 else ''} ago"
+    raise AssertionError("unreachable")
 
 
 def _positive(text: str) -> int:
@@ -349,6 +430,8 @@ def _some_names(text: str) -> list[str]:
 
 
 def _criteria(args: argparse.Namespace) -> int:
+    from prunecore.importance import get_criterion, list_criteria
+
     for name in list_criteria():
         crit = get_criterion(name)
         print(f"{name:10} {'(needs data) ' if crit.needs_data else ''}{crit.doc}")
@@ -356,6 +439,8 @@ def _criteria(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
+    from prunecore.allocate import get_method, list_methods
+
     for name in list_methods():
         method = get_method(name)
         print(f"{name:10} {'' if method.needs_curves else '(no curves needed) '}{method.doc}")
@@ -364,6 +449,12 @@ def _methods(args: argparse.Namespace) -> int:
 
 # -- allocate, apply, evaluate ---------------------------------------------------------------------
 def _allocate(args: argparse.Namespace) -> int:
+    from prunecore.allocate import allocation_problem, get_method, solve
+    from prunecore.datasets import load_data
+    from prunecore.evaluate import evaluate_plan
+    from prunecore.plan import Budget
+
+    get_method(args.method)  # an unknown name fails before the model loads
     budget, locked = Budget.parse(args.budget), _locks(args.lock)
     if args.evaluate != (args.data is not None):
         raise ArgumentError("--evaluate and --data go together: --evaluate --data SPEC measures the plan")
@@ -395,6 +486,9 @@ def _allocate(args: argparse.Namespace) -> int:
 
 def _curves(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelGraph) -> tuple[pd.DataFrame, str]:
     """The sweep curves --curves or --run names (default: the newest complete sweep of every group of --model)."""
+    from prunecore.allocate import AllocationError
+    from prunecore.store import RunStore, StoreError, fingerprint_model
+
     if args.curves is not None:
         return _read_curves(args.curves), f"file {args.curves}"
     store = RunStore(args.store)
@@ -428,6 +522,8 @@ def _curves(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelGrap
 
 
 def _read_curves(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -456,6 +552,11 @@ def _locks(text: str) -> dict[str, float]:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from prunecore.graph import trace
+    from prunecore.models import load_model, save_pruned
+    from prunecore.plan import PlanError
+    from prunecore.surgery import apply_plan
+
     plan = _read_plan(args.plan)
     model = load_model(args.model, args.weights)
     example = tuple(spec.example() for spec in plan.inputs)
@@ -484,6 +585,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _check_totals(plan: Plan, after: Cost, forced: bool) -> None:
     """The applied model must cost what the plan says it does; with --force a mismatch only warns."""
+    from prunecore.plan import PlanError
+
     t = plan.totals
     if t is None or (after.params, after.flops) == (t.params_after, t.flops_after):
         return
@@ -495,18 +598,63 @@ def _check_totals(plan: Plan, after: Cost, forced: bool) -> None:
 
 
 def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    """Save a torch.export program; a model export cannot capture is a warning, not a failure."""
+    """Save a torch.export program whose batch size (dim 0 of every input) is dynamic.
+
+    A model that fixes its batch size (a `view(1, ...)`) is exported for the example's shapes, with a
+    warning; a model export cannot capture at all is a warning too, not a failure.
+    """
+    import torch
+
+    pruned = pruned.eval()
+    inputs, dynamic_shapes = _dynamic_batch(example)
+    shapes = ", ".join("x".join(["B", *map(str, x.shape[1:])]) for x in example)
     try:
-        program = torch.export.export(pruned.eval(), example)
+        program = torch.export.export(pruned, inputs, dynamic_shapes=dynamic_shapes)
+        batch = "any batch size B"
+    except Exception as dynamic_error:  # export fails in many ways on dynamic models
+        try:
+            program = torch.export.export(pruned, example)
+        except Exception as exc:
+            _warn(f"torch.export could not export the pruned model, so {path} was not written: {_first_line(exc)}")
+            return
+        _warn(f"{path} is fixed to the example's batch size: a dynamic batch did not export: "
+              f"{_first_line(dynamic_error)}")  # fmt: skip
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in example)
+        batch = "this batch size only"
+    try:
         write_atomic(path, lambda f: torch.export.save(program, f))
-    except Exception as exc:  # export fails in many ways on dynamic models
-        _warn(f"torch.export could not export the pruned model, so {path} was not written: {_first_line(exc)}")
+    except Exception as exc:  # a program torch cannot serialise
+        _warn(f"torch.export could not save the program, so {path} was not written: {_first_line(exc)}")
         return
-    shapes = ", ".join("x".join(map(str, x.shape)) for x in example)
-    print(f"exported   {path} (torch.export program for input {shapes}; torch.export.load reads it)")
+    print(f"exported   {path} (torch.export program for input {shapes}, {batch}; torch.export.load reads it)")
+
+
+def _dynamic_batch(example: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple]:
+    """Inputs and `dynamic_shapes` that make dim 0 of every input symbolic (one symbol per distinct size).
+
+    An example batch of 1 is repeated to 2 for the trace: torch.export specialises a dim of size 1.
+    """
+    import torch
+
+    dims: dict[int, torch.export.Dim] = {}
+    inputs, shapes = [], []
+    for x in example:
+        if x.dim() == 0:
+            inputs.append(x)
+            shapes.append(None)
+            continue
+        dim = dims.setdefault(x.shape[0], torch.export.Dim(f"batch{len(dims)}", min=1))
+        inputs.append(x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x)
+        shapes.append({0: dim})
+    return tuple(inputs), tuple(shapes)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from prunecore.datasets import load_data
+    from prunecore.evaluate import evaluate, evaluate_plan, get_metric, recalibrate_bn_
+    from prunecore.graph import trace
+    from prunecore.models import load_model, load_pruned
+
     if args.update and args.plan is None:
         raise ArgumentError("--update writes the measured metrics into a plan file: pass --plan PLAN.json")
     model = load_model(args.model, args.weights)
@@ -544,6 +692,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _read_plan(path: Path) -> Plan:
+    from prunecore.plan import Plan, PlanError
+
     if not path.is_file():
         raise PlanError(f"plan file {str(path)!r} does not exist")
     try:
@@ -590,6 +740,8 @@ def _metric_table(columns: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def _metric(name: str, value: float) -> str:
+    from prunecore.evaluate import get_metric
+
     return f"{value:.2%}" if get_metric(name).bounds == (0.0, 1.0) else f"{value:.4f}"
 
 
@@ -605,6 +757,10 @@ def _one_line(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3g}s" if seconds >= 1 else f"{seconds * 1e3:.3g}ms"
 
 
 def _num(n: float) -> str:

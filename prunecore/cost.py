@@ -22,22 +22,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from prunecore.errors import running_model
+from prunecore.errors import ArgumentError, running_model
 from prunecore._labels import Slot
 from prunecore import ops
 from prunecore.ops import FlopRule, FlopTerm
-from prunecore._modes import eval_mode
+from prunecore._modes import eval_mode, working_copy
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Plan
 from prunecore.surgery import kept_positions
@@ -46,12 +48,18 @@ __all__ = [
     "Cost",
     "CostModel",
     "FlopTerm",
+    "Latency",
     "ModuleCost",
+    "compare_latency",
     "cost_model",
     "count",
+    "format_latency",
+    "format_speedup",
     "latency",
+    "measure_latency",
     "plan_costs",
     "register_flops",
+    "speedup",
 ]
 
 @dataclass(frozen=True)
@@ -368,26 +376,45 @@ def _flop_terms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Flop
 
         return record
 
-    handles = [
-        m.register_forward_hook(hook(name, rule), with_kwargs=True)
-        for name, m in model.named_modules()
-        if (rule := ops.flops(m)) is not None
-    ]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), eval_mode(model), running_model(model, inputs, "counting FLOPs"):
-            model(*inputs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for h in handles:
-            h.remove()
+    model = working_copy(model)  # hooks and flags on a copy: other threads may use the model meanwhile
+    for name, m in model.named_modules():
+        if (rule := ops.flops(m)) is not None:
+            m.register_forward_hook(hook(name, rule), with_kwargs=True)
+    with torch.no_grad(), eval_mode(model), _no_mha_fastpath(), running_model(model, inputs, "counting FLOPs"):
+        model(*inputs)
     rows: dict[FlopTerm, int] = defaultdict(int)
     for name, t in emitted:
         if t.owner == name or t.owner not in ran:  # a child that ran as a module counted itself
             rows[replace(t, rows=0)] += t.rows
     batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
     return [replace(t, rows=total // batch) for t, total in rows.items()]
+
+
+_fastpath_lock = threading.Lock()
+_fastpath_users = 0
+_fastpath_saved = True
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """MHA's fused path off while any thread counts; the user's setting back when the last one ends.
+
+    The switch is process-wide, so nested or concurrent counts share one save and one restore
+    (a second count saving "off" and restoring it last would leave it off for good).
+    """
+    global _fastpath_users, _fastpath_saved
+    with _fastpath_lock:
+        if _fastpath_users == 0:
+            _fastpath_saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath_users += 1
+    try:
+        yield
+    finally:
+        with _fastpath_lock:
+            _fastpath_users -= 1
+            if _fastpath_users == 0:
+                torch.backends.mha.set_fastpath_enabled(_fastpath_saved)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -416,20 +443,183 @@ def _fraction(part: int, whole: int) -> float:
     return part / whole if whole else math.nan
 
 
+# -- latency -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Latency:
+    """Seconds of one forward pass on this machine, with how far the rounds that measured it spread.
+
+    `median_s` is the median over `rounds` of the per-pass time of each round; `spread` is half the
+    interquartile range of those round times relative to the median, so the middle half of the rounds
+    lie within about `median_s * (1 ± spread)`. `threads` is `torch.get_num_threads()` and `batch` the
+    first input's dim 0 when it was measured.
+
+        >>> before, after = compare_latency(model, pruned, x)
+        >>> format_speedup(before, after)
+        '2.31x faster (median of 7 rounds, ±4 %, 2 threads, batch 1)'
+    """
+
+    median_s: float
+    spread: float
+    rounds: int
+    threads: int
+    batch: int
+
+
+MIN_ROUNDS = 3  # fewer rounds give no spread to trust: `speedup` is None
+MAX_NOISE = 0.5  # a ratio uncertain by more than ±50 % (the sum of both spreads) is no ratio: None
+_MAX_REPS = 100_000  # passes per round, whatever the clock says
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    rounds: int = 7,
+    warmup: int = 2,
+    min_seconds: float = 0.05,
+) -> Latency:
+    """Time `model`'s forward pass (eval mode, inference mode); the model is not changed.
+
+    After `warmup` untimed passes, each of `rounds` rounds times as many passes as it takes to last
+    at least `min_seconds` (so a tiny model is not timer and scheduler noise) and records the time of
+    one pass; the record holds the median and spread of the rounds.
+    """
+    return _measure([model], _inputs(example_inputs), rounds, warmup, min_seconds)[0]
+
+
+def compare_latency(
+    before: nn.Module,
+    after: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    rounds: int = 7,
+    warmup: int = 2,
+    min_seconds: float = 0.05,
+) -> tuple[Latency, Latency]:
+    """`measure_latency` of two models (dense, pruned) with their rounds alternating.
+
+    Interleaved rounds share the machine's slow spells, so a busy moment slows both models instead
+    of making one look faster. This is what the CLI and the dashboard report.
+    """
+    first, second = _measure([before, after], _inputs(example_inputs), rounds, warmup, min_seconds)
+    return first, second
+
+
+def speedup(before: Latency, after: Latency) -> float | None:
+    """`before.median_s / after.median_s`, or None where the timings cannot support a ratio.
+
+    None when
+    - either was measured in fewer than `MIN_ROUNDS` (3) rounds, or
+    - the two were measured with different thread counts or batch sizes, or
+    - the ratio's uncertainty, `before.spread + after.spread`, exceeds `MAX_NOISE` (±50 %), or
+    - the bands `median_s * (1 ± spread)` of the two overlap: the difference is within the scatter.
+    """
+    if min(before.rounds, after.rounds) < MIN_ROUNDS or min(before.median_s, after.median_s) <= 0:
+        return None
+    if (before.threads, before.batch) != (after.threads, after.batch) or before.spread + after.spread > MAX_NOISE:
+        return None
+    if _overlap(before, after):
+        return None
+    return before.median_s / after.median_s
+
+
+def format_speedup(before: Latency, after: Latency) -> str:
+    """One line saying how much faster `after` runs than `before`, or why no ratio can be given.
+
+    The ± is the ratio's relative uncertainty: the sum of both spreads.
+    """
+    ratio, noise = speedup(before, after), _percent(before.spread + after.spread)
+    rounds = min(before.rounds, after.rounds)
+    if rounds < MIN_ROUNDS:
+        return f"no reliable speed-up: {rounds} round(s) of timing, {MIN_ROUNDS} needed"
+    if (before.threads, before.batch) != (after.threads, after.batch):
+        return "no reliable speed-up: the two were timed with different thread counts or batch sizes"
+    if ratio is None and _overlap(before, after) and before.spread + after.spread <= MAX_NOISE:
+        measured = _ratio_text(before.median_s / after.median_s) if after.median_s > 0 else "difference"
+        return f"no reliable speed-up: the {measured} measured is within the timing noise (±{noise})"
+    if ratio is None:
+        return f"no reliable speed-up: timings too noisy (±{noise})"
+    threads = f"{after.threads} thread{'s' if after.threads != 1 else ''}"
+    return f"{_ratio_text(ratio)} (median of {rounds} rounds, ±{noise}, {threads}, batch {after.batch})"
+
+
+def format_latency(t: Latency) -> str:
+    """`'2.41 ms ±3 %'`: the median in a readable unit, and the spread."""
+    unit, scale = next(((u, s) for u, s in (("s", 1.0), ("ms", 1e-3)) if t.median_s >= s), ("µs", 1e-6))
+    return f"{t.median_s / scale:.3g} {unit} ±{_percent(t.spread)}"
+
+
+def _overlap(a: Latency, b: Latency) -> bool:
+    """Whether the bands `median_s * (1 ± spread)` of the two overlap."""
+    low, high = sorted((a, b), key=lambda t: t.median_s)
+    return low.median_s * (1 + low.spread) > high.median_s * (1 - high.spread)
+
+
+def _ratio_text(ratio: float) -> str:
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.0f} %" if math.isfinite(fraction) else "∞ %"
+
+
 def latency(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], reps: int = 10, warmup: int = 2
 ) -> float:
-    """Median seconds of one forward pass (eval mode, inference mode); the model is not changed.
+    """Median seconds of one forward pass over `reps` single passes: `measure_latency(...).median_s`.
 
-    The median of several runs resists the noise of a shared machine; compare models measured in
-    the same process, as ratios.
+    Kept for callers that time rounds themselves (`bench/`); prefer `measure_latency` or
+    `compare_latency`, which also say how noisy the timing was.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    times = []
-    with torch.inference_mode(), eval_mode(model), running_model(model, inputs, "timing"):
-        for i in range(warmup + reps):
-            start = time.perf_counter()
-            model(*inputs)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return measure_latency(model, example_inputs, rounds=reps, warmup=warmup, min_seconds=0.0).median_s
+
+
+def _measure(
+    models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...], rounds: int, warmup: int, min_seconds: float
+) -> list[Latency]:
+    """Latency of each model, their rounds alternating; timed on working copies in eval mode.
+
+    The copies share the models' tensors, so they run as fast; the models' own flags never change,
+    which leaves them usable by other threads meanwhile (a dashboard's shared model).
+    """
+    if rounds < 1 or warmup < 0 or min_seconds < 0:
+        raise ArgumentError(f"latency needs rounds >= 1, warmup >= 0, min_seconds >= 0; got {rounds}, {warmup}, "
+                            f"{min_seconds}")  # fmt: skip
+    times: list[list[float]] = [[] for _ in models]
+    models = [working_copy(model) for model in models]
+    with contextlib.ExitStack() as modes, torch.inference_mode():
+        for model in models:
+            modes.enter_context(eval_mode(model))
+        reps = []
+        for model in models:
+            with running_model(model, inputs, "timing"):
+                reps.append(_repetitions(model, inputs, warmup, min_seconds))
+        order = list(zip(models, reps, times))
+        for i in range(rounds):  # ABBA...: neither model always runs first, on caches the other left
+            for model, n, record in order if i % 2 == 0 else reversed(order):
+                with running_model(model, inputs, "timing"):
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        model(*inputs)
+                    record.append((time.perf_counter() - start) / n)
+    batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 1
+    threads = torch.get_num_threads()
+    return [Latency(statistics.median(t), _spread(t), rounds, threads, batch) for t in times]
+
+
+def _repetitions(model: nn.Module, inputs: tuple[torch.Tensor, ...], warmup: int, min_seconds: float) -> int:
+    """Run the warm-up passes (one at least when calibrating); how many passes last `min_seconds`."""
+    fastest = math.inf
+    for _ in range(max(warmup, 1 if min_seconds > 0 else 0)):
+        start = time.perf_counter()
+        model(*inputs)
+        fastest = min(fastest, time.perf_counter() - start)
+    if min_seconds <= 0:
+        return 1
+    return max(1, min(_MAX_REPS, math.ceil(min_seconds / max(fastest, 1e-9))))
+
+
+def _spread(times: Sequence[float]) -> float:
+    """Half the interquartile range relative to the median; 0 for fewer than two rounds."""
+    if len(times) < 2:
+        return 0.0
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / (2 * median) if median > 0 else math.inf

@@ -75,7 +75,8 @@ def test_prune_check_and_rebuild(tmp_path, capsys):
         (["inspect", "--model", "toy_models:Concat"], "pass --input"),
         (["inspect", "--model", "sample:lenet"], "unknown sample model .lenet."),
         (["inspect", "--model", "toy_models:Concat", "--input", "2,5,8,8"], "failed at Conv2d module 'a.0'"),
-        (["prune", "--model", "toy_models:Concat", "--input", "2,3,8,8", "--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
+        (["prune", "--model", "toy_models:Concat", "--input", "2,3,8,8", "--sparsity", "1.0"],
+         r"sparsity must be in \[0, 1\)"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, message, capsys):
@@ -94,7 +95,8 @@ def test_corrupt_weights_file(tmp_path, capsys):
     assert "not a readable PyTorch weights file" in capsys.readouterr().err
     assert main(["inspect", "--model", "toy_models:Chunk", "--input", "2,3,8,8", "--weights", str(good)]) == 2
     assert "does not fit Chunk" in capsys.readouterr().err
-    assert main(["inspect", "--model", "toy_models:Concat", "--input", "2,3,8,8", "--weights", str(tmp_path / "x.pt")]) == 2
+    missing = str(tmp_path / "x.pt")
+    assert main(["inspect", "--model", "toy_models:Concat", "--input", "2,3,8,8", "--weights", missing]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -117,9 +119,14 @@ def test_sweep_and_runs(tmp_path, capsys):
     curves = pd.read_csv(out)
     assert list(curves.group) == ["(dense)", "stem.0", "layer1.0.conv1"]
     assert main(["runs", "--store", str(store)]) == 0
-    listing = capsys.readouterr().out
-    run_id = listing.split()[0]
-    assert "sample:resnet20" in listing and "complete" in listing
+    head, row, footer = capsys.readouterr().out.splitlines()
+    assert head.split() == ["run", "id", "age", "model", "data", "fp", "mode", "criterion", "levels", "groups",
+                            "metrics", "state"]  # fmt: skip
+    run_id = row.split()[0]
+    info = RunStore(store).get(run_id)
+    assert row.split() == [run_id, "just", "now", "sample:resnet20", info.data_fp[:8], "exact", "l1", "0.5", "2",
+                           "accuracy,loss", "complete"]  # fmt: skip
+    assert "allocate --run RUN_ID" in footer
     assert main(["runs", "--store", str(store), "--export", run_id, "--out", str(tmp_path / "c.parquet")]) == 0
     assert pd.read_parquet(tmp_path / "c.parquet").shape[0] == 3
     assert main(["runs", "--store", str(store), "--delete", run_id]) == 0
@@ -176,7 +183,8 @@ def plan_file(tmp_path_factory, run):
 
 
 def _one_line_error(capsys, message: str) -> None:
-    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("prunecore: warning:"))
+    lines = capsys.readouterr().err.splitlines(True)
+    err = "".join(line for line in lines if not line.startswith("prunecore: warning:"))
     assert err.startswith("prunecore: error: ") and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
 
@@ -294,6 +302,95 @@ def test_allocate_does_not_take_a_partial_sweep_unasked(tmp_path, store, run, ca
     assert "did not sweep 9 prunable group(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "levels, text",
+    [([0.1, 0.3, 0.5, 0.7, 0.9], "0.1..0.9/0.2"), ([round(0.1 * i, 1) for i in range(1, 10)], "0.1..0.9/0.1"),
+     ([0.3, 0.6], "0.3,0.6"), ([0.1, 0.2, 0.5, 0.9], "0.1,0.2,0.5,0.9")],
+)  # fmt: skip
+def test_runs_show_their_levels(levels, text):
+    from prunecore.cli import _level_range
+
+    assert _level_range(levels) == text
+
+
+@pytest.mark.parametrize(
+    "created, age",
+    [("2026-01-10T12:00:00+00:00", "just now"), ("2026-01-10T11:57:00+00:00", "3 min ago"),
+     ("2026-01-10T07:00:00+00:00", "5 h ago"), ("2026-01-09T11:00:00+00:00", "1 day ago"),
+     ("2026-01-08T12:00:00", "2 days ago"), ("not a time", "not a time")],
+)  # fmt: skip
+def test_runs_show_their_age(created, age):
+    from datetime import datetime, timezone
+
+    from prunecore.cli import _age
+
+    assert _age(created, datetime(2026, 1, 10, 12, 0, 30, tzinfo=timezone.utc)) == age
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", "--model", "sample:resnet20", "--sparsity", "0.3", "--criterion", "l3"],
+         "unknown criterion 'l3'; choose one of bn_scale, l1"),
+        (["sweep", "--model", "sample:resnet20", "--data", "sample", "--criterion", "l3"], "unknown criterion 'l3'"),
+        (["allocate", "--model", "sample:resnet20", "--budget", "flops=0.5", "--out", "p.json", "--method", "best"],
+         "unknown allocation method 'best'; choose one of"),
+    ],
+)  # fmt: skip
+def test_unknown_criterion_or_method_is_one_line(args, message, capsys, tmp_path, monkeypatch):
+    """Checked when the command runs (the parser does not import the registries), still one line."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    _one_line_error(capsys, message)
+
+
+def test_help_imports_neither_torch_nor_the_engine():
+    """`prunecore --help` (and a usage error) only build the parser: no torch, pandas or engine import."""
+    code = (
+        "import sys\n"
+        "from prunecore.cli import main\n"
+        "for argv in (['--help'], ['sweep', '--help'], ['allocate', '--help'], ['prune']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('torch', 'pandas', 'numpy', 'prunecore.graph', 'prunecore.cost', 'prunecore.allocate')\n"
+        "sys.stderr.write(repr(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stderr.endswith("[]"), result.stderr
+    assert "--criterion CRITERION" in result.stdout and "prunecore criteria" in result.stdout
+
+
+def test_sweep_help_states_the_default_levels(capsys):
+    """The parser cannot import sensitivity.DEFAULT_LEVELS (torch), so its help states them: keep them equal."""
+    from prunecore.sensitivity import DEFAULT_LEVELS
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "(default: 0.1 to 0.9 by 0.1)" in " ".join(capsys.readouterr().out.split())
+    assert list(DEFAULT_LEVELS) == [round(0.1 * i, 1) for i in range(1, 10)]
+
+
+def test_every_public_name_resolves_lazily():
+    """`prunecore/__init__.py` imports on first use; every name in __all__ is the object of its module."""
+    import importlib
+
+    import prunecore as pc
+
+    for name in pc.__all__:
+        module, attribute = pc._LAZY[name]
+        assert getattr(pc, name) is getattr(importlib.import_module(f"prunecore.{module}"), attribute), name
+    from prunecore import register_handler, trace
+
+    assert trace is pc.trace and register_handler is sys.modules["prunecore.ops"].register
+    for name in ("prune", "evaluate", "allocate"):  # named like their modules, which are imported by now
+        assert pc.__dict__[name] is getattr(sys.modules[f"prunecore.{name}"], name)
+    assert set(pc.__all__) <= set(dir(pc)) and pc.cost is sys.modules["prunecore.cost"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pc.nothing
+
+
 def test_methods_lists_every_method(capsys):
     assert main(["methods"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
@@ -335,10 +432,13 @@ def test_apply_export(tmp_path, plan_file, capsys, monkeypatch):
     out, program = tmp_path / "pruned.pt", tmp_path / "program.pt2"
     args = ["apply", str(plan_file), "--model", SPEC, "--out", str(out), "--export", str(program)]
     assert main(args) == 0
+    assert "for input Bx1x28x28, any batch size B" in capsys.readouterr().out
     pruned, _ = load_pruned(out)
-    x = torch.randn(1, 1, 28, 28)  # the program is exported for the plan's input shape
-    with torch.no_grad():
-        torch.testing.assert_close(torch.export.load(program).module()(x), pruned(x))
+    exported = torch.export.load(program).module()
+    for batch in (1, 4):  # the plan's example has batch 1; the program takes any batch size
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), pruned(x))
 
     def fail(*args, **kwargs):
         raise RuntimeError("data-dependent control flow\nmore detail")
@@ -352,6 +452,28 @@ def test_apply_export(tmp_path, plan_file, capsys, monkeypatch):
     assert err.startswith("prunecore: warning: torch.export could not export") and "data-dependent" in err
     assert len(err.strip().splitlines()) == 1
     assert out.exists() and not program.exists()
+
+
+def test_apply_export_falls_back_to_a_fixed_batch(tmp_path, plan_file, capsys, monkeypatch):
+    """A model whose batch size export cannot make dynamic is exported for the example's shape, with a warning."""
+    out, program = tmp_path / "pruned.pt", tmp_path / "program.pt2"
+    export = torch.export.export
+
+    def static_only(module, args, kwargs=None, *, dynamic_shapes=None, **rest):
+        if dynamic_shapes is not None:
+            raise RuntimeError("Constraints violated (batch0)! more detail")
+        return export(module, args, kwargs, **rest)
+
+    monkeypatch.setattr(torch.export, "export", static_only)
+    assert main(["apply", str(plan_file), "--model", SPEC, "--out", str(out), "--export", str(program)]) == 0
+    captured = capsys.readouterr()
+    assert "for input 1x1x28x28, this batch size only" in captured.out
+    assert captured.err.startswith("prunecore: warning: ") and "fixed to the example's batch size" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    pruned, _ = load_pruned(out)
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(program).module()(x), pruned(x))
 
 
 def test_evaluate_update_needs_a_plan(tmp_path, capsys):
