@@ -19,13 +19,7 @@ from prunecore.store import RunStore
 from prunecore.surgery import apply_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, tiny models run 100x slower with two (spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_inspect_lists_groups(capsys):

@@ -35,12 +35,7 @@ from prunecore.prune import make_plan
 SPEC = "sample:resnet20"  # 1x28x28 digits, 10 classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
