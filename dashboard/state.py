@@ -4,6 +4,11 @@ Pages read the user's choices from `st.session_state` under the keys below and g
 data, curves and allocation problems from the cached loaders, so a rerun (every widget change)
 recomputes nothing it does not have to. Nothing here prunes: it calls prunecore.
 
+Sweeps run as background jobs (`prunecore.jobs`), never in the script thread: a worker process per
+job key, which outlives the browser tab and which every session with the same settings shares.
+Pages compute the key of the current settings, read the job's status and take the curves from the
+run store (`$PRUNECORE_STORE`, else prunecore's default store).
+
 Every user error reaches the page through `user_errors()`: an `st.error` with prunecore's message,
 the app still running. Who can reach the app decides whether the Factory box (which runs code on
 this machine) is offered: `factory_enabled()`.
@@ -25,15 +30,18 @@ from typing import Any, Iterable, Iterator, Mapping
 import pandas as pd
 import streamlit as st
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 import prunecore as pc
+from prunecore import jobs
 from prunecore.cost import cost_model
 from prunecore.datasets import EvalData, load_data
 from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
+from prunecore.jobs import JobStatus, SweepJob
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
+from prunecore.sensitivity import DENSE
+from prunecore.store import StoreError, default_store_path
 
 # -- session-state keys (every widget's key= is one of these, or built by a function below) -------
 MODEL_SPEC = "model_spec"
@@ -43,6 +51,10 @@ INPUT_SHAPE = "input_shape"
 DATA_SPEC = "data_spec"
 DATA_LIMIT = "data_limit"
 RUN_ID = "run_id"
+CURVES = "curves_cache"  # the finished curves the pages use: ((spec, data, limit, job key), frame)
+JOB = "sweep_job"  # the key of the sweep job of the current settings (`sweep_job`)
+JOB_CACHE = "sweep_job_cache"  # (the settings, their job key): the key is computed once per settings
+RUN_SWEEP, CANCEL_SWEEP, RESUME_SWEEP = "sweep_run", "sweep_cancel", "sweep_resume"  # the sweep panel's buttons
 CRITERION = "sweep_criterion"
 LEVELS = "sweep_levels"
 METRICS = "sweep_metrics"
@@ -78,8 +90,7 @@ MODEL_PAGE_WIDGETS = ("model_source", "sample_name", "tv_name", "timm_name", "ar
                       "arg_img_size", "arg_extra", "factory_spec", "input_shape_text", "data_source",
                       "data_folder")  # fmt: skip
 RANDOM_DATA = "random"
-"""The dashboard's own data spec: seeded Gaussian noise of the model's input shape, unlabelled (KL, agreement)."""
-RANDOM_IMAGES = 256  # random images when no limit is set
+"""prunecore's `random` data spec: seeded Gaussian noise of the model's input shape, unlabelled (KL, agreement)."""
 DEFAULTS_ENV = "PRUNECORE_DASHBOARD_DEFAULTS"
 """A JSON object overriding `DEFAULTS` (e.g. a team's sweep levels, or a quick sweep for tests)."""
 REMOTE_ENV = "PRUNECORE_DASHBOARD_REMOTE"
@@ -213,27 +224,6 @@ def workspace() -> Workspace:
 
 
 # -- the data ---------------------------------------------------------------------------------------
-class _Noise(Dataset):
-    """Image i is standard Gaussian noise seeded by i: the same images on every run, made when read."""
-
-    def __init__(self, count: int, shape: tuple[int, ...]) -> None:
-        self.count, self.shape = count, shape
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.randn(self.shape, generator=torch.Generator().manual_seed(i))  # (C, H, W)
-
-
-def random_data(shape: tuple[int, ...], count: int) -> EvalData:
-    """`count` unlabelled noise images for an example input of `shape` (B, ...): label-free metrics only."""
-    images = _Noise(count, tuple(shape[1:]))
-    dims = "x".join(map(str, shape[1:]))
-    description = f"random label-free data ({count:,} Gaussian noise images of {dims}; KL and agreement only)"
-    return EvalData(DataLoader(images, 64), DataLoader(images, 64), labelled=False, description=description)
-
-
 def data_problem(data_spec: str, shape: tuple[int, ...]) -> str | None:
     """Why the chosen data cannot feed a model input of `shape`, with what to choose instead; None if it can."""
     dims = "x".join(map(str, shape))
@@ -249,8 +239,6 @@ def data_problem(data_spec: str, shape: tuple[int, ...]) -> str | None:
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the data ...")
 def _data(spec: str, shape: tuple[int, ...], limit: int | None) -> EvalData:
-    if spec == RANDOM_DATA:
-        return random_data(shape, limit or RANDOM_IMAGES)
     return load_data(spec, input_shape=shape, limit=limit)
 
 
@@ -267,7 +255,7 @@ def data(ws: Workspace) -> EvalData:
     return loaded
 
 
-# -- curves and the allocation problem --------------------------------------------------------------
+# -- sweeps as jobs, curves from the run store ------------------------------------------------------
 def sweep_settings() -> dict[str, Any]:
     return {
         "levels": list(st.session_state[LEVELS]), "criterion": st.session_state[CRITERION],
@@ -276,33 +264,241 @@ def sweep_settings() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def curves(ws: Workspace) -> pd.DataFrame:
-    """The curves of the current settings: from the run store at once, else swept with a progress bar."""
-    data_ = data(ws)
+def store_path() -> Path:
+    """The run store the dashboard's sweeps fill and read: `$PRUNECORE_STORE`, else prunecore's default."""
+    return default_store_path()
+
+
+@contextlib.contextmanager
+def _uploaded_weights() -> Iterator[str | None]:
+    """The uploaded weights as a temporary file (a job digests and copies it); None without an upload."""
+    raw = st.session_state.get(WEIGHTS)
+    if raw is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "uploaded-weights.pt"
+        path.write_bytes(raw)
+        yield str(path)
+
+
+def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
+    """The sweep job of the current model, weights, data and sweep settings, and its key (also under `JOB`).
+
+    The job names no weights file: an upload is only bytes here, which `submit_sweep` writes to a
+    temporary file. The key digests them, so it is computed once per settings, not on every rerun.
+    Stops the page when no level or no metric is chosen.
+    """
     settings = sweep_settings()
-    if not data_.labelled:
-        settings["metric"] = [m for m in settings["metric"] if not get_metric(m).needs_labels] or ["kl", "agreement"]
-    key = (ws.spec, st.session_state[DATA_SPEC], st.session_state.get(DATA_LIMIT), repr(settings))
-    cached = st.session_state.get("curves_cache")
-    if cached is not None and cached[0] == key:
+    if not settings["levels"] or not settings["metric"]:
+        st.warning("Choose at least one level and one metric (Sweep settings, on the Sensitivity page).")
+        sidebar()
+        st.stop()
+    metrics = settings["metric"]
+    if not data(ws).labelled:
+        metrics = [m for m in metrics if not get_metric(m).needs_labels] or ["kl", "agreement"]
+    shape = st.session_state.get(INPUT_SHAPE)
+    job = SweepJob(
+        ws.spec, st.session_state[DATA_SPEC], str(store_path()), tuple(settings["levels"]),
+        input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
+        criterion=settings["criterion"], metrics=tuple(metrics), bn_recalibration=settings["bn_recalibration"],
+        mode=settings["mode"],
+    )  # fmt: skip
+    raw = st.session_state.get(WEIGHTS)
+    settings_now = (job, hashlib.sha256(raw).hexdigest() if raw is not None else "")
+    cached = st.session_state.get(JOB_CACHE)
+    if cached is None or cached[0] != settings_now:
+        with user_errors(), _uploaded_weights() as path:
+            cached = st.session_state[JOB_CACHE] = (settings_now, jobs.job_key(dataclasses.replace(job, weights=path)))
+    st.session_state[JOB] = cached[1]
+    return job, cached[1]
+
+
+def job_status(key: str) -> JobStatus | None:
+    """What the job's worker last reported; None when nothing was submitted for this key."""
+    try:
+        return jobs.status(key, store_path())
+    except jobs.JobError:  # no such job, or a damaged status file: submitting it again starts over
+        return None
+
+
+def submit_sweep(job: SweepJob) -> None:
+    """Start the job's worker (resuming from its stored points), or join the one that runs it: an `on_click`."""
+    try:
+        with _uploaded_weights() as path:
+            st.session_state[JOB] = jobs.submit(dataclasses.replace(job, weights=path))
+    except UserError as exc:
+        st.error(str(exc))
+
+
+def cancel_sweep(key: str) -> None:
+    """Ask the job's worker to stop after its current batch (finished groups stay stored): an `on_click`."""
+    if not jobs.cancel(key, store_path()):
+        st.toast("The worker is not running (yet): press Cancel again in a moment.")
+
+
+def _duration(seconds: float) -> str:
+    """`"45 s"`, `"1 min 35 s"`, `"2 h 05 min"`."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def job_progress(status: JobStatus) -> tuple[float, str]:
+    """A progress bar's fraction and text for a job: its state, batches done, current group, time left.
+
+    >>> job_progress(JobStatus("k", "running", done=3, total=12, group="layer1.0.conv1", eta_s=95.0))
+    (0.25, 'running: 3 of 12 batches, group `layer1.0.conv1`, about 1 min 35 s left')
+    """
+    active = status.state in jobs.ACTIVE
+    parts = []
+    if status.total:
+        parts.append(f"{status.done:,} of {status.total:,} batches")
+    elif active:
+        parts.append("preparing (the model, the data, the dense model's metrics)")
+    if active and status.group:
+        parts.append(f"group `{status.group}`")
+    if active and status.eta_s is not None:
+        parts.append(f"about {_duration(status.eta_s)} left")
+    fraction = min(status.done / status.total, 1.0) if status.total else 0.0
+    return fraction, status.state + (": " + ", ".join(parts) if parts else "")
+
+
+def _complete(run_id: str | None) -> bool:
+    """Whether the run store holds the run, complete."""
+    if not run_id:
+        return False
+    runs = pc.RunStore(store_path())
+    try:
+        return runs.get(run_id).complete
+    except StoreError:  # deleted since, or a damaged store: sweeping again is the way out
+        return False
+    finally:
+        runs.close()
+
+
+def _phase(status: JobStatus | None) -> tuple | None:
+    """What the page shows of a job besides its progress: controls, and the groups stored so far."""
+    return None if status is None else (status.state, status.group, status.run_id)
+
+
+def sweep_panel(job: SweepJob, key: str, status: JobStatus | None) -> None:
+    """The sweep's Run button, or its progress with Cancel (running) or Resume (cancelled, died), or its error.
+
+    A fragment: while the job runs it reruns itself every second, and the whole page when the job's
+    state or group changes (a group's points are stored, the curves are complete, other buttons apply).
+    """
+    every = 1.0 if status is not None and status.state in jobs.ACTIVE else None
+    st.fragment(_panel, run_every=every)(job, key, _phase(status))
+
+
+RUN_HELP = ("Sweeps every prunable group at every level in a background process, which goes on when this tab "
+            "closes; any session with the same settings follows it and uses its curves.")  # fmt: skip
+
+
+def describe_job(job: SweepJob) -> str:
+    """One line saying what a job sweeps, beside its Run button.
+
+    >>> describe_job(SweepJob("sample:resnet20", "sample", "runs.sqlite", (0.3, 0.6), limit=64, metrics=("kl",)))
+    'Every prunable group at levels 0.3, 0.6 (criterion l1, exact), measuring kl on sample (first 64 images).'
+    """
+    bn = f", BatchNorm re-estimated on {job.bn_recalibration} batches" if job.bn_recalibration else ""
+    data_ = job.data + (f" (first {job.limit:,} images)" if job.limit else "")
+    return (f"Every prunable group at levels {', '.join(f'{v:g}' for v in job.levels)} (criterion {job.criterion}, "
+            f"{job.mode}{bn}), measuring {', '.join(job.metrics)} on {data_}.")
+
+
+def _panel(job: SweepJob, key: str, shown: tuple | None) -> None:
+    status = job_status(key)
+    if _phase(status) != shown:
+        st.rerun()
+    if status is not None and status.state == "done" and _complete(status.run_id):
+        return  # the page shows the curves
+    if status is None or status.state in ("done", "failed"):  # done: its run was deleted from the store since
+        if status is not None and status.state == "failed":
+            log = store_path().parent / "jobs" / key / "worker.log"
+            st.error(f"The sweep failed: {status.error} (the worker's log: `{log}`)")
+        st.button("Run sweep", key=RUN_SWEEP, type="primary", on_click=submit_sweep, args=(job,), help=RUN_HELP)
+        st.caption(describe_job(job))
+        return
+    fraction, text = job_progress(status)
+    st.progress(fraction, text=text)
+    if status.state in jobs.ACTIVE:
+        st.button("Cancel", key=CANCEL_SWEEP, on_click=cancel_sweep, args=(key,),
+                  help="Stops after the current batch; the groups finished so far stay stored.")  # fmt: skip
+    else:  # cancelled, or its worker died
+        st.button("Resume", key=RESUME_SWEEP, type="primary", on_click=submit_sweep, args=(job,),
+                  help="Sweeps the groups left; the finished ones are stored.")  # fmt: skip
+
+
+def stored_curves(ws: Workspace, key: str, status: JobStatus | None, partial: bool = False) -> pd.DataFrame | None:
+    """The job's curves from the run store; None when there are none (yet).
+
+    Complete curves are kept for the session (under `CURVES`, the run id under `RUN_ID`); with
+    `partial`, an unfinished run gives the groups stored so far. `frame.attrs` has the store's run id,
+    model name and sweep config, and `complete`.
+    """
+    now = (ws.spec, st.session_state[DATA_SPEC], st.session_state.get(DATA_LIMIT), key)
+    cached = st.session_state.get(CURVES)
+    if cached is not None and cached[0] == now:
         return cached[1]
-    bar = st.progress(0.0, text="Looking for stored curves, else sweeping every group at every level ...")
+    if status is None or not status.run_id:
+        return None
+    complete = _complete(status.run_id)
+    if not complete and not partial:
+        return None
+    runs = pc.RunStore(store_path())
+    try:
+        with user_errors():
+            frame = runs.points(status.run_id)
+    finally:
+        runs.close()
+    frame.attrs["complete"] = complete
+    if complete:
+        st.session_state[CURVES] = (now, frame)
+        st.session_state[RUN_ID] = status.run_id
+        sidebar()  # it names this run now
+    return frame if (frame.group != DENSE).any() else None
 
-    def report(done: int, total: int) -> None:
-        bar.progress(done / max(total, 1), text=f"Sweeping: {done} of {total} batches")
 
-    with user_errors():
-        frame = pc.sweep(
-            ws.model, data_.evaluation, ws.example, graph=ws.graph, store=pc.RunStore(), model_name=ws.spec,
-            calibration=data_.calibration, progress=report, **settings,
-        )  # fmt: skip
-    bar.empty()
-    st.session_state["curves_cache"] = (key, frame)
-    st.session_state[RUN_ID] = frame.attrs.get("run_id", "")
-    sidebar()  # it names this run now
+def curves(ws: Workspace) -> pd.DataFrame:
+    """The finished curves of the current settings, from the run store.
+
+    Without them the page shows the sweep's panel (Run, or its progress) and stops there; the panel
+    reruns the page when the sweep is done.
+    """
+    job, key = sweep_job(ws)
+    status = job_status(key)
+    frame = stored_curves(ws, key, status)
+    if frame is None:
+        st.info("This page needs the sensitivity curves of the current model, data and sweep settings: run the "
+                "sweep here or on the Sensitivity page. The page opens when it is done.")  # fmt: skip
+        sweep_panel(job, key, status)
+        sidebar()
+        st.stop()
     return frame
 
 
+def jobs_table(current: str = "") -> pd.DataFrame:
+    """Every sweep job of the run store, from any session, most recently updated first."""
+    rows = []
+    for status in jobs.list_jobs(store_path()):
+        job = jobs.read_job(status.key, store_path())
+        rows.append({
+            "job": status.key, "these settings": status.key == current, "model": job.model,
+            "data": job.data + (f" (first {job.limit:,})" if job.limit else ""),
+            "levels": ", ".join(f"{v:g}" for v in job.levels), "metrics": ", ".join(job.metrics),
+            "state": status.state, "progress": f"{status.done:,} of {status.total:,} batches" if status.total else "",
+            "updated": status.updated,
+        })  # fmt: skip
+    columns = ["job", "these settings", "model", "data", "levels", "metrics", "state", "progress", "updated"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# -- the allocation problem ------------------------------------------------------------------------
 @st.cache_resource(max_entries=4, show_spinner="Ranking units and building the cost model ...")
 def _problem(spec: str, run_id: str, _ws: Workspace, _curves: pd.DataFrame) -> pc.AllocationProblem:
     return pc.allocation_problem(_curves, _ws.graph, _ws.model, model_name=spec)
@@ -420,10 +616,11 @@ def sidebar() -> None:
 
 
 def current_run() -> str:
-    """The run id of the curves the pages use now; "" when the last curves belong to another model or data."""
-    cached = st.session_state.get("curves_cache")
-    now = (st.session_state.get(MODEL_SPEC), st.session_state.get(DATA_SPEC), st.session_state.get(DATA_LIMIT))
-    if cached is None or tuple(cached[0][:3]) != now:
+    """The run id of the curves the pages use now; "" when the last curves belong to another model, data or sweep."""
+    cached = st.session_state.get(CURVES)
+    now = (st.session_state.get(MODEL_SPEC), st.session_state.get(DATA_SPEC), st.session_state.get(DATA_LIMIT),
+           st.session_state.get(JOB))  # fmt: skip
+    if cached is None or tuple(cached[0]) != now:
         return ""
     return str(cached[1].attrs.get("run_id", ""))
 

@@ -6,7 +6,10 @@ A spec is a string, so a command line, a dashboard text box and a saved sweep al
   500-image calibration split for BatchNorm re-estimation;
 - `imagefolder:PATH`: the user's images. Class subfolders (torchvision's `ImageFolder` layout)
   give labelled data; image files directly in PATH give unlabelled batches of bare tensors, for
-  label-free metrics (KL, agreement with the dense model).
+  label-free metrics (KL, agreement with the dense model);
+- `random`: seeded Gaussian noise of the model's input shape, unlabelled, for trying a model when no
+  data fits it (its images, classes or channels): only the label-free metrics (KL, agreement) mean
+  anything on it. Image i is the same on every run and in every process, so a sweep on it resumes.
 
     >>> data = load_data("imagefolder:val", input_shape=(1, 3, 224, 224), limit=500)
     >>> data.description
@@ -31,7 +34,9 @@ __all__ = ["DataSpecError", "EvalData", "load_data"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _RESIZE_RATIO = 256 / 224  # the standard eval transform: resize the shorter side to 256, crop 224
-_KINDS = "'sample' (the bundled held-out digits), 'imagefolder:PATH' (a folder of images)"
+RANDOM_IMAGES = 256  # `random` images when no limit is set
+_KINDS = ("'sample' (the bundled held-out digits), 'random' (Gaussian noise, label-free), "
+          "'imagefolder:PATH' (a folder of images)")  # fmt: skip
 
 
 class DataSpecError(UserError, ValueError):
@@ -64,6 +69,21 @@ class _Images(Dataset):
         return image if self.targets is None else (image, self.targets[i])
 
 
+class _Noise(Dataset):
+    """Image i is standard Gaussian noise seeded by i: the same images on every run, made when read."""
+
+    def __init__(self, count: int, shape: tuple[int, ...]) -> None:
+        self.count, self.shape = count, shape
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return torch.randn(self.shape, generator=torch.Generator().manual_seed(i))  # (C, H, W)
+
+
 def load_data(
     spec: str,
     batch_size: int = 250,
@@ -71,7 +91,7 @@ def load_data(
     limit: int | None = None,
     calibration_spec: str | None = None,
 ) -> EvalData:
-    """Evaluation and calibration loaders for a data spec (`sample` or `imagefolder:PATH`).
+    """Evaluation and calibration loaders for a data spec (`sample`, `random` or `imagefolder:PATH`).
 
     `input_shape` is the model's example input shape, `(..., C, H, W)` with C 1 or 3; image folders
     need it because the files have arbitrary sizes and modes. Images are converted to grayscale
@@ -80,7 +100,8 @@ def load_data(
     likely trained with: ImageNet's mean/std for RGB, the sample digits' `MEAN`/`STD` for grayscale.
 
     `limit` keeps the first N images in sorted file order (class by class for a labelled folder),
-    so repeated quick sweeps see the same images; for `sample` it caps both splits.
+    so repeated quick sweeps see the same images; for `sample` it caps both splits; for `random` it is
+    the number of images (default `RANDOM_IMAGES`), which `input_shape` (required) shapes.
 
     A user folder has no separate calibration split: calibration and evaluation share the images
     (as separate DataLoaders) unless `calibration_spec` names other data, whose calibration loader
@@ -91,6 +112,8 @@ def load_data(
     kind, _, arg = spec.partition(":")
     if spec == "sample":
         data = _sample(batch_size, input_shape, limit)
+    elif spec == "random":
+        data = _random(batch_size, input_shape, limit)
     elif kind == "imagefolder" and arg:
         data = _imagefolder(Path(arg).expanduser(), batch_size, input_shape, limit)
     else:
@@ -111,6 +134,17 @@ def _sample(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | N
     held, calib = (_first(mnist_split(s), limit) for s in ("heldout", "calibration"))
     description = f"sample held-out digits ({len(held):,} images; calibration {len(calib):,})"
     return EvalData(DataLoader(held, batch_size), DataLoader(calib, batch_size), True, description)
+
+
+def _random(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | None) -> EvalData:
+    if input_shape is None or len(input_shape) < 2:
+        raise DataSpecError("random data needs input_shape (the model's example input shape, batch first)")
+    count = limit or RANDOM_IMAGES
+    images = _Noise(count, tuple(input_shape[1:]))
+    description = (f"random label-free data ({count:,} Gaussian noise images of {_shape(input_shape[1:])}; "
+                   "KL and agreement only)")  # fmt: skip
+    loaders = (DataLoader(images, batch_size), DataLoader(images, batch_size))
+    return EvalData(*loaders, labelled=False, description=description)
 
 
 def _imagefolder(root: Path, batch_size: int, input_shape: tuple[int, ...] | None, limit: int | None) -> EvalData:

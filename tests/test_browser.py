@@ -1,6 +1,7 @@
 """End to end in a real browser: the app served by `streamlit run`, driven by headless Chromium.
 
-Goes to the Plan page, drags a per-group slider with the mouse, sees the predicted numbers change,
+Runs the sweep (a background job) on the Sensitivity page and waits for its curves, goes to the
+Plan page, drags a per-group slider with the mouse, sees the predicted numbers change,
 downloads the plan JSON from the Export page and validates it with `Plan.from_json`. Needs
 Debian's `chromium` (`.ci/run` installs it) and the `playwright` package; without them the test
 is skipped, unless PRUNECORE_REQUIRE_BROWSER=1 (set by CI) turns the skip into a failure.
@@ -45,7 +46,7 @@ if _missing():
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
-expect.set_options(timeout=300_000)  # the first visit loads, traces and sweeps the sample model
+expect.set_options(timeout=300_000)  # the first visit loads and traces the sample model; the sweep job runs
 
 
 def _free_port() -> int:
@@ -132,7 +133,11 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     _shoot(page, "1-model")
 
     _go(page, "Sensitivity")
-    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+    page.get_by_role("button", name="Run sweep").click()  # a worker process sweeps; the page follows it
+    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()  # the page reruns when it is done
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    _settle(page)
     _shoot(page, "2-sensitivity")
 
     _go(page, "Plan")

@@ -1,4 +1,7 @@
-"""The dashboard through Streamlit's AppTest: every page runs, widgets drive the numbers, errors stay on the page."""
+"""The dashboard through Streamlit's AppTest: every page runs, widgets drive the numbers, errors stay on the page.
+
+Pages that need curves use the module's one quick sweep, which the first of them runs as a job (Run sweep).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
+from dashboard_sweeps import run_sweep
 from prunecore.plan import json_schema
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -18,11 +22,17 @@ FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0}  # 
 
 @pytest.fixture(scope="module", autouse=True)
 def store(tmp_path_factory):
-    """One run store for the module: the first test sweeps, the others load the stored curves."""
+    """One run store for the module: the first test that needs curves sweeps, the others load them."""
     mp = pytest.MonkeyPatch()
     mp.setenv("PRUNECORE_STORE", str(tmp_path_factory.mktemp("store") / "runs.db"))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def swept(store):
+    """The quick sweep of the sample resnet20, done (a job's key names it: later sessions find it)."""
+    run_sweep(app("sensitivity"))
 
 
 def app(page: str | None = None, **state) -> AppTest:
@@ -67,19 +77,21 @@ def test_model_page_errors_stay_on_the_page():
     assert any("comma-separated integers" in e.value for e in at.error)
 
 
-def test_sensitivity_page_sweeps_once_then_loads_from_the_store():
-    at = app("sensitivity")
+def test_sensitivity_page_sweeps_as_a_job_then_any_session_loads_the_stored_curves():
+    at = run_sweep(app("sensitivity"))
+    assert not at.exception
     charts = at.get("plotly_chart")
     assert len(charts) == 2
-    curves = at.dataframe[0].value
+    curves = at.dataframe[-1].value
     assert set(curves.sparsity) == {0.0, 0.3, 0.6}
     run = at.session_state["run_id"]
-    again = app("sensitivity")
+    again = app("sensitivity")  # a new session: the curves at once, no button to press
     assert again.session_state["run_id"] == run
-    assert again.dataframe[0].value.equals(curves)
+    assert again.dataframe[-1].value.equals(curves)
+    assert not again.button
 
 
-def test_plan_page_sliders_update_the_numbers_without_touching_the_model():
+def test_plan_page_sliders_update_the_numbers_without_touching_the_model(swept):
     at = app("plan")
     flops = metric(at, "FLOPs kept")
     assert float(flops.rstrip("%")) <= 50.0  # the default budget keeps half the FLOPs
@@ -93,7 +105,7 @@ def test_plan_page_sliders_update_the_numbers_without_touching_the_model():
     assert metric(at, "FLOPs kept") == flops
 
 
-def test_plan_page_budget_method_lock_and_search():
+def test_plan_page_budget_method_lock_and_search(swept):
     at = app("plan")
     at.slider(key="budget_value").set_value(0.3).run()
     assert float(metric(at, "FLOPs kept").rstrip("%")) <= 30.0
@@ -109,7 +121,7 @@ def test_plan_page_budget_method_lock_and_search():
     }
 
 
-def test_validate_page_measures_the_plan_next_to_its_prediction():
+def test_validate_page_measures_the_plan_next_to_its_prediction(swept):
     at = app("plan")
     at.switch_page("pages/validate.py").run()
     at.button(key="validate_run").click().run()
@@ -120,7 +132,7 @@ def test_validate_page_measures_the_plan_next_to_its_prediction():
     assert 0 <= table.loc["accuracy", "measured"] <= 1
 
 
-def test_export_page_offers_a_valid_plan_that_round_trips():
+def test_export_page_offers_a_valid_plan_that_round_trips(swept):
     at = app("plan")
     at.switch_page("pages/export.py").run()
     assert not at.exception

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
 from dashboard import charts, state
+from dashboard_sweeps import run_sweep
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0}  # seconds, not minutes
@@ -57,11 +58,18 @@ def test_the_glossary_explains_every_criterion_metric_and_the_overlapping_flop_s
 # -- the app --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def store(tmp_path_factory):
-    """One run store for the module: the first test of a model sweeps, the others load its curves."""
+    """One run store for the module."""
     mp = pytest.MonkeyPatch()
     mp.setenv("PRUNECORE_STORE", str(tmp_path_factory.mktemp("store") / "runs.db"))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def swept(store):
+    """The quick sweeps of the sample resnet20 and ViT, done as jobs: the Plan page finds their curves."""
+    for model in ("sample:resnet20", "sample:vit"):
+        run_sweep(app("sensitivity", model_spec=model))
 
 
 def app(page: str | None = None, **values) -> AppTest:
@@ -117,7 +125,7 @@ def resnet20_problem(curves) -> pc.AllocationProblem:
     return pc.allocation_problem(curves, graph, sample.model, model_name="sample:resnet20")
 
 
-def test_a_lock_keeps_every_edit_and_reallocation_moves_only_unlocked_groups():
+def test_a_lock_keeps_every_edit_and_reallocation_moves_only_unlocked_groups(swept):
     at = app("plan")
     a, b = "layer1.0.conv1", "layer2.0.conv1"  # 16 and 32 units
     edited = dict(sliders(at))
@@ -140,7 +148,7 @@ def test_a_lock_keeps_every_edit_and_reallocation_moves_only_unlocked_groups():
     assert flops_kept(at) <= 50.0
 
 
-def test_edits_survive_a_new_budget_until_the_user_reallocates():
+def test_edits_survive_a_new_budget_until_the_user_reallocates(swept):
     at = app("plan")
     group = "layer3.0.conv1"
     at.slider(key=state.sparsity_key(group)).set_value(0.0).run()
@@ -155,7 +163,7 @@ def test_edits_survive_a_new_budget_until_the_user_reallocates():
     assert flops_kept(at) <= 30.0 and not at.info
 
 
-def test_a_slider_steps_one_unit_of_its_group_and_shows_the_kept_count():
+def test_a_slider_steps_one_unit_of_its_group_and_shows_the_kept_count(swept):
     at = app("plan", model_spec="sample:vit")
     graph = at.session_state["edited_plan"].groups
     for s in at.slider:
@@ -170,7 +178,7 @@ def test_a_slider_steps_one_unit_of_its_group_and_shows_the_kept_count():
     assert "2 / 4 kept" in [m.value for m in at.markdown]
 
 
-def test_metric_cards_show_changes_in_the_metrics_unit_and_stay_above_the_scrolling_sliders():
+def test_metric_cards_show_changes_in_the_metrics_unit_and_stay_above_the_scrolling_sliders(swept):
     at = app("plan")
     curves = at.session_state["curves_cache"][1]
     dense = curves[curves.group == pc.DENSE].iloc[0]
@@ -187,7 +195,7 @@ def test_metric_cards_show_changes_in_the_metrics_unit_and_stay_above_the_scroll
     assert not [n for n in nodes(box) if n.type == "metric"]
 
 
-def test_the_sidebar_names_the_model_data_and_run_the_page_uses():
+def test_the_sidebar_names_the_model_data_and_run_the_page_uses(swept):
     at = app("plan")
     run = at.session_state["run_id"]
     assert run and f"`{run}`" in sidebar_text(at) and "`sample:resnet20`" in sidebar_text(at)
@@ -202,7 +210,7 @@ def test_the_sidebar_names_the_model_data_and_run_the_page_uses():
     assert vit_run != run and f"`{vit_run}`" in sidebar_text(at) and at.session_state["run_id"] == vit_run
 
 
-def test_the_export_page_is_a_summary_a_download_and_a_collapsed_fixed_height_json():
+def test_the_export_page_is_a_summary_a_download_and_a_collapsed_fixed_height_json(swept):
     at = app("plan")
     plan = at.session_state["edited_plan"]
     at.switch_page("pages/export.py").run()

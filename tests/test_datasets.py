@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from prunecore.datasets import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataSpecError, load_data
+from prunecore.datasets import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, RANDOM_IMAGES, DataSpecError,
+                                load_data)
 from sample_models.data import MEAN, STD
 
 RGB, GRAY = (1, 3, 32, 32), (1, 1, 28, 28)
@@ -120,6 +121,25 @@ def test_sample_spec():
     assert sum(len(t) for _, t in load_data("sample", limit=30).evaluation) == 30
 
 
+def test_random_spec_is_seeded_unlabelled_noise_of_the_input_shape():
+    def images(limit: int | None, batch_size: int = 250) -> torch.Tensor:
+        return torch.cat(list(load_data("random", batch_size, input_shape=RGB, limit=limit).evaluation))
+
+    data = load_data("random", batch_size=4, input_shape=RGB, limit=10)
+    assert not data.labelled
+    assert data.description == "random label-free data (10 Gaussian noise images of 3x32x32; KL and agreement only)"
+    batches = _batches(data.evaluation)
+    assert all(isinstance(x, torch.Tensor) for x in batches)  # bare inputs, no targets
+    assert [x.shape for x in batches] == [(4, 3, 32, 32), (4, 3, 32, 32), (2, 3, 32, 32)]
+    torch.testing.assert_close(torch.cat(batches), images(10))  # the same images in any batch size, every time
+    torch.testing.assert_close(torch.cat(_batches(data.calibration)), images(10))
+    torch.testing.assert_close(images(10), images(20)[:10])  # a limit takes the first images
+    assert images(None).shape == (RANDOM_IMAGES, 3, 32, 32)
+    assert 0.5 < float(images(None).std()) < 1.5  # standard Gaussian, not constant
+    first, second = images(2)
+    assert not torch.equal(first, second)  # each image its own noise
+
+
 def test_hidden_entries_are_skipped(labelled: Path):
     _image(labelled / "cat" / "._img0.png", (8, 8))  # a macOS resource fork would not decode
     (labelled / ".ipynb_checkpoints").mkdir()
@@ -141,6 +161,8 @@ def test_hidden_entries_are_skipped(labelled: Path):
         ("sample", {"limit": 0}, "limit must be >= 1"),
         ("sample", {"input_shape": RGB}, "sample digits are 1x28x28"),
         ("sample", {"calibration_spec": "nope"}, "unknown data spec 'nope'"),
+        ("random", {}, "random data needs input_shape"),
+        ("random", {"input_shape": RGB, "limit": 0}, "limit must be >= 1"),
     ],
 )
 def test_bad_specs_fail_with_one_line(tmp_path: Path, spec: str, kwargs: dict, fragment: str):

@@ -1,4 +1,10 @@
-"""Sensitivity page: run or load a sweep; curves, heatmap and table of every group's sensitivity."""
+"""Sensitivity page: run a sweep as a background job, follow it, and see every group's sensitivity.
+
+Run sweep starts a worker process (`prunecore.jobs`) for the current settings; changing a setting
+starts nothing. The worker outlives this tab, and any session with the same model, data and settings
+finds it (the same job key) and follows it instead of starting another. The curves come from the run
+store: the groups finished so far while it runs, all of them once it is done.
+"""
 
 import streamlit as st
 
@@ -15,15 +21,26 @@ with st.expander("Sweep settings", expanded=False):
     c2.multiselect("Levels", [round(0.05 * i, 2) for i in range(1, 20)], key=state.LEVELS)
     c2.multiselect("Metrics", pc.list_metrics(), key=state.METRICS)
     c3.number_input("BatchNorm re-estimation batches per point (0: off)", 0, 50, key=state.BN_BATCHES)
-if not st.session_state[state.LEVELS] or not st.session_state[state.METRICS]:
-    st.warning("Choose at least one level and one metric.")
-    st.stop()
 
-frame = state.curves(ws)
+job, key = state.sweep_job(ws)
+status = state.job_status(key)
+state.sweep_panel(job, key, status)
+with st.expander("Jobs: every session's sweeps in the run store", expanded=False), state.user_errors(stop=False):
+    st.dataframe(state.jobs_table(key), hide_index=True, width="stretch", key="jobs_table")
+
+frame = state.stored_curves(ws, key, status, partial=True)
+if frame is None:
+    state.sidebar()  # nothing draws after st.stop()
+    st.stop()  # the panel above says what to do, or how far the sweep is
 metrics = [m for m in pc.list_metrics() if m in frame.columns]
 metric = st.selectbox("Metric", metrics, key="curve_metric")
-st.caption(f"Run `{frame.attrs.get('run_id', '')}`: {frame.group.nunique() - 1} groups; stored in the run store, "
-           "so the next start loads it at once.")  # fmt: skip
+groups = frame.group.nunique() - 1
+if frame.attrs["complete"]:
+    st.caption(f"Run `{frame.attrs['run_id']}`: {groups} groups; stored in the run store, so any session with "
+               "these settings loads it at once.")  # fmt: skip
+else:
+    st.caption(f"Run `{frame.attrs['run_id']}` so far: {groups} of {len(ws.graph.prunable)} groups; the curves "
+               "grow as the sweep stores each group.")  # fmt: skip
 st.plotly_chart(charts.curves_figure(frame, metric), width="stretch", key="curves_chart")
 st.plotly_chart(charts.heatmap_figure(frame, metric), width="stretch", key="heatmap_chart")
 st.dataframe(frame, hide_index=True, width="stretch", key="curves_table")

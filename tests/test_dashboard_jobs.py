@@ -1,0 +1,187 @@
+"""Sweeps on the dashboard are background jobs: Run starts one, any session finds and shares it.
+
+Through AppTest, with tiny sweeps (the sample resnet20, 16 digits, one level, one metric). Cases that
+act while a job runs slow its worker with `PRUNECORE_JOBS_TEST_DELAY` (seconds per batch); the
+fixture kills the workers a test leaves running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import prunecore as pc
+from dashboard import state
+from dashboard_sweeps import run_sweep, wait_for_job
+from prunecore import jobs
+from prunecore.jobs import JobStatus
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+TINY = {"data_limit": 16, "sweep_levels": [0.5], "sweep_metrics": ["accuracy"], "sweep_bn_batches": 0}
+RANDOM = {"data_source": "Random (label-free)"}  # the Model page's data choice: prunecore's `random` spec
+DELAY = "2"  # seconds per batch: a sweep of resnet20's 12 groups stays running long enough to act on
+
+
+@pytest.fixture(autouse=True)
+def store(tmp_path, monkeypatch):
+    """A run store of the test's own (the dashboard's, through $PRUNECORE_STORE); leftover workers are killed."""
+    path = tmp_path / "runs.sqlite"
+    monkeypatch.setenv("PRUNECORE_STORE", str(path))
+    yield path
+    for job in jobs.list_jobs(path):
+        if job.state in jobs.ACTIVE and job.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+
+
+def app(page: str = "sensitivity", weights: bytes | None = None, **values) -> AppTest:
+    """A new session on `page`, with the tiny sweep settings, `values` and uploaded `weights`."""
+    at = AppTest.from_file(APP, default_timeout=600)
+    for key, value in {**TINY, **values}.items():
+        at.session_state[key] = value
+    at.run()
+    at.session_state[state.WEIGHTS] = weights  # as the Model page's uploader leaves it
+    at.switch_page(f"pages/{page}.py")
+    return ok(at.run())
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def buttons(at: AppTest) -> list[str]:
+    return [b.key for b in at.button]
+
+
+def progress(at: AppTest) -> str:
+    return " ".join(p.proto.text for p in at.get("progress"))
+
+
+def running(key: str) -> JobStatus:
+    return wait_for_job(key, lambda s: s.state == "running" and s.pid is not None)
+
+
+def test_settings_start_nothing_and_run_starts_one_job_that_a_second_session_shares(store, monkeypatch):
+    monkeypatch.setenv(jobs.DELAY_ENV, DELAY)
+    first = app()
+    assert buttons(first) == [state.RUN_SWEEP] and not first.get("plotly_chart")
+    first.multiselect(key=state.LEVELS).set_value([0.25, 0.5]).run()  # a settings change sweeps nothing
+    ok(first)
+    assert jobs.list_jobs(store) == [] and buttons(first) == [state.RUN_SWEEP]
+
+    first.button(key=state.RUN_SWEEP).click().run()
+    ok(first)
+    key = first.session_state[state.JOB]
+    assert [j.key for j in jobs.list_jobs(store)] == [key]
+    assert jobs.read_job(key, store).levels == (0.25, 0.5)
+    worker = running(key).pid
+    assert state.CANCEL_SWEEP in buttons(first.run()) and state.RUN_SWEEP not in buttons(first)
+
+    second = app(sweep_levels=[0.5, 0.25])  # a new session, the same settings: the same job, followed
+    assert second.session_state[state.JOB] == key
+    assert buttons(second) == [state.CANCEL_SWEEP] and progress(second).startswith("running")
+    assert jobs.status(key, store).pid == worker and len(jobs.list_jobs(store)) == 1  # no second worker
+    table = second.dataframe[0].value
+    assert list(table.job) == [key] and table["these settings"].tolist() == [True]
+    assert list(table.model) == ["sample:resnet20"] and list(table.state) == ["running"]
+
+
+def test_cancel_shows_the_cancelled_state_and_resume_continues_the_same_job(store, monkeypatch):
+    monkeypatch.setenv(jobs.DELAY_ENV, DELAY)
+    at = app()
+    at.button(key=state.RUN_SWEEP).click().run()
+    key = at.session_state[state.JOB]
+    first = running(key).pid
+    at.run().button(key=state.CANCEL_SWEEP).click().run()
+    ok(at)
+    wait_for_job(key)
+    at.run()
+    assert progress(at).startswith("cancelled") and buttons(at) == [state.RESUME_SWEEP]
+    assert buttons(app()) == [state.RESUME_SWEEP]  # any session may resume it
+
+    at.button(key=state.RESUME_SWEEP).click().run()
+    ok(at)
+    assert at.session_state[state.JOB] == key and [j.key for j in jobs.list_jobs(store)] == [key]
+    assert running(key).pid != first  # a new worker for the same job, resuming from the stored groups
+    assert state.CANCEL_SWEEP in buttons(at.run())
+
+
+def test_a_done_jobs_curves_appear_in_a_new_session_without_pressing_run(store):
+    done = run_sweep(app())
+    key = done.session_state[state.JOB]
+    run = jobs.status(key, store).run_id
+    assert done.session_state[state.RUN_ID] == run
+
+    later = app()  # a new session: nothing to press, the curves from the run store
+    assert state.RUN_SWEEP not in buttons(later) and not progress(later)
+    assert later.session_state[state.JOB] == key and later.session_state[state.RUN_ID] == run
+    assert len(later.get("plotly_chart")) == 2
+    stored = pc.RunStore(store).points(run)
+    assert later.dataframe[-1].value.equals(stored) and set(stored.sparsity) == {0.0, 0.5}
+    plan = app("plan")  # the Plan page takes the same curves
+    assert plan.session_state["curves_cache"][1].attrs["run_id"] == run
+    assert plan.session_state[state.EDITED_PLAN] is not None
+
+
+def test_random_data_sweeps_the_label_free_metrics_in_a_worker(store):
+    at = run_sweep(app(**RANDOM, sweep_metrics=["accuracy", "loss"]))
+    job = jobs.read_job(at.session_state[state.JOB], store)
+    assert (job.data, job.limit, job.metrics) == ("random", 16, ("kl", "agreement"))  # no labels: no accuracy
+    curves = at.dataframe[-1].value
+    assert {"kl", "agreement"} <= set(curves.columns) and "accuracy" not in curves.columns
+
+
+def test_a_failed_job_shows_its_error_and_can_be_run_again(store):
+    at = app(**RANDOM, sweep_mode="estimate")  # an estimate predicts the loss: it needs labels
+    at.button(key=state.RUN_SWEEP).click().run()
+    key = at.session_state[state.JOB]
+    assert wait_for_job(key).state == "failed"
+    at.run()
+    ok(at)
+    assert any("The sweep failed" in e.value and "need labels" in e.value for e in at.error)
+    assert buttons(at) == [state.RUN_SWEEP] and not at.get("plotly_chart")
+
+
+def test_the_plan_page_waits_for_a_sweep_and_offers_to_run_it(store):
+    at = app("plan")
+    assert any("needs the sensitivity curves" in i.value for i in at.info)
+    assert buttons(at) == [state.RUN_SWEEP] and not at.metric
+
+
+def test_uploaded_weights_reach_the_worker_as_a_copy_that_the_key_digests(store, monkeypatch):
+    monkeypatch.setenv(jobs.DELAY_ENV, DELAY)
+    model = pc.load_model("sample:resnet20")
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)  # weights of its own, not the sample's
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    upload = buffer.getvalue()
+    at = app(weights=upload)
+    assert at.session_state[state.JOB] != app().session_state[state.JOB]  # other weights, another job
+
+    at.button(key=state.RUN_SWEEP).click().run()
+    key = at.session_state[state.JOB]
+    running(key)
+    job = jobs.read_job(key, store)
+    assert Path(job.weights).read_bytes() == upload and Path(job.weights).is_relative_to(store.parent / "jobs")
+    assert jobs.job_key(job) == key  # the copy's content, not a temporary path, names the job
+    assert app(weights=upload).session_state[state.JOB] == key
+
+
+def test_job_progress_says_how_far_a_job_is():
+    assert state.job_progress(JobStatus("k", "starting")) == (
+        0.0, "starting: preparing (the model, the data, the dense model's metrics)")  # fmt: skip
+    running_ = JobStatus("k", "running", done=6, total=8, group="layer2.0.conv1", eta_s=4000.0)
+    assert state.job_progress(running_) == (0.75, "running: 6 of 8 batches, group `layer2.0.conv1`, about 1 h 06 min "
+                                                   "left")  # fmt: skip
+    assert state.job_progress(JobStatus("k", "cancelled", done=3, total=12, group="stem.0")) == (
+        0.25, "cancelled: 3 of 12 batches")  # fmt: skip
+    assert state.job_progress(JobStatus("k", "died")) == (0.0, "died")
