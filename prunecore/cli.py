@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="sensitivity curves: prune each group alone at rising sparsity")
     _model_args(sweep)
-    sweep.add_argument("--data", required=True, help="'sample' or imagefolder:PATH (class subfolders: labelled)")
+    sweep.add_argument("--data", required=True,
+                       help="'sample', imagefolder:PATH (class subfolders: labelled) or 'random' (label-free noise)")
     sweep.add_argument("--limit", type=_positive, help="use at most N images")
     sweep.add_argument("--levels", type=_levels, help="sparsities, e.g. 0.1,0.3,0.5 (default: 0.1 to 0.9 by 0.1)")
     sweep.add_argument("--metric", type=_names, default=None, help="metrics, e.g. accuracy,loss or kl,agreement")
@@ -137,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     pruned = ev.add_mutually_exclusive_group()
     pruned.add_argument("--plan", type=Path, help="a plan JSON file, applied to the model")
     pruned.add_argument("--pruned", type=Path, help="a pruned-model file (from apply or prune --out)")
-    ev.add_argument("--data", required=True, help="'sample' or imagefolder:PATH")
+    ev.add_argument("--data", required=True, help="'sample', imagefolder:PATH or 'random'")
     ev.add_argument("--metric", type=_names, help="metrics, e.g. accuracy,loss (default: the plan's predicted ones)")
     ev.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                     help="re-estimate the pruned model's BatchNorm statistics on N batches (0: off)")  # fmt: skip
