@@ -61,6 +61,10 @@ def test_model_page_shows_the_default_sample_and_its_groups():
     prunable = [g.name for g in graph.prunable]
     assert table.loc[prunable, "share of FLOPs"].between(0, 1).all()
     assert table.drop(index=prunable)["share of FLOPs"].isna().all()
+    fixed = [g for g in graph.groups if not g.prunable]  # their whole reasons, not the table's clipped cells
+    why = next(e for e in at.expander if e.label.startswith("Why"))
+    assert why.label == f"Why {len(fixed)} group{'s' * (len(fixed) != 1)} cannot be pruned"
+    assert all(g.reason in why.markdown[0].value for g in fixed)
     at.selectbox(key="sample_name").set_value("vit").run()
     assert not at.exception
     assert at.session_state["model_spec"] == "sample:vit"

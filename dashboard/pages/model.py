@@ -125,10 +125,22 @@ else:
 st.subheader("Channel groups")
 st.dataframe(
     pd.DataFrame([{
-        "group": g.name, "channels": g.channels or g.size, "units": g.size, "producers": ", ".join(g.producers),
+        "group": g.name, "channels": g.channels or g.size, "units": g.size,
+        "producers": g.producers[0] + (f" (+{len(g.producers) - 1} more)" if len(g.producers) > 1 else ""),
         "members": len(g.members), "share of FLOPs": ws.flop_shares.get(g.name),
         "prunable": "yes" if g.prunable else f"no: {g.reason}",
     } for g in ws.graph.groups]),  # fmt: skip
-    column_config={"share of FLOPs": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1)},
+    column_config={
+        "group": st.column_config.TextColumn(width="medium"),
+        "share of FLOPs": st.column_config.ProgressColumn(
+            format="percent", min_value=0, max_value=1,
+            help="MACs of the ops whose input or output channels are in the group. A conv belongs to the group "
+                 "of its inputs and to that of its outputs, so shares add up to more than 100 %."),
+        "prunable": st.column_config.TextColumn(width="large", help="Why a group stays: the full reasons are below"),
+    },
     hide_index=True, width="stretch", key="groups_table",
 )  # fmt: skip
+fixed = [g for g in ws.graph.groups if not g.prunable]
+if fixed:
+    with st.expander(f"Why {len(fixed)} group{'s' if len(fixed) != 1 else ''} cannot be pruned"):
+        st.markdown("\n".join(f"- **{g.name}** ({g.size} units): {g.reason}" for g in fixed))
