@@ -1,4 +1,4 @@
-"""Sweeps for the dashboard's AppTest tests: press Run sweep and wait for the background job.
+"""Helpers for the dashboard's AppTest tests: open the app on a page, and sweep through a background job.
 
 The dashboard never sweeps in its script thread: a page that needs curves shows a Run sweep button
 (`state.RUN_SWEEP`) that submits a `prunecore.jobs` worker. These helpers press it and poll the job's
@@ -8,11 +8,39 @@ status until it ends, then run the page once more, so it shows the stored curves
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
 from prunecore import jobs
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0}  # seconds, not minutes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def store(tmp_path_factory):
+    """One run store per test module (import this fixture into it): the first sweep is stored, later ones load."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PRUNECORE_STORE", str(tmp_path_factory.mktemp("store") / "runs.db"))
+    yield
+    mp.undo()
+
+
+def open_app(page: str | None = None, **values) -> AppTest:
+    """The app with the quick settings and `values` in its session state, run once, on `page` if given."""
+    at = AppTest.from_file(APP, default_timeout=600)
+    for key, value in {**FAST, **values}.items():
+        at.session_state[key] = value
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
 
 POLLS = 2400  # a generous bound, 0.25 s apart: a worker imports torch, loads and sweeps on a busy machine
 POLL_S = 0.25

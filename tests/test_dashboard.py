@@ -6,45 +6,23 @@ Pages that need curves use the module's one quick sweep, which the first of them
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
-from dashboard_sweeps import run_sweep
+from dashboard_sweeps import open_app, run_sweep, store  # noqa: F401 (store: the module's run store)
 from prunecore.plan import json_schema
 
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0}  # seconds, not minutes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def store(tmp_path_factory):
-    """One run store for the module: the first test that needs curves sweeps, the others load them."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PRUNECORE_STORE", str(tmp_path_factory.mktemp("store") / "runs.db"))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def swept(store):
+def swept():
     """The quick sweep of the sample resnet20, done (a job's key names it: later sessions find it)."""
     run_sweep(app("sensitivity"))
 
 
 def app(page: str | None = None, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=600)
-    for key, value in {**FAST, **state}.items():
-        at.session_state[key] = value
-    at.run()
-    if page is not None:
-        at.switch_page(f"pages/{page}.py")
-        at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_app(page, **state)
 
 
 def metric(at: AppTest, label: str) -> str:

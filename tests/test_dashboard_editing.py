@@ -8,7 +8,6 @@ summary, a download and a collapsed fixed-height JSON. Pure helpers first, then 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +15,8 @@ from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
 from dashboard import charts, state
-from dashboard_sweeps import run_sweep
+from dashboard_sweeps import open_app, run_sweep, store  # noqa: F401 (store: the module's run store)
 
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0}  # seconds, not minutes
 HEADS = "encoder.layers.encoder_layer_0.self_attention"  # 4 attention heads in the sample ViT
 
 
@@ -56,30 +53,15 @@ def test_the_glossary_explains_every_criterion_metric_and_the_overlapping_flop_s
 
 
 # -- the app --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def store(tmp_path_factory):
-    """One run store for the module."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PRUNECORE_STORE", str(tmp_path_factory.mktemp("store") / "runs.db"))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def swept(store):
+def swept():
     """The quick sweeps of the sample resnet20 and ViT, done as jobs: the Plan page finds their curves."""
     for model in ("sample:resnet20", "sample:vit"):
         run_sweep(app("sensitivity", model_spec=model))
 
 
 def app(page: str | None = None, **values) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=600)
-    for key, value in {**FAST, **values}.items():
-        at.session_state[key] = value
-    at.run()
-    if page is not None:
-        at.switch_page(f"pages/{page}.py")
-        at.run()
+    at = open_app(page, **values)
     ok(at)
     return at
 
