@@ -8,8 +8,10 @@ thread), fx tracing the exclusive side (alone). A forward holds it for one call,
 for at most the forward passes already running; a waiting trace holds back new ones so that it
 cannot starve.
 
-Only forward passes that go through prunecore are covered: code of your own that runs models in
-other threads while prunecore sweeps is not.
+prunecore's fx tracer also lets module calls of other threads through unrecorded
+(`sensitivity._Tracer`), which covers forward passes that do not go through prunecore (your own
+code running a model while a sweep starts); the lock keeps the rest of fx's process-wide patching
+(wrapped functions, `__getattr__`) out of prunecore's own passes.
 """
 
 from __future__ import annotations

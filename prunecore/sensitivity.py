@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -239,9 +240,27 @@ def _check_groups(graph: ChannelGraph, groups: Sequence[str] | None) -> list[str
 
 # -- fx graph of the working copy -------------------------------------------------------------------
 class _Tracer(fx.Tracer):
+    """fx's tracer, blind to other threads.
+
+    While it traces, fx patches `nn.Module.__call__` and `__getattr__` for the whole process; a
+    module called by another thread would be recorded into this graph (or fail with "module is
+    not installed as a submodule"). Calls from other threads run their module as usual instead.
+    """
+
     def __init__(self, leaf_modules: tuple[type, ...]):
         super().__init__()
         self.extra_leaves = leaf_modules
+        self.thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)  # the original Module.__call__: hooks and all
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # modules that `trace` follows whole (norms, Swin attention) stay single calls here too

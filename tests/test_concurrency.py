@@ -93,3 +93,33 @@ def test_forward_passes_nest_and_fx_refuses_to_trace_inside_one():
             raise AssertionError("fx_tracing inside a forward pass must refuse")
     except RuntimeError as exc:
         assert "would deadlock" in str(exc)
+
+
+def test_a_model_run_by_another_thread_while_fx_traces_runs_as_usual():
+    """Mid-trace (fx has patched nn.Module.__call__ process-wide), a plain forward elsewhere is unaffected."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Paused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            entered.set()  # plain Python: runs while fx traces, with its patches in place
+            release.wait()
+            return self.fc(x)
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    expected = other(x)
+    graphs, outputs = [], []
+    tracing = threading.Thread(target=lambda: graphs.append(symbolic_trace(Paused())))
+    tracing.start()
+    entered.wait()
+    try:
+        outputs.append(other(x))  # in this thread, during the trace
+    finally:
+        release.set()
+        tracing.join()
+    torch.testing.assert_close(outputs[0], expected, rtol=0, atol=0)
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_module"] == ["fc"]
