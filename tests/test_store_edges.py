@@ -68,28 +68,24 @@ def test_a_read_only_store_reads_everything_and_writes_nothing(tmp_path):
     assert [r.run_id for r in RunStore(path).runs()] == ["r1"]  # and a writer still finds it whole
 
 
-def test_an_unwritable_folder_opens_the_store_read_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "unwritable, reason, write",
+    [
+        ("folder", "its folder {folder} is not writable", lambda store: store.add_point("r1", ROWS[0])),
+        ("file", "the file is not writable", lambda store: store.open_run("r3", "tiny", "m", "d", CONFIG, 1)),
+    ],
+)
+def test_an_unwritable_folder_or_file_opens_the_store_read_only(tmp_path, monkeypatch, unwritable, reason, write):
     """As root the permission bits stop nothing, so os.access answers as it would for another user."""
     path = tmp_path / "runs.sqlite"
     filled_store(path)
+    denied = tmp_path if unwritable == "folder" else path
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == denied else real_access(p, mode))
     store = RunStore(path)
-    assert store.read_only and store.done("r1") == {("conv1", 0.5), ("fc", 0.5)}
-    with pytest.raises(StoreError, match=rf"run store {path} is read-only \(its folder {tmp_path} is not writable\)"):
-        store.add_point("r1", ROWS[0])
-    store.close()
-
-
-def test_an_unwritable_file_opens_the_store_read_only(tmp_path, monkeypatch):
-    path = tmp_path / "runs.sqlite"
-    filled_store(path)
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real_access(p, mode))
-    store = RunStore(path)
-    assert store.read_only and len(store.points("r1")) == 2
-    with pytest.raises(StoreError, match=rf"{path} is read-only \(the file is not writable\)"):
-        store.open_run("r3", "tiny", "m", "d", CONFIG, 1)
+    assert store.read_only and store.done("r1") == {("conv1", 0.5), ("fc", 0.5)} and len(store.points("r1")) == 2
+    with pytest.raises(StoreError, match=rf"run store {path} is read-only \({reason.format(folder=tmp_path)}\)"):
+        write(store)
     store.close()
 
 
