@@ -105,7 +105,7 @@ def test_plan_page_budget_method_lock_and_search(swept):
 
 def test_validate_page_measures_the_plan_next_to_its_prediction(swept):
     at = app("plan")
-    at.switch_page("pages/validate.py").run()
+    at.switch_page("views/validate.py").run()
     at.button(key="validate_run").click().run()
     assert not at.exception
     table = at.dataframe[0].value.set_index("metric")
@@ -116,7 +116,7 @@ def test_validate_page_measures_the_plan_next_to_its_prediction(swept):
 
 def test_export_page_offers_a_valid_plan_that_round_trips(swept):
     at = app("plan")
-    at.switch_page("pages/export.py").run()
+    at.switch_page("views/export.py").run()
     assert not at.exception
     text = at.code[0].value
     jsonschema.validate(json.loads(text), json_schema())
@@ -148,8 +148,8 @@ def test_choices_survive_a_visit_to_another_page():
     at.selectbox(key="tv_name").set_value("resnet18").run()
     at.text_input(key="input_shape_text").set_value("1,3,32,32").run()
     assert at.session_state["model_spec"] == "torchvision:resnet18"
-    at.switch_page("pages/export.py").run()
-    at.switch_page("pages/model.py").run()
+    at.switch_page("views/export.py").run()
+    at.switch_page("views/model.py").run()
     assert not at.exception
     assert at.session_state["model_spec"] == "torchvision:resnet18"
     assert at.radio(key="model_source").value == "torchvision architecture"

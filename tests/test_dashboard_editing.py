@@ -181,12 +181,12 @@ def test_the_sidebar_names_the_model_data_and_run_the_page_uses(swept):
     at = app("plan")
     run = at.session_state["run_id"]
     assert run and f"`{run}`" in sidebar_text(at) and "`sample:resnet20`" in sidebar_text(at)
-    at.switch_page("pages/model.py").run()
+    at.switch_page("views/model.py").run()
     at.selectbox(key="sample_name").set_value("vit").run()
     ok(at)
     text = sidebar_text(at)
     assert "`sample:vit`" in text and "resnet20" not in text and run not in text  # not the previous model's run
-    at.switch_page("pages/plan.py").run()
+    at.switch_page("views/plan.py").run()
     ok(at)
     vit_run = at.session_state["curves_cache"][1].attrs["run_id"]
     assert vit_run != run and f"`{vit_run}`" in sidebar_text(at) and at.session_state["run_id"] == vit_run
@@ -195,7 +195,7 @@ def test_the_sidebar_names_the_model_data_and_run_the_page_uses(swept):
 def test_the_export_page_is_a_summary_a_download_and_a_collapsed_fixed_height_json(swept):
     at = app("plan")
     plan = at.session_state["edited_plan"]
-    at.switch_page("pages/export.py").run()
+    at.switch_page("views/export.py").run()
     ok(at)
     assert "Download the plan (JSON)" in [b.label for b in at.get("download_button")]
     pruned = sum(len(g.keep) < g.size for g in plan.groups.values())

@@ -48,7 +48,7 @@ def app(page: str = "sensitivity", weights: bytes | None = None, **values) -> Ap
         at.session_state[key] = value
     at.run()
     at.session_state[state.WEIGHTS] = weights  # as the Model page's uploader leaves it
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     return ok(at.run())
 
 

@@ -117,7 +117,7 @@ def test_on_another_address_the_app_warns_and_no_factory_spec_is_loaded(served_o
     assert "factory_spec" not in [t.key for t in at.text_input]  # no box to type a spec into
     assert any("Factory box is off" in i.value for i in at.info)
     at.session_state[state.MODEL_SPEC] = "os:getcwd"  # however a code spec got there, it is not loaded
-    at.switch_page("pages/export.py").run()
+    at.switch_page("views/export.py").run()
     assert not at.exception
     assert any(e.value.startswith("Not loading os:getcwd") for e in at.error)
     # (the warning is app.py's, above st.navigation, so a browser shows it on every page; AppTest

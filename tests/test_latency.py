@@ -236,7 +236,7 @@ def test_the_dashboard_reports_compare_latency(fixed_timing, tmp_path, monkeypat
     at.session_state["data_limit"] = 64
     at.session_state["edited_plan"] = plan
     at.run()
-    at.switch_page("pages/validate.py").run()
+    at.switch_page("views/validate.py").run()
     at.number_input(key="validate_bn").set_value(0).run()
     at.button(key="validate_run").click().run()
     assert not at.exception, [e.value for e in at.exception]

@@ -314,7 +314,7 @@ def test_dashboard_errors_name_the_uploaded_file(page):
     at.session_state[state.MODEL_SPEC] = "torchvision:resnet18"
     at.session_state[state.WEIGHTS] = b"not a torch file"
     at.session_state[state.WEIGHTS_NAME] = "my-resnet.pt"
-    at.switch_page("pages/export.py").run()  # a page without the uploader: it keeps the upload
+    at.switch_page("views/export.py").run()  # a page without the uploader: it keeps the upload
     assert not at.exception, [e.value for e in at.exception]
     (error,) = [e.value for e in at.error]
     assert "'my-resnet.pt'" in error and "uploaded-weights" not in error and "not a readable" in error
