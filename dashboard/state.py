@@ -4,8 +4,9 @@ Pages read the user's choices from `st.session_state` under the keys below and g
 data, curves and allocation problems from the cached loaders, so a rerun (every widget change)
 recomputes nothing it does not have to. Nothing here prunes: it calls prunecore.
 
-Sweeps run as background jobs (`prunecore.jobs`), never in the script thread: a worker process per
-job key, which outlives the browser tab and which every session with the same settings shares.
+Sweeps and plan measurements run as background jobs (`prunecore.jobs`), never in the script thread: a
+worker process per job key, which outlives the browser tab and which every session with the same
+settings (the same plan) shares.
 Pages compute the key of the current settings, read the job's status and take the curves from the
 run store (`$PRUNECORE_STORE`, else prunecore's default store).
 
@@ -38,7 +39,8 @@ from prunecore.datasets import EvalData, load_data
 from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
-from prunecore.jobs import JobStatus, SweepJob
+from prunecore.jobs import Job, JobStatus, MeasureJob, SweepJob
+from prunecore.measure import PlanMeasurement
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
 from prunecore.sensitivity import DENSE
 from prunecore.store import StoreError, default_store_path
@@ -55,6 +57,9 @@ CURVES = "curves_cache"  # the finished curves the pages use: ((spec, data, limi
 JOB = "sweep_job"  # the key of the sweep job of the current settings (`sweep_job`)
 JOB_CACHE = "sweep_job_cache"  # (the settings, their job key): the key is computed once per settings
 RUN_SWEEP, CANCEL_SWEEP, RESUME_SWEEP = "sweep_run", "sweep_cancel", "sweep_resume"  # the sweep panel's buttons
+MEASURE_JOB = "measure_job"  # the key of the Validate page's measurement job (`measure_job`)
+MEASURE_CACHE = "measure_job_cache"  # (the measurement's settings, its job key)
+RUN_MEASURE, CANCEL_MEASURE = "validate_run", "validate_cancel"  # the measurement panel's buttons
 CRITERION = "sweep_criterion"
 LEVELS = "sweep_levels"
 METRICS = "sweep_metrics"
@@ -69,7 +74,7 @@ ORDER = "group_order"
 LOADED = "loaded_plan"  # the groups of a plan put on the sliders: the Plan page's reference on its next run
 EDITED_PLAN = "edited_plan"  # the Plan the sliders describe, rebuilt by the Plan page on every change
 SIDEBAR = "sidebar_slot"  # this run's sidebar placeholder (`page` makes it), redrawn as the page loads things
-VALIDATION = "validation"  # the last measurement: {"key": (plan_key, bn batches), "measured": {...}, ...}
+VALIDATION = "validation"  # the last measurement shown: {"key": (plan_key, bn batches), "measured": {...}}
 
 DEFAULTS: dict[str, Any] = {
     MODEL_SPEC: "sample:resnet20",
@@ -304,14 +309,20 @@ def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
         criterion=settings["criterion"], metrics=tuple(metrics), bn_recalibration=settings["bn_recalibration"],
         mode=settings["mode"],
     )  # fmt: skip
+    key = _keyed(job, JOB_CACHE)
+    st.session_state[JOB] = key
+    return job, key
+
+
+def _keyed(job: Job, cache: str) -> str:
+    """`jobs.job_key` of `job` with the uploaded weights, computed once per job and upload (under `cache`)."""
     raw = st.session_state.get(WEIGHTS)
     settings_now = (job, hashlib.sha256(raw).hexdigest() if raw is not None else "")
-    cached = st.session_state.get(JOB_CACHE)
+    cached = st.session_state.get(cache)
     if cached is None or cached[0] != settings_now:
         with user_errors(), _uploaded_weights() as path:
-            cached = st.session_state[JOB_CACHE] = (settings_now, jobs.job_key(dataclasses.replace(job, weights=path)))
-    st.session_state[JOB] = cached[1]
-    return job, cached[1]
+            cached = st.session_state[cache] = (settings_now, jobs.job_key(dataclasses.replace(job, weights=path)))
+    return cached[1]
 
 
 def job_status(key: str) -> JobStatus | None:
@@ -322,17 +333,17 @@ def job_status(key: str) -> JobStatus | None:
         return None
 
 
-def submit_sweep(job: SweepJob) -> None:
-    """Start the job's worker (resuming from its stored points), or join the one that runs it: an `on_click`."""
+def submit_job(job: Job) -> None:
+    """Start the job's worker (a sweep resumes from its stored points), or join the one that runs it: an `on_click`."""
     try:
         with _uploaded_weights() as path:
-            st.session_state[JOB] = jobs.submit(dataclasses.replace(job, weights=path))
+            jobs.submit(dataclasses.replace(job, weights=path))
     except UserError as exc:
         st.error(str(exc))
 
 
-def cancel_sweep(key: str) -> None:
-    """Ask the job's worker to stop after its current batch (finished groups stay stored): an `on_click`."""
+def cancel_job(key: str) -> None:
+    """Ask the job's worker to stop after its current batch or step (what is stored stays): an `on_click`."""
     if not jobs.cancel(key, store_path()):
         st.toast("The worker is not running (yet): press Cancel again in a moment.")
 
@@ -347,20 +358,22 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def job_progress(status: JobStatus) -> tuple[float, str]:
-    """A progress bar's fraction and text for a job: its state, batches done, current group, time left.
+def job_progress(status: JobStatus, kind: str = "sweep") -> tuple[float, str]:
+    """A progress bar's fraction and text for a job: its state, batches (steps) done, current group (step), time left.
 
     >>> job_progress(JobStatus("k", "running", done=3, total=12, group="layer1.0.conv1", eta_s=95.0))
     (0.25, 'running: 3 of 12 batches, group `layer1.0.conv1`, about 1 min 35 s left')
+    >>> job_progress(JobStatus("k", "running", done=2, total=5, group="evaluating"), kind="measure")
+    (0.4, 'running: 2 of 5 steps, evaluating')
     """
     active = status.state in jobs.ACTIVE
     parts = []
     if status.total:
-        parts.append(f"{status.done:,} of {status.total:,} batches")
+        parts.append(f"{status.done:,} of {status.total:,} {'steps' if kind == 'measure' else 'batches'}")
     elif active:
-        parts.append("preparing (the model, the data, the dense model's metrics)")
+        parts.append("preparing (the model, the data" + (", the dense model's metrics)" if kind == "sweep" else ")"))
     if active and status.group:
-        parts.append(f"group `{status.group}`")
+        parts.append(f"group `{status.group}`" if kind == "sweep" else status.group)
     if active and status.eta_s is not None:
         parts.append(f"about {_duration(status.eta_s)} left")
     fraction = min(status.done / status.total, 1.0) if status.total else 0.0
@@ -385,6 +398,33 @@ def _phase(status: JobStatus | None) -> tuple | None:
     return None if status is None else (status.state, status.group, status.run_id)
 
 
+@dataclass(frozen=True)
+class PanelText:
+    """What a job panel's buttons say: the labels, keys and help of Run, Cancel and Resume."""
+
+    run: str
+    run_key: str
+    run_help: str
+    cancel_key: str
+    cancel_help: str
+    resume: str
+    resume_key: str
+    resume_help: str
+
+
+RUN_HELP = ("Sweeps every prunable group at every level in a background process, which goes on when this tab "
+            "closes; any session with the same settings follows it and uses its curves.")  # fmt: skip
+SWEEP_TEXT = PanelText("Run sweep", RUN_SWEEP, RUN_HELP, CANCEL_SWEEP,
+                       "Stops after the current batch; the groups finished so far stay stored.", "Resume",
+                       RESUME_SWEEP, "Sweeps the groups left; the finished ones are stored.")  # fmt: skip
+MEASURE_TEXT = PanelText(
+    "Apply and measure", RUN_MEASURE,
+    "Applies the plan and measures it in a background process (metrics after BatchNorm re-estimation, size, CPU "
+    "latency); the result is stored by plan, so any session that measures the same plan reads it at once.",
+    CANCEL_MEASURE, "Stops after the current step.", "Measure again", RUN_MEASURE, "Starts the measurement over.",
+)  # fmt: skip
+
+
 def sweep_panel(job: SweepJob, key: str, status: JobStatus | None) -> None:
     """The sweep's Run button, or its progress with Cancel (running) or Resume (cancelled, died), or its error.
 
@@ -392,11 +432,20 @@ def sweep_panel(job: SweepJob, key: str, status: JobStatus | None) -> None:
     state or group changes (a group's points are stored, the curves are complete, other buttons apply).
     """
     every = 1.0 if status is not None and status.state in jobs.ACTIVE else None
-    st.fragment(_panel, run_every=every)(job, key, _phase(status))
+    st.fragment(_panel, run_every=every)(job, key, _phase(status), SWEEP_TEXT)
 
 
-RUN_HELP = ("Sweeps every prunable group at every level in a background process, which goes on when this tab "
-            "closes; any session with the same settings follows it and uses its curves.")  # fmt: skip
+def measure_panel(job: MeasureJob, key: str, status: JobStatus | None) -> PlanMeasurement | None:
+    """The measurement's result once done; until then its Run button or progress (a fragment, as `sweep_panel`)."""
+    done = None
+    if status is not None and status.state == "done":
+        with user_errors(stop=False):
+            done = jobs.result(key, store_path())
+    if done is not None:
+        return done
+    every = 1.0 if status is not None and status.state in jobs.ACTIVE else None
+    st.fragment(_panel, run_every=every)(job, key, _phase(status), MEASURE_TEXT)
+    return None
 
 
 def describe_job(job: SweepJob) -> str:
@@ -411,27 +460,38 @@ def describe_job(job: SweepJob) -> str:
             f"{job.mode}{bn}), measuring {', '.join(job.metrics)} on {data_}.")
 
 
-def _panel(job: SweepJob, key: str, shown: tuple | None) -> None:
+def _finished(job: Job, key: str, status: JobStatus | None) -> bool:
+    """Whether the job's result is there: a sweep's complete run in the store, a measurement's result file."""
+    if status is None or status.state != "done":
+        return False
+    if isinstance(job, MeasureJob):
+        with contextlib.suppress(jobs.JobError):
+            return jobs.result(key, store_path()) is not None
+        return False
+    return _complete(status.run_id)
+
+
+def _panel(job: Job, key: str, shown: tuple | None, text: PanelText) -> None:
     status = job_status(key)
     if _phase(status) != shown:
         st.rerun()
-    if status is not None and status.state == "done" and _complete(status.run_id):
-        return  # the page shows the curves
-    if status is None or status.state in ("done", "failed"):  # done: its run was deleted from the store since
+    if _finished(job, key, status):
+        return  # the page shows the curves, or the measurement
+    if status is None or status.state in ("done", "failed"):  # done: its result was deleted since
         if status is not None and status.state == "failed":
             log = store_path().parent / "jobs" / key / "worker.log"
-            st.error(f"The sweep failed: {status.error} (the worker's log: `{log}`)")
-        st.button("Run sweep", key=RUN_SWEEP, type="primary", on_click=submit_sweep, args=(job,), help=RUN_HELP)
-        st.caption(describe_job(job))
+            st.error(f"The {job.kind} failed: {status.error} (the worker's log: `{log}`)")
+        st.button(text.run, key=text.run_key, type="primary", on_click=submit_job, args=(job,), help=text.run_help)
+        if isinstance(job, SweepJob):
+            st.caption(describe_job(job))
         return
-    fraction, text = job_progress(status)
-    st.progress(fraction, text=text)
+    fraction, line = job_progress(status, job.kind)
+    st.progress(fraction, text=line)
     if status.state in jobs.ACTIVE:
-        st.button("Cancel", key=CANCEL_SWEEP, on_click=cancel_sweep, args=(key,),
-                  help="Stops after the current batch; the groups finished so far stay stored.")  # fmt: skip
+        st.button("Cancel", key=text.cancel_key, on_click=cancel_job, args=(key,), help=text.cancel_help)
     else:  # cancelled, or its worker died
-        st.button("Resume", key=RESUME_SWEEP, type="primary", on_click=submit_sweep, args=(job,),
-                  help="Sweeps the groups left; the finished ones are stored.")  # fmt: skip
+        st.button(text.resume, key=text.resume_key, type="primary", on_click=submit_job, args=(job,),
+                  help=text.resume_help)  # fmt: skip
 
 
 def stored_curves(ws: Workspace, key: str, status: JobStatus | None, partial: bool = False) -> pd.DataFrame | None:
@@ -482,10 +542,20 @@ def curves(ws: Workspace) -> pd.DataFrame:
     return frame
 
 
+def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int) -> tuple[MeasureJob, str]:
+    """The measurement job of `plan` on the current model, weights and data, and its key (also under `MEASURE_JOB`)."""
+    shape = st.session_state.get(INPUT_SHAPE)
+    job = MeasureJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), plan.to_json(),
+                     input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
+                     bn_recalibration=int(bn_batches))  # fmt: skip
+    key = st.session_state[MEASURE_JOB] = _keyed(job, MEASURE_CACHE)
+    return job, key
+
+
 def jobs_table(current: str = "") -> pd.DataFrame:
     """Every sweep job of the run store, from any session, most recently updated first."""
     rows = []
-    for status in jobs.list_jobs(store_path()):
+    for status in jobs.list_jobs(store_path(), kind="sweep"):
         job = jobs.read_job(status.key, store_path())
         rows.append({
             "job": status.key, "these settings": status.key == current, "model": job.model,

@@ -1,4 +1,4 @@
-"""Sweeps as background jobs: one worker process per job, the run store as the source of truth.
+"""Sweeps and plan measurements as background jobs: one worker process per job, results beside the run store.
 
 A dashboard sweep must outlive the browser tab that asked for it, and two sessions asking for the
 same sweep must share it. So a sweep runs in a process of its own, not in a thread: Streamlit's
@@ -15,8 +15,13 @@ its Python parts (a sweep thread would slow every page of the app), and a crash 
     >>> submit(job) == key                     # the same job again resumes from the stored points
     True
 
+A `MeasureJob` applies one plan and measures it (`prunecore.measure.measure_plan`: metrics after
+BatchNorm re-estimation, size, latency); its key names the plan's kept units, so measuring the same
+plan again, from any session, reads the stored result (`result(key)`) instead of starting a worker.
+
 A job lives in `<store folder>/jobs/<key>/`: `job.json` (the job), `status.json` (what the worker
 reports, written atomically about once a second), `worker.log` (its output and tracebacks) and
+`result.json` (a measurement's result), and
 `lock`, which the worker holds (`flock`) until it has written its final status. A lock nobody holds
 means no worker, whatever `status.json` last said: a "running" job whose worker is gone (killed,
 crashed) reads as "died", and submitting it again resumes it. `submit` takes the lock itself and
@@ -24,7 +29,8 @@ hands it to the worker it starts (an inherited file descriptor), so a second `su
 a second worker.
 
 Test hook: `PRUNECORE_JOBS_TEST_DELAY=<seconds>` in a worker's environment makes it wait that long
-after every batch (a cancel cuts the wait short), so tests can act while a sweep is mid-way.
+after every batch (a measurement: every step), a cancel cutting the wait short, so tests can act while
+a job is mid-way.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ from prunecore.files import write_atomic
 
 # torch and the engine are imported inside the worker, after it has set up its SIGTERM handler
 
-__all__ = ["DELAY_ENV", "JobError", "JobStatus", "STATES", "SweepJob", "cancel", "job_key", "list_jobs", "main",
-           "read_job", "status", "submit"]  # fmt: skip
+__all__ = ["DELAY_ENV", "Job", "JobError", "JobStatus", "MeasureJob", "STATES", "SweepJob", "cancel", "job_key",
+           "list_jobs", "main", "read_job", "result", "status", "submit"]  # fmt: skip
 
 STATES = ("starting", "running", "done", "failed", "cancelled", "died")
 """What `JobStatus.state` can be; "died" is never written, it is read from a running job without a worker."""
@@ -102,18 +108,73 @@ class SweepJob:
         if self.input_shape is not None:
             fix("input_shape", tuple(int(n) for n in self.input_shape))
 
+    kind = "sweep"  # a class attribute, not a field: `job.json` names it, `read_job` reads it
+
     def to_json(self) -> str:
-        """The job as a JSON object, one key per field."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The job as a JSON object, one key per field, and its kind."""
+        return _to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> SweepJob:
         """The job `to_json` wrote; `JobError` for anything else."""
-        try:
-            fields = json.loads(text)
-            return cls(**fields)
-        except (TypeError, ValueError) as exc:  # not JSON, not an object, unknown or missing fields
-            raise JobError(f"not a sweep job: {exc}") from None
+        return _from_json(cls, text)
+
+
+@dataclass(frozen=True)
+class MeasureJob:
+    """One plan measurement as plain values: the dense model and data, the plan, and how to measure.
+
+    `plan` is the plan's JSON. `metrics` empty: `measure.default_metrics`. The key digests the
+    plan's kept units, inputs and fingerprint only (not its timestamp or predictions), so the same
+    pruned model measured the same way is one job.
+    """
+
+    model: str  # a model spec, as `load_model` takes it
+    data: str  # a data spec, as `load_data` takes it
+    store: str  # the run store file: the job lives in its jobs folder
+    plan: str  # the plan's JSON
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    limit: int | None = None
+    metrics: tuple[str, ...] = ()
+    bn_recalibration: int = 0
+    latency: bool = True
+
+    kind = "measure"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", str(Path(self.store).expanduser().resolve()))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
+        object.__setattr__(self, "metrics", (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(n) for n in self.input_shape))
+
+    def to_json(self) -> str:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> MeasureJob:
+        return _from_json(cls, text)
+
+
+Job = SweepJob | MeasureJob
+_KINDS: dict[str, type] = {"sweep": SweepJob, "measure": MeasureJob}
+
+
+def _to_json(job: Job) -> str:
+    return json.dumps({"kind": job.kind, **dataclasses.asdict(job)}, sort_keys=True)
+
+
+def _from_json(cls: type, text: str) -> Any:
+    try:
+        fields = json.loads(text)
+        kind = fields.pop("kind", "sweep")  # jobs written before measurements existed are sweeps
+        if kind != cls.kind:
+            raise ValueError(f"it is a {kind} job")
+        return cls(**fields)
+    except (TypeError, ValueError, AttributeError) as exc:  # not JSON, not an object, unknown or missing fields
+        raise JobError(f"not a {cls.kind} job: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -133,16 +194,21 @@ class JobStatus:
     error: str | None = None  # one line, when failed
 
 
-def job_key(job: SweepJob) -> str:
-    """16 hex digits naming the job: a SHA-256 of its JSON, with the weights file's content instead of its path."""
+def job_key(job: Job) -> str:
+    """16 hex digits naming the job: a SHA-256 of its JSON, with the weights file's content instead of its path.
+
+    A measurement's plan counts by what it prunes (`_plan_identity`); sweeps keep their old keys.
+    """
     fields = dataclasses.asdict(job)
     if job.weights is not None:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
+    if isinstance(job, MeasureJob):
+        fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def submit(job: SweepJob) -> str:
+def submit(job: Job) -> str:
     """Start a worker for `job` and return its key, unless one runs already or the job is done.
 
     The weights file is copied into the jobs folder under its digest, so the worker reads exactly
@@ -156,7 +222,7 @@ def submit(job: SweepJob) -> str:
     except OSError as exc:
         raise JobError(f"job folder {folder} cannot be written: {exc.strerror or exc}") from None
     try:
-        if not _lock(fd) or _finished(folder, job.store):
+        if not _lock(fd) or _finished(folder, job):
             return key  # a worker holds the lock: share it; or nothing is left to do
         write_atomic(folder / "job.json", _stash_weights(job, folder.parent).to_json(), what="job file")
         write_atomic(folder / "status.json", json.dumps({"state": "starting", "updated": _now()}), what="job status")
@@ -182,23 +248,46 @@ def status(key: str, store: str | Path | None = None) -> JobStatus:
     return JobStatus(key=key, **{name: value for name, value in fields.items() if name in known})
 
 
-def list_jobs(store: str | Path | None = None) -> list[JobStatus]:
-    """The statuses of the store's jobs, most recently updated first."""
+def list_jobs(store: str | Path | None = None, kind: str | None = None) -> list[JobStatus]:
+    """The statuses of the store's jobs (of one `kind`: "sweep", "measure"), most recently updated first."""
     path, jobs = str(_store_path(store)), _jobs_folder(store)
     found = []
     for folder in sorted(jobs.iterdir()) if jobs.is_dir() else []:
         if (folder / "status.json").is_file() and (folder / "job.json").is_file():
-            if read_job(folder.name, store).store == path:  # stores in one folder share its jobs folder
+            job = read_job(folder.name, store)
+            if job.store == path and kind in (None, job.kind):  # stores in one folder share its jobs folder
                 found.append(status(folder.name, store))
     return sorted(found, key=lambda s: s.updated or "", reverse=True)
 
 
-def read_job(key: str, store: str | Path | None = None) -> SweepJob:
+def read_job(key: str, store: str | Path | None = None) -> Job:
     """The job a key names (its weights path is the copy in the jobs folder)."""
     path = _jobs_folder(store) / key / "job.json"
     if not path.is_file():
         raise JobError(f"no job {key!r} in {path.parent.parent}")
-    return SweepJob.from_json(path.read_text())
+    return _parse_job(path.read_text())
+
+
+def _parse_job(text: str) -> Job:
+    """A job file's job, of the kind it names (none: a sweep, as jobs were before measurements)."""
+    try:
+        kind = json.loads(text).get("kind", "sweep")
+    except (ValueError, AttributeError):
+        kind = "sweep"  # from_json says what is wrong with it
+    return _KINDS.get(kind, SweepJob).from_json(text)
+
+
+def result(key: str, store: str | Path | None = None) -> Any:
+    """A finished measurement's `PlanMeasurement`; None while it has none (not done, or not a measurement)."""
+    from prunecore.measure import MeasureError, PlanMeasurement
+
+    path = _jobs_folder(store) / key / "result.json"
+    try:
+        return PlanMeasurement.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, MeasureError) as exc:
+        raise JobError(f"job {key!r}: result.json cannot be read ({exc}); submit the job again") from None
 
 
 def cancel(key: str, store: str | Path | None = None) -> bool:
@@ -242,7 +331,17 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stash_weights(job: SweepJob, jobs: Path) -> SweepJob:
+def _plan_identity(text: str) -> str:
+    """What a plan prunes, as one string: its inputs, fingerprint and kept units (not when it was made)."""
+    try:
+        data = json.loads(text)
+        kept = {name: g["keep"] for name, g in data["groups"].items()}
+        return json.dumps([data.get("inputs"), data.get("fingerprint"), kept], sort_keys=True, separators=(",", ":"))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise JobError(f"the plan to measure is not a plan's JSON: {type(exc).__name__}: {exc}") from None
+
+
+def _stash_weights(job: Job, jobs: Path) -> Job:
     if job.weights is None:
         return job
     copy = jobs / "weights" / f"{_digest(Path(job.weights))}.pt"
@@ -279,17 +378,19 @@ def _held(path: Path) -> bool:
         os.close(fd)  # and with it the probe's own shared lock
 
 
-def _finished(folder: Path, store: str) -> bool:
-    """Whether the job's last worker finished and its run is complete in the store."""
+def _finished(folder: Path, job: Job) -> bool:
+    """Whether the job's last worker finished: its run complete in the store, or its measurement written."""
     try:
         last = json.loads((folder / "status.json").read_text())
     except (OSError, ValueError):
         return False
+    if isinstance(job, MeasureJob):
+        return last.get("state") == "done" and (folder / "result.json").is_file()
     if last.get("state") != "done" or not last.get("run_id"):
         return False
     from prunecore.store import RunStore, StoreError
 
-    runs = RunStore(store)
+    runs = RunStore(job.store)
     try:
         return runs.get(last["run_id"]).complete
     except StoreError:  # the run was deleted since
@@ -402,6 +503,33 @@ def _sweep(job: SweepJob, worker: _Worker) -> str:
     return curves.attrs["run_id"]
 
 
+_STEP_TEXT = {"apply": "applying the plan", "bn": "re-estimating BatchNorm", "evaluate": "evaluating",
+              "latency": "timing both models"}  # fmt: skip
+
+
+def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
+    """Load the model and the data, measure the plan, and write `result.json`."""
+    from prunecore.datasets import load_data
+    from prunecore.measure import STEPS, measure_plan
+    from prunecore.models import load_model
+    from prunecore.plan import Plan
+
+    plan = Plan.from_json(job.plan)
+    steps = [s for s in STEPS if (s != "bn" or job.bn_recalibration) and (s != "latency" or job.latency)]
+    worker.progress(0, len(steps) + 1)
+    model = load_model(job.model, job.weights)
+    shape = job.input_shape or tuple(plan.inputs[0].shape)
+    data = load_data(job.data, input_shape=tuple(shape), limit=job.limit)
+
+    def step(name: str) -> None:
+        worker.write(group=_STEP_TEXT.get(name, name))
+        worker.progress(steps.index(name) + 1, len(steps) + 1)
+
+    measured = measure_plan(model, plan, data, list(job.metrics) or None, job.bn_recalibration,
+                            latency=job.latency, progress=step)  # fmt: skip
+    write_atomic(folder / "result.json", json.dumps(measured.to_dict()), what="measurement")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m prunecore.jobs FOLDER [--lock-fd N]`: run the job in FOLDER, as `submit` starts it."""
     parser = argparse.ArgumentParser(prog="python -m prunecore.jobs", description=main.__doc__)
@@ -420,7 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"worker {os.getpid()} started job {folder.name}")
     try:
         worker.write(force=True)
-        run_id = _sweep(SweepJob.from_json((folder / "job.json").read_text()), worker)
+        job = _parse_job((folder / "job.json").read_text())
+        if isinstance(job, MeasureJob):
+            (folder / "result.json").unlink(missing_ok=True)
+            _measure(job, folder, worker)
+            run_id = None
+        else:
+            run_id = _sweep(job, worker)
         final, code = {"state": "done", "run_id": run_id, "group": None, "eta_s": 0.0}, 0
     except _Cancelled:  # the groups finished so far are in the store
         final, code = {"state": "cancelled", "eta_s": None}, 0

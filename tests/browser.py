@@ -167,10 +167,14 @@ def slider_thumb(page, group: str):
     return page.locator('[data-testid="stSlider"]').filter(has_text=group).first.get_by_role("slider")
 
 
-def slider_value(page, group: str) -> float:
+def slider_text(page, group: str):
     """The value the slider for `group` shows above its thumb (the Plan page prints sparsities as %.3f)."""
-    slider = page.locator('[data-testid="stSlider"]').filter(has_text=group).first
-    return float(slider.locator('[data-testid="stSliderThumbValue"]').inner_text())
+    return page.locator('[data-testid="stSlider"]').filter(has_text=group).first.locator(
+        '[data-testid="stSliderThumbValue"]')
+
+
+def slider_value(page, group: str) -> float:
+    return float(slider_text(page, group).inner_text())
 
 
 def drag_to_end(page, thumb) -> None:
@@ -185,15 +189,19 @@ def drag_to_end(page, thumb) -> None:
     settle(page)
 
 
-def click_until(page, button: str, text: str, tries: int = 3) -> None:
-    """Click `button` until `text` shows: a click that lands while an upload's rerun is still
-    running can be dropped by Streamlit, and clicking the button again is harmless."""
+def click_until(page, button: str, done, tries: int = 3) -> None:
+    """Click `button` until `done` holds: a text to show, or a function that raises AssertionError until then.
+
+    A click that lands while a rerun is still running can be dropped by Streamlit, and clicking the
+    button again is harmless.
+    """
     from playwright.sync_api import expect
 
+    check = done if callable(done) else lambda: expect(page.get_by_text(done)).to_be_visible(timeout=30_000)
     for attempt in range(tries):
         page.get_by_role("button", name=button).click()
         try:
-            expect(page.get_by_text(text)).to_be_visible(timeout=30_000)
+            check()
             return
         except AssertionError:
             if attempt == tries - 1:

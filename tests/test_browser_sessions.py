@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from browser import FAST, choose, drag_to_end, go, new_page, no_exception, serve, settle, skip_without_browser
-from browser import slider_thumb, slider_value, type_number
+from browser import click_until, slider_text, slider_thumb, slider_value, type_number
 
 skip_without_browser()
 
@@ -171,7 +171,8 @@ def test_a_lock_keeps_its_value_and_edits_survive_a_new_budget(server, browser):
     expect(page.get_by_text("edited group(s) keep your values")).to_be_visible()
     assert (slider_value(page, locked), slider_value(page, edited)) == (pinned, moved)
 
-    page.get_by_role("button", name="Re-allocate unlocked groups").click()
+    click_until(page, "Re-allocate unlocked groups",
+                lambda: expect(slider_text(page, edited)).not_to_have_text(f"{moved:.3f}", timeout=30_000))
     settle(page)
     assert slider_value(page, locked) == pinned  # the lock held
     assert slider_value(page, edited) <= 0.6 + 1e-9  # the method moved the unlocked edit (curves end at 0.6)

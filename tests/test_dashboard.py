@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
-from dashboard_sweeps import open_app, run_sweep, store  # noqa: F401 (store: the module's run store)
+from dashboard_sweeps import open_app, run_sweep, store, wait_for_job  # noqa: F401 (store: the module's run store)
 from prunecore.plan import json_schema
 
 @pytest.fixture(scope="module")
@@ -103,15 +103,23 @@ def test_plan_page_budget_method_lock_and_search(swept):
     }
 
 
-def test_validate_page_measures_the_plan_next_to_its_prediction(swept):
+def test_validate_page_measures_the_plan_in_a_job_next_to_its_prediction(swept):
     at = app("plan")
     at.switch_page("views/validate.py").run()
     at.button(key="validate_run").click().run()
+    assert wait_for_job(at.session_state["measure_job"]).state == "done"
+    at.run()
     assert not at.exception
     table = at.dataframe[0].value.set_index("metric")
     assert set(table.index) == {"accuracy", "loss"}
     assert table[["dense", "predicted", "measured"]].notna().all().all()
     assert 0 <= table.loc["accuracy", "measured"] <= 1
+    plan = at.session_state["edited_plan"]
+    again = app("plan")  # another session, the same plan: the stored result, no button to press
+    again.switch_page("views/validate.py").run()
+    assert "validate_run" not in [b.key for b in again.button]
+    assert again.dataframe[0].value.set_index("metric").loc["accuracy", "measured"] == table.loc["accuracy", "measured"]
+    assert pc.Plan.from_json(again.session_state["edited_plan"].to_json()).groups == plan.groups
 
 
 def test_export_page_offers_a_valid_plan_that_round_trips(swept):

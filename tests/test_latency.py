@@ -223,11 +223,19 @@ def test_the_cli_reports_compare_latency(fixed_timing, capsys):
     assert line.endswith(format_speedup(*FIXED)) and "3.00x faster" in line
 
 
-def test_the_dashboard_reports_compare_latency(fixed_timing, tmp_path, monkeypatch):
-    """The Validate page shows what the same routine returns, through the same formatter."""
+def test_the_dashboard_shows_what_the_measurement_job_timed(fixed_timing, tmp_path, monkeypatch):
+    """The Validate page shows the measurement job's `compare_latency` result, through the same formatter.
+
+    The job's worker is another process, so the test writes the result a worker would have written
+    (`measure_plan` with the recorder in place) where the page's job key says, then opens the page.
+    """
+    import json
+
     from streamlit.testing.v1 import AppTest
 
     import prunecore as pc
+    from prunecore.datasets import load_data
+    from prunecore.measure import measure_plan
 
     monkeypatch.setenv("PRUNECORE_STORE", str(tmp_path / "runs.db"))
     model = pc.load_model("sample:resnet20")
@@ -238,7 +246,13 @@ def test_the_dashboard_reports_compare_latency(fixed_timing, tmp_path, monkeypat
     at.run()
     at.switch_page("views/validate.py").run()
     at.number_input(key="validate_bn").set_value(0).run()
-    at.button(key="validate_run").click().run()
+    assert [b.key for b in at.button] == ["validate_run"] and not at.metric  # not measured yet
+    folder = tmp_path / "jobs" / at.session_state["measure_job"]
+    folder.mkdir(parents=True)
+    measured = measure_plan(model, plan, load_data("sample", input_shape=(1, 1, 28, 28), limit=64))
+    (folder / "result.json").write_text(json.dumps(measured.to_dict()))
+    (folder / "status.json").write_text(json.dumps({"state": "done"}))
+    at.run()
     assert not at.exception, [e.value for e in at.exception]
     shown = next(m for m in at.metric if m.label == "CPU latency")
     assert len(fixed_timing) == 1
