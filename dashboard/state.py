@@ -42,7 +42,7 @@ from prunecore.importance import get_criterion
 from prunecore.jobs import Job, JobStatus, MeasureJob, SweepJob
 from prunecore.measure import PlanMeasurement
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
-from prunecore.sensitivity import DENSE
+from prunecore.sensitivity import DENSE, sweep_run_id
 from prunecore.store import StoreError, default_store_path
 
 # -- session-state keys (every widget's key= is one of these, or built by a function below) -------
@@ -57,6 +57,7 @@ CURVES = "curves_cache"  # the finished curves the pages use: ((spec, data, limi
 JOB = "sweep_job"  # the key of the sweep job of the current settings (`sweep_job`)
 JOB_CACHE = "sweep_job_cache"  # (the settings, their job key): the key is computed once per settings
 RUN_SWEEP, CANCEL_SWEEP, RESUME_SWEEP = "sweep_run", "sweep_cancel", "sweep_resume"  # the sweep panel's buttons
+FOUND = "found_runs"  # sweep job key -> the run id `sweep` stores those settings under (a run swept elsewhere)
 MEASURE_JOB = "measure_job"  # the key of the Validate page's measurement job (`measure_job`)
 MEASURE_CACHE = "measure_job_cache"  # (the measurement's settings, its job key)
 RUN_MEASURE, CANCEL_MEASURE = "validate_run", "validate_cancel"  # the measurement panel's buttons
@@ -311,7 +312,22 @@ def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
     )  # fmt: skip
     key = _keyed(job, JOB_CACHE)
     st.session_state[JOB] = key
+    _remember_run_id(ws, job, key)
     return job, key
+
+
+def _remember_run_id(ws: Workspace, job: SweepJob, key: str) -> None:
+    """Note the run id these settings have in the store (once per job key), so `job_status` finds a run
+    that the CLI or a script swept with the same model weights, data and settings, with no job for it."""
+    found = st.session_state.setdefault(FOUND, {})
+    if key in found:
+        return
+    loaded = data(ws)
+    with user_errors(stop=False):
+        found[key] = sweep_run_id(
+            ws.model, loaded.evaluation, ws.graph, job.levels, job.criterion, list(job.metrics), job.groups,
+            job.bn_recalibration, loaded.calibration, job.round_to, job.mode,
+        )  # fmt: skip
 
 
 def _keyed(job: Job, cache: str) -> str:
@@ -326,11 +342,17 @@ def _keyed(job: Job, cache: str) -> str:
 
 
 def job_status(key: str) -> JobStatus | None:
-    """What the job's worker last reported; None when nothing was submitted for this key."""
+    """What the job's worker last reported; None when nothing was submitted for this key.
+
+    A sweep with no job whose settings the store holds a complete run of (swept by the CLI or a
+    script: `_remember_run_id`) reads as done, with that run.
+    """
     try:
         return jobs.status(key, store_path())
     except jobs.JobError:  # no such job, or a damaged status file: submitting it again starts over
-        return None
+        pass
+    run = st.session_state.get(FOUND, {}).get(key)
+    return JobStatus(key, "done", run_id=run) if run and _complete(run) else None
 
 
 def submit_job(job: Job) -> None:

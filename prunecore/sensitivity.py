@@ -105,10 +105,7 @@ def sweep(
     graph = graph if graph is not None else trace(model, example_inputs, leaf_modules)
     names = _check_groups(graph, groups)
     calibration = data if calibration is None else calibration
-    config = {
-        "levels": levels, "criterion": criterion, "metrics": metrics, "groups": names,
-        "bn_recalibration": bn_recalibration if mode == "exact" else 0, "round_to": round_to, "mode": mode,
-    }  # fmt: skip
+    config = _config(levels, criterion, metrics, names, bn_recalibration, round_to, mode)
     run = _Run.open(store, model, data, calibration if config["bn_recalibration"] else None, config, model_name)
     pending = [(g, s) for g in names for s in levels if (g, s) not in run.done]
     began = time.perf_counter()
@@ -146,6 +143,42 @@ def _estimate(model, graph, data, example, pending, criterion, round_to, run) ->
     run.add([{"group": p.group, "sparsity": p.sparsity, "kept": len(p.keep.keep), "size": p.keep.size,
               "loss": predicted[(p.group, p.sparsity)], "params": c.params, "flops": c.flops}
              for p, c in zip(points, costs)])  # fmt: skip
+
+
+def sweep_run_id(
+    model: nn.Module,
+    data: Iterable[Any],
+    graph: ChannelGraph,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    criterion: str = "l1",
+    metric: str | Sequence[str] = "accuracy",
+    groups: Sequence[str] | None = None,
+    bn_recalibration: int = 0,
+    calibration: Iterable[Any] | None = None,
+    round_to: int = 1,
+    mode: str = "exact",
+) -> str:
+    """The run id `sweep` would store these arguments under, without sweeping: where to look for its curves.
+
+    The dashboard uses it to find a run swept elsewhere (the CLI, a script) with the same model
+    weights, data and settings. It reads the data once (its fingerprint).
+    """
+    levels = _check_levels(levels)
+    metrics = ["loss"] if mode == "estimate" else ([metric] if isinstance(metric, str) else list(metric))
+    config = _config(levels, criterion, metrics, _check_groups(graph, groups), bn_recalibration, round_to, mode)
+    data_fp = fingerprint_data(data)
+    if config["bn_recalibration"]:
+        data_fp += ":" + fingerprint_data(data if calibration is None else calibration)
+    return make_run_id(fingerprint_model(model), data_fp, config)
+
+
+def _config(levels: list[float], criterion: str, metrics: list[str], names: list[str], bn_recalibration: int,
+            round_to: int, mode: str) -> dict[str, Any]:  # fmt: skip
+    """The settings a run id digests (and the store records), built one way for `sweep` and `sweep_run_id`."""
+    return {
+        "levels": levels, "criterion": criterion, "metrics": metrics, "groups": names,
+        "bn_recalibration": bn_recalibration if mode == "exact" else 0, "round_to": round_to, "mode": mode,
+    }  # fmt: skip
 
 
 # -- points and their storage ---------------------------------------------------------------------

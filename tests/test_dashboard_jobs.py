@@ -131,6 +131,21 @@ def test_a_done_jobs_curves_appear_in_a_new_session_without_pressing_run(store):
     assert plan.session_state[state.EDITED_PLAN] is not None
 
 
+def test_a_run_the_cli_swept_with_the_same_settings_opens_without_a_job(store):
+    from prunecore.cli import main
+
+    argv = ["sweep", "--model", "sample:resnet20", "--data", "sample", "--limit", "16", "--levels", "0.5",
+            "--metric", "accuracy", "--store", str(store)]  # the settings TINY gives the dashboard
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    [swept] = [r.run_id for r in pc.RunStore(store).runs()]
+    at = app()
+    assert state.RUN_SWEEP not in buttons(at) and jobs.list_jobs(store) == []  # found in the store, no job
+    assert at.session_state[state.RUN_ID] == swept and len(at.get("plotly_chart")) == 2
+    other = app(sweep_levels=[0.25])  # other settings: that run is not theirs
+    assert buttons(other) == [state.RUN_SWEEP]
+
+
 def test_random_data_sweeps_the_label_free_metrics_in_a_worker(store):
     at = run_sweep(app(**RANDOM, sweep_metrics=["accuracy", "loss"]))
     job = jobs.read_job(at.session_state[state.JOB], store)

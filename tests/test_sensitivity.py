@@ -10,7 +10,7 @@ import toy_models as toys
 from prunecore import evaluate, load_sample, recalibrate_bn_, trace
 from prunecore.cost import count
 from prunecore.prune import make_plan
-from prunecore.sensitivity import DENSE, sweep
+from prunecore.sensitivity import DENSE, sweep, sweep_run_id
 from prunecore.surgery import apply_plan
 
 
@@ -128,6 +128,20 @@ def test_estimate_and_exact_runs_are_stored_apart(resnet20, tmp_path):
     assert exact.attrs["run_id"] != estimate.attrs["run_id"]
     with pytest.raises(ValueError, match="mode must be 'exact' or 'estimate'"):
         sweep(model, data, example, mode="guess", progress=False)
+
+
+def test_sweep_run_id_names_the_run_sweep_stores_without_sweeping(resnet20, tmp_path):
+    model, data, _, example = resnet20
+    graph = trace(model, example)
+    calibration = [b for i, b in enumerate(data) if i < 2]
+    for kwargs in (dict(levels=[0.5], groups=["stem.0"], metric="loss"),
+                   dict(levels=[0.5], groups=["stem.0"], mode="estimate"),
+                   dict(levels=[0.25], groups=["stem.0"], metric=["accuracy"], bn_recalibration=1,
+                        calibration=calibration)):  # fmt: skip
+        stored = sweep(model, data, example, progress=False, store=tmp_path / "s.sqlite", graph=graph, **kwargs)
+        assert sweep_run_id(model, data, graph, **kwargs) == stored.attrs["run_id"]
+    other = sweep_run_id(model, data, graph, levels=[0.5], groups=["stem.0"], metric="accuracy")
+    assert other != sweep_run_id(model, data, graph, levels=[0.5], groups=["stem.0"], metric="loss")
 
 
 def test_shuffled_data_is_refused_for_label_free_metrics(resnet20):
