@@ -266,12 +266,15 @@ def pareto_figure(
     dense: tuple[float, float] | None = None,
     *,
     cost: str = "flops",
+    measured: Sequence[tuple[float, float]] = (),
 ) -> go.Figure:
     """Predicted `metric` against FLOPs (or params, `cost="params"`), one line per allocation method.
 
     `current` and `dense` are `(cost, metric value)` in the front's units (MACs or params). With
     `dense` the x axis is the cost kept as a fraction of dense and the dense model is a point at
     x = 1; without it the x axis is the raw cost. The current plan is a star; `uniform` is dashed grey.
+    `measured` are plans measured on the same data, `(cost, measured value)`: green diamonds, so the
+    gap between the predicted lines and the truth is in view.
     """
     if cost not in _COSTS:
         raise ValueError(f"cost must be one of {', '.join(_COSTS)}, got {cost!r}")
@@ -298,6 +301,13 @@ def pareto_figure(
             customdata=np.column_stack([part.budget, part[cost]]),
             hovertemplate=(f"<b>%{{fullData.name}}</b> at budget %{{customdata[0]:.0%}}<br>{kept}"
                            f"<br>predicted {metric} %{{y{_d3(metric)}}}<extra></extra>"),
+        ))  # fmt: skip
+    if len(measured):
+        xs, ys = zip(*measured)
+        fig.add_trace(go.Scatter(
+            x=np.asarray(xs, dtype=float) / scale, y=list(ys), name="measured plans", mode="markers",
+            marker={"symbol": "diamond", "size": 10, "color": "#00CC96", "line": {"width": 1, "color": "black"}},
+            hovertemplate=f"<b>measured</b><br>{kept}<br>{metric} %{{y{_d3(metric)}}}<extra></extra>",
         ))  # fmt: skip
     star = {"symbol": "star", "size": 20, "color": "gold", "line": {"width": 1.5, "color": "black"}}
     for point, name, marker in ((current, "current plan", star), (dense, "dense", {"size": 11, "color": "black"})):

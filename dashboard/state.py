@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -61,6 +62,12 @@ FOUND = "found_runs"  # sweep job key -> the run id `sweep` stores those setting
 MEASURE_JOB = "measure_job"  # the key of the Validate page's measurement job (`measure_job`)
 MEASURE_CACHE = "measure_job_cache"  # (the measurement's settings, its job key)
 RUN_MEASURE, CANCEL_MEASURE = "validate_run", "validate_cancel"  # the measurement panel's buttons
+LIVE_ON = "live_measure_on"  # the Plan page's toggle: measure the slider state in the background
+LIVE = "live_measure"  # the Plan page's measurement of the slider state: {"key", "since", "submitted"}
+LIVE_CACHE = "live_measure_cache"  # (its settings, its job key)
+LIVE_POINTS = "live_points"  # {job key: (params, flops, measured metrics)}: this session's measured plans
+SETTLE_S = 1.0
+"""Seconds the sliders must rest before the Plan page measures their plan (a drag is not measured at every step)."""
 CRITERION = "sweep_criterion"
 LEVELS = "sweep_levels"
 METRICS = "sweep_metrics"
@@ -91,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
     METHOD: "dp",
     SEARCH: "",
     ORDER: "position",
+    LIVE_ON: True,
 }
 MODEL_PAGE_WIDGETS = ("model_source", "sample_name", "tv_name", "timm_name", "arg_num_classes", "arg_in_chans",
                       "arg_img_size", "arg_extra", "factory_spec", "input_shape_text", "data_source",
@@ -572,6 +580,66 @@ def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int) -> tuple[MeasureJ
                      bn_recalibration=int(bn_batches))  # fmt: skip
     key = st.session_state[MEASURE_JOB] = _keyed(job, MEASURE_CACHE)
     return job, key
+
+
+# -- measuring the slider state in the background ------------------------------------------------------
+def live_job(ws: Workspace, plan: pc.Plan, metrics: Iterable[str]) -> tuple[MeasureJob, str]:
+    """The measurement of the Plan page's current plan on the sweep's data, BatchNorm re-estimated as the
+    sweep did, without timing: what its predictions are checked against, number for number."""
+    shape = st.session_state.get(INPUT_SHAPE)
+    job = MeasureJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), plan.to_json(),
+                     input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
+                     metrics=tuple(metrics), bn_recalibration=int(st.session_state[BN_BATCHES]),
+                     latency=False)  # fmt: skip
+    return job, _keyed(job, LIVE_CACHE)
+
+
+def live_measurement(job: MeasureJob, key: str) -> PlanMeasurement | None:
+    """The current plan's measurement if done; else start it once the sliders have rested `SETTLE_S`.
+
+    A worker process measures (`prunecore.jobs`), so no slider waits for it. A plan that changes
+    before its measurement is done has it cancelled; the result of every plan measured is stored
+    by plan, so moving back to one shows it at once. A fragment follows the job and reruns the page
+    when it ends.
+    """
+    live = st.session_state.get(LIVE)
+    if live is None or live["key"] != key:
+        if live is not None and live["submitted"]:
+            with contextlib.suppress(UserError):
+                jobs.cancel(live["key"], store_path())  # the plan moved on: stop measuring the old one
+        live = st.session_state[LIVE] = {"key": key, "since": time.monotonic(), "submitted": False}
+    status = job_status(key)
+    if status is not None and status.state == "done":
+        with contextlib.suppress(UserError):
+            done = jobs.result(key, store_path())
+            if done is not None:
+                return done
+    waiting = status is None or status.state in jobs.ACTIVE
+    st.fragment(_live, run_every=0.5 if waiting else None)(job, key, None if status is None else status.state)
+    return None
+
+
+def _live(job: MeasureJob, key: str, shown: str | None) -> None:
+    live = st.session_state.get(LIVE)
+    if live is None or live["key"] != key:
+        return  # a fragment of a plan the page has moved on from
+    status = job_status(key)
+    if status is None and not live["submitted"]:
+        if time.monotonic() - live["since"] >= SETTLE_S:
+            submit_job(job)
+            live["submitted"] = True
+        st.caption(":material/hourglass_empty: Measuring this plan once the sliders rest ...")
+        return
+    if (None if status is None else status.state) != shown:
+        st.rerun()  # the whole page: it shows the measured values, or what went wrong
+    if status is None or status.state in jobs.ACTIVE:
+        step = f": {status.group}" if status is not None and status.group else ""
+        st.caption(f":material/hourglass_top: Measuring this plan on the sweep's data{step} ...")
+    elif status.state == "failed":
+        st.warning(f"Measuring this plan failed: {status.error}")
+    else:  # cancelled (by another session), or its worker died
+        st.caption(f"The measurement {status.state}.")
+        st.button("Measure this plan", key="live_measure_again", on_click=submit_job, args=(job,))
 
 
 def jobs_table(current: str = "") -> pd.DataFrame:

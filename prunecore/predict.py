@@ -14,14 +14,19 @@ exponents and one weight per group:
 `D_i` is group i's loss curve above the dense loss, made non-decreasing; `q`, `p`, the ceiling `c`
 (a multiple of the deepest measured rise, or none: loss = L0 + Z ** p) and the `u_i` are fitted on
 plans measured on the calibration data right after the sweep (`calibrate`), `m` on the same plans'
-(loss, accuracy) pairs, which lie on one tight curve whatever the plan. The ceiling keeps plans
-deeper than any measured one from being predicted far past it (a loss saturates near chance).
+(loss, accuracy) pairs, which lie on one tight curve whatever the plan, continued past the deepest
+plan along a line in log-odds (so accuracy keeps falling towards chance instead of going flat).
+The ceiling keeps plans deeper than any measured one from being predicted far past it (a loss
+saturates near chance). A group's weight is pulled towards the shared weight the harder, the
+fewer calibration plans cut it.
 Every prediction is monotone in Z, so minimising the separable sum Z is exactly maximising the predicted accuracy:
 allocation stays a multiple-choice knapsack over the terms `t_i` (`objective_problem`).
 
 The band comes from split-conformal residuals: each calibration plan is predicted by a fit that
 did not see it (K folds), and the band is the 90 % quantile of those residuals (accuracy scaled by
-its binomial spread, loss as a log ratio). Predictions are for the calibration data unless a
+its binomial spread, loss as a log ratio), each divided by a scale 1 + s * rise fitted to how the
+residuals grow with the predicted rise of the base metric, so deeper plans get wider bands.
+Predictions are for the calibration data unless a
 `reference` (the dense model's metrics on the target data) is given: then the dense gap is carried
 over (loss additively, bounded metrics by their ratio).
 
@@ -64,13 +69,13 @@ __all__ = [
     "objective_problem",
 ]
 
-FORMAT = "prunecore.predictor/2"
+FORMAT = "prunecore.predictor/3"
 MIN_PLANS = 10  # below this the 90 % conformal quantile is not finite and the folds too small
 _BASES = ("loss", "kl")  # unbounded, lower-is-better metrics the terms are built from
 _EXPONENTS = (0.4, 0.5, 0.6, 0.7, 0.85, 1.0)  # q
 _POWERS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5)  # p
 _RIDGES = (0.03, 0.3, 3.0, math.inf)  # pull of the group weights towards one shared weight; inf: shared
-_CEILINGS = (math.inf, 3.0, 2.0, 1.5)  # the link's saturation, as a multiple of the deepest measured rise
+_CEILINGS = (math.inf, 3.0, 2.0, 1.5, 1.25)  # the link's saturation, as a multiple of the deepest measured rise
 _ALPHA = 0.1  # 1 - band coverage
 _SHAPE_METHODS = ("uniform", "global")  # methods whose plans do not depend on the curves
 CALIBRATION_METHODS: Mapping[str, tuple[float, ...]] = MappingProxyType({
@@ -78,6 +83,7 @@ CALIBRATION_METHODS: Mapping[str, tuple[float, ...]] = MappingProxyType({
     "global": (0.55, 0.32),
 })  # method -> FLOPs budgets of the calibration plans: off the usual 0.9 ... 0.3, down to the deepest
 _ACCURACY_POINT = 5.0  # in the model choice, one accuracy point weighs as much as 5 % of loss error
+_TAIL = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # extrapolated map knots, in multiples of the measured loss range
 
 
 class PredictionError(UserError, ValueError):
@@ -118,8 +124,10 @@ class Predictor:
     """The fitted predictor: plain values only, so it serialises (`to_dict`) into the run store and plans.
 
     `base` is the metric the terms come from (loss or kl), `dense` the metrics of the dense model on
-    the calibration data, `maps[m]` the monotone map base -> m as knots, `bands[m]` the conformal
-    residual quantile, `shift[m]` what turns a calibration value into one on the target data.
+    the calibration data, `maps[m]` the monotone map base -> m as knots (extrapolated past the
+    deepest plan, linearly in log-odds), `bands[m]` the conformal quantile of residuals divided by
+    their scale 1 + `scales[m]` * rise (rise: the predicted base metric above dense, so deeper
+    plans get wider bands), `shift[m]` what turns a calibration value into one on the target data.
     """
 
     base: str
@@ -131,6 +139,7 @@ class Predictor:
     dense: Mapping[str, float]
     maps: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]]
     bands: Mapping[str, float]
+    scales: Mapping[str, float]
     shift: Mapping[str, float]
     plans: int  # how many measured plans it was fitted on
 
@@ -163,12 +172,13 @@ class Predictor:
 
     def predict_score(self, z: float) -> dict[str, Prediction]:
         """Predictions from Z (see `score`)."""
-        base = self.dense[self.base] + float(_link(np.asarray(max(z, 0.0)), self.power, self.ceiling))
+        rise = float(_link(np.asarray(max(z, 0.0)), self.power, self.ceiling))
+        base = self.dense[self.base] + rise
         values = {self.base: base, **{m: float(np.interp(base, *self.maps[m])) for m in self.maps}}
         out = {}
         for m, v in values.items():
             bounded = m != self.base
-            low, high = _band(v, self.bands[m], bounded)
+            low, high = _band(v, self.bands[m] * (1.0 + self.scales.get(m, 0.0) * rise), bounded)
             out[m] = Prediction(*(self._shifted(m, x, bounded) for x in (v, low, high)))
         return out
 
@@ -183,7 +193,8 @@ class Predictor:
         return {
             "format": FORMAT, "base": self.base, "round_to": self.round_to, "exponent": self.exponent,
             "power": self.power, "ceiling": None if math.isinf(self.ceiling) else self.ceiling,
-            "dense": dict(self.dense), "bands": dict(self.bands), "shift": dict(self.shift), "plans": self.plans,
+            "dense": dict(self.dense), "bands": dict(self.bands), "scales": dict(self.scales),
+            "shift": dict(self.shift), "plans": self.plans,
             "maps": {m: [list(x), list(y)] for m, (x, y) in self.maps.items()},
             "groups": {n: {"size": g.size, "fractions": list(g.fractions), "terms": list(g.terms)}
                        for n, g in self.groups.items()},
@@ -201,8 +212,8 @@ class Predictor:
             ceiling = math.inf if data["ceiling"] is None else float(data["ceiling"])
             return cls(
                 str(data["base"]), groups, int(data["round_to"]), float(data["exponent"]), float(data["power"]),
-                ceiling, _metrics(data["dense"]), maps, _metrics(data["bands"]), _metrics(data["shift"]),
-                int(data["plans"]),
+                ceiling, _metrics(data["dense"]), maps, _metrics(data["bands"]), _metrics(data["scales"]),
+                _metrics(data["shift"]), int(data["plans"]),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PredictionError(f"malformed predictor dict: {type(exc).__name__}: {exc}") from exc
@@ -258,7 +269,7 @@ def fit(
             raise PredictionError(f"measured plan {i} lacks metric(s) {', '.join(missing)}")
     curves = {n: _damage(c.fractions, c.values[base], problem.dense[base]) for n, c in problem.curves.items()}
     shape = Predictor(base, {n: GroupTerm(problem.graph[n].size, f, d) for n, (f, d) in curves.items()},
-                      problem.round_to, 1.0, 1.0, math.inf, dict(problem.dense), {}, {}, {}, 0)  # fmt: skip
+                      problem.round_to, 1.0, 1.0, math.inf, dict(problem.dense), {}, {}, {}, {}, 0)  # fmt: skip
     names = list(curves)
     fractions = np.array([[shape.fractions(m.sparsities).get(n, 0.0) for n in names] for m in measured])  # (N, G)
     features = {q: _features(curves, names, fractions, q) for q in _EXPONENTS}  # q -> (N, G)
@@ -272,9 +283,11 @@ def fit(
     oof = _out_of_fold(features[q], data, params)  # metric -> (N,)
     p, ridge, ceiling = params[0], params[1], params[2] * _deepest(y[base] - dense[base])
     weights = _weights(features[q], y[base] - dense[base], p, ridge, ceiling)  # (G,)
-    bands = {base: _quantile(np.abs(np.log(np.maximum(y[base], 1e-12) / np.maximum(oof[base], 1e-12))))}
-    for k in linked:
-        bands[k] = _quantile(np.abs(y[k] - oof[k]) / _spread(oof[k]))
+    depth = oof[base] - dense[base]  # (N,) predicted rise of each plan, out of fold
+    residuals = {base: np.abs(np.log(np.maximum(y[base], 1e-12) / np.maximum(oof[base], 1e-12)))}
+    residuals.update({k: np.abs(y[k] - oof[k]) / _spread(oof[k]) for k in linked})  # metric -> (N,)
+    scales = {k: _scale(r, depth) for k, r in residuals.items()}
+    bands = {k: _quantile(r / (1.0 + scales[k] * np.maximum(depth, 0.0))) for k, r in residuals.items()}
     shift = {}
     for k in (base, *linked):
         if reference is not None and k in reference:
@@ -283,8 +296,8 @@ def fit(
         n: GroupTerm(problem.graph[n].size, curves[n][0], tuple(float(weights[i] * d**q) for d in curves[n][1]))
         for i, n in enumerate(names)
     }  # fmt: skip
-    maps = {k: _monotone_map(y[base], y[k], dense[base], dense[k], get_metric(k).higher_is_better) for k in linked}
-    return Predictor(base, groups, problem.round_to, q, p, ceiling, dense, maps, bands, shift, len(measured))
+    maps = {k: _map_of(k, y[base], y[k], dense[base], dense[k]) for k in linked}
+    return Predictor(base, groups, problem.round_to, q, p, ceiling, dense, maps, bands, scales, shift, len(measured))
 
 
 def _link(z: np.ndarray, p: float, ceiling: float) -> np.ndarray:
@@ -333,8 +346,10 @@ def _weights(x: np.ndarray, rise: np.ndarray, p: float, ridge: float, ceiling: f
     shared = max(shared, 1e-9)
     if math.isinf(ridge):
         return np.full(x.shape[1], shared)
-    a = np.vstack([scale[:, None] * x, math.sqrt(ridge) * np.eye(x.shape[1]) / shared])  # (N + G, G)
-    b = np.concatenate([scale * target, math.sqrt(ridge) * np.ones(x.shape[1])])  # (N + G,)
+    seen = np.count_nonzero(x > 0.0, axis=0)  # (G,) plans that cut each group
+    pull = np.sqrt(ridge * len(x) / (seen + 1.0))  # (G,) groups seen in few plans stay near the shared weight
+    a = np.vstack([scale[:, None] * x, np.diag(pull) / shared])  # (N + G, G)
+    b = np.concatenate([scale * target, pull])  # (N + G,)
     u, *_ = np.linalg.lstsq(a, b, rcond=None)
     return np.maximum(u, 0.2 * shared)  # (G,) no group near free: allocation would exploit it
 
@@ -357,6 +372,62 @@ def _monotone_map(
     return _floats(knots_x), _floats(knots_y)
 
 
+def _map_of(
+    metric: str, x: np.ndarray, y: np.ndarray, x0: float, y0: float
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The map base -> `metric`: isotonic over the measured plans, extrapolated past the deepest in log-odds."""
+    info = get_metric(metric)
+    knots = _monotone_map(x, y, x0, y0, info.higher_is_better)
+    return _extrapolated(knots, x, y, info.bounds, info.higher_is_better)
+
+
+def _extrapolated(
+    knots: tuple[tuple[float, ...], tuple[float, ...]], x: np.ndarray, y: np.ndarray, bounds: tuple[float, float],
+    decreasing: bool,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`knots` continued past the last one along a line in log-odds (of y within `bounds`) vs x.
+
+    The slope is fitted on the deeper half of the plans (x above its median), so a map does not go
+    flat beyond the deepest measured plan but keeps falling towards the bound, as accuracy falls
+    towards chance. An unbounded metric, or a slope of the wrong sign, keeps the map flat there.
+    """
+    lo, hi = bounds
+    if math.isinf(hi) or math.isinf(lo) or len(x) < 4:
+        return knots
+    deep = x >= np.median(x)  # (N,)
+    odds = _logit((np.asarray(y)[deep] - lo) / (hi - lo))  # (D,)
+    xs = np.asarray(x)[deep]
+    spread = float(np.var(xs))
+    slope = float(np.mean((xs - xs.mean()) * (odds - odds.mean())) / spread) if spread > 0 else 0.0
+    slope = min(slope, 0.0) if decreasing else max(slope, 0.0)
+    if slope == 0.0:
+        return knots
+    kx, ky = knots
+    span = max(kx[-1] - kx[0], 1e-6)
+    start = _logit(np.asarray((ky[-1] - lo) / (hi - lo)))
+    tail_x = kx[-1] + span * np.asarray(_TAIL)  # (T,)
+    tail_y = lo + (hi - lo) / (1.0 + np.exp(-(start + slope * (tail_x - kx[-1]))))  # (T,)
+    return _floats((*kx, *tail_x)), _floats((*ky, *tail_y))
+
+
+def _logit(v: np.ndarray) -> np.ndarray:
+    v = np.clip(v, 1e-3, 1.0 - 1e-3)
+    return np.log(v / (1.0 - v))
+
+
+def _scale(residuals: np.ndarray, depth: np.ndarray) -> float:
+    """How fast residuals grow with depth: b / a of the least-squares line a + b * depth (b >= 0).
+
+    The intercept is floored at a quarter of the mean residual, so shallow plans keep a band.
+    """
+    d = np.maximum(depth, 0.0)  # (N,)
+    if float(np.var(d)) <= 0.0:
+        return 0.0
+    b = float(np.mean((d - d.mean()) * (residuals - residuals.mean())) / np.var(d))
+    a = max(float(residuals.mean()) - b * float(d.mean()), 0.25 * float(residuals.mean()), 1e-12)
+    return max(b, 0.0) / a
+
+
 @dataclass(frozen=True)
 class _Folds:
     """The measured plans as arrays, split into K folds, with the monotone maps fitted without each fold."""
@@ -371,8 +442,7 @@ class _Folds:
     @classmethod
     def of(cls, y: Mapping[str, np.ndarray], dense: Mapping[str, float], base: str, linked: Sequence[str],
            split: np.ndarray) -> _Folds:  # fmt: skip
-        maps = {int(f): {k: _monotone_map(y[base][split != f], y[k][split != f], dense[base], dense[k],
-                                          get_metric(k).higher_is_better) for k in linked}
+        maps = {int(f): {k: _map_of(k, y[base][split != f], y[k][split != f], dense[base], dense[k]) for k in linked}
                 for f in np.unique(split)}  # fmt: skip
         return cls(y, dense, base, tuple(linked), split, maps)
 

@@ -179,6 +179,33 @@ def test_a_lock_keeps_its_value_and_edits_survive_a_new_budget(server, browser):
     no_exception(page)
 
 
+def test_a_slider_move_is_measured_in_the_background_and_the_page_stays_responsive(server, browser):
+    page = new_page(browser, server)
+    go(page, "Plan")
+    run, cards = page.get_by_role("button", name="Run sweep"), page.get_by_text("FLOPs kept").first
+    expect(run.or_(cards)).to_be_visible()
+    if run.is_visible():
+        run.click()
+    expect(cards).to_be_visible()
+    page.get_by_text("Measure in the background").click()  # the tests' defaults turn it off
+    settle(page)
+
+    thumb = slider_thumb(page, "layer2.1.conv1")
+    thumb.focus()
+    thumb.press("ArrowRight")
+    expect(page.get_by_text(re.compile("Measuring this plan"))).to_be_visible()
+    flops = page.locator('[data-testid="stMetric"]').filter(has_text="FLOPs kept").first
+    before = flops.locator('[data-testid="stMetricValue"]').inner_text()
+    other = slider_thumb(page, "layer3.1.conv1")  # meanwhile the sliders answer at once
+    other.focus()
+    other.press("ArrowRight")
+    expect(flops).not_to_contain_text(before, timeout=30_000)
+    measured = page.locator('[data-testid="stMetric"]').filter(has_text="Measured accuracy")
+    expect(measured).to_be_visible()  # the worker measured the plan the sliders rest on
+    expect(measured).to_contain_text("vs predicted")
+    no_exception(page)
+
+
 def _lock(page: Page, group: str):
     """The lock checkbox in `group`'s slider row (the innermost row of columns holding its slider)."""
     slider = page.locator('[data-testid="stSlider"]').filter(has_text=group)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from prunecore import jobs
 from prunecore.jobs import JobStatus
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-TINY = {"data_limit": 16, "sweep_levels": [0.5], "sweep_metrics": ["accuracy"], "sweep_bn_batches": 0}
+TINY = {"data_limit": 16, "sweep_levels": [0.5], "sweep_metrics": ["accuracy"], "sweep_bn_batches": 0,
+        "live_measure_on": False}
 RANDOM = {"data_source": "Random (label-free)"}  # the Model page's data choice: prunecore's `random` spec
 DELAY = "2"  # seconds per batch: a sweep of resnet20's 12 groups stays running long enough to act on
 
@@ -169,6 +171,40 @@ def test_the_plan_page_waits_for_a_sweep_and_offers_to_run_it(store):
     at = app("plan")
     assert any("needs the sensitivity curves" in i.value for i in at.info)
     assert buttons(at) == [state.RUN_SWEEP] and not at.metric
+
+
+def captions(at: AppTest) -> str:
+    return " ".join(c.value for c in at.caption)
+
+
+def test_the_plan_page_measures_the_resting_sliders_in_a_worker_and_cancels_a_plan_left_behind(store, monkeypatch):
+    run_sweep(app())
+    at = app("plan", live_measure_on=True)
+    assert "once the sliders rest" in captions(at) and not [m for m in at.metric if m.label.startswith("Measured")]
+    assert jobs.list_jobs(store, kind="measure") == []  # a slider move starts nothing at once
+    time.sleep(state.SETTLE_S)
+    at.run()  # the sliders have rested: the worker starts
+    key = at.session_state[state.LIVE]["key"]
+    assert [j.key for j in jobs.list_jobs(store, kind="measure")] == [key]
+    assert wait_for_job(key).state == "done"
+    ok(at.run())
+    stored = jobs.result(key, store)
+    shown = next(m for m in at.metric if m.label == "Measured accuracy")
+    assert shown.value == f"{stored.metrics['accuracy'] * 100:.2f} %" and stored.bn_recalibration == 0
+    predicted = at.session_state[state.EDITED_PLAN].predicted["accuracy"]
+    assert shown.delta == f"{(stored.metrics['accuracy'] - predicted) * 100:+.2f} pp"
+    assert "measured plans" in at.get("plotly_chart")[-1].proto.spec  # on the Pareto chart
+
+    monkeypatch.setenv(jobs.DELAY_ENV, DELAY)  # a slow measurement, so the next plan is left mid-way
+    group = next(s.key for s in at.slider if s.key.startswith("sparsity::"))
+    first, second = [v for v in (0.5, 0.25, 0.0) if v != at.slider(key=group).value][:2]
+    at.slider(key=group).set_value(first).run()
+    time.sleep(state.SETTLE_S)
+    moved = at.run().session_state[state.LIVE]["key"]
+    assert moved != key and "Measured accuracy" not in [m.label for m in at.metric]
+    wait_for_job(moved, lambda s: s.state == "running" and s.pid is not None)
+    at.slider(key=group).set_value(second).run()  # moved on before it was done: that measurement is cancelled
+    assert wait_for_job(moved).state == "cancelled"
 
 
 def test_uploaded_weights_reach_the_worker_as_a_copy_that_the_key_digests(store, monkeypatch):

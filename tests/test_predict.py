@@ -20,6 +20,7 @@ from prunecore.predict import (
     calibrate,
     calibration_plans,
     fit,
+    _weights,
     objective_problem,
 )
 from toy_models import TwoResiduals, randomize_norms_
@@ -88,7 +89,7 @@ def test_recovers_a_known_compounding_truth_exactly(problem):
     for s in calibration_plans(problem, 20, seed=7, methods={}):
         want, got = truth(problem, s), predictor.predict(s)
         assert got["loss"].value == pytest.approx(want["loss"], rel=1e-6)
-        if want["loss"] <= deepest:  # the accuracy map is measured knots, interpolated; flat beyond them
+        if want["loss"] <= deepest:  # the accuracy map is measured knots, interpolated; extrapolated beyond them
             assert got["accuracy"].value == pytest.approx(want["accuracy"], abs=0.02)
         assert got["loss"].low <= got["loss"].value <= got["loss"].high
 
@@ -125,6 +126,47 @@ def test_band_covers_fresh_plans_at_about_its_level(problem):
         inside.append(got["loss"].low <= want["loss"] <= got["loss"].high)
     assert 0.8 <= np.mean(inside) <= 1.0
     assert predictor.bands["loss"] > 0.05  # the noise (sd 0.1 in log) shows in the band
+
+
+def test_accuracy_map_keeps_falling_past_the_deepest_plan_towards_chance(problem):
+    plans = measured(problem, 30, seed=0)
+    predictor = fit(problem, plans)
+    deepest = max(m.metrics["loss"] for m in plans)
+    losses = deepest + np.array([0.0, 0.2, 0.5, 1.0, 3.0, 10.0])
+    knots = predictor.maps["accuracy"]
+    got = np.interp(losses, *knots)
+    assert np.all(np.diff(got) < 0)  # strictly falling, not flat past the deepest measured plan
+    assert got[-1] >= 0.0
+    assert got[2] == pytest.approx(accuracy_of(losses[2]), abs=0.05)  # the truth's own fall, roughly
+    assert np.all(np.diff(knots[0]) >= 0) and np.all(np.diff(knots[1]) <= 0)  # one monotone curve
+
+
+def test_band_widens_with_depth_where_residuals_do(problem):
+    rng = np.random.default_rng(5)
+    plans = []
+    for s in calibration_plans(problem, 40, seed=2):
+        m = truth(problem, s)
+        depth = m["loss"] - L0
+        acc = float(np.clip(m["accuracy"] + rng.normal(0.0, 0.01 + 0.05 * depth), 0.0, 1.0))  # noise grows with depth
+        plans.append(Measurement(s, {"loss": m["loss"], "accuracy": acc}))
+    predictor = fit(problem, plans)
+    assert predictor.scales["accuracy"] > 0.0
+    shallow, deep = predictor.predict_score(0.2)["accuracy"], predictor.predict_score(1.0)["accuracy"]
+    assert deep.high - deep.low > shallow.high - shallow.low
+    inside = [p.low <= p.value <= p.high for p in (shallow, deep)]
+    assert all(inside)
+
+
+def test_a_group_cut_in_few_plans_is_pulled_harder_to_the_shared_weight():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 1.0, size=(40, 2))  # (N, G)
+    x[1:, 1] = 0.0  # group 1 cut in one plan only, where it seems to cost 3x the others
+    rise = x[:, 0] + 3.0 * x[:, 1]
+    u = _weights(x, rise, p=1.0, ridge=0.3, ceiling=np.inf)
+    x2 = x.copy()
+    x2[:, 1] = np.where(np.arange(40) % 2 == 0, x[0, 1], 0.0)  # the same evidence spread over 20 plans
+    u2 = _weights(x2, x2[:, 0] + 3.0 * x2[:, 1], p=1.0, ridge=0.3, ceiling=np.inf)
+    assert abs(u[1] - 1.0) < abs(u2[1] - 1.0)
 
 
 def test_calibration_plans_reach_the_deepest_budget_with_every_method(problem):

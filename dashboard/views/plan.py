@@ -1,5 +1,9 @@
 """Plan page: a budget and a method give an allocation; per-group sliders edit it with live predictions.
 
+Once the sliders rest for a second, a background worker measures their plan on the sweep's data
+(`state.live_measurement`): measured cards appear under the predicted ones, and every plan
+measured shows on the Pareto chart. No slider waits for it.
+
 Each slider moves its group's sparsity one unit a step (one `round_to` multiple): a 4-head group
 in quarters, every position a kept count, which shows beside it. Edits are never thrown away
 unasked: a lock pins a group's current kept count, and the method re-allocates the unlocked
@@ -55,6 +59,29 @@ for card, (name, dense) in zip(cards[2:], problem.dense.items()):
                 delta=None if change is None else charts.format_delta(name, change), delta_description="vs dense",
                 delta_color=("off" if not change else "normal" if get_metric(name).higher_is_better else "inverse"),
                 help=state.metric_help(name))  # fmt: skip
+run_id = frame.attrs.get("run_id", "")
+points = st.session_state.setdefault(state.LIVE_POINTS, {})
+row = st.columns(2 + len(problem.dense))
+row[0].toggle("Measure in the background", key=state.LIVE_ON,
+              help="Once the sliders rest for a second, a background worker applies their plan, re-estimates "
+                   "BatchNorm as the sweep did and measures it on the sweep's data; no slider waits.")  # fmt: skip
+measured = None
+if st.session_state[state.LIVE_ON]:
+    job, measure_key = state.live_job(ws, st.session_state[state.EDITED_PLAN], problem.dense)
+    with row[1]:
+        measured = state.live_measurement(job, measure_key)  # None until the worker has measured these sliders
+if measured is not None:
+    points[measure_key] = (ws.spec, run_id, params, flops, dict(measured.metrics))
+    row[1].caption(f"Measured: this plan applied, BatchNorm re-estimated on {measured.bn_recalibration} batches, "
+                   f"on the sweep's data ({measured.data}).")  # fmt: skip
+    for card, name in zip(row[2:], problem.dense):
+        value, guess = measured.metrics.get(name, math.nan), predicted.get(name, math.nan)
+        gap = None if math.isnan(value - guess) else value - guess
+        card.metric(f"Measured {name}", charts.format_metric(name, value),
+                    delta=None if gap is None else charts.format_delta(name, gap), delta_description="vs predicted",
+                    delta_color="off" if not gap else "normal" if get_metric(name).higher_is_better else "inverse",
+                    help=f"{state.metric_help(name)} Measured in a background worker; the prediction above adds "
+                         "up each group's own curve.")  # fmt: skip
 budgeted, budgeted_dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
 if budgeted > budget.target(budgeted_dense):
     st.warning(f"The edited plan is over the budget ({budget}).")
@@ -101,6 +128,9 @@ if problem.metric:
         front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
         st.plotly_chart(
             charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
-                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind),
+                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind,
+                                 measured=[(f if budget.kind == "flops" else p, m[problem.metric])
+                                           for spec, run, p, f, m in points.values()
+                                           if (spec, run) == (ws.spec, run_id) and problem.metric in m]),
             width="stretch", key="pareto_chart",
         )  # fmt: skip
