@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         pareto,
         register_method,
         solve,
+        with_predictor,
     )
     from prunecore.attention import PrunedMultiheadAttention
     from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
@@ -35,7 +36,9 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from prunecore.models import (
         PRUNED_FORMAT, ModelSpec, ModelSpecError, canonical_spec, load_model, load_pruned, parse_spec, save_pruned,
     )
+    from prunecore.measure import PlanMeasurement, measure_plan
     from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
+    from prunecore.predict import Predictor, calibrate
     from prunecore.prune import make_plan, prune
     from prunecore.samples import Sample, SampleError, list_samples, load_sample
     from prunecore.sensitivity import DENSE, sweep
@@ -46,7 +49,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
 # `prunecore` command's --help load neither torch nor the engine; `pc.trace` imports what it needs.
 _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("allocate", n) for n in ("AllocationError", "AllocationProblem", "allocate", "allocation_problem",
-                                    "list_methods", "pareto", "register_method", "solve")},
+                                    "list_methods", "pareto", "register_method", "solve", "with_predictor")},
     "PrunedMultiheadAttention": ("attention", "PrunedMultiheadAttention"),
     **{n: ("cost", n) for n in ("Cost", "CostModel", "FlopTerm", "ModuleCost", "cost_model", "count",
                                 "register_flops")},
@@ -60,6 +63,8 @@ _LAZY: dict[str, tuple[str, str]] = {
                                   "load_pruned", "parse_spec", "save_pruned")},
     **{n: ("plan", n) for n in ("SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals",
                                 "kept_units")},
+    **{n: ("measure", n) for n in ("PlanMeasurement", "measure_plan")},
+    **{n: ("predict", n) for n in ("Predictor", "calibrate")},
     **{n: ("prune", n) for n in ("make_plan", "prune")},
     **{n: ("samples", n) for n in ("Sample", "SampleError", "list_samples", "load_sample")},
     **{n: ("sensitivity", n) for n in ("DENSE", "sweep")},
@@ -127,6 +132,8 @@ __all__ = [
     "ModuleCost",
     "Plan",
     "PlanError",
+    "PlanMeasurement",
+    "Predictor",
     "PrunedMultiheadAttention",
     "RunStore",
     "Sample",
@@ -138,6 +145,7 @@ __all__ = [
     "allocate",
     "allocation_problem",
     "apply_plan",
+    "calibrate",
     "canonical_spec",
     "cost_model",
     "count",
@@ -152,6 +160,7 @@ __all__ = [
     "load_pruned",
     "load_sample",
     "make_plan",
+    "measure_plan",
     "pareto",
     "parse_spec",
     "prune",
@@ -165,4 +174,5 @@ __all__ = [
     "solve",
     "sweep",
     "trace",
+    "with_predictor",
 ]

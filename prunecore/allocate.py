@@ -44,6 +44,7 @@ from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
 from prunecore.importance import score
 from prunecore.plan import Allocation, Budget, Plan, Totals, kept_units
+from prunecore.predict import Prediction, Predictor
 from prunecore.prune import keep_top
 from prunecore.sensitivity import DENSE
 
@@ -57,6 +58,7 @@ __all__ = [
     "pareto",
     "register_method",
     "solve",
+    "with_predictor",
 ]
 
 _GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate sparsities of the curve-driven methods
@@ -87,6 +89,11 @@ class AllocationProblem:
     `metric` is the curve allocation protects; `dense` holds the dense model's value of every
     curve metric. Without curves (`curves={}`) only `uniform` and `global` can run and plans
     carry no prediction.
+
+    With a `predictor` (`prunecore.predict`, fitted on measured plans: `with_predictor`), predictions
+    are the predictor's, which knows that damage compounds, and the curve-driven methods minimise its
+    separable score: every predicted metric is monotone in it, so the least score within a budget is
+    the best predicted plan. Without one, each group's change from its own curve is added up.
     """
 
     graph: ChannelGraph
@@ -98,6 +105,7 @@ class AllocationProblem:
     criterion: str
     round_to: int
     model_name: str = ""
+    predictor: Predictor | None = None
 
     def kept(self, sparsities: Mapping[str, float]) -> dict[str, int]:
         """Kept units per named group, by the one rounding rule."""
@@ -121,11 +129,25 @@ class AllocationProblem:
         """
         return self._predict(self.kept(sparsities))
 
+    def predict_band(self, sparsities: Mapping[str, float]) -> dict[str, Prediction]:
+        """The predictor's value and band (about 90 % of plans measure inside) per metric; {} without one."""
+        kept = self.kept(sparsities)
+        pruned = {n: k for n, k in kept.items() if k < self.graph[n].size}
+        if self.predictor is None or any(n not in self.predictor.groups for n in pruned):
+            return {}
+        return self.predictor.predict_score(self._score(pruned))
+
+    def _score(self, pruned: Mapping[str, int]) -> float:
+        """The predictor's separable score of kept counts: the sum of each group's term."""
+        return float(sum(self.predictor.term(n, 1.0 - k / self.graph[n].size) for n, k in pruned.items()))
+
     def _predict(self, kept: Mapping[str, int]) -> dict[str, float]:
         """`predict` from kept unit counts (each group's count rounded once, by the caller)."""
         pruned = {n: k for n, k in kept.items() if k < self.graph[n].size}
         if any(n not in self.curves for n in pruned):
             return {}
+        if self.predictor is not None:
+            return {m: p.value for m, p in self.predictor.predict_score(self._score(pruned)).items()}
         out = {}
         for m, dense in self.dense.items():
             low, high = get_metric(m).bounds
@@ -151,8 +173,13 @@ class AllocationProblem:
         return _plan(self, kept, allocation)
 
     def damage(self, name: str, kept: np.ndarray) -> np.ndarray:
-        """Predicted harm (positive = worse) of group `name` keeping each of `kept` units."""
+        """Predicted harm (positive = worse) of group `name` keeping each of `kept` units.
+
+        With a predictor, its term for the group (what its score adds up); else the curve's change.
+        """
         size = self.graph[name].size
+        if self.predictor is not None:
+            return self.predictor.term(name, 1.0 - np.asarray(kept) / size)
         change = self.curves[name].at(self.metric, 1.0 - np.asarray(kept) / size) - self.dense[self.metric]
         return -change if get_metric(self.metric).higher_is_better else change
 
@@ -189,6 +216,19 @@ def allocation_problem(
     return AllocationProblem(
         graph, cost_model(model, example, graph, scores), scores, parsed, metric, dense, criterion, round_to, name
     )
+
+
+def with_predictor(problem: AllocationProblem, predictor: Predictor | None) -> AllocationProblem:
+    """`problem` predicting (and allocating) with `predictor`; None goes back to adding up the curves.
+
+    The predictor must cover every curve of the problem (it was fitted on these curves).
+    """
+    if predictor is not None:
+        missing = sorted(set(problem.curves) - set(predictor.groups))
+        if missing or predictor.round_to != problem.round_to:
+            what = f"no term for group(s) {', '.join(missing[:5])}" if missing else f"round_to {predictor.round_to}"
+            raise AllocationError(f"the predictor was fitted on other curves ({what}); fit it on this sweep")
+    return dataclasses.replace(problem, predictor=predictor)
 
 
 def _consistent(what: str, given: Any, measured: Any, default: Any) -> Any:

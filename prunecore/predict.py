@@ -38,7 +38,6 @@ over (loss additively, bounded metrics by their ratio).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -585,14 +584,11 @@ def calibrate(
 
 
 def objective_problem(problem: AllocationProblem, predictor: Predictor) -> AllocationProblem:
-    """`problem` with each curve replaced by the predictor's term, so `solve` minimises Z.
+    """`problem` allocating and predicting with `predictor` (`allocate.with_predictor`).
 
-    Z is what every predicted metric is monotone in, so the least Z within a budget is the plan
-    with the best predicted accuracy and loss: dp, greedy and threshold run unchanged. The plans'
-    `predicted` then holds {"loss": Z}; read predictions from `predictor.predict(plan.sparsities)`.
+    Its score is what every predicted metric is monotone in, so the least score within a budget is
+    the plan with the best predicted accuracy and loss: dp, greedy and threshold run unchanged.
     """
-    from prunecore.allocate import Curve
+    from prunecore.allocate import with_predictor
 
-    curves = {n: Curve(np.array(g.fractions), {"loss": np.array(g.terms)}) for n, g in predictor.groups.items()
-              if n in problem.curves}  # fmt: skip
-    return dataclasses.replace(problem, curves=curves, metric="loss", dense={"loss": 0.0})
+    return with_predictor(problem, predictor)

@@ -246,3 +246,18 @@ def test_allocation_on_the_objective_maximises_the_corrected_prediction(problem)
         assert predictor.score(new.sparsities) <= predictor.score(old.sparsities) + 1e-9
         better, worse = predictor.predict(new.sparsities), predictor.predict(old.sparsities)
         assert better["accuracy"].value >= worse["accuracy"].value
+
+
+def test_a_problem_with_a_predictor_predicts_and_plans_with_it_and_refuses_one_for_other_curves(problem):
+    predictor = fit(problem, measured(problem, 30, seed=0))
+    corrected = pc.with_predictor(problem, predictor)
+    plan = pc.solve(corrected, pc.Budget(flops=0.5), "greedy")
+    band = corrected.predict_band(plan.sparsities)
+    assert plan.predicted == corrected.predict(plan.sparsities) == {m: p.value for m, p in band.items()}
+    assert band == predictor.predict(plan.sparsities) and problem.predict_band(plan.sparsities) == {}
+    assert problem.predict(plan.sparsities) != corrected.predict(plan.sparsities)  # the additive sum differs
+    assert pc.with_predictor(corrected, None).predict(plan.sparsities) == problem.predict(plan.sparsities)
+    groups = dict(list(predictor.to_dict()["groups"].items())[1:])  # one group's term left out
+    fewer = Predictor.from_dict({**predictor.to_dict(), "groups": groups})
+    with pytest.raises(pc.AllocationError, match="fitted on other curves .no term for group"):
+        pc.with_predictor(problem, fewer)
