@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, NoReturn, Sequence
@@ -37,11 +38,12 @@ if TYPE_CHECKING:  # the commands import these when they run: --help stays free 
     import pandas as pd
     import torch
 
+    from prunecore.allocate import AllocationProblem
     from prunecore.cost import Cost
     from prunecore.datasets import EvalData
     from prunecore.graph import ChannelGraph
     from prunecore.plan import Plan
-    from prunecore.store import RunInfo
+    from prunecore.store import RunInfo, RunStore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="exact: measure every point; estimate: predict the loss curve from gradients")  # fmt: skip
     sweep.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
     sweep.add_argument("--out", type=Path, help="also write the curves to a .csv or .parquet file")
+    sweep.add_argument("--calibrate", type=_non_negative, default=0, metavar="N",
+                       help="then measure N random plans and each method's plans at a few budgets (about N + 20 "
+                            "in all) and fit a predictor that knows damage compounds; stored with the run, allocate "
+                            "predicts and allocates with it (0: off)")  # fmt: skip
     sweep.set_defaults(run=_sweep)
 
     runs = sub.add_parser("runs", help="list (id, age, model, data, mode, levels, groups), export or delete sweeps")
@@ -171,6 +177,8 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                    help="with --evaluate: BatchNorm re-estimation batches (0: off)")  # fmt: skip
     p.add_argument("--limit", type=_positive, help="with --evaluate: use at most N images")
+    p.add_argument("--additive", action="store_true",
+                   help="predict by adding up the curves even where the run has a fitted predictor")  # fmt: skip
     p.set_defaults(run=_allocate)
 
 
@@ -320,7 +328,33 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.out is not None:
         store.export(curves.attrs["run_id"], args.out)
         print(f"wrote {args.out}")
+    if args.calibrate:
+        _calibrate(args, model, graph, curves, data, store)
     return 0
+
+
+def _calibrate(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelGraph, curves: pd.DataFrame,
+               data: EvalData, store: RunStore) -> None:  # fmt: skip
+    """Measure calibration plans on the sweep's data, as the sweep measured its points, fit, store the predictor."""
+    from tqdm.auto import tqdm
+
+    from prunecore.allocate import allocation_problem
+    from prunecore.predict import calibrate
+
+    if args.mode == "estimate":
+        raise ArgumentError("--calibrate measures plans: use it with --mode exact (the curves must be measured)")
+    problem = allocation_problem(curves, graph, model, model_name=args.model)
+    began = time.perf_counter()
+    with tqdm(desc="calibrating", unit="plan", leave=False) as bar:
+        def step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        predictor = calibrate(model, problem, data.evaluation, args.bn_recalibration, graph, n=args.calibrate,
+                              progress=step, bn_data=data.calibration)  # fmt: skip
+    store.put_predictor(curves.attrs["run_id"], predictor.to_dict())
+    print(f"calibrated on {predictor.plans} plans measured in {time.perf_counter() - began:.0f} s; the predictor is "
+          f"stored with run {curves.attrs['run_id']}, and allocate predicts and allocates with it")  # fmt: skip
 
 
 def _curve_table(curves, metric: str) -> str:
@@ -462,9 +496,11 @@ def _allocate(args: argparse.Namespace) -> int:
     model, example, graph = _load(args)
     curves, source = _curves(args, model, graph)
     problem = allocation_problem(curves, graph, model, metric=args.metric, model_name=args.model)
+    problem, how = _with_stored_predictor(args, problem, curves)
     plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
     print(f"curves     {source}")
+    print(f"predicted  {how}")
     print(f"plan       {args.method}, budget {budget}, protecting {problem.metric or 'nothing (no curves)'}")
     print(_group_table(plan, problem.metric))
     assert plan.totals is not None  # solve always prices its plan
@@ -480,9 +516,30 @@ def _allocate(args: argparse.Namespace) -> int:
         columns["measured"] = measured
     if any(columns.values()):
         print(_metric_table(columns))
+    for metric, p in problem.predict_band(plan.sparsities).items():
+        print(f"band       {metric} {_metric(metric, p.low)} to {_metric(metric, p.high)} "
+              "(about 90 % of plans measure inside)")  # fmt: skip
     write_atomic(args.out, plan.to_json())
     print(f"wrote      {args.out}")
     return 0
+
+
+def _with_stored_predictor(args: argparse.Namespace, problem: AllocationProblem,
+                           curves: pd.DataFrame) -> tuple[AllocationProblem, str]:  # fmt: skip
+    """The problem with its run's stored predictor (`sweep --calibrate`), unless --additive; and how it predicts."""
+    from prunecore.allocate import with_predictor
+    from prunecore.predict import Predictor
+    from prunecore.store import RunStore
+
+    additive = "by adding up each group's own curve (optimistic where plans cut deep)"
+    run_id = curves.attrs.get("run_id")
+    if args.additive or args.curves is not None or not run_id:
+        return problem, additive
+    stored = RunStore(args.store).get_predictor(run_id)
+    if stored is None:
+        return problem, additive + "; `sweep --calibrate N` fits a better predictor"
+    predictor = Predictor.from_dict(stored)
+    return with_predictor(problem, predictor), f"by the predictor fitted on {predictor.plans} measured plans"
 
 
 def _curves(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelGraph) -> tuple[pd.DataFrame, str]:

@@ -144,14 +144,19 @@ class Predictor:
 
     # -- what allocation needs -------------------------------------------------------------------
     def fractions(self, sparsities: Mapping[str, float]) -> dict[str, float]:
-        """Pruned fraction of each named group under the one rounding rule (what the model really loses)."""
-        unknown = sorted(set(sparsities) - set(self.groups))
+        """Pruned fraction of each named group under the one rounding rule (what the model really loses).
+
+        Groups without a term are fine left dense (a plan names every group, swept or not).
+        """
+        unknown = sorted(n for n, s in sparsities.items() if n not in self.groups and float(s) > 0.0)
         if unknown:
             raise PredictionError(
                 f"the predictor has no curve for group(s) {', '.join(map(repr, unknown[:5]))}; sweep them and refit"
             )
         out = {}
         for name, s in sparsities.items():
+            if name not in self.groups:
+                continue
             size = self.groups[name].size
             out[name] = 1.0 - kept_units(size, float(s), self.round_to) / size
         return out
@@ -519,10 +524,11 @@ def calibration_plans(
             seen.add(key)
             plans.append(plan)
     target = problem if predictor is None else objective_problem(problem, predictor)
+    unswept = [n for n in problem.cost.groups if n not in problem.curves]  # uniform and global would cut them
     for method, budgets in (CALIBRATION_METHODS if methods is None else methods).items():
         for b in budgets:
             try:
-                plan = solve(target, Budget(flops=b), method).sparsities
+                plan = solve(target, Budget(flops=b), method, exclude=unswept).sparsities
             except AllocationError:
                 continue
             key = tuple(sorted(problem.kept(plan).items()))
@@ -543,13 +549,15 @@ def calibrate(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     measure: Callable[[Mapping[str, float]], Mapping[str, float]] | None = None,
+    bn_data: Iterable[Any] | None = None,
 ) -> Predictor:
     """Pick calibration plans, measure them on `calibration_data` (the data the curves were swept on), fit.
 
     Two rounds: `n` random plans and `CALIBRATION_METHODS`' plans on the curves, a first fit, then
     the curve methods again on that fit's objective (where corrected allocation goes), and the final
     fit on all of them (about n + 20 plans). Each plan is measured with `prunecore.evaluate_plan`
-    (BatchNorm re-estimated on `calibration_data` as `bn_recalibration` says), or with `measure`
+    (BatchNorm re-estimated as `bn_recalibration` says on `bn_data`, default `calibration_data`: as
+    the sweep did, so plans are measured the way the curves were), or with `measure`
     (sparsities -> metrics) where given, e.g. a cache. `progress(done, total)` is called after each
     measured plan; `reference` is as in `fit`.
     """
@@ -561,7 +569,8 @@ def calibrate(
         def measure(sparsities: Mapping[str, float]) -> Mapping[str, float]:
             plan = problem.plan(dict(sparsities))
             return evaluate_plan(model, plan, calibration_data, metrics, bn_recalibration=bn_recalibration,
-                                 calibration=calibration_data, graph=graph)  # fmt: skip
+                                 calibration=calibration_data if bn_data is None else bn_data,
+                                 graph=graph)  # fmt: skip
 
     curve_methods = {m: b for m, b in CALIBRATION_METHODS.items() if m not in _SHAPE_METHODS}
     first = calibration_plans(problem, n, seed)

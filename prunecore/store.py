@@ -30,13 +30,14 @@ from prunecore.files import write_atomic
 
 __all__ = ["RunInfo", "RunStore", "StoreError", "default_store_path", "fingerprint_data", "fingerprint_model", "run_id"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the predictors table (a version-1 store gains it when opened for writing)
 _DIGITS = 6  # sparsity is a key: rounded so that 0.1 + 0.2 and 0.3 name the same point
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, model_name TEXT, model_fp TEXT, data_fp TEXT,"
     " config TEXT, created TEXT, expected INTEGER, complete INTEGER)",
     "CREATE TABLE IF NOT EXISTS points (run_id TEXT, grp TEXT, sparsity REAL, data TEXT, seq INTEGER,"
     " PRIMARY KEY (run_id, grp, sparsity))",
+    "CREATE TABLE IF NOT EXISTS predictors (run_id TEXT PRIMARY KEY, predictor TEXT, created TEXT)",
 )
 
 
@@ -153,10 +154,10 @@ class RunStore:
             if version > SCHEMA_VERSION:
                 raise StoreError(f"run store {self.path} has schema version {version}, newer than this prunecore "
                                  f"reads ({SCHEMA_VERSION}); upgrade, or pick another with PRUNECORE_STORE or store=")
-            if version < SCHEMA_VERSION and self._read_only:
+            if version == 0 and self._read_only:
                 raise StoreError(f"run store {self.path} holds no runs yet (schema version {version}) and is "
                                  f"read-only: {self._read_only}")  # fmt: skip
-            if version < SCHEMA_VERSION:
+            if version < SCHEMA_VERSION and not self._read_only:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -323,10 +324,32 @@ class RunStore:
             return self._infos(conn, run_id)[0]
 
     def delete(self, run_id: str) -> None:
-        """Remove the run and all its points in one transaction."""
+        """Remove the run, all its points and its predictor in one transaction."""
         with self._op(write=True, run=run_id) as conn:
             conn.execute("DELETE FROM points WHERE run_id = ?", (run_id,))
+            if self._has_predictors(conn):
+                conn.execute("DELETE FROM predictors WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    def put_predictor(self, run_id: str, predictor: Mapping[str, Any]) -> None:
+        """Keep the run's fitted predictor (`prunecore.predict.Predictor.to_dict()`), replacing an older one."""
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        text = json.dumps(dict(predictor), sort_keys=True, allow_nan=False)
+        with self._op(write=True, run=run_id) as conn:
+            conn.execute("INSERT OR REPLACE INTO predictors VALUES (?, ?, ?)", (run_id, text, created))
+
+    def get_predictor(self, run_id: str) -> dict[str, Any] | None:
+        """The run's predictor as `put_predictor` kept it; None when the run has none."""
+        with self._op(run=run_id) as conn:
+            if not self._has_predictors(conn):  # a version-1 store, opened read-only
+                return None
+            row = conn.execute("SELECT predictor FROM predictors WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else self._decode(run_id, "predictor", row[0], dict)
+
+    @staticmethod
+    def _has_predictors(conn: sqlite3.Connection) -> bool:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'predictors'").fetchone()
+        return found is not None
 
     def export(self, run_id: str, path: str | Path) -> Path:
         """Write the points as .csv or .parquet (chosen by suffix), atomically, and return the path.

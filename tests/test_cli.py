@@ -474,3 +474,36 @@ def test_evaluate_update_needs_a_plan(tmp_path, capsys):
     args = ["evaluate", "--model", SPEC, "--data", "sample", "--pruned", str(tmp_path / "p.pt"), "--update"]
     assert main(args) == 2
     _one_line_error(capsys, "--update writes the measured metrics into a plan file")
+
+
+def test_sweep_calibrate_stores_a_predictor_that_allocate_predicts_and_allocates_with(tmp_path, capsys):
+    import prunecore as pc
+    from prunecore.predict import Predictor
+
+    store = tmp_path / "runs.db"
+    args = ["sweep", "--model", SPEC, "--data", "sample", "--limit", "64", "--levels", "0.3,0.6", "--groups", SWEPT,
+            "--store", str(store), "--calibrate", "10"]  # fmt: skip
+    assert main(args) == 0
+    assert re.search(r"calibrated on \d+ plans measured in \d+ s", capsys.readouterr().out)
+    [run] = RunStore(store).runs()
+    predictor = Predictor.from_dict(RunStore(store).get_predictor(run.run_id))
+    assert set(predictor.groups) == set(SWEPT.split(",")) and predictor.plans >= 10
+
+    base = ["allocate", "--model", SPEC, "--run", run.run_id, "--store", str(store), "--budget", "flops=0.6"]
+    assert main([*base, "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"predicted  by the predictor fitted on {predictor.plans} measured plans" in out
+    assert re.search(r"^band       accuracy \d+\.\d\d% to \d+\.\d\d%", out, re.M)
+    plan = Plan.from_json((tmp_path / "p.json").read_text())
+    model = load_model(SPEC)
+    problem = pc.allocation_problem(RunStore(store).points(run.run_id), pc.trace(model, torch.randn(1, 1, 28, 28)),
+                                    model)  # fmt: skip
+    assert plan.predicted == pc.with_predictor(problem, predictor).predict(plan.sparsities)
+    assert main([*base, "--additive", "--out", str(tmp_path / "a.json")]) == 0
+    assert "predicted  by adding up each group's own curve" in capsys.readouterr().out
+    additive = Plan.from_json((tmp_path / "a.json").read_text())
+    assert additive.predicted == problem.predict(additive.sparsities)
+
+    assert main(["sweep", "--model", SPEC, "--data", "sample", "--limit", "64", "--levels", "0.3", "--groups", "stem.0",
+                 "--store", str(store), "--mode", "estimate", "--calibrate", "10"]) == 2  # fmt: skip
+    assert "--calibrate measures plans: use it with --mode exact" in capsys.readouterr().err

@@ -385,3 +385,40 @@ def test_unsupported_export_format(store, tmp_path):
     with pytest.raises(StoreError, match=r"\.csv and \.parquet"):
         store.export("r1", tmp_path / "curves.xlsx")
     assert not (tmp_path / "curves.xlsx").exists()
+
+
+def test_a_run_keeps_one_predictor_which_goes_with_the_run(store):
+    open_run(store, "r1")
+    open_run(store, "r2")
+    assert store.get_predictor("r1") is None
+    store.put_predictor("r1", {"format": "prunecore.predictor/3", "plans": 30})
+    store.put_predictor("r1", {"format": "prunecore.predictor/3", "plans": 44})  # a refit replaces it
+    assert store.get_predictor("r1") == {"format": "prunecore.predictor/3", "plans": 44}
+    assert store.get_predictor("r2") is None
+    with pytest.raises(StoreError, match="unknown run id 'nope'"):
+        store.put_predictor("nope", {})
+    with pytest.raises(ValueError):  # JSON has no NaN: refused before anything is written
+        store.put_predictor("r2", {"band": float("nan")})
+    store.delete("r1")
+    open_run(store, "r1")
+    assert store.get_predictor("r1") is None
+
+
+def test_a_version_1_store_gains_the_predictors_table_and_still_reads_read_only(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as conn:  # what prunecore wrote before predictors were stored
+        conn.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, model_name TEXT, model_fp TEXT, data_fp TEXT,"
+                     " config TEXT, created TEXT, expected INTEGER, complete INTEGER)")  # fmt: skip
+        conn.execute("CREATE TABLE points (run_id TEXT, grp TEXT, sparsity REAL, data TEXT, seq INTEGER,"
+                     " PRIMARY KEY (run_id, grp, sparsity))")  # fmt: skip
+        conn.execute("INSERT INTO runs VALUES ('r1', 'm', 'mfp', 'dfp', '{}', '2026-01-01', 1, 1)")
+        conn.execute("PRAGMA user_version = 1")
+    old = RunStore(path, read_only=True)
+    assert old.get("r1").complete and old.get_predictor("r1") is None  # readable as it is
+    old.close()
+    store = RunStore(path)  # opened for writing: upgraded in place
+    store.put_predictor("r1", {"plans": 12})
+    assert store.get_predictor("r1") == {"plans": 12}
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
