@@ -42,6 +42,7 @@ from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
 from prunecore.jobs import Job, JobStatus, MeasureJob, SweepJob
 from prunecore.measure import PlanMeasurement
+from prunecore.predict import Predictor
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
 from prunecore.sensitivity import DENSE, sweep_run_id
 from prunecore.store import StoreError, default_store_path
@@ -72,6 +73,7 @@ CRITERION = "sweep_criterion"
 LEVELS = "sweep_levels"
 METRICS = "sweep_metrics"
 BN_BATCHES = "sweep_bn_batches"
+CALIBRATE = "sweep_calibrate"  # random plans the sweep job measures afterwards to fit the predictor (0: none)
 MODE = "sweep_mode"
 BUDGET_KIND = "budget_kind"
 BUDGET_VALUE = "budget_value"
@@ -92,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     LEVELS: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
     METRICS: ["accuracy", "loss"],
     BN_BATCHES: 2,
+    CALIBRATE: 24,
     MODE: "exact",
     BUDGET_KIND: "flops",
     BUDGET_VALUE: 0.5,
@@ -274,6 +277,7 @@ def sweep_settings() -> dict[str, Any]:
     return {
         "levels": list(st.session_state[LEVELS]), "criterion": st.session_state[CRITERION],
         "metric": list(st.session_state[METRICS]), "bn_recalibration": int(st.session_state[BN_BATCHES]),
+        "calibrate": int(st.session_state[CALIBRATE]),
         "mode": st.session_state[MODE],
     }  # fmt: skip
 
@@ -311,12 +315,14 @@ def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
     metrics = settings["metric"]
     if not data(ws).labelled:
         metrics = [m for m in metrics if not get_metric(m).needs_labels] or ["kl", "agreement"]
+    if settings["calibrate"] and not {"loss", "kl"} & set(metrics):  # the predictor is fitted on one of them
+        metrics = [*metrics, "loss" if data(ws).labelled else "kl"]
     shape = st.session_state.get(INPUT_SHAPE)
     job = SweepJob(
         ws.spec, st.session_state[DATA_SPEC], str(store_path()), tuple(settings["levels"]),
         input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
         criterion=settings["criterion"], metrics=tuple(metrics), bn_recalibration=settings["bn_recalibration"],
-        mode=settings["mode"],
+        mode=settings["mode"], calibrate=settings["calibrate"],
     )  # fmt: skip
     key = _keyed(job, JOB_CACHE)
     st.session_state[JOB] = key
@@ -393,17 +399,17 @@ def job_progress(status: JobStatus, kind: str = "sweep") -> tuple[float, str]:
 
     >>> job_progress(JobStatus("k", "running", done=3, total=12, group="layer1.0.conv1", eta_s=95.0))
     (0.25, 'running: 3 of 12 batches, group `layer1.0.conv1`, about 1 min 35 s left')
-    >>> job_progress(JobStatus("k", "running", done=2, total=5, group="evaluating"), kind="measure")
+    >>> job_progress(JobStatus("k", "running", done=2, total=5, group="evaluating", unit="steps"), kind="measure")
     (0.4, 'running: 2 of 5 steps, evaluating')
     """
     active = status.state in jobs.ACTIVE
     parts = []
     if status.total:
-        parts.append(f"{status.done:,} of {status.total:,} {'steps' if kind == 'measure' else 'batches'}")
+        parts.append(f"{status.done:,} of {status.total:,} {status.unit}")
     elif active:
         parts.append("preparing (the model, the data" + (", the dense model's metrics)" if kind == "sweep" else ")"))
     if active and status.group:
-        parts.append(f"group `{status.group}`" if kind == "sweep" else status.group)
+        parts.append(f"group `{status.group}`" if kind == "sweep" and status.unit == "batches" else status.group)
     if active and status.eta_s is not None:
         parts.append(f"about {_duration(status.eta_s)} left")
     fraction = min(status.done / status.total, 1.0) if status.total else 0.0
@@ -486,8 +492,10 @@ def describe_job(job: SweepJob) -> str:
     """
     bn = f", BatchNorm re-estimated on {job.bn_recalibration} batches" if job.bn_recalibration else ""
     data_ = job.data + (f" (first {job.limit:,} images)" if job.limit else "")
+    then = (f" Then {job.calibrate} random plans and each method's plans at a few budgets are measured to fit "
+            "the predictor that knows damage compounds." if job.calibrate else "")  # fmt: skip
     return (f"Every prunable group at levels {', '.join(f'{v:g}' for v in job.levels)} (criterion {job.criterion}, "
-            f"{job.mode}{bn}), measuring {', '.join(job.metrics)} on {data_}.")
+            f"{job.mode}{bn}), measuring {', '.join(job.metrics)} on {data_}.{then}")
 
 
 def _finished(job: Job, key: str, status: JobStatus | None) -> bool:
@@ -664,14 +672,42 @@ def _problem(spec: str, run_id: str, _ws: Workspace, _curves: pd.DataFrame) -> p
     return pc.allocation_problem(_curves, _ws.graph, _ws.model, model_name=spec)
 
 
+@st.cache_resource(max_entries=4)
+def _calibrated(spec: str, run_id: str, tag: str, _base: pc.AllocationProblem, _stored: dict) -> pc.AllocationProblem:
+    return pc.with_predictor(_base, Predictor.from_dict(_stored))
+
+
 def problem(ws: Workspace, frame: pd.DataFrame) -> pc.AllocationProblem:
+    """The allocation problem of the curves, predicting with the run's fitted predictor once the sweep job
+    has stored one (its calibration ends after the curves are complete), else adding up the curves."""
+    run = frame.attrs.get("run_id", "")
     with user_errors():
-        made = _problem(ws.spec, frame.attrs.get("run_id", ""), ws, frame)
+        made = _problem(ws.spec, run, ws, frame)
+        stored = stored_predictor(run) if run else None
+        if stored is not None:
+            tag = hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16]
+            made = _calibrated(ws.spec, run, tag, made, stored)
     return made
 
 
+def stored_predictor(run_id: str) -> dict | None:
+    """The run's predictor from the run store (`prunecore.predict`); None when it was not calibrated."""
+    runs = pc.RunStore(store_path())
+    try:
+        return runs.get_predictor(run_id)
+    finally:
+        runs.close()
+
+
+def problem_tag(made: pc.AllocationProblem) -> str:
+    """What tells the cached results of one problem from another's with the same run: its predictor."""
+    if made.predictor is None:
+        return ""
+    return hashlib.sha256(json.dumps(made.predictor.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 @st.cache_data(max_entries=16, show_spinner="Computing each method's Pareto front ...")
-def pareto(spec: str, run_id: str, kind: str, _problem: pc.AllocationProblem) -> pd.DataFrame:
+def pareto(spec: str, run_id: str, kind: str, tag: str, _problem: pc.AllocationProblem) -> pd.DataFrame:
     return pc.pareto(_problem, budgets=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), kind=kind)
 
 

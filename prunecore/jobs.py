@@ -93,6 +93,7 @@ class SweepJob:
     bn_recalibration: int = 0
     mode: str = "exact"
     round_to: int = 1
+    calibrate: int = 0  # then fit a predictor on about this many random plans + 20 method plans (0: no)
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -192,6 +193,7 @@ class JobStatus:
     updated: str | None = None  # ISO 8601 UTC: the last write
     eta_s: float | None = None  # seconds left, from the rate so far; None until known
     error: str | None = None  # one line, when failed
+    unit: str = "batches"  # what done and total count: batches, steps (a measurement), plans (calibration)
 
 
 def job_key(job: Job) -> str:
@@ -204,6 +206,8 @@ def job_key(job: Job) -> str:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
     if isinstance(job, MeasureJob):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
+    elif not job.calibrate:
+        del fields["calibrate"]  # sweeps keep the keys they had before calibration existed
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -392,7 +396,8 @@ def _finished(folder: Path, job: Job) -> bool:
 
     runs = RunStore(job.store)
     try:
-        return runs.get(last["run_id"]).complete
+        calibrated = not job.calibrate or runs.get_predictor(last["run_id"]) is not None
+        return runs.get(last["run_id"]).complete and calibrated
     except StoreError:  # the run was deleted since
         return False
     finally:
@@ -500,7 +505,30 @@ def _sweep(job: SweepJob, worker: _Worker) -> str:
         store=_OpeningStore(RunStore(job.store), worker.opened), model_name=job.model, mode=job.mode,
         on_group=worker.on_group,
     )  # fmt: skip
+    if job.calibrate:
+        _calibrate(job, worker, model, example, curves, data)
     return curves.attrs["run_id"]
+
+
+def _calibrate(job: SweepJob, worker: _Worker, model: Any, example: Any, curves: Any, data: Any) -> None:
+    """Measure calibration plans as the sweep measured its points, fit the predictor, store it with the run."""
+    from prunecore.allocate import allocation_problem
+    from prunecore.graph import trace
+    from prunecore.predict import calibrate
+    from prunecore.store import RunStore
+
+    graph = trace(model, example)
+    problem = allocation_problem(curves, graph, model, model_name=job.model)
+    worker.first = None  # the rate (and so the time left) starts again for plans
+    worker.write(force=True, group="measuring plans to calibrate the predictions", unit="plans", done=0, total=0,
+                 eta_s=None)  # fmt: skip
+    predictor = calibrate(model, problem, data.evaluation, job.bn_recalibration, graph, n=job.calibrate,
+                          progress=worker.progress, bn_data=data.calibration)  # fmt: skip
+    runs = RunStore(job.store)
+    try:
+        runs.put_predictor(curves.attrs["run_id"], predictor.to_dict())
+    finally:
+        runs.close()
 
 
 _STEP_TEXT = {"apply": "applying the plan", "bn": "re-estimating BatchNorm", "evaluate": "evaluating",
@@ -516,6 +544,7 @@ def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
 
     plan = Plan.from_json(job.plan)
     steps = [s for s in STEPS if (s != "bn" or job.bn_recalibration) and (s != "latency" or job.latency)]
+    worker.write(unit="steps")
     worker.progress(0, len(steps) + 1)
     model = load_model(job.model, job.weights)
     shape = job.input_shape or tuple(plan.inputs[0].shape)

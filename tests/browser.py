@@ -23,7 +23,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0,  # seconds, not minutes
-        "live_measure_on": False}  # the Plan page measures only where a test turns it on
+        "live_measure_on": False, "sweep_calibrate": 0}  # measuring plans only where a test turns it on
 WAIT_MS = 300_000  # the first visit loads and traces the model; a sweep job runs on a busy machine
 
 
@@ -119,12 +119,24 @@ def new_page(browser, url: str):
     return page
 
 
-def go(page, title: str) -> None:
-    """Navigate inside the app (a page load would start a new session and lose its state)."""
+def go(page, title: str, tries: int = 3) -> None:
+    """Navigate inside the app (a page load would start a new session and lose its state).
+
+    A click that lands while the page reruns (a job's panel reruns it when the job ends) can be
+    dropped on a busy machine: the title must show within a minute, else the link is clicked again.
+    """
     from playwright.sync_api import expect
 
-    page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title, exact=True).click()
-    expect(page.locator("h1").filter(has_text=title)).to_be_visible()
+    link = page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title, exact=True)
+    heading = page.locator("h1").filter(has_text=title)
+    for attempt in range(tries):
+        link.click()
+        try:
+            expect(heading).to_be_visible(timeout=60_000)
+            break
+        except AssertionError:
+            if attempt == tries - 1:
+                raise
     settle(page)
 
 
@@ -198,9 +210,11 @@ def click_until(page, button: str, done, tries: int = 3) -> None:
     """
     from playwright.sync_api import expect
 
-    check = done if callable(done) else lambda: expect(page.get_by_text(done)).to_be_visible(timeout=30_000)
+    check = done if callable(done) else lambda: expect(page.get_by_text(done)).to_be_visible(timeout=60_000)
     for attempt in range(tries):
-        page.get_by_role("button", name=button).click()
+        target = page.get_by_role("button", name=button)
+        if attempt == 0 or target.is_visible():  # gone: the click worked, the page is only slow to show it
+            target.click()
         try:
             check()
             return

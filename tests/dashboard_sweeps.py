@@ -18,7 +18,7 @@ from prunecore import jobs
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0,  # seconds, not minutes
-        "live_measure_on": False}  # the Plan page measures only where a test turns it on
+        "live_measure_on": False, "sweep_calibrate": 0}  # measuring plans only where a test turns it on
 
 
 @pytest.fixture(scope="module", autouse=True)

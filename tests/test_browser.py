@@ -55,9 +55,10 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     _shoot(page, "1-model")
 
     go(page, "Sensitivity")
-    page.get_by_role("button", name="Run sweep").click()  # a worker process sweeps; the page follows it
-    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
-    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()  # the page reruns when it is done
+    chart = page.locator('[data-testid="stPlotlyChart"]').first
+    click_until(page, "Run sweep",  # a worker process sweeps; the page follows it
+                lambda: expect(page.get_by_role("button", name="Cancel").or_(chart)).to_be_visible(timeout=60_000))
+    expect(chart).to_be_visible()  # the page reruns when it is done
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     settle(page)
     _shoot(page, "2-sensitivity")
@@ -77,8 +78,10 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     assert float(after.rstrip("%")) < float(before.rstrip("%"))
 
     go(page, "Validate")
-    page.get_by_role("button", name="Apply and measure").click()
-    expect(page.get_by_text("CPU latency")).to_be_visible()
+    latency = page.get_by_text("CPU latency")
+    click_until(page, "Apply and measure",  # a measurement job: its progress, then the result
+                lambda: expect(page.get_by_role("button", name="Cancel").or_(latency)).to_be_visible(timeout=60_000))
+    expect(latency).to_be_visible()
     settle(page)
     _shoot(page, "4-validate")
 

@@ -61,8 +61,8 @@ def _batches_done(page: Page) -> int:
 
 def _start_sweep(page: Page) -> None:
     """On the Sensitivity page: press Run sweep and wait until the worker reports a batch done."""
-    page.get_by_role("button", name="Run sweep").click()
-    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    click_until(page, "Run sweep", lambda: expect(page.get_by_role("button", name="Cancel")).to_be_visible(
+        timeout=60_000))
     expect(_progress(page)).to_contain_text(re.compile(r"[1-9][\d,]* of [\d,]+ batches"))
 
 
@@ -128,16 +128,15 @@ def test_cancel_stops_the_sweep_and_resume_finishes_it(server, browser, store):
     type_number(page, LIMIT, 32)
     go(page, "Sensitivity")
     _start_sweep(page)
-    page.get_by_role("button", name="Cancel").click()
-    expect(_progress(page)).to_contain_text("cancelled")
+    click_until(page, "Cancel", lambda: expect(_progress(page)).to_contain_text("cancelled", timeout=60_000))
     expect(page.get_by_role("button", name="Resume")).to_be_visible()
     stopped = _batches_done(page)
     page.wait_for_timeout(3000)  # a cancelled worker does nothing more
     assert _batches_done(page) == stopped
     no_exception(page)
 
-    page.get_by_role("button", name="Resume").click()
-    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    click_until(page, "Resume", lambda: expect(page.get_by_role("button", name="Cancel").or_(
+        page.get_by_text(re.compile(r"Run [0-9a-f]+: \d+ groups")))).to_be_visible(timeout=60_000))
     _curves_shown(page)
     no_exception(page)
 

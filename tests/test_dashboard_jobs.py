@@ -26,7 +26,7 @@ from prunecore.jobs import JobStatus
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TINY = {"data_limit": 16, "sweep_levels": [0.5], "sweep_metrics": ["accuracy"], "sweep_bn_batches": 0,
-        "live_measure_on": False}
+        "live_measure_on": False, "sweep_calibrate": 0}
 RANDOM = {"data_source": "Random (label-free)"}  # the Model page's data choice: prunecore's `random` spec
 DELAY = "2"  # seconds per batch: a sweep of resnet20's 12 groups stays running long enough to act on
 
@@ -205,6 +205,24 @@ def test_the_plan_page_measures_the_resting_sliders_in_a_worker_and_cancels_a_pl
     wait_for_job(moved, lambda s: s.state == "running" and s.pid is not None)
     at.slider(key=group).set_value(second).run()  # moved on before it was done: that measurement is cancelled
     assert wait_for_job(moved).state == "cancelled"
+
+
+def test_a_calibrated_sweep_stores_a_predictor_that_the_plan_page_predicts_and_allocates_with(store):
+    done = run_sweep(app(sweep_calibrate=10))  # accuracy only asked: the job adds the loss it fits on
+    key = done.session_state[state.JOB]
+    assert jobs.read_job(key, store).metrics == ("accuracy", "loss") and jobs.read_job(key, store).calibrate == 10
+    run = jobs.status(key, store).run_id
+    stored = pc.RunStore(store).get_predictor(run)
+    assert stored is not None and stored["plans"] >= 10
+    plan = app("plan", sweep_calibrate=10)
+    assert any("Predicted by the predictor fitted on" in c.value for c in plan.caption)
+    edited = plan.session_state[state.EDITED_PLAN]
+    model = pc.load_model("sample:resnet20")
+    problem = pc.with_predictor(pc.allocation_problem(pc.RunStore(store).points(run), pc.trace(
+        model, torch.randn(1, 1, 28, 28)), model), pc.Predictor.from_dict(stored))  # fmt: skip
+    assert edited.predicted == problem.predict(edited.sparsities)
+    uncalibrated = app("plan")  # settings without calibration are another job
+    assert uncalibrated.session_state[state.JOB] != key
 
 
 def test_uploaded_weights_reach_the_worker_as_a_copy_that_the_key_digests(store, monkeypatch):

@@ -17,6 +17,7 @@ import streamlit as st
 
 import prunecore as pc
 from dashboard import charts, state
+from prunecore.allocate import get_method
 from prunecore.evaluate import get_metric
 
 SCROLL_PX = 500  # the sliders and the per-group chart scroll inside this height, under the cards
@@ -31,7 +32,7 @@ sizes = {n: ws.graph[n].size for n in names}
 c1, c2, c3, c4 = st.columns([2, 3, 2, 2], vertical_alignment="bottom")
 c1.radio("Budget on", ["flops", "params"], key=state.BUDGET_KIND, horizontal=True)
 c2.slider("Keep this fraction", 0.05, 1.0, step=0.05, key=state.BUDGET_VALUE)
-methods = [m for m in pc.list_methods() if problem.curves or m in ("uniform", "global")]
+methods = [m for m in pc.list_methods() if problem.curves or not get_method(m).needs_curves]
 c3.selectbox("Method", methods, key=state.METHOD)
 reallocate = c4.button("Re-allocate unlocked groups", key="reallocate",
                        help="Apply the method to every unlocked group; locked groups keep their kept counts. "
@@ -82,6 +83,16 @@ if measured is not None:
                     delta_color="off" if not gap else "normal" if get_metric(name).higher_is_better else "inverse",
                     help=f"{state.metric_help(name)} Measured in a background worker; the prediction above adds "
                          "up each group's own curve.")  # fmt: skip
+band = problem.predict_band(sparsities)
+if band:
+    st.caption(f"Predicted by the predictor fitted on {problem.predictor.plans} plans measured after the sweep, "
+               "which knows that damage compounds; about 90 % of plans measure inside: " + ", ".join(
+                   f"{m} {charts.format_metric(m, b.low)} to {charts.format_metric(m, b.high)}"
+                   for m, b in band.items()) + ".")  # fmt: skip
+elif problem.curves:
+    st.caption("Predicted by adding up each group's own curve, which is optimistic where a plan cuts many groups "
+               "deeply: set Calibration plans in the sweep settings (Sensitivity page) to fit a predictor that "
+               "knows damage compounds, or watch the measured cards.")  # fmt: skip
 budgeted, budgeted_dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
 if budgeted > budget.target(budgeted_dense):
     st.warning(f"The edited plan is over the budget ({budget}).")
@@ -125,7 +136,7 @@ with right, st.container(height=SCROLL_PX, key="allocation"):
                     width="stretch", key="allocation_chart")  # fmt: skip
 if problem.metric:
     with state.user_errors(stop=False):  # the sliders above stay usable without the front
-        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, problem)
+        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, state.problem_tag(problem), problem)
         st.plotly_chart(
             charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
                                  dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind,

@@ -21,6 +21,10 @@ with st.expander("Sweep settings", expanded=False):
     c2.multiselect("Levels", [round(0.05 * i, 2) for i in range(1, 20)], key=state.LEVELS)
     c2.multiselect("Metrics", pc.list_metrics(), key=state.METRICS)
     c3.number_input("BatchNorm re-estimation batches per point (0: off)", 0, 50, key=state.BN_BATCHES)
+    c3.number_input("Calibration plans after the sweep (0: off)", 0, 200, key=state.CALIBRATE,
+                    help="The sweep job then measures this many random plans, and each method's plans at a few "
+                         "budgets, and fits a predictor of plans that knows damage compounds (prunecore.predict); "
+                         "the Plan page predicts and allocates with it. About one minute for the sample ResNet-20.")
 
 job, key = state.sweep_job(ws)
 status = state.job_status(key)
