@@ -582,23 +582,25 @@ def curves(ws: Workspace) -> pd.DataFrame:
 
 def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int) -> tuple[MeasureJob, str]:
     """The measurement job of `plan` on the current model, weights and data, and its key (also under `MEASURE_JOB`)."""
-    shape = st.session_state.get(INPUT_SHAPE)
-    job = MeasureJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), plan.to_json(),
-                     input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
-                     bn_recalibration=int(bn_batches))  # fmt: skip
+    job = _measure_job(ws, plan, bn_recalibration=int(bn_batches))
     key = st.session_state[MEASURE_JOB] = _keyed(job, MEASURE_CACHE)
     return job, key
+
+
+def _measure_job(ws: Workspace, plan: pc.Plan, **how: Any) -> MeasureJob:
+    """A measurement of `plan` on the current model, data and image limit; `how` says the rest."""
+    shape = st.session_state.get(INPUT_SHAPE)
+    return MeasureJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), plan.to_json(),
+                      input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
+                      **how)  # fmt: skip
 
 
 # -- measuring the slider state in the background ------------------------------------------------------
 def live_job(ws: Workspace, plan: pc.Plan, metrics: Iterable[str]) -> tuple[MeasureJob, str]:
     """The measurement of the Plan page's current plan on the sweep's data, BatchNorm re-estimated as the
     sweep did, without timing: what its predictions are checked against, number for number."""
-    shape = st.session_state.get(INPUT_SHAPE)
-    job = MeasureJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), plan.to_json(),
-                     input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
-                     metrics=tuple(metrics), bn_recalibration=int(st.session_state[BN_BATCHES]),
-                     latency=False)  # fmt: skip
+    job = _measure_job(ws, plan, metrics=tuple(metrics), bn_recalibration=int(st.session_state[BN_BATCHES]),
+                       latency=False)
     return job, _keyed(job, LIVE_CACHE)
 
 

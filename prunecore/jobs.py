@@ -487,6 +487,7 @@ def _sweep(job: SweepJob, worker: _Worker) -> str:
     import torch
 
     from prunecore.datasets import load_data
+    from prunecore.graph import trace
     from prunecore.models import ModelSpecError, default_input_shape, load_model
     from prunecore.sensitivity import sweep
     from prunecore.store import RunStore
@@ -498,26 +499,25 @@ def _sweep(job: SweepJob, worker: _Worker) -> str:
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # as the dashboard makes it
     data = load_data(job.data, input_shape=tuple(shape), limit=job.limit)
     worker.check()
+    graph = trace(model, example)  # once: the sweep and the calibration after it share it
     curves = sweep(
         model, data.evaluation, example, levels=list(job.levels), criterion=job.criterion, metric=list(job.metrics),
         groups=None if job.groups is None else list(job.groups), bn_recalibration=job.bn_recalibration,
         calibration=data.calibration, round_to=job.round_to, progress=worker.progress,
         store=_OpeningStore(RunStore(job.store), worker.opened), model_name=job.model, mode=job.mode,
-        on_group=worker.on_group,
+        on_group=worker.on_group, graph=graph,
     )  # fmt: skip
     if job.calibrate:
-        _calibrate(job, worker, model, example, curves, data)
+        _calibrate(job, worker, model, graph, curves, data)
     return curves.attrs["run_id"]
 
 
-def _calibrate(job: SweepJob, worker: _Worker, model: Any, example: Any, curves: Any, data: Any) -> None:
+def _calibrate(job: SweepJob, worker: _Worker, model: Any, graph: Any, curves: Any, data: Any) -> None:
     """Measure calibration plans as the sweep measured its points, fit the predictor, store it with the run."""
     from prunecore.allocate import allocation_problem
-    from prunecore.graph import trace
     from prunecore.predict import calibrate
     from prunecore.store import RunStore
 
-    graph = trace(model, example)
     problem = allocation_problem(curves, graph, model, model_name=job.model)
     worker.first = None  # the rate (and so the time left) starts again for plans
     worker.write(force=True, group="measuring plans to calibrate the predictions", unit="plans", done=0, total=0,

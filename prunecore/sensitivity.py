@@ -166,10 +166,18 @@ def sweep_run_id(
     levels = _check_levels(levels)
     metrics = ["loss"] if mode == "estimate" else ([metric] if isinstance(metric, str) else list(metric))
     config = _config(levels, criterion, metrics, _check_groups(graph, groups), bn_recalibration, round_to, mode)
+    calibration = data if calibration is None else calibration
+    return _fingerprints(model, data, calibration if config["bn_recalibration"] else None, config)[0]
+
+
+def _fingerprints(model: nn.Module, data: Iterable[Any], calibration: Iterable[Any] | None,
+                  config: dict[str, Any]) -> tuple[str, str, str]:  # fmt: skip
+    """(run id, model fingerprint, data fingerprint) of a sweep: the one derivation `sweep` and `sweep_run_id` share."""
     data_fp = fingerprint_data(data)
-    if config["bn_recalibration"]:
-        data_fp += ":" + fingerprint_data(data if calibration is None else calibration)
-    return make_run_id(fingerprint_model(model), data_fp, config)
+    if calibration is not None:
+        data_fp += ":" + fingerprint_data(calibration)
+    model_fp = fingerprint_model(model)
+    return make_run_id(model_fp, data_fp, config), model_fp, data_fp
 
 
 def _config(levels: list[float], criterion: str, metrics: list[str], names: list[str], bn_recalibration: int,
@@ -213,11 +221,7 @@ class _Run:
             return cls(None, "", [], set())
         if isinstance(store, (str, Path)):
             store = RunStore(store)
-        data_fp = fingerprint_data(data)
-        if calibration is not None:
-            data_fp += ":" + fingerprint_data(calibration)
-        model_fp = fingerprint_model(model)
-        run_id = make_run_id(model_fp, data_fp, config)
+        run_id, model_fp, data_fp = _fingerprints(model, data, calibration, config)
         expected = len(config["groups"]) * len(config["levels"]) + 1
         store.open_run(run_id, model_name or type(model).__name__, model_fp, data_fp, config, expected)
         return cls(store, run_id, [], store.done(run_id))
