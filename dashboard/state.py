@@ -84,7 +84,7 @@ ORDER = "group_order"
 LOADED = "loaded_plan"  # the groups of a plan put on the sliders: the Plan page's reference on its next run
 EDITED_PLAN = "edited_plan"  # the Plan the sliders describe, rebuilt by the Plan page on every change
 SIDEBAR = "sidebar_slot"  # this run's sidebar placeholder (`page` makes it), redrawn as the page loads things
-VALIDATION = "validation"  # the last measurement shown: {"key": (plan_key, bn batches), "measured": {...}}
+VALIDATION = "validation"  # the last measurement shown: {"key": (plan_key, bn batches), "measurement": PlanMeasurement}
 
 DEFAULTS: dict[str, Any] = {
     MODEL_SPEC: "sample:resnet20",
@@ -150,7 +150,7 @@ def measured_plan() -> pc.Plan | None:
     plan = st.session_state.get(EDITED_PLAN)
     result = st.session_state.get(VALIDATION)
     if plan is not None and result is not None and result["key"][0] == plan_key(plan):
-        plan = dataclasses.replace(plan, measured=result["measured"])
+        plan = result["measurement"].record(plan)
     return plan
 
 

@@ -37,7 +37,9 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         PRUNED_FORMAT, ModelSpec, ModelSpecError, canonical_spec, load_model, load_pruned, parse_spec, save_pruned,
     )
     from prunecore.measure import PlanMeasurement, measure_plan
-    from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
+    from prunecore.plan import (
+        SCHEMA, Allocation, Budget, GroupPlan, MeasuredOn, Plan, PlanError, PredictedBy, Totals, kept_units,
+    )
     from prunecore.predict import Predictor, calibrate
     from prunecore.prune import make_plan, prune
     from prunecore.samples import Sample, SampleError, list_samples, load_sample
@@ -61,8 +63,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("importance", n) for n in ("list_criteria", "register_criterion", "score")},
     **{n: ("models", n) for n in ("PRUNED_FORMAT", "ModelSpec", "ModelSpecError", "canonical_spec", "load_model",
                                   "load_pruned", "parse_spec", "save_pruned")},
-    **{n: ("plan", n) for n in ("SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals",
-                                "kept_units")},
+    **{n: ("plan", n) for n in ("SCHEMA", "Allocation", "Budget", "GroupPlan", "MeasuredOn", "Plan", "PlanError",
+                                "PredictedBy", "Totals", "kept_units")},
     **{n: ("measure", n) for n in ("PlanMeasurement", "measure_plan")},
     **{n: ("predict", n) for n in ("Predictor", "calibrate")},
     **{n: ("prune", n) for n in ("make_plan", "prune")},
@@ -124,6 +126,7 @@ __all__ = [
     "Handler",
     "GroupPlan",
     "InputSpec",
+    "MeasuredOn",
     "Member",
     "ModelRunError",
     "ModelSpec",
@@ -133,6 +136,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "PlanMeasurement",
+    "PredictedBy",
     "Predictor",
     "PrunedMultiheadAttention",
     "RunStore",

@@ -43,7 +43,7 @@ from prunecore.cost import CostModel, cost_model
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
 from prunecore.importance import score
-from prunecore.plan import Allocation, Budget, Plan, Totals, kept_units
+from prunecore.plan import Allocation, Budget, Plan, PredictedBy, Totals, kept_units
 from prunecore.predict import Prediction, Predictor
 from prunecore.prune import keep_top
 from prunecore.sensitivity import DENSE
@@ -52,6 +52,7 @@ __all__ = [
     "AllocationError",
     "AllocationProblem",
     "Method",
+    "PlanReport",
     "allocate",
     "allocation_problem",
     "list_methods",
@@ -80,6 +81,32 @@ class Curve:
     def at(self, metric: str, fraction: float | np.ndarray) -> np.ndarray:
         """Linear interpolation; flat beyond the largest measured fraction."""
         return np.interp(fraction, self.fractions, self.values[metric])
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What a slider state (or a plan) prices and predicts: what the dashboard and the CLI print beside it.
+
+    `band` holds a calibrated predictor's band per metric (empty with the additive prediction);
+    `predicted_by` says which of the two predicted (None: no curves, nothing predicted);
+    `over_budget` compares with the budget given to `report` (False without one); `beyond` names
+    the groups cut past their largest swept sparsity, where a curve holds its last measured value.
+    """
+
+    kept: Mapping[str, int]
+    params: int
+    flops: int
+    dense_params: int
+    dense_flops: int
+    predicted: Mapping[str, float]
+    band: Mapping[str, Prediction]
+    predicted_by: PredictedBy | None
+    over_budget: bool
+    beyond: tuple[str, ...]
+
+    def kept_fraction(self, kind: str) -> float:
+        """The fraction of the dense model's "flops" or "params" the plan keeps."""
+        return self.flops / self.dense_flops if kind == "flops" else self.params / self.dense_params
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,11 +158,44 @@ class AllocationProblem:
 
     def predict_band(self, sparsities: Mapping[str, float]) -> dict[str, Prediction]:
         """The predictor's value and band (about 90 % of plans measure inside) per metric; {} without one."""
-        kept = self.kept(sparsities)
+        return self._band(self.kept(sparsities))
+
+    def _band(self, kept: Mapping[str, int]) -> dict[str, Prediction]:
+        """`predict_band` from kept unit counts."""
         pruned = {n: k for n, k in kept.items() if k < self.graph[n].size}
         if self.predictor is None or any(n not in self.predictor.groups for n in pruned):
             return {}
         return self.predictor.predict_score(self._score(pruned))
+
+    @property
+    def predicted_by(self) -> PredictedBy | None:
+        """How `predict` predicts: the calibrated predictor, adding up the curves, or nothing without curves."""
+        if self.predictor is not None:
+            return PredictedBy("calibrated", self.predictor.plans)
+        return PredictedBy("additive") if self.curves else None
+
+    def report(self, sparsities: Mapping[str, float], budget: Budget | None = None) -> PlanReport:
+        """Price and predict `sparsities` (groups not named stay dense) and check them against `budget`."""
+        kept = self.kept(sparsities)
+        params, flops = self.cost.price(kept)
+        dense_params, dense_flops = self.cost.dense
+        over = False
+        if budget is not None:
+            spent, dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
+            over = spent > budget.target(dense)
+        beyond = tuple(n for n, k in kept.items()
+                       if n in self.curves and 1.0 - k / self.graph[n].size > self.curves[n].fractions[-1] + 1e-9)
+        return PlanReport(kept, params, flops, dense_params, dense_flops, self._predict(kept),
+                          self._band(kept), self.predicted_by, over, beyond)  # fmt: skip
+
+    def by_sensitivity(self, names: Iterable[str]) -> list[str]:
+        """`names`, the groups most harmed by losing half their units first; groups without a curve last."""
+        def harm(name: str) -> float:
+            return float(self.damage(name, np.array([self.kept({name: 0.5})[name]]))[0])
+
+        names = list(names)
+        return sorted((n for n in names if n in self.curves), key=harm, reverse=True) + [
+            n for n in names if n not in self.curves]  # fmt: skip
 
     def _score(self, pruned: Mapping[str, int]) -> float:
         """The predictor's separable score of kept counts: the sum of each group's term."""
@@ -492,10 +552,13 @@ def _plan(problem: AllocationProblem, kept: np.ndarray, allocation: Allocation |
         top = keep_top(problem.scores.get(name), size, k, graph[name].channels or None)
         groups[name] = dataclasses.replace(top, predicted_change=change)
     (p0, f0), (params, flops) = cm.dense, cm.evaluate(kept)
+    predicted = problem._predict(counts)
+    band = problem._band(counts) if predicted else {}
     return Plan(
         groups, graph.inputs, graph.model_type, problem.criterion, problem.round_to,
         model_name=problem.model_name, fingerprint=graph.fingerprint, allocation=allocation,
-        totals=Totals(p0, int(params[0]), f0, int(flops[0])), predicted=problem._predict(counts),
+        totals=Totals(p0, int(params[0]), f0, int(flops[0])), predicted=predicted,
+        band={m: (b.low, b.high) for m, b in band.items()}, predicted_by=problem.predicted_by if predicted else None,
     )  # fmt: skip
 
 

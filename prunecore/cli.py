@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="re-estimate the pruned model's BatchNorm statistics on N batches (0: off)")  # fmt: skip
     ev.add_argument("--limit", type=_positive, help="use at most N images")
     ev.add_argument("--update", action="store_true", help="write the measured metrics into the --plan file")
+    ev.add_argument("--latency", action="store_true", help="also time the dense and the pruned model on the CPU")
     ev.add_argument("--trust-model-code", action="store_true",
                     help="let --pruned name a package.module:function model; prunecore runs it to rebuild the model")
     ev.set_defaults(run=_evaluate)
@@ -306,13 +307,14 @@ def _report_accuracy(model: torch.nn.Module, pruned: torch.nn.Module, data: Eval
 def _sweep(args: argparse.Namespace) -> int:
     from prunecore.datasets import load_data
     from prunecore.importance import get_criterion
+    from prunecore.measure import default_metrics
     from prunecore.sensitivity import DEFAULT_LEVELS, sweep
     from prunecore.store import RunStore
 
     get_criterion(args.criterion)  # an unknown name fails before the model loads
     model, example, graph = _load(args)
     data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
-    metrics = args.metric or _default_metrics(data)
+    metrics = args.metric or default_metrics(None, data)
     if args.mode == "estimate":
         metrics = ["loss"]
     store = RunStore(args.store)
@@ -486,7 +488,7 @@ def _methods(args: argparse.Namespace) -> int:
 def _allocate(args: argparse.Namespace) -> int:
     from prunecore.allocate import allocation_problem, get_method, solve
     from prunecore.datasets import load_data
-    from prunecore.evaluate import evaluate_plan
+    from prunecore.measure import measure_plan
     from prunecore.plan import Budget
 
     get_method(args.method)  # an unknown name fails before the model loads
@@ -509,15 +511,15 @@ def _allocate(args: argparse.Namespace) -> int:
     columns: dict[str, Mapping[str, float]] = {"dense": problem.dense, "predicted": plan.predicted}
     if args.evaluate:
         data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
-        metrics = list(plan.predicted) or _default_metrics(data)
         print(f"measured   on {data.description}, {_bn_note(args.bn_recalibration)}")
-        measured = evaluate_plan(model, plan, data.evaluation, metrics, args.bn_recalibration, data.calibration, graph)
-        plan = dataclasses.replace(plan, measured=measured)
-        columns["measured"] = measured
+        measurement = measure_plan(model, plan, data, bn_recalibration=args.bn_recalibration, graph=graph,
+                                   latency=False)  # fmt: skip
+        plan = measurement.record(plan)
+        columns["measured"] = measurement.metrics
     if any(columns.values()):
         print(_metric_table(columns))
-    for metric, p in problem.predict_band(plan.sparsities).items():
-        print(f"band       {metric} {_metric(metric, p.low)} to {_metric(metric, p.high)} "
+    for metric, (low, high) in plan.band.items():
+        print(f"band       {metric} {_metric(metric, low)} to {_metric(metric, high)} "
               "(about 90 % of plans measure inside)")  # fmt: skip
     write_atomic(args.out, plan.to_json())
     print(f"wrote      {args.out}")
@@ -709,8 +711,9 @@ def _dynamic_batch(example: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tenso
 
 def _evaluate(args: argparse.Namespace) -> int:
     from prunecore.datasets import load_data
-    from prunecore.evaluate import evaluate, evaluate_plan, get_metric, recalibrate_bn_
+    from prunecore.evaluate import evaluate, get_metric
     from prunecore.graph import trace
+    from prunecore.measure import default_metrics, measure_plan
     from prunecore.models import load_model, load_pruned
 
     if args.update and args.plan is None:
@@ -721,31 +724,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         pruned, plan = load_pruned(args.pruned, trust_code=args.trust_model_code, model=args.model)
     plan = _read_plan(args.plan) if args.plan is not None else plan
     example = tuple(spec.example() for spec in plan.inputs) if plan is not None else (_example(args),)
-    graph = trace(model, example) if plan is not None else None
-    if plan is not None:
-        plan.check(graph)  # the dense model must be the one the plan (or the pruned file) was made from
     data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
-    metrics = args.metric or (list(plan.predicted) if plan is not None and plan.predicted else _default_metrics(data))
-    reference = model if any(get_metric(m).needs_reference for m in metrics) else None
+    metrics = args.metric or default_metrics(plan, data)
     what = " (dense only)" if plan is None else f", pruned by {args.plan or args.pruned}"
     print(f"model      {args.model}{what}")
     print(f"data       {data.description}")
-    columns: dict[str, Mapping[str, float]] = {"dense": evaluate(model, data.evaluation, metrics, reference=reference)}
-    if plan is not None:
-        print(f"pruned     {_bn_note(args.bn_recalibration)}")
-        if pruned is None:
-            bn = args.bn_recalibration
-            measured = evaluate_plan(model, plan, data.evaluation, metrics, bn, data.calibration, graph)
-        else:  # the loaded model as it is, BatchNorm re-estimated on a copy like evaluate_plan does
-            pruned = copy.deepcopy(pruned)
-            if args.bn_recalibration:
-                recalibrate_bn_(pruned, data.calibration, batches=args.bn_recalibration)
-            measured = evaluate(pruned, data.evaluation, metrics, reference=reference)
-        columns.update(predicted=plan.predicted, measured=measured)
-    print(_metric_table(columns))
+    if plan is None:
+        reference = model if any(get_metric(m).needs_reference for m in metrics) else None
+        print(_metric_table({"dense": evaluate(model, data.evaluation, metrics, reference=reference)}))
+        return 0
+    print(f"pruned     {_bn_note(args.bn_recalibration)}")
+    # the dense model must be the one the plan (or the pruned file) was made from: measure_plan checks
+    measurement = measure_plan(model, plan, data, metrics, args.bn_recalibration, trace(model, example),
+                               latency=args.latency, pruned=pruned)  # fmt: skip
+    print(_metric_table({"dense": measurement.dense, "predicted": plan.predicted, "measured": measurement.metrics}))
+    if args.latency:
+        print(f"latency    {measurement.speedup_text()}")
     if args.update:
-        write_atomic(args.plan, dataclasses.replace(plan, measured=measured).to_json())
-        print(f"updated    {args.plan} (metrics.measured)")
+        write_atomic(args.plan, measurement.record(plan).to_json())
+        print(f"updated    {args.plan} (metrics.measured and metrics.measured_on)")
     return 0
 
 
@@ -761,10 +758,6 @@ def _read_plan(path: Path) -> Plan:
 
 
 # -- report helpers ---------------------------------------------------------------------------------
-def _default_metrics(data: EvalData) -> list[str]:
-    return ["accuracy", "loss"] if data.labelled else ["kl", "agreement"]
-
-
 def _bn_note(batches: int) -> str:
     return f"BatchNorm re-estimated on up to {batches} calibration batches" if batches else "no BatchNorm re-estimation"
 

@@ -14,6 +14,7 @@ background job can write it and any session can read it back:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from prunecore.datasets import EvalData
 from prunecore.errors import UserError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
 from prunecore.graph import ChannelGraph, trace
-from prunecore.plan import Plan
+from prunecore.plan import MeasuredOn, Plan
 from prunecore.prune import apply_plan
 
 __all__ = ["MeasureError", "PlanMeasurement", "default_metrics", "measure_plan"]
@@ -68,6 +69,11 @@ class PlanMeasurement:
         """`cost.format_speedup` of the two timings: a ratio with its noise, or why there is none."""
         return "not timed" if self.latency is None else format_speedup(*self.latency)
 
+    def record(self, plan: Plan) -> Plan:
+        """`plan` carrying these measured metrics and what they were measured on (what its file then says)."""
+        return dataclasses.replace(plan, measured=dict(self.metrics),
+                                   measured_on=MeasuredOn(self.data, self.bn_recalibration))  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe plain values, tagged with `FORMAT`."""
         out = dataclasses.asdict(self)
@@ -106,9 +112,12 @@ def measure_plan(
     graph: ChannelGraph | None = None,
     latency: bool = True,
     progress: Callable[[str], None] | None = None,
+    pruned: nn.Module | None = None,
 ) -> PlanMeasurement:
     """Apply `plan` to `model` (not changed), re-estimate BatchNorm, and measure both models.
 
+    `pruned`, when given, is measured instead of `apply_plan(model, plan)` (a copy of it: a pruned
+    model loaded from a file, fine-tuned after the plan was applied); it must have the plan's shape.
     Metrics (default: `default_metrics`) are measured on `data.evaluation`, BatchNorm re-estimated
     on up to `bn_recalibration` batches of `data.calibration`; label-free metrics compare with the
     dense model. With `latency`, both models are timed with `compare_latency` on the plan's example
@@ -124,7 +133,7 @@ def measure_plan(
     step("apply")
     graph = graph if graph is not None else trace(model, example)
     plan.check(graph)
-    pruned = apply_plan(model, plan, graph=graph)
+    pruned = apply_plan(model, plan, graph=graph) if pruned is None else copy.deepcopy(pruned)
     if bn_recalibration:
         step("bn")
         recalibrate_bn_(pruned, data.calibration, batches=int(bn_recalibration))

@@ -4,7 +4,8 @@ A plan is keyed by group names (stable strings from `trace`) and unit indices, n
 objects, so it serialises, survives a reload and can be re-applied to a fresh copy of the model.
 Beside the kept units it records where it came from (the model's channel-structure fingerprint,
 the criterion, the budget and allocation method) and what it is expected to do (params and FLOPs
-before and after, the predicted metric, and the measured one once `evaluate_plan` has run). The
+before and after, the predicted metrics with their band and how they were predicted, and the
+measured ones with the data they were measured on, once `measure_plan` has run). The
 format is closed: `Plan.from_json` rejects unknown fields, duplicate keys, numbers JSON cannot hold
 and counts prunecore would not have written, and `plan.schema.json` in this package is its JSON Schema.
 A metric that could not be computed (NaN: a sweep of a diverged model) is written as `null`.
@@ -29,9 +30,15 @@ from typing import Any, Mapping
 from prunecore.errors import ArgumentError, UserError
 from prunecore.graph import ChannelGraph, InputSpec
 
-__all__ = ["SCHEMA", "Allocation", "Budget", "GroupPlan", "Plan", "PlanError", "Totals", "json_schema", "kept_units"]
+__all__ = [
+    "SCHEMA", "Allocation", "Budget", "GroupPlan", "MeasuredOn", "Plan", "PlanError", "PredictedBy", "Totals",
+    "json_schema", "kept_units",
+]  # fmt: skip
 
-SCHEMA = "prunecore.plan/1"
+SCHEMA = "prunecore.plan/2"
+"""What `Plan.to_json` writes. Version 2 added the prediction's band and method and the measurement's data."""
+READABLE = ("prunecore.plan/1", SCHEMA)
+"""What `Plan.from_json` reads: a version-1 plan loads with no band and no provenance of its metrics."""
 
 
 class PlanError(UserError, ValueError):
@@ -169,6 +176,33 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class PredictedBy:
+    """How a plan's `predicted` metrics were computed.
+
+    `method` is "additive" (each group's curve change added up: optimistic where plans cut deep) or
+    "calibrated" (`prunecore.predict`, fitted on `plans` measured plans, which gives a band).
+    """
+
+    method: str
+    plans: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in PREDICTION_METHODS:
+            raise PlanError(f"predicted_by.method must be one of {', '.join(PREDICTION_METHODS)}, got {self.method!r}")
+
+
+PREDICTION_METHODS = ("additive", "calibrated")
+
+
+@dataclass(frozen=True)
+class MeasuredOn:
+    """What a plan's `measured` metrics were measured on: the data (its description) and the BatchNorm batches."""
+
+    data: str
+    bn_recalibration: int = 0
+
+
+@dataclass(frozen=True)
 class GroupPlan:
     """Kept unit indices (sorted) of one group of `size` units.
 
@@ -231,6 +265,9 @@ class Plan:
     `fingerprint` is `ChannelGraph.fingerprint` of the model the plan was made for (empty: not
     recorded); `predicted` and `measured` map metric names to values of the pruned model (NaN when
     unknown: curves that were all NaN; infinities become NaN too, as the file has only null for them).
+    `band` maps a predicted metric to (low, high), where about 90 % of plans measure (only a
+    calibrated prediction has one); `predicted_by` and `measured_on` say where the numbers came from
+    (None: not recorded, as in every version-1 plan).
     """
 
     groups: Mapping[str, GroupPlan]
@@ -245,6 +282,9 @@ class Plan:
     totals: Totals | None = None
     predicted: Mapping[str, float] = field(default_factory=dict)
     measured: Mapping[str, float] = field(default_factory=dict)
+    band: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    predicted_by: PredictedBy | None = None
+    measured_on: MeasuredOn | None = None
     version: str = field(default_factory=_version)
     created: str = field(default_factory=_now)
 
@@ -253,6 +293,9 @@ class Plan:
             values = getattr(self, name)
             if any(_known(v) is _UNKNOWN and v is not _UNKNOWN for v in values.values()):
                 object.__setattr__(self, name, {k: _known(v) for k, v in values.items()})
+        if self.band:  # (low, high) tuples of floats, NaN as the one _UNKNOWN, so equal plans compare equal
+            band = {k: (_known(float(lo)), _known(float(hi))) for k, (lo, hi) in self.band.items()}
+            object.__setattr__(self, "band", band)
 
     @property
     def sparsities(self) -> dict[str, float]:
@@ -285,7 +328,11 @@ class Plan:
             "totals": None if self.totals is None else dict(vars(self.totals)),
             "metrics": {
                 "predicted": {k: _null_if_unknown(v) for k, v in self.predicted.items()},
+                "band": {k: {"low": _null_if_unknown(lo), "high": _null_if_unknown(hi)}
+                         for k, (lo, hi) in self.band.items()},
+                "predicted_by": None if self.predicted_by is None else dict(vars(self.predicted_by)),
                 "measured": {k: _null_if_unknown(v) for k, v in self.measured.items()},
+                "measured_on": None if self.measured_on is None else dict(vars(self.measured_on)),
             },
             "meta": dict(self.meta),
         }
@@ -310,7 +357,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         _expect(isinstance(data, dict), "plan must be a JSON object")
-        _expect(data.get("schema") == SCHEMA, f"plan schema must be {SCHEMA!r}, got {data.get('schema')!r}")
+        schema = data.get("schema")
+        _expect(schema in READABLE, f"plan schema must be {' or '.join(map(repr, READABLE))}, got {schema!r}")
         _no_unknown(data, set(_TOP_LEVEL), "plan")
         for key in ("model", "inputs", "groups"):
             _expect(key in data, f"plan is missing {key!r}")
@@ -332,7 +380,7 @@ class Plan:
         _expect(isinstance(meta, dict), "meta must be an object")
         raw = data["groups"]
         _expect(isinstance(raw, dict), "groups must be an object keyed by group name")
-        predicted, measured = _metrics_from_dict(data.get("metrics", {}))
+        metrics = _metrics_from_dict(data.get("metrics", {}), version=READABLE.index(schema) + 1)
         groups = {name: _group_from_dict(name, g) for name, g in raw.items()}
         for name, g in groups.items():
             problem = _rounding_problem(len(g.keep), g.size, round_to)
@@ -348,8 +396,7 @@ class Plan:
             fingerprint=model.get("fingerprint", ""),
             allocation=_allocation_from_dict(data.get("allocation")),
             totals=_totals_from_dict(data.get("totals")),
-            predicted=predicted,
-            measured=measured,
+            **metrics,
             version=version,
             created=created,
         )
@@ -467,17 +514,50 @@ def _totals_from_dict(t: Any) -> Totals | None:
     return Totals(*(t[key] for key in fields))
 
 
-def _metrics_from_dict(m: Any) -> tuple[dict[str, float], dict[str, float]]:
+def _metrics_from_dict(m: Any, version: int) -> dict[str, Any]:
+    """The `Plan` fields of the metrics object; version 1 has only predicted and measured."""
     _expect(isinstance(m, dict), "metrics must be an object")
-    _no_unknown(m, {"predicted", "measured"}, "metrics")
-    out = []
+    _no_unknown(m, {"predicted", "measured"} | ({"band", "predicted_by", "measured_on"} if version >= 2 else set()),
+                "metrics")  # fmt: skip
+    out: dict[str, Any] = {}
     for key in ("predicted", "measured"):
         values = m.get(key, {})
         _expect(isinstance(values, dict), f"metrics.{key} must be an object of metric name: number or null")
         for name, v in values.items():
             _expect(v is None or _is_number(v), f"metrics.{key}.{name} must be a number or null (unknown)")
-        out.append({name: _UNKNOWN if v is None else float(v) for name, v in values.items()})
-    return out[0], out[1]
+        out[key] = {name: _UNKNOWN if v is None else float(v) for name, v in values.items()}
+    band = m.get("band", {})
+    _expect(isinstance(band, dict), "metrics.band must be an object of metric name: {low, high}")
+    out["band"] = {}
+    for name, b in band.items():
+        where = f"metrics.band.{name}"
+        _expect(isinstance(b, dict) and set(b) == {"low", "high"}, f"{where} must be an object with low and high")
+        _expect(all(x is None or _is_number(x) for x in b.values()), f"{where}.low and .high must be numbers or null")
+        low, high = (_UNKNOWN if b[k] is None else float(b[k]) for k in ("low", "high"))
+        _expect(not low > high, f"{where}.low must not be above .high")
+        out["band"][name] = (low, high)
+    out["predicted_by"] = _record_from_dict(m.get("predicted_by"), "predicted_by", {"method": str, "plans": int})
+    out["measured_on"] = _record_from_dict(m.get("measured_on"), "measured_on", {"data": str, "bn_recalibration": int})
+    return out
+
+
+def _record_from_dict(r: Any, key: str, fields: Mapping[str, type]) -> Any:
+    """`PredictedBy` or `MeasuredOn` from its object (None stays None); every field checked by type."""
+    if r is None:
+        return None
+    where = f"metrics.{key}"
+    _expect(isinstance(r, dict), f"{where} must be an object or null")
+    _no_unknown(r, set(fields), where)
+    first = next(iter(fields))
+    _expect(first in r, f"{where} is missing {first!r}")
+    for name, kind in fields.items():
+        if name in r:
+            ok = isinstance(r[name], str) if kind is str else _is_int(r[name]) and 0 <= r[name] <= _INT_MAX
+            _expect(ok, f"{where}.{name} must be {'a string' if kind is str else 'a non-negative integer'}")
+    if key == "predicted_by":
+        _expect(r["method"] in PREDICTION_METHODS, f"{where}.method must be one of {', '.join(PREDICTION_METHODS)}")
+        return PredictedBy(**r)
+    return MeasuredOn(**r)
 
 
 _INT_MAX = 2**63 - 1  # every count and size of a plan fits a signed 64-bit integer

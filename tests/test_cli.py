@@ -13,8 +13,9 @@ import toy_models as toys
 from prunecore.allocate import list_methods
 from prunecore.cli import main
 from prunecore.cost import count
+from prunecore.datasets import load_data
 from prunecore.models import load_model, load_pruned
-from prunecore.plan import Plan
+from prunecore.plan import MeasuredOn, Plan
 from prunecore.store import RunStore
 from prunecore.surgery import apply_plan
 
@@ -221,13 +222,14 @@ def test_allocate_apply_evaluate(tmp_path, store, plan_file, capsys):
 
 def test_evaluate_update_adds_measured_metrics(tmp_path, plan_file):
     path = tmp_path / "plan.json"
-    plan = dataclasses.replace(Plan.from_json(plan_file.read_text()), measured={})
+    plan = dataclasses.replace(Plan.from_json(plan_file.read_text()), measured={}, measured_on=None)
     path.write_text(plan.to_json())
     assert main(["evaluate", "--model", SPEC, "--plan", str(path), "--data", "sample", "--limit", "100",
                  "--bn-recalibration", "0", "--metric", "accuracy", "--update"]) == 0  # fmt: skip
     updated = Plan.from_json(path.read_text())
     assert set(updated.measured) == {"accuracy"} and 0 <= updated.measured["accuracy"] <= 1
-    assert dataclasses.replace(updated, measured={}) == plan
+    assert updated.measured_on == MeasuredOn(load_data("sample", limit=100).description, 0)
+    assert dataclasses.replace(updated, measured={}, measured_on=None) == plan
 
 
 @pytest.mark.parametrize("method", list_methods())

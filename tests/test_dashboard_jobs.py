@@ -203,6 +203,7 @@ def test_the_plan_page_measures_the_resting_sliders_in_a_worker_and_cancels_a_pl
     moved = at.run().session_state[state.LIVE]["key"]
     assert moved != key and "Measured accuracy" not in [m.label for m in at.metric]
     wait_for_job(moved, lambda s: s.state == "running" and s.pid is not None)
+    assert "Measuring this plan on the sweep's data" in captions(ok(at.run()))
     at.slider(key=group).set_value(second).run()  # moved on before it was done: that measurement is cancelled
     assert wait_for_job(moved).state == "cancelled"
 
@@ -214,9 +215,16 @@ def test_a_calibrated_sweep_stores_a_predictor_that_the_plan_page_predicts_and_a
     run = jobs.status(key, store).run_id
     stored = pc.RunStore(store).get_predictor(run)
     assert stored is not None and stored["plans"] >= 10
-    plan = app("plan", sweep_calibrate=10)
-    assert any("Predicted by the predictor fitted on" in c.value for c in plan.caption)
+    plan = app("plan", sweep_calibrate=10, live_measure_on=True)
+    assert "Predicted by the predictor fitted on" in captions(plan)
     edited = plan.session_state[state.EDITED_PLAN]
+    assert edited.predicted_by == pc.PredictedBy("calibrated", stored["plans"])
+    low, high = edited.band["accuracy"]
+    assert low <= edited.predicted["accuracy"] <= high
+    time.sleep(state.SETTLE_S)
+    assert wait_for_job(plan.run().session_state[state.LIVE]["key"]).state == "done"
+    cards = {m.label: m for m in ok(plan.run()).metric}
+    assert "Predicted accuracy" in cards and "Measured accuracy" in cards  # measured beside the banded prediction
     model = pc.load_model("sample:resnet20")
     problem = pc.with_predictor(pc.allocation_problem(pc.RunStore(store).points(run), pc.trace(
         model, torch.randn(1, 1, 28, 28)), model), pc.Predictor.from_dict(stored))  # fmt: skip

@@ -18,7 +18,9 @@ from torch import nn
 import toy_models as toys
 from prunecore.cost import count
 from prunecore.graph import InputSpec, trace
-from prunecore.plan import SCHEMA, Allocation, Budget, GroupPlan, Plan, PlanError, Totals, kept_units
+from prunecore.plan import (
+    SCHEMA, Allocation, Budget, GroupPlan, MeasuredOn, Plan, PlanError, PredictedBy, Totals, kept_units,
+)  # fmt: skip
 from prunecore.prune import make_plan
 from prunecore.samples import load_sample
 from prunecore.surgery import apply_plan
@@ -151,7 +153,10 @@ def _filled_in(plan: Plan, model: nn.Module, example: torch.Tensor, graph) -> Pl
         allocation=Allocation("greedy", Budget(flops=0.5), "accuracy"),
         totals=Totals(dense.params, pruned.params, dense.flops, pruned.flops),
         predicted={"accuracy": 0.971, "loss": 0.12},
+        band={"accuracy": (0.95, 0.98)},
+        predicted_by=PredictedBy("calibrated", 24),
         measured={"accuracy": 0.9685},
+        measured_on=MeasuredOn("sample digits, 500 held-out images", 50),
         meta={"note": "filled in", "levels": [0.1, 0.5], "nested": {"ok": True, "none": None}},
     )
 
@@ -198,7 +203,29 @@ def test_round_trip_of_a_sample_model_plan(resnet20):
 
 def test_schema_ships_with_the_package_and_is_valid():
     Draft202012Validator.check_schema(PLAN_SCHEMA)
-    assert PLAN_SCHEMA["properties"]["schema"]["const"] == SCHEMA
+    assert PLAN_SCHEMA["properties"]["schema"]["enum"] == ["prunecore.plan/1", SCHEMA]
+    assert SCHEMA == "prunecore.plan/2"
+
+
+def test_a_version_1_plan_still_loads_and_is_written_as_version_2(plan_dict):
+    v1 = json.loads(json.dumps(plan_dict))
+    v1["schema"] = "prunecore.plan/1"
+    for key in ("band", "predicted_by", "measured_on"):
+        del v1["metrics"][key]
+    VALIDATOR.validate(v1)
+    plan = Plan.from_dict(v1)
+    assert (plan.band, plan.predicted_by, plan.measured_on) == ({}, None, None)
+    assert plan.measured == {"accuracy": 0.9685} and plan.predicted == {"accuracy": 0.971, "loss": 0.12}
+    again = plan.to_dict()
+    assert again["schema"] == SCHEMA and Plan.from_dict(again) == plan
+
+
+def test_a_version_1_plan_cannot_carry_version_2_fields(plan_dict):
+    v1 = json.loads(json.dumps(plan_dict))
+    v1["schema"] = "prunecore.plan/1"
+    assert not VALIDATOR.is_valid(v1)
+    with pytest.raises(PlanError, match=r"^metrics has unknown field\(s\): 'band', 'measured_on', 'predicted_by'"):
+        Plan.from_dict(v1)
 
 
 def test_every_dtype_the_schema_allows_is_accepted(plan_dict):
@@ -257,6 +284,9 @@ def plans(draw) -> Plan:
     shapes = st.lists(st.integers(1, 1024), min_size=1, max_size=5).map(tuple)
     inputs = st.builds(InputSpec, shapes, st.sampled_from(DTYPES))
     metrics = st.dictionaries(st.text(max_size=10), FINITE, max_size=3)
+    bands = st.dictionaries(st.text(max_size=10), st.lists(FINITE, min_size=2, max_size=2).map(sorted).map(tuple),
+                            max_size=3)  # fmt: skip
+    counts = st.integers(0, 2**63 - 1)
     round_to = draw(st.integers(1, 64))
     return Plan(
         groups=draw(st.dictionaries(NAMES, group_plans(round_to), max_size=5)),
@@ -271,6 +301,9 @@ def plans(draw) -> Plan:
         totals=draw(st.none() | st.builds(Totals, *[st.integers(0, 10**12)] * 4)),
         predicted=draw(metrics),
         measured=draw(metrics),
+        band=draw(bands),
+        predicted_by=draw(st.none() | st.builds(PredictedBy, st.sampled_from(["additive", "calibrated"]), counts)),
+        measured_on=draw(st.none() | st.builds(MeasuredOn, st.text(max_size=12), counts)),
         version=draw(st.text(max_size=8)),
         created=draw(st.text(max_size=25)),
     )
@@ -313,8 +346,9 @@ A0 = ("groups", "a.0")  # Concat's first group: 4 units, keeps 2, one channel pe
 
 MALFORMED = [
     # schema version
-    (("schema",), "prunecore.plan/0", r"schema must be 'prunecore.plan/1', got 'prunecore.plan/0'"),
-    (("schema",), KeyError, r"schema must be 'prunecore.plan/1', got None"),
+    (("schema",), "prunecore.plan/0",
+     r"schema must be 'prunecore.plan/1' or 'prunecore.plan/2', got 'prunecore.plan/0'"),
+    (("schema",), KeyError, r"schema must be 'prunecore.plan/1' or 'prunecore.plan/2', got None"),
     (("schema",), 1, "schema must be"),
     # unknown fields, at every level
     (("extra",), 1, r"^plan has unknown field\(s\): 'extra'"),
@@ -325,6 +359,8 @@ MALFORMED = [
     (("allocation", "seed"), 0, r"^allocation has unknown field\(s\): 'seed'"),
     (("totals", "params"), 1, r"^totals has unknown field\(s\): 'params'"),
     (("metrics", "estimated"), {}, r"^metrics has unknown field\(s\): 'estimated'"),
+    (("metrics", "predicted_by", "seed"), 0, r"^metrics.predicted_by has unknown field\(s\): 'seed'"),
+    (("metrics", "measured_on", "when"), "", r"^metrics.measured_on has unknown field\(s\): 'when'"),
     # missing required fields
     (("model",), KeyError, "plan is missing 'model'"),
     (("inputs",), KeyError, "plan is missing 'inputs'"),
@@ -425,6 +461,16 @@ MALFORMED = [
     (("metrics", "predicted", "accuracy"), "high", "metrics.predicted.accuracy must be a number or null"),
     (("metrics", "measured", "accuracy"), [], "metrics.measured.accuracy must be a number or null"),
     (("metrics", "measured", "accuracy"), True, "metrics.measured.accuracy must be a number"),
+    (("metrics", "band"), [], "metrics.band must be an object of metric name"),
+    (("metrics", "band", "accuracy"), [0.9, 0.95], "metrics.band.accuracy must be an object with low and high"),
+    (("metrics", "band", "accuracy", "low"), "x", r"metrics.band.accuracy.low and .high must be numbers or null"),
+    (("metrics", "band", "accuracy", "low"), 0.99, r"metrics.band.accuracy.low must not be above .high"),
+    (("metrics", "predicted_by"), "additive", "metrics.predicted_by must be an object or null"),
+    (("metrics", "predicted_by", "method"), "magic", "metrics.predicted_by.method must be one of additive, calibrated"),
+    (("metrics", "predicted_by", "method"), KeyError, "metrics.predicted_by is missing 'method'"),
+    (("metrics", "predicted_by", "plans"), -1, "metrics.predicted_by.plans must be a non-negative integer"),
+    (("metrics", "measured_on", "data"), 3, "metrics.measured_on.data must be a string"),
+    (("metrics", "measured_on", "bn_recalibration"), 1.5, "metrics.measured_on.bn_recalibration must be a non-neg"),
     # inputs
     (("inputs",), [], "inputs must be a non-empty list"),
     (("inputs",), {}, "inputs must be a non-empty list"),

@@ -257,7 +257,45 @@ def test_a_problem_with_a_predictor_predicts_and_plans_with_it_and_refuses_one_f
     assert band == predictor.predict(plan.sparsities) and problem.predict_band(plan.sparsities) == {}
     assert problem.predict(plan.sparsities) != corrected.predict(plan.sparsities)  # the additive sum differs
     assert pc.with_predictor(corrected, None).predict(plan.sparsities) == problem.predict(plan.sparsities)
+    assert plan.band == {m: (p.low, p.high) for m, p in band.items()}  # the plan file carries the band
+    assert plan.predicted_by == pc.PredictedBy("calibrated", predictor.plans)
+    additive = pc.solve(problem, pc.Budget(flops=0.5), "greedy")
+    assert (additive.band, additive.predicted_by) == ({}, pc.PredictedBy("additive"))
+    assert pc.Plan.from_json(plan.to_json()) == plan
     groups = dict(list(predictor.to_dict()["groups"].items())[1:])  # one group's term left out
     fewer = Predictor.from_dict({**predictor.to_dict(), "groups": groups})
     with pytest.raises(pc.AllocationError, match="fitted on other curves .no term for group"):
         pc.with_predictor(problem, fewer)
+
+
+def test_report_prices_predicts_and_flags_a_slider_state(problem):
+    predictor = fit(problem, measured(problem, 30, seed=0))
+    corrected = pc.with_predictor(problem, predictor)
+    names = list(problem.curves)
+    deep = {n: 0.6 for n in names}
+    report = corrected.report(deep, pc.Budget(flops=0.99))
+    assert (report.params, report.flops) == corrected.price(deep)
+    assert report.kept == corrected.kept(deep) and report.dense_flops == problem.cost.dense[1]
+    assert report.predicted == corrected.predict(deep) and report.band == corrected.predict_band(deep)
+    assert report.predicted_by == pc.PredictedBy("calibrated", predictor.plans)
+    assert not report.over_budget and report.beyond == ()  # 0.6 is inside every curve (swept to 0.9)
+    assert report.kept_fraction("flops") == report.flops / report.dense_flops
+    assert corrected.report(deep, pc.Budget(flops=report.kept_fraction("flops") / 2)).over_budget
+    assert corrected.report(deep, pc.Budget(params=report.params)).over_budget is False  # exactly at the budget
+    assert not problem.report(deep).over_budget  # no budget: nothing to be over
+
+    torch.manual_seed(0)
+    model = randomize_norms_(TwoResiduals())
+    graph = pc.trace(model, model.example())
+    curves = curves_of(graph)
+    shallow = pc.allocation_problem(curves[curves.sparsity <= 0.4], graph, model)  # swept to 0.4 only
+    light = shallow.report({names[0]: 0.2, names[1]: 0.6})
+    assert light.beyond == (names[1],) and light.band == {}
+    assert light.predicted_by == pc.PredictedBy("additive")
+
+
+def test_by_sensitivity_puts_the_groups_half_a_cut_harms_most_first(problem):
+    names = list(problem.cost.groups)
+    ranked = problem.by_sensitivity(reversed(names))
+    harm = [problem.change(n, 0.5, "loss") for n in ranked if n in problem.curves]
+    assert sorted(ranked) == sorted(names) and harm == sorted(harm, reverse=True)

@@ -46,9 +46,9 @@ current = state.slider_kept(problem)
 sparsities = {n: state.sparsity_of(k, sizes[n]) for n, k in current.items()}
 
 # live numbers: pure arithmetic on the precomputed problem, no model pass
-params, flops = problem.price(sparsities)
-dense_params, dense_flops = problem.cost.dense
-predicted = problem.predict(sparsities)
+report = problem.report(sparsities, budget)
+params, flops, predicted = report.params, report.flops, report.predicted
+dense_params, dense_flops = report.dense_params, report.dense_flops
 st.session_state[state.EDITED_PLAN] = problem.plan(sparsities, pc.Allocation(method, budget, problem.metric))
 cards = st.columns(2 + len(problem.dense))
 cards[0].metric("FLOPs kept", f"{flops / dense_flops:.1%}", help=f"{flops:,} of {dense_flops:,} MACs per example")
@@ -83,23 +83,21 @@ if measured is not None:
                     delta_color="off" if not gap else "normal" if get_metric(name).higher_is_better else "inverse",
                     help=f"{state.metric_help(name)} Measured in a background worker; the prediction above adds "
                          "up each group's own curve.")  # fmt: skip
-band = problem.predict_band(sparsities)
-if band:
-    st.caption(f"Predicted by the predictor fitted on {problem.predictor.plans} plans measured after the sweep, "
+if report.band:
+    st.caption(f"Predicted by the predictor fitted on {report.predicted_by.plans} plans measured after the sweep, "
                "which knows that damage compounds; about 90 % of plans measure inside: " + ", ".join(
                    f"{m} {charts.format_metric(m, b.low)} to {charts.format_metric(m, b.high)}"
-                   for m, b in band.items()) + ".")  # fmt: skip
-elif problem.curves:
+                   for m, b in report.band.items()) + ".")  # fmt: skip
+elif report.predicted_by is not None:
     st.caption("Predicted by adding up each group's own curve, which is optimistic where a plan cuts many groups "
                "deeply: set Calibration plans in the sweep settings (Sensitivity page) to fit a predictor that "
                "knows damage compounds, or watch the measured cards.")  # fmt: skip
-budgeted, budgeted_dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
-if budgeted > budget.target(budgeted_dense):
+if report.over_budget:
     st.warning(f"The edited plan is over the budget ({budget}).")
-beyond = [n for n in problem.curves if sparsities[n] > problem.curves[n].fractions[-1] + 1e-9]
-if beyond:
-    st.caption(f"{len(beyond)} group(s) beyond their largest measured sparsity ({', '.join(beyond[:5])}"
-               f"{', ...' if len(beyond) > 5 else ''}): the prediction holds their last measured value.")  # fmt: skip
+if report.beyond:
+    beyond = ", ".join(report.beyond[:5]) + (", ..." if len(report.beyond) > 5 else "")
+    st.caption(f"{len(report.beyond)} group(s) beyond their largest measured sparsity ({beyond}): the prediction "
+               "holds their last measured value.")  # fmt: skip
 
 left, right = st.columns([3, 2])
 with left:
@@ -108,8 +106,7 @@ with left:
     order = s2.selectbox("Sort by", ["position", "sensitivity", "cost"], key=state.ORDER)
     shown = [n for n in names if search.lower() in n.lower()]
     if order == "sensitivity":
-        shown.sort(key=lambda n: -float(problem.damage(n, [problem.kept({n: 0.5})[n]])[0]) if n in problem.curves
-                   else 0.0)  # most damaged by half its units first; fmt: skip
+        shown = problem.by_sensitivity(shown)
     elif order == "cost":
         shown.sort(key=lambda n: -ws.flop_shares.get(n, 0.0))
     with st.container(height=SCROLL_PX, key="sliders"):
@@ -134,6 +131,7 @@ with right, st.container(height=SCROLL_PX, key="allocation"):
     st.plotly_chart(charts.allocation_figure(sparsities, {n: state.sparsity_of(k, sizes[n])
                                                           for n, k in reference.items()}, order=names),
                     width="stretch", key="allocation_chart")  # fmt: skip
+budgeted, budgeted_dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
 if problem.metric:
     with state.user_errors(stop=False):  # the sliders above stay usable without the front
         front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, state.problem_tag(problem), problem)

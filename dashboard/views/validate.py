@@ -27,7 +27,7 @@ measured = state.measure_panel(job, key, state.job_status(key))
 if measured is None:
     state.sidebar()
     st.stop()
-st.session_state[state.VALIDATION] = {"key": (state.plan_key(plan), bn), "measured": dict(measured.metrics)}
+st.session_state[state.VALIDATION] = {"key": (state.plan_key(plan), bn), "measurement": measured}
 c1, c2, c3 = st.columns(3)
 c1.metric("Params kept", f"{measured.params / measured.dense_params:.1%}",
           help=f"{measured.params:,} of {measured.dense_params:,}")  # fmt: skip
