@@ -37,9 +37,11 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         PRUNED_FORMAT, ModelSpec, ModelSpecError, canonical_spec, load_model, load_pruned, parse_spec, save_pruned,
     )
     from prunecore.measure import PlanMeasurement, measure_plan
+    from prunecore.iterate import IterativeResult, prune_iteratively
     from prunecore.plan import (
-        SCHEMA, Allocation, Budget, GroupPlan, MeasuredOn, Plan, PlanError, PredictedBy, Totals, kept_units,
+        SCHEMA, Allocation, Budget, GroupPlan, MeasuredOn, Plan, PlanError, PredictedBy, Totals, compose, kept_units,
     )
+    from prunecore.recover import FinetuneResult, distillation_loss, finetune
     from prunecore.predict import Predictor, calibrate
     from prunecore.prune import make_plan, prune
     from prunecore.samples import Sample, SampleError, list_samples, load_sample
@@ -63,8 +65,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("importance", n) for n in ("list_criteria", "register_criterion", "score")},
     **{n: ("models", n) for n in ("PRUNED_FORMAT", "ModelSpec", "ModelSpecError", "canonical_spec", "load_model",
                                   "load_pruned", "parse_spec", "save_pruned")},
+    **{n: ("iterate", n) for n in ("IterativeResult", "prune_iteratively")},
     **{n: ("plan", n) for n in ("SCHEMA", "Allocation", "Budget", "GroupPlan", "MeasuredOn", "Plan", "PlanError",
-                                "PredictedBy", "Totals", "kept_units")},
+                                "PredictedBy", "Totals", "compose", "kept_units")},
+    **{n: ("recover", n) for n in ("FinetuneResult", "distillation_loss", "finetune")},
     **{n: ("measure", n) for n in ("PlanMeasurement", "measure_plan")},
     **{n: ("predict", n) for n in ("Predictor", "calibrate")},
     **{n: ("prune", n) for n in ("make_plan", "prune")},
@@ -122,10 +126,12 @@ __all__ = [
     "ChannelGroup",
     "Cost",
     "CostModel",
+    "FinetuneResult",
     "FlopTerm",
     "Handler",
     "GroupPlan",
     "InputSpec",
+    "IterativeResult",
     "MeasuredOn",
     "Member",
     "ModelRunError",
@@ -151,10 +157,13 @@ __all__ = [
     "apply_plan",
     "calibrate",
     "canonical_spec",
+    "compose",
     "cost_model",
     "count",
+    "distillation_loss",
     "evaluate",
     "evaluate_plan",
+    "finetune",
     "kept_units",
     "list_criteria",
     "list_methods",
@@ -168,6 +177,7 @@ __all__ = [
     "pareto",
     "parse_spec",
     "prune",
+    "prune_iteratively",
     "recalibrate_bn_",
     "save_pruned",
     "register_criterion",

@@ -29,7 +29,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
 
 from prunecore.errors import ArgumentError, UserError
 from prunecore.files import check_output_path, write_atomic
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every `UserError` ends as one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
     try:
-        for attr in ("out", "export"):  # refuse a folder, or a path under a file, before any long work
+        for attr in ("out", "export", "checkpoint"):  # refuse a folder, or a path under a file, before any long work
             if isinstance(getattr(args, attr, None), Path):
                 check_output_path(getattr(args, attr), f"--{attr}")
         if getattr(args, "model", None):  # one spelling in stores, plans and files: args sorted, no spaces
@@ -154,7 +154,48 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-model-code", action="store_true",
                     help="let --pruned name a package.module:function model; prunecore runs it to rebuild the model")
     ev.set_defaults(run=_evaluate)
+    _recover_parsers(sub)
     return parser
+
+
+def _recover_parsers(sub: argparse._SubParsersAction) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune a pruned model, distilling from the dense one, with checkpoints")
+    ft.add_argument("pruned", type=Path, help="a pruned-model file (from apply, prune --out or prune-iterative)")
+    _model_args(ft, with_input=False)
+    _training_args(ft)
+    ft.add_argument("--checkpoint", type=Path, help="per-epoch checkpoint (default: OUT with .finetune.pt)")
+    ft.add_argument("--out", type=Path, required=True, help="write the fine-tuned model here (load_pruned reads it)")
+    ft.add_argument("--trust-model-code", action="store_true",
+                    help="let the pruned file name a package.module:function model; prunecore runs it")  # fmt: skip
+    ft.set_defaults(run=_finetune)
+
+    it = sub.add_parser("prune-iterative", help="reach a budget in steps of sweep, allocate, apply and fine-tune")
+    _model_args(it)
+    it.add_argument("--budget", required=True, help="flops=F or params=F, a fraction of the dense model")
+    it.add_argument("--steps", type=_positive, default=3, help="pruning steps (default 3)")
+    it.add_argument("--method", default="dp", help="allocation method of each step (see `prunecore methods`)")
+    it.add_argument("--mode", choices=["exact", "estimate"], default="exact", help="how each step sweeps")
+    it.add_argument("--levels", type=_levels, help="sweep sparsities (default: 0.1 to 0.9 by 0.1)")
+    it.add_argument("--bn-recalibration", type=_non_negative, default=4, metavar="N",
+                    help="re-estimate BatchNorm on N calibration batches per sweep point")  # fmt: skip
+    _training_args(it)
+    it.add_argument("--workdir", type=Path, help="each step's model and checkpoints (default: OUT with .steps)")
+    it.add_argument("--out", type=Path, required=True, help="write the final model here; its plan beside, as JSON")
+    it.set_defaults(run=_prune_iterative)
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="held-out data, measured after every epoch: 'sample', "
+                   "imagefolder:PATH or 'random'")  # fmt: skip
+    p.add_argument("--train", help="training data (default: --data; 'sample' trains on the 4,000 training digits)")
+    p.add_argument("--limit", type=_positive, help="use at most N held-out images")
+    p.add_argument("--epochs", type=_positive, default=1, help="epochs of fine-tuning (per step for prune-iterative)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of the cosine schedule (SGD)")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="weight of distillation from the dense model against cross-entropy, 0..1 (1: labels unused)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are there")
 
 
 def _allocate_parser(sub: argparse._SubParsersAction) -> None:
@@ -744,6 +785,73 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_atomic(args.plan, measurement.record(plan).to_json())
         print(f"updated    {args.plan} (metrics.measured and metrics.measured_on)")
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from prunecore.datasets import load_data, load_train
+    from prunecore.graph import trace
+    from prunecore.models import load_model, load_pruned, save_pruned
+    from prunecore.plan import MeasuredOn
+    from prunecore.recover import finetune
+
+    pruned, plan = load_pruned(args.pruned, trust_code=args.trust_model_code, model=args.model)
+    dense = load_model(args.model, args.weights)
+    example = tuple(spec.example() for spec in plan.inputs)
+    plan.check(trace(dense, example))  # the teacher must be the model the plan pruned
+    shape = tuple(example[0].shape)
+    data = load_data(args.data, input_shape=shape, limit=args.limit)
+    train = load_train(args.train or args.data, input_shape=shape)
+    checkpoint = args.checkpoint or args.out.with_suffix(".finetune.pt")
+    print(f"model      {args.model}, pruned by {args.pruned}")
+    print(f"train      {train.description}; held-out {data.description}")
+    print(f"recipe     {args.epochs} epoch(s), lr {args.lr:g} cosine, distill {args.distill:g} "
+          f"(T={args.temperature:g})")  # fmt: skip
+    print(f"checkpoint {checkpoint}{' (resuming)' if args.resume else ''}")
+    result = finetune(pruned, train.loader, teacher=dense, epochs=args.epochs, lr=args.lr, distill=args.distill,
+                      temperature=args.temperature, eval_data=data.evaluation, device=args.device,
+                      checkpoint=checkpoint, resume=args.resume, progress=True,
+                      on_epoch=lambda e: print(_epoch_line(e), flush=True))  # fmt: skip
+    last = result.history[-1].metrics
+    tuned = dataclasses.replace(plan, measured=dict(last), measured_on=MeasuredOn(data.description, 0))
+    save_pruned(args.out, result.model.cpu(), tuned, args.model)
+    print(f"saved      {args.out} (fine-tuned; load_pruned reads it)")
+    return 0
+
+
+def _prune_iterative(args: argparse.Namespace) -> int:
+    from prunecore.allocate import get_method
+    from prunecore.datasets import load_data, load_train
+    from prunecore.iterate import prune_iteratively, step_budgets
+    from prunecore.models import save_pruned
+    from prunecore.plan import Budget
+    from prunecore.sensitivity import DEFAULT_LEVELS
+
+    get_method(args.method)
+    budget = Budget.parse(args.budget)
+    step_budgets(budget, args.steps)  # a bad budget fails before the model loads
+    model, example, _ = _load(args)
+    shape = tuple(example.shape)
+    data = load_data(args.data, input_shape=shape, limit=args.limit)
+    train = load_train(args.train or args.data, input_shape=shape)
+    workdir = args.workdir or args.out.with_suffix(".steps")
+    print(f"model      {args.model}, to {budget} in {args.steps} step(s), {args.epochs} epoch(s) each")
+    print(f"data       sweeps and held-out: {data.description}; training: {train.description}")
+    print(f"workdir    {workdir}{' (resuming)' if args.resume else ''}")
+    result = prune_iteratively(
+        model, example, budget, data=data.evaluation, train=train.loader, calibration=data.calibration,
+        steps=args.steps, epochs=args.epochs, method=args.method, mode=args.mode, levels=args.levels or DEFAULT_LEVELS,
+        bn_recalibration=args.bn_recalibration, distill=args.distill, lr=args.lr, device=args.device,
+        workdir=workdir, resume=args.resume, progress=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    save_pruned(args.out, result.model.cpu(), result.plan, args.model)
+    plan_path = write_atomic(args.out.with_suffix(".plan.json"), result.plan.to_json())
+    print(f"saved      {args.out} (final model) and {plan_path} (its plan from the dense model)")
+    return 0
+
+
+def _epoch_line(e: Any) -> str:
+    metrics = "  ".join(f"{k} {_metric(k, v)}" for k, v in e.metrics.items())
+    return f"epoch {e.epoch:<4} loss {e.loss:.4f}  lr {e.lr:.4g}  {e.seconds:.1f} s  {metrics}"
 
 
 def _read_plan(path: Path) -> Plan:

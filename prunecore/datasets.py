@@ -29,7 +29,7 @@ from torchvision import transforms
 
 from prunecore.errors import UserError
 
-__all__ = ["DataSpecError", "EvalData", "load_data"]
+__all__ = ["DataSpecError", "EvalData", "TrainData", "load_data", "load_train"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -49,6 +49,15 @@ class EvalData:
     calibration: DataLoader  # what BatchNorm statistics are re-estimated on
     labelled: bool = True  # False: batches are bare input tensors, only label-free metrics apply
     description: str = ""  # one line for reports, e.g. "imagefolder val (1,000 images, 10 classes)"
+
+
+@dataclass(frozen=True, eq=False)
+class TrainData:
+    """Shuffled training batches for fine-tuning (the loader's generator is seeded; `finetune` re-seeds it)."""
+
+    loader: DataLoader
+    labelled: bool = True  # False: bare inputs, so only distillation from the dense model can train on them
+    description: str = ""
 
 
 class _Images(Dataset):
@@ -134,6 +143,36 @@ def _sample(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | N
     held, calib = (_first(mnist_split(s), limit) for s in ("heldout", "calibration"))
     description = f"sample held-out digits ({len(held):,} images; calibration {len(calib):,})"
     return EvalData(DataLoader(held, batch_size), DataLoader(calib, batch_size), True, description)
+
+
+def load_train(
+    spec: str, batch_size: int = 128, input_shape: tuple[int, ...] | None = None, limit: int | None = None,
+    seed: int = 0,
+) -> TrainData:
+    """Training data for fine-tuning a pruned model, from the same specs as `load_data`.
+
+    `sample` is the 4,000 training digits the samples were trained on (none of the held-out
+    ones); `imagefolder:PATH` all images of the folder (the eval transform, no augmentation);
+    `random` Gaussian noise, label-free, which distillation alone can train on. Shuffled by a
+    generator seeded with `seed`; `limit` keeps the first N images before shuffling.
+    """
+    if limit is not None and limit < 1:
+        raise DataSpecError(f"limit must be >= 1 (or None for all images), got {limit}")
+    kind, _, arg = spec.partition(":")
+    if spec == "sample":
+        from sample_models.data import mnist_split
+
+        if input_shape is not None and tuple(input_shape[-3:]) != (1, 28, 28):
+            raise DataSpecError(f"the sample digits are 1x28x28 but the model takes {_shape(input_shape)}")
+        dataset, labelled = _first(mnist_split("train"), limit), True
+        description = f"sample training digits ({len(dataset):,} images)"
+    elif spec in ("random",) or (kind == "imagefolder" and arg):
+        data = load_data(spec, batch_size, input_shape, limit)
+        dataset, labelled, description = data.evaluation.dataset, data.labelled, data.description
+    else:
+        raise DataSpecError(f"unknown data spec {spec!r}; supported: {_KINDS}")
+    loader = DataLoader(dataset, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return TrainData(loader, labelled, description)
 
 
 def _random(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | None) -> EvalData:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata, resources
@@ -32,7 +33,7 @@ from prunecore.graph import ChannelGraph, InputSpec
 
 __all__ = [
     "SCHEMA", "Allocation", "Budget", "GroupPlan", "MeasuredOn", "Plan", "PlanError", "PredictedBy", "Totals",
-    "json_schema", "kept_units",
+    "compose", "json_schema", "kept_units",
 ]  # fmt: skip
 
 SCHEMA = "prunecore.plan/2"
@@ -425,6 +426,43 @@ class Plan:
             problem = _rounding_problem(len(g.keep), g.size, self.round_to)
             if problem is not None:
                 raise PlanError(f"plan group {name!r} {problem}")
+
+
+def compose(first: Plan, second: Plan) -> Plan:
+    """One plan for `first` then `second`: kept units in the original model's numbering.
+
+    `first` prunes the original model into A; `second` was made on A (its group sizes are the
+    units A kept). The composed plan keeps unit `first.keep[j]` for every `j` in `second.keep`, so
+    `apply_plan(original, compose(first, second))` equals `apply_plan(apply_plan(original, first),
+    second)`, architecture and weights. It carries the original's fingerprint, inputs and "before"
+    totals, and `second`'s predictions, measurements and "after" totals (both describe the final
+    model). `PlanError` when `second` does not fit what `first` keeps.
+    """
+    if (second.model_type, second.round_to) != (first.model_type, first.round_to):
+        raise PlanError(f"the second plan is for a {second.model_type} with round_to {second.round_to}, the first "
+                        f"for a {first.model_type} with round_to {first.round_to}: they do not compose")  # fmt: skip
+    groups = dict(first.groups)
+    for name, g in second.groups.items():
+        before = first.groups.get(name)
+        if before is None:  # the first plan left it whole: its numbering is the original's
+            groups[name] = g
+            continue
+        if g.size != len(before.keep):
+            raise PlanError(f"the second plan gives group {name!r} {g.size} units, but the first keeps "
+                            f"{len(before.keep)} of its {before.size}: was it made on the model the first one "
+                            "pruned?")  # fmt: skip
+        per_unit = before.channels_before // before.size
+        groups[name] = GroupPlan(before.size, tuple(before.keep[i] for i in g.keep), before.size * per_unit,
+                                 g.predicted_change)  # fmt: skip
+    totals = None
+    if first.totals is not None and second.totals is not None:
+        t1, t2 = first.totals, second.totals
+        totals = Totals(t1.params_before, t2.params_after, t1.flops_before, t2.flops_after)
+    return dataclasses.replace(
+        second, groups=groups, inputs=first.inputs,
+        model_name=first.model_name or second.model_name, fingerprint=first.fingerprint, totals=totals,
+        allocation=None, meta={**first.meta, **second.meta, "composed": int(first.meta.get("composed", 1)) + 1},
+    )  # fmt: skip
 
 
 _TOP_LEVEL = (

@@ -49,8 +49,11 @@ class Sample:
     example: torch.Tensor
     heldout: DataLoader  # 1,000 images never trained on: sweeps, validation
     calibration: DataLoader  # 500 training images: BatchNorm re-estimation
+    train: DataLoader  # the 4,000 training images, shuffled (seeded): fine-tuning after pruning
     info: Mapping[str, Any] = field(default_factory=dict)  # the manifest entry: accuracy, params, ...
 
+
+TRAIN_BATCH = 128  # the batch the samples were trained with (sample_models/train.py), for fine-tuning them
 
 _SAMPLES: dict[str, SampleSpec] = {}
 
@@ -118,6 +121,7 @@ def load_sample(name: str, batch_size: int = 250) -> Sample:
         example=example,
         heldout=mnist_loader("heldout", batch_size),
         calibration=mnist_loader("calibration", batch_size),
+        train=mnist_loader("train", TRAIN_BATCH, shuffle=True),
         info=entry,
     )
 

@@ -509,3 +509,44 @@ def test_sweep_calibrate_stores_a_predictor_that_allocate_predicts_and_allocates
     assert main(["sweep", "--model", SPEC, "--data", "sample", "--limit", "64", "--levels", "0.3", "--groups", "stem.0",
                  "--store", str(store), "--mode", "estimate", "--calibrate", "10"]) == 2  # fmt: skip
     assert "--calibrate measures plans: use it with --mode exact" in capsys.readouterr().err
+
+
+# -- recovery ---------------------------------------------------------------------------------------
+TOY = ["--model", "toy_models:TwoResiduals"]
+RANDOM = ["--data", "random", "--limit", "32"]  # label-free: fine-tuning distils from the dense model alone
+
+
+def test_finetune_writes_a_model_load_pruned_reads_and_never_overwrites_its_checkpoint(tmp_path, capsys):
+    pruned = tmp_path / "p.pt"
+    assert main(["prune", *TOY, "--input", "2,3,8,8", "--sparsity", "0.5", "--out", str(pruned)]) == 0
+    out = tmp_path / "r.pt"
+    command = ["finetune", str(pruned), *TOY, *RANDOM, "--epochs", "2", "--out", str(out)]
+    assert main(command) == 0
+    report = capsys.readouterr().out
+    assert "epoch 1 " in report and "epoch 2 " in report and "kl" in report
+    before, plan = load_pruned(pruned, model="toy_models:TwoResiduals")
+    after, tuned_plan = load_pruned(out, model="toy_models:TwoResiduals")
+    assert tuned_plan.groups == plan.groups and set(tuned_plan.measured) == {"kl", "agreement"}
+    assert before.state_dict().keys() == after.state_dict().keys()
+    assert any(not torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
+    checkpoint = tmp_path / "r.finetune.pt"
+    saved = checkpoint.read_bytes()
+    assert main(command) == 2
+    assert "exists: pass resume=True (--resume)" in capsys.readouterr().err and checkpoint.read_bytes() == saved
+    assert main([*command, "--resume"]) == 0  # both epochs done: nothing left to train
+    again, _ = load_pruned(out, model="toy_models:TwoResiduals")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in after.state_dict().items())
+
+
+def test_prune_iterative_reaches_the_budget_and_saves_the_final_model_with_its_composed_plan(tmp_path, capsys):
+    out = tmp_path / "it.pt"
+    assert main(["prune-iterative", *TOY, "--input", "2,3,8,8", "--budget", "flops=0.5", "--steps", "2",
+                 "--levels", "0.25,0.5", *RANDOM, "--out", str(out)]) == 0  # fmt: skip
+    report = capsys.readouterr().out
+    assert "step 1/2" in report and "step 2/2" in report
+    model, plan = load_pruned(out, model="toy_models:TwoResiduals")
+    assert Plan.from_json((tmp_path / "it.plan.json").read_text()) == plan
+    dense = toys.TwoResiduals()
+    x = torch.randn(2, 3, 8, 8)
+    assert count(model, x).flops <= 0.5 * count(dense, x).flops
+    assert count(apply_plan(dense, plan), x).flops == count(model, x).flops
