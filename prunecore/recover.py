@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ def finetune(
     resume: bool = False,
     progress: bool | Callable[[int, int, int], None] = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    accelerator: Any = "auto",
 ) -> FinetuneResult:
     """Train a copy of `model` on `train` for `epochs`, from `teacher` and/or labels; `model` is not changed.
 
@@ -141,9 +143,17 @@ def finetune(
     atomically; `resume=True` continues from it. `device` defaults to CUDA when present; `amp`
     trains under bfloat16 autocast on CUDA. `progress`: True for a bar, or a function called with
     (epoch, batch, batches) after each batch; `on_epoch(record)` after each epoch is saved.
+
+    Launched on several processes (`accelerate launch`, `torchrun`: WORLD_SIZE > 1), the same call
+    trains data-parallel through HuggingFace Accelerate (`accelerator="auto"`; or pass your own
+    `accelerate.Accelerator`; None: never): each batch of `train` (a DataLoader) is split across the
+    processes, gradients are averaged, and the main process alone writes checkpoints, so the run
+    equals one process's up to float rounding where the model has no BatchNorm or dropout (those
+    see each process's share of the batch).
     """
     config = FinetuneConfig(epochs, lr, momentum, weight_decay, distill, temperature, seed, amp)
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    runner = _runner(accelerator, device)
+    device = runner.device
     student = copy.deepcopy(model).to(device)
     teacher = _on(teacher, device)
     path = None if checkpoint is None else Path(checkpoint)
@@ -160,15 +170,18 @@ def finetune(
                                 "choose another path; it is left as it is")  # fmt: skip
         history = _restore(path, config, student, optimizer, schedule)
     autocast = amp and device.type == "cuda"
+    wrapped, optimizer, batches, schedule = runner.prepare(student, optimizer, train, schedule)
     for epoch in range(len(history) + 1, epochs + 1):
         began = time.perf_counter()
         start_lr = optimizer.param_groups[0]["lr"]
-        loss = _epoch(student, teacher, train, optimizer, schedule, config, epoch, autocast, progress, steps)
+        loop = _Loop(wrapped, teacher, optimizer, schedule, config, autocast, runner)
+        loss = loop.epoch(batches, train, epoch, progress if runner.is_main else False, steps)
         scores = _scores(student, teacher, eval_data, metrics) if eval_data is not None else {}
         history.append(EpochRecord(epoch, loss, start_lr, time.perf_counter() - began, scores))
-        if path is not None:
+        if path is not None and runner.is_main:
             _save(path, config, student, optimizer, schedule, history)
-        if on_epoch is not None:
+        runner.wait()  # no process starts the next epoch before the checkpoint is whole
+        if on_epoch is not None and runner.is_main:
             on_epoch(history[-1])
     return FinetuneResult(student.eval(), history, config)
 
@@ -187,42 +200,53 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-# -- one epoch --------------------------------------------------------------------------------------
-def _epoch(
-    student: nn.Module, teacher: nn.Module | None, train: Iterable[Any], optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler, config: FinetuneConfig, epoch: int, autocast: bool,
-    progress: bool | Callable[[int, int, int], None], steps: int,
-) -> float:
-    """Train one epoch; the mean training loss per example."""
-    device = next(student.parameters()).device
-    total, seen = 0.0, 0
-    bar = _bar(progress, epoch, config.epochs, steps)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # this epoch's shuffle and dropout, however it resumed
-        if isinstance(train, DataLoader) and train.generator is not None:
-            train.generator.manual_seed(config.seed * 1_000_003 + epoch)
-        student.train()
-        for i, batch in enumerate(train):
-            inputs, targets = split_batch(batch)
-            inputs = inputs.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                with running_model(student, inputs, "fine-tuning"):
-                    logits = student(inputs)
-                loss = _loss(logits, teacher, inputs, targets, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if not math.isfinite(loss.item()):
-                raise FinetuneError(f"the training loss became {loss.item()} in epoch {epoch} (batch {i + 1}); "
-                                    "lower lr")  # fmt: skip
-            total += loss.item() * inputs.shape[0]
-            seen += inputs.shape[0]
-            bar(i + 1)
-    bar(None)
-    if seen == 0:
-        raise FinetuneError("the training data is empty")
-    return total / seen
+# -- one epoch ----------------------------------------------------------------------------------------
+@dataclass
+class _Loop:
+    """What one epoch needs: the (possibly data-parallel) student, its optimiser and schedule, the teacher."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    optimizer: Any  # torch.optim.Optimizer, or Accelerate's wrapper of it
+    schedule: Any
+    config: FinetuneConfig
+    autocast: bool
+    runner: _Runner
+
+    def epoch(self, batches: Iterable[Any], original: Iterable[Any], epoch: int,
+              progress: bool | Callable[[int, int, int], None], steps: int) -> float:  # fmt: skip
+        """Train one epoch on `batches` (`original`, prepared); the mean training loss per example."""
+        device = self.runner.device
+        total, seen = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        bar = _bar(progress, epoch, self.config.epochs, steps)
+        seed = self.config.seed * 1_000_003 + epoch  # this epoch's shuffle and dropout, however it resumed
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            if isinstance(original, DataLoader) and original.generator is not None:
+                original.generator.manual_seed(seed)
+            self.student.train()
+            for i, batch in enumerate(batches):
+                inputs, targets = split_batch(batch)
+                inputs = inputs.to(device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    with running_model(self.student, inputs, "fine-tuning"):
+                        logits = self.student(inputs)
+                    loss = _loss(logits, self.teacher, inputs, targets, self.config)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.runner.backward(loss)
+                self.optimizer.step()
+                self.schedule.step()
+                if not math.isfinite(loss.item()):
+                    raise FinetuneError(f"the training loss became {loss.item()} in epoch {epoch} (batch {i + 1}); "
+                                        "lower lr")  # fmt: skip
+                total += loss.item() * inputs.shape[0]
+                seen += inputs.shape[0]
+                bar(i + 1)
+        bar(None)
+        total, seen = self.runner.sum(total), self.runner.sum(seen)  # over every process's share
+        if seen.item() == 0:
+            raise FinetuneError("the training data is empty")
+        return float(total / seen)
 
 
 def _loss(logits: torch.Tensor, teacher: nn.Module | None, inputs: torch.Tensor, targets: torch.Tensor | None,
@@ -254,6 +278,71 @@ def _scores(student: nn.Module, teacher: nn.Module | None, data: Iterable[Any],
         raise ArgumentError(f"metric(s) {', '.join(names)} compare with the dense model: pass teacher=")
     reference = teacher if any(get_metric(m).needs_reference for m in names) else None
     return evaluate(student, data, names, reference=reference)
+
+
+# -- one process, or many through Accelerate --------------------------------------------------------
+class _Runner:
+    """One process: what `accelerate.Accelerator` does for many, done directly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    is_main = True
+
+    def prepare(self, *objects: Any) -> tuple[Any, ...]:
+        return objects
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def wait(self) -> None:
+        pass
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+class _Accelerated(_Runner):
+    """Data-parallel training through an `accelerate.Accelerator` (DDP across its processes)."""
+
+    def __init__(self, accelerator: Any) -> None:
+        super().__init__(accelerator.device)
+        self.accelerator = accelerator
+        self.is_main = bool(accelerator.is_main_process)
+
+    def prepare(self, *objects: Any) -> tuple[Any, ...]:
+        return tuple(self.accelerator.prepare(*objects))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(value.to(self.device), reduction="sum").cpu()
+
+
+def _runner(accelerator: Any, device: str | torch.device | None) -> _Runner:
+    """Accelerate when asked, or when this process is one of several ("auto"); else one process on `device`."""
+    local = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator == "auto":
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes <= 1:
+            return _Runner(local)
+        try:
+            from accelerate import Accelerator
+            from accelerate.utils import DataLoaderConfiguration
+        except ImportError:
+            raise FinetuneError(f"this process is one of {processes} (WORLD_SIZE); data-parallel fine-tuning runs "
+                                "through HuggingFace Accelerate: pip install 'prunecore[accelerate]'") from None
+        split = DataLoaderConfiguration(split_batches=True)  # a batch is split, not one batch per process
+        accelerator = Accelerator(cpu=local.type == "cpu", dataloader_config=split)
+    if accelerator is None:
+        return _Runner(local)
+    if device is not None and torch.device(device).type != accelerator.device.type:
+        raise ArgumentError(f"device {device!r} differs from the accelerator's {accelerator.device}")
+    return _Accelerated(accelerator)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
