@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every `UserError` ends as one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
     try:
-        for attr in ("out", "export", "checkpoint"):  # refuse a folder, or a path under a file, before any long work
+        for attr in ("out", "export", "checkpoint", "onnx"):  # a folder, or a path under a file: refused before work
             if isinstance(getattr(args, attr, None), Path):
                 check_output_path(getattr(args, attr), f"--{attr}")
         if getattr(args, "model", None):  # one spelling in stores, plans and files: args sorted, no spaces
@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--force", action="store_true", help="apply a plan made for a model of another fingerprint")
     apply.add_argument("--export", type=Path, metavar="PROGRAM.pt2",
                        help="also save a torch.export program (batch size dynamic where the model allows)")  # fmt: skip
+    apply.add_argument("--onnx", type=Path, metavar="MODEL.onnx",
+                       help="also export ONNX (dynamic batch), checked against PyTorch in ONNX Runtime")  # fmt: skip
     apply.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
     apply.set_defaults(run=_apply)
 
@@ -681,6 +683,14 @@ def _apply(args: argparse.Namespace) -> int:
     print(f"saved      {args.out} (pruned model; prunecore.models.load_pruned reads it)")
     if args.export is not None:
         _export(pruned, example, args.export)
+    if args.onnx is not None:
+        from prunecore.deploy import export_onnx
+
+        onnx = export_onnx(pruned, example, args.onnx)
+        batch = "any batch size B" if onnx.dynamic_batch else "this batch size only"
+        sizes = " and ".join(map(str, onnx.batch_sizes))
+        print(f"onnx       {onnx.path} (opset {onnx.opset}, {batch}; checked in ONNX Runtime at batch {sizes}: "
+              f"max |onnx - torch| = {onnx.max_abs_diff:.1e})")  # fmt: skip
     return status
 
 
@@ -707,7 +717,9 @@ def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
     import torch
 
     pruned = pruned.eval()
-    inputs, dynamic_shapes = _dynamic_batch(example)
+    from prunecore.deploy import dynamic_batch
+
+    inputs, dynamic_shapes = dynamic_batch(example)
     shapes = ", ".join("x".join(["B", *map(str, x.shape[1:])]) for x in example)
     try:
         program = torch.export.export(pruned, inputs, dynamic_shapes=dynamic_shapes)
@@ -728,26 +740,6 @@ def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
         _warn(f"torch.export could not save the program, so {path} was not written: {_first_line(exc)}")
         return
     print(f"exported   {path} (torch.export program for input {shapes}, {batch}; torch.export.load reads it)")
-
-
-def _dynamic_batch(example: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple]:
-    """Inputs and `dynamic_shapes` that make dim 0 of every input symbolic (one symbol per distinct size).
-
-    An example batch of 1 is repeated to 2 for the trace: torch.export specialises a dim of size 1.
-    """
-    import torch
-
-    dims: dict[int, torch.export.Dim] = {}
-    inputs, shapes = [], []
-    for x in example:
-        if x.dim() == 0:
-            inputs.append(x)
-            shapes.append(None)
-            continue
-        dim = dims.setdefault(x.shape[0], torch.export.Dim(f"batch{len(dims)}", min=1))
-        inputs.append(x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x)
-        shapes.append({0: dim})
-    return tuple(inputs), tuple(shapes)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -1,0 +1,94 @@
+"""ONNX export of pruned models, checked in ONNX Runtime, and their INT8 versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunecore as pc
+from prunecore.cli import main
+from prunecore.deploy import DeployError, export_onnx, onnx_session, quantize_int8
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pruned_sample(name: str, sparsity: float = 0.3) -> tuple[pc.Sample, nn.Module]:
+    sample = pc.load_sample(name)
+    pruned = pc.recalibrate_bn_(pc.prune(sample.model, sample.example, sparsity), sample.calibration, batches=2)
+    return sample, pruned.eval()
+
+
+def run(path, x: torch.Tensor) -> np.ndarray:
+    session = onnx_session(path)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", pc.list_samples())
+def test_every_sample_exports_with_a_dynamic_batch_and_equals_pytorch(name, tmp_path):
+    sample, pruned = pruned_sample(name)
+    exported = export_onnx(pruned, sample.example, tmp_path / "m.onnx")
+    assert exported.dynamic_batch and exported.batch_sizes == (2, 5) and exported.max_abs_diff < 1e-4
+    x = torch.randn(7, *sample.example.shape[1:])  # a batch size the export never saw
+    with torch.no_grad():
+        np.testing.assert_allclose(run(exported.path, x), pruned(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+class Cummax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(x, dim=1)[0]
+
+
+class FixedBatch(nn.Module):
+    """Code that fixes the batch size: exported for the example's shape only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(4, 8))
+
+
+def test_an_op_without_an_onnx_translation_is_named_and_nothing_is_written(tmp_path):
+    with pytest.raises(DeployError, match=r"Cummax does not export to ONNX: op aten.cummax cannot be translated"):
+        export_onnx(Cummax(), torch.randn(2, 8), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_that_fixes_its_batch_exports_for_the_example_only(tmp_path):
+    model = FixedBatch().eval()
+    exported = export_onnx(model, torch.randn(4, 8), tmp_path / "m.onnx")
+    assert not exported.dynamic_batch and exported.batch_sizes == (4,)
+    x = torch.randn(4, 8)
+    np.testing.assert_allclose(run(exported.path, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_keeps_the_pruned_models_accuracy(tmp_path):
+    sample, pruned = pruned_sample("resnet20", 0.2)
+    exported = export_onnx(pruned, sample.example, tmp_path / "m.onnx")
+    static = quantize_int8(exported.path, tmp_path / "static.onnx", sample.calibration, batches=4)
+    dynamic = quantize_int8(exported.path, tmp_path / "dynamic.onnx")
+    x, y = next(iter(sample.heldout))  # 250 held-out digits
+    float_acc = (pruned(x).argmax(1) == y).float().mean().item()
+    for path in (static, dynamic):
+        assert (run(path, x).argmax(1) == y.numpy()).mean() >= float_acc - 0.02, path.name
+    assert static.stat().st_size < 0.5 * exported.path.stat().st_size  # INT8 weights
+    with pytest.raises(DeployError, match="does not exist"):
+        quantize_int8(tmp_path / "missing.onnx", tmp_path / "q.onnx")
+
+
+def test_cli_apply_writes_a_checked_onnx_file(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    sample, _ = pruned_sample("resnet20")
+    plan.write_text(pc.make_plan(sample.model, pc.trace(sample.model, sample.example), 0.3).to_json())
+    out = tmp_path / "m.onnx"
+    assert main(["apply", str(plan), "--model", "sample:resnet20", "--out", str(tmp_path / "p.pt"),
+                 "--onnx", str(out)]) == 0  # fmt: skip
+    assert "checked in ONNX Runtime at batch 2 and 5" in capsys.readouterr().out and out.is_file()
+    assert main(["apply", str(plan), "--model", "sample:resnet20", "--out", str(tmp_path / "q.pt"),
+                 "--onnx", str(tmp_path)]) == 2  # fmt: skip
+    assert "--onnx" in capsys.readouterr().err
