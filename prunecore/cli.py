@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every `UserError` ends as one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
     try:
-        for attr in ("out", "export", "checkpoint", "onnx"):  # a folder, or a path under a file: refused before work
+        for attr in ("out", "export", "checkpoint", "onnx", "int8"):  # a folder, a path under a file: refused now
             if isinstance(getattr(args, attr, None), Path):
                 check_output_path(getattr(args, attr), f"--{attr}")
         if getattr(args, "model", None):  # one spelling in stores, plans and files: args sorted, no spaces
@@ -138,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="also save a torch.export program (batch size dynamic where the model allows)")  # fmt: skip
     apply.add_argument("--onnx", type=Path, metavar="MODEL.onnx",
                        help="also export ONNX (dynamic batch), checked against PyTorch in ONNX Runtime")  # fmt: skip
+    apply.add_argument("--int8", type=Path, metavar="MODEL.int8.onnx",
+                       help="with --onnx: also an INT8 version (static, calibrated on --data; else dynamic)")
+    apply.add_argument("--data", help="calibration images for --bn-recalibration; with --onnx, also measure dense, "
+                       "pruned and INT8 accuracy and latency on its evaluation images")  # fmt: skip
+    apply.add_argument("--bn-recalibration", type=_non_negative, default=0, metavar="N",
+                       help="re-estimate the pruned model's BatchNorm on N batches of --data before saving (0: off)")
+    apply.add_argument("--limit", type=_positive, help="use at most N images of --data")
     apply.add_argument("--check", action="store_true", help="verify the pruned model against its masked twin")
     apply.set_defaults(run=_apply)
 
@@ -660,6 +667,10 @@ def _apply(args: argparse.Namespace) -> int:
     from prunecore.plan import PlanError
     from prunecore.surgery import apply_plan
 
+    if args.onnx is None and args.int8 is not None:
+        raise ArgumentError("--int8 goes with --onnx: apply PLAN --out P.pt --onnx P.onnx --int8 P.int8.onnx")
+    if args.bn_recalibration and args.data is None:
+        raise ArgumentError("--bn-recalibration needs --data (its calibration images)")
     plan = _read_plan(args.plan)
     model = load_model(args.model, args.weights)
     example = tuple(spec.example() for spec in plan.inputs)
@@ -671,26 +682,27 @@ def _apply(args: argparse.Namespace) -> int:
     if plan.fingerprint and plan.fingerprint != graph.fingerprint:  # forced: record what it is applied to
         meta = {**plan.meta, "forced_from_fingerprint": plan.fingerprint}
         plan = dataclasses.replace(plan, fingerprint=graph.fingerprint, meta=meta)
-    pruned = apply_plan(model, plan, graph=graph)
+    pruned = raw = apply_plan(model, plan, graph=graph)  # `raw`: what --check compares with the masked twin
+    if args.bn_recalibration:
+        from prunecore.datasets import load_data
+        from prunecore.evaluate import recalibrate_bn_
+
+        data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
+        pruned = recalibrate_bn_(copy.deepcopy(raw), data.calibration, batches=args.bn_recalibration)
     shapes = ", ".join("x".join(map(str, spec.shape)) for spec in plan.inputs)
     pruned_groups = sum(len(g.keep) < g.size for g in plan.groups.values())
     print(f"model      {args.model} ({graph.model_type}), input {shapes}")
-    print(f"plan       {args.plan}: {pruned_groups} of {len(plan.groups)} groups pruned")
+    print(f"plan       {args.plan}: {pruned_groups} of {len(plan.groups)} groups pruned"
+          + (f"; {_bn_note(args.bn_recalibration)}" if args.bn_recalibration else ""))
     after = _report_costs(model, pruned, example)
     _check_totals(plan, after, args.force)
-    status = _check(model, pruned, plan, graph) if args.check else 0
+    status = _check(model, raw, plan, graph) if args.check else 0
     save_pruned(args.out, pruned, plan, args.model)
     print(f"saved      {args.out} (pruned model; prunecore.models.load_pruned reads it)")
     if args.export is not None:
         _export(pruned, example, args.export)
     if args.onnx is not None:
-        from prunecore.deploy import export_onnx
-
-        onnx = export_onnx(pruned, example, args.onnx)
-        batch = "any batch size B" if onnx.dynamic_batch else "this batch size only"
-        sizes = " and ".join(map(str, onnx.batch_sizes))
-        print(f"onnx       {onnx.path} (opset {onnx.opset}, {batch}; checked in ONNX Runtime at batch {sizes}: "
-              f"max |onnx - torch| = {onnx.max_abs_diff:.1e})")  # fmt: skip
+        _deploy(args, model, pruned, example)
     return status
 
 
@@ -740,6 +752,40 @@ def _export(pruned: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
         _warn(f"torch.export could not save the program, so {path} was not written: {_first_line(exc)}")
         return
     print(f"exported   {path} (torch.export program for input {shapes}, {batch}; torch.export.load reads it)")
+
+
+def _deploy(args: argparse.Namespace, model: torch.nn.Module, pruned: torch.nn.Module,
+            example: tuple[torch.Tensor, ...]) -> None:  # fmt: skip
+    """apply --onnx [--int8] [--data]: export and check, quantise, and measure dense / pruned / INT8 side by side."""
+    from prunecore.cost import format_latency, measure_latencies
+    from prunecore.datasets import load_data
+    from prunecore.deploy import OnnxModule, export_onnx, quantize_int8
+    from prunecore.evaluate import evaluate
+
+    onnx = export_onnx(pruned, example, args.onnx)
+    batch = "any batch size B" if onnx.dynamic_batch else "this batch size only"
+    sizes = " and ".join(map(str, onnx.batch_sizes))
+    print(f"onnx       {onnx.path} (opset {onnx.opset}, {batch}; checked in ONNX Runtime at batch {sizes}: "
+          f"max |onnx - torch| = {onnx.max_abs_diff:.1e})")  # fmt: skip
+    data = None if args.data is None else load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
+    models = {"dense": model, "pruned": pruned, "pruned, ONNX Runtime": OnnxModule(onnx.path)}
+    if args.int8 is not None:
+        calibration = None if data is None else data.calibration
+        int8 = quantize_int8(onnx.path, args.int8, calibration)
+        how = f"static, calibrated on {data.description}" if data is not None else "dynamic (weights only)"
+        print(f"int8       {int8} ({how}; ONNX Runtime)")
+        models["pruned + INT8, ONNX Runtime"] = OnnxModule(int8)
+    if data is None:
+        return
+    metrics = ["accuracy", "loss"] if data.labelled else []
+    timed = measure_latencies(list(models.values()), example)
+    print(f"measured   on {data.description}; latency at batch {timed[0].batch}, {timed[0].threads} thread(s)")
+    print(f"{'':28} {'accuracy':>9} {'loss':>8} {'latency':>16}")
+    for (name, m), t in zip(models.items(), timed):
+        values = evaluate(m, data.evaluation, metrics) if metrics else {}
+        acc = f"{values['accuracy']:.2%}" if values else "-"
+        loss = f"{values['loss']:.4f}" if values else "-"
+        print(f"{name:28} {acc:>9} {loss:>8} {format_latency(t):>16}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ __all__ = [
     "format_latency",
     "format_speedup",
     "latency",
+    "measure_latencies",
     "measure_latency",
     "plan_costs",
     "register_flops",
@@ -501,6 +502,17 @@ def compare_latency(
     """
     first, second = _measure([before, after], _inputs(example_inputs), rounds, warmup, min_seconds)
     return first, second
+
+
+def measure_latencies(
+    models: Sequence[nn.Module],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    rounds: int = 7,
+    warmup: int = 2,
+    min_seconds: float = 0.05,
+) -> list[Latency]:
+    """`compare_latency` of any number of models (dense, pruned, pruned + INT8, ...), rounds interleaved."""
+    return _measure(list(models), _inputs(example_inputs), rounds, warmup, min_seconds)
 
 
 def speedup(before: Latency, after: Latency) -> float | None:

@@ -37,7 +37,9 @@ from prunecore.errors import UserError
 from prunecore.evaluate import split_batch
 from prunecore.files import check_output_path, write_atomic
 
-__all__ = ["DeployError", "OnnxExport", "dynamic_batch", "export_onnx", "onnx_session", "quantize_int8"]
+__all__ = [
+    "DeployError", "OnnxExport", "OnnxModule", "dynamic_batch", "export_onnx", "onnx_session", "quantize_int8",
+]  # fmt: skip
 
 
 class DeployError(UserError, RuntimeError):
@@ -121,6 +123,28 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # errors only: no optimiser chatter on stdout
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file behind the `nn.Module` interface, so `evaluate` and `compare_latency` measure it as they
+    measure PyTorch models (the same data, metrics and timing rounds). CPU, no gradients, no parameters."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session = onnx_session(self.path, threads)
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(self.names, inputs)}
+        out = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def __deepcopy__(self, memo: dict) -> OnnxModule:
+        return self  # the session is immutable and cannot be copied; working copies share it
+
+    def extra_repr(self) -> str:
+        return str(self.path)
 
 
 def quantize_int8(

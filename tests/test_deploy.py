@@ -89,6 +89,38 @@ def test_cli_apply_writes_a_checked_onnx_file(tmp_path, capsys):
     assert main(["apply", str(plan), "--model", "sample:resnet20", "--out", str(tmp_path / "p.pt"),
                  "--onnx", str(out)]) == 0  # fmt: skip
     assert "checked in ONNX Runtime at batch 2 and 5" in capsys.readouterr().out and out.is_file()
+    assert main(["apply", str(plan), "--model", "sample:resnet20", "--out", str(tmp_path / "r.pt"), "--onnx", str(out),
+                 "--int8", str(tmp_path / "m.int8.onnx"), "--data", "sample", "--limit", "250",
+                 "--bn-recalibration", "2", "--check"]) == 0  # fmt: skip
+    report = capsys.readouterr().out
+    assert "check      " in report and "OK" in report  # the masked twin is compared before BatchNorm moves
+    rows = {line[:28].strip(): line[28:].split() for line in report.splitlines()[-4:]}
+    accuracy = {name: float(cells[0].rstrip("%")) for name, cells in rows.items()}
+    assert set(accuracy) == {"dense", "pruned", "pruned, ONNX Runtime", "pruned + INT8, ONNX Runtime"}
+    assert accuracy["pruned"] == accuracy["pruned, ONNX Runtime"] > 50  # BatchNorm re-estimated, then saved
+    assert abs(accuracy["pruned + INT8, ONNX Runtime"] - accuracy["pruned"]) <= 3
+    saved, _ = pc.load_pruned(tmp_path / "r.pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(run(out, sample.example), saved(sample.example).numpy(), rtol=1e-3, atol=1e-4)
     assert main(["apply", str(plan), "--model", "sample:resnet20", "--out", str(tmp_path / "q.pt"),
                  "--onnx", str(tmp_path)]) == 2  # fmt: skip
     assert "--onnx" in capsys.readouterr().err
+
+
+ZOO = {  # one model of each torchvision family the engine prunes, at the input it was built for
+    "resnet18": (1, 3, 64, 64), "mobilenet_v3_small": (1, 3, 64, 64), "efficientnet_b0": (1, 3, 64, 64),
+    "convnext_tiny": (1, 3, 64, 64), "regnet_x_400mf": (1, 3, 64, 64), "shufflenet_v2_x0_5": (1, 3, 64, 64),
+    "densenet121": (1, 3, 64, 64), "vit_b_16": (1, 3, 224, 224), "swin_t": (1, 3, 224, 224),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_families_export_pruned_and_equal_pytorch(name, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    example = torch.randn(ZOO[name])
+    pruned = pc.prune(model, example, 0.3).eval()
+    exported = export_onnx(pruned, example, tmp_path / "m.onnx", rtol=1e-3, atol=1e-3)
+    assert exported.dynamic_batch and exported.max_abs_diff < 1e-3
