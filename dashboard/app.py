@@ -28,6 +28,7 @@ pages = [
     st.Page("views/sensitivity.py", title="Sensitivity", icon=":material/show_chart:"),
     st.Page("views/plan.py", title="Plan", icon=":material/tune:"),
     st.Page("views/validate.py", title="Validate", icon=":material/fact_check:"),
+    st.Page("views/recover.py", title="Recover", icon=":material/healing:"),
     st.Page("views/export.py", title="Export", icon=":material/download:"),
 ]
 st.navigation(pages).run()

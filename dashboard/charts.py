@@ -21,6 +21,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from prunecore.evaluate import get_metric, list_metrics
+from prunecore.jobs import Recovery
 from prunecore.sensitivity import DENSE
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "is_fraction",
     "pareto_figure",
     "predicted_vs_measured_figure",
+    "recovery_figure",
+    "recovery_metric",
     "short_label",
 ]
 
@@ -325,20 +328,23 @@ def pareto_figure(
 
 # -- validation -----------------------------------------------------------------------------------
 _KINDS = (("dense", "#B6B6B6"), ("predicted", "#636EFA"), ("measured", "#00CC96"))
+_RECOVERED = ("recovered", "#AB63FA")
 
 
 def predicted_vs_measured_figure(rows: pd.DataFrame) -> go.Figure:
     """Dense, predicted and measured value of each metric: one panel per metric, each its own scale.
 
-    `rows` has columns metric, dense, predicted, measured; a NaN value draws no bar.
+    `rows` has columns metric, dense, predicted, measured, and optionally recovered (the plan's pruned
+    model after fine-tuning); a NaN value draws no bar.
     """
     _check_columns(rows, "the validation rows", ("metric", "dense", "predicted", "measured"))
+    kinds = (*_KINDS, _RECOVERED) if "recovered" in rows.columns else _KINDS
     metrics = [str(m) for m in rows.metric]
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"each metric must appear once in the validation rows, got {metrics}")
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.08)
     for col, row in enumerate(rows.itertuples(index=False), start=1):
-        for kind, colour in _KINDS:
+        for kind, colour in kinds:
             value = getattr(row, kind)
             present = not pd.isna(value)
             fig.add_trace(go.Bar(
@@ -348,4 +354,50 @@ def predicted_vs_measured_figure(rows: pd.DataFrame) -> go.Figure:
                 hovertemplate=f"{row.metric} {kind}: %{{y{_d3(row.metric)}}}<extra></extra>",
             ), row=1, col=col)  # fmt: skip
         fig.update_yaxes(tickformat=".0%" if is_fraction(row.metric) else None, rangemode="tozero", row=1, col=col)
-    return _layout(fig, "Dense, predicted and measured", "validate", 420, bargap=0.3)
+    title = "Dense, predicted, measured and recovered" if len(kinds) > len(_KINDS) else "Dense, predicted and measured"
+    return _layout(fig, title, "validate", 420, bargap=0.3)
+
+
+# -- recovery ------------------------------------------------------------------------------------
+def recovery_metric(recovery: Recovery) -> str:
+    """The metric a fine-tuning is shown by: accuracy, else the first 0..1 metric (agreement), else the first."""
+    names = list(recovery.before)
+    if not names:
+        raise ValueError("the fine-tuning record has no metrics")
+    return "accuracy" if "accuracy" in names else next((m for m in names if is_fraction(m)), names[0])
+
+
+def recovery_figure(recovery: Recovery, metric: str | None = None) -> go.Figure:
+    """Training loss (left axis) and a held-out metric (right axis) per epoch of a fine-tuning, so far.
+
+    Epoch 0 is the one-shot model (pruned, BatchNorm re-estimated, not trained), so the curve starts
+    where pruning left it; a dashed line marks the dense model. The x axis spans every epoch asked
+    for, so a running job shows how far it is. `metric` defaults to `recovery_metric`.
+    """
+    metric = metric or recovery_metric(recovery)
+    if metric not in recovery.before:
+        raise ValueError(f"the fine-tuning record has no metric {metric!r}; metrics: {', '.join(recovery.before)}")
+    epochs = [e.epoch for e in recovery.history]
+    last = max([recovery.epochs, *epochs, 1])
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(
+        x=epochs, y=[e.loss for e in recovery.history], name="training loss", mode="lines+markers",
+        line={"color": "#636EFA"}, hovertemplate="epoch %{x}<br>training loss %{y:.4g}<extra></extra>",
+    ), secondary_y=False)  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=[0, *epochs], y=[recovery.before[metric], *(e.metrics.get(metric) for e in recovery.history)],
+        name=f"held-out {metric}", mode="lines+markers", line={"color": "#00CC96"},
+        hovertemplate=f"epoch %{{x}}<br>held-out {metric} %{{y{_d3(metric)}}}<extra></extra>",
+    ), secondary_y=True)  # fmt: skip
+    if metric in recovery.dense:
+        fig.add_trace(go.Scatter(
+            x=[0, last], y=[recovery.dense[metric]] * 2, name=f"dense {metric}", mode="lines",
+            line={"color": "#B6B6B6", "dash": "dash"},
+            hovertemplate=f"dense {metric} %{{y{_d3(metric)}}}<extra></extra>",
+        ), secondary_y=True)  # fmt: skip
+    fig.update_xaxes(title={"text": "epoch (0: one-shot, before training)"}, range=[-0.25, last + 0.25], dtick=1)
+    fig.update_yaxes(title={"text": "training loss"}, rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title={"text": f"held-out {metric}"}, tickformat=".0%" if is_fraction(metric) else None,
+                     secondary_y=True)  # fmt: skip
+    return _layout(fig, f"Training loss and held-out {metric} per epoch", f"recover:{metric}", 420,
+                   legend={"orientation": "h", "y": -0.25})  # fmt: skip

@@ -4,9 +4,9 @@ Pages read the user's choices from `st.session_state` under the keys below and g
 data, curves and allocation problems from the cached loaders, so a rerun (every widget change)
 recomputes nothing it does not have to. Nothing here prunes: it calls prunecore.
 
-Sweeps and plan measurements run as background jobs (`prunecore.jobs`), never in the script thread: a
-worker process per job key, which outlives the browser tab and which every session with the same
-settings (the same plan) shares.
+Sweeps, plan measurements and fine-tunings run as background jobs (`prunecore.jobs`), never in the script
+thread: a worker process per job key, which outlives the browser tab and which every session with the
+same settings (the same plan) shares.
 Pages compute the key of the current settings, read the job's status and take the curves from the
 run store (`$PRUNECORE_STORE`, else prunecore's default store).
 
@@ -34,13 +34,14 @@ import streamlit as st
 import torch
 
 import prunecore as pc
+from dashboard import charts
 from prunecore import jobs
 from prunecore.cost import cost_model
 from prunecore.datasets import EvalData, load_data
 from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
-from prunecore.jobs import Job, JobStatus, MeasureJob, SweepJob
+from prunecore.jobs import FinetuneJob, Job, JobStatus, MeasureJob, Recovery, SweepJob
 from prunecore.measure import PlanMeasurement
 from prunecore.predict import Predictor
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
@@ -69,6 +70,16 @@ LIVE_CACHE = "live_measure_cache"  # (its settings, its job key)
 LIVE_POINTS = "live_points"  # {job key: (params, flops, measured metrics)}: this session's measured plans
 SETTLE_S = 1.0
 """Seconds the sliders must rest before the Plan page measures their plan (a drag is not measured at every step)."""
+FINETUNE_JOB = "finetune_job"  # the key of the Recover page's fine-tuning job (`finetune_job`)
+FINETUNE_CACHE = "finetune_job_cache"  # (the fine-tuning's settings, its job key)
+RUN_FINETUNE, CANCEL_FINETUNE, RESUME_FINETUNE = "recover_run", "recover_cancel", "recover_resume"  # its buttons
+FT_EPOCHS = "recover_epochs"
+FT_LR = "recover_lr"
+FT_DISTILL_ON = "recover_distill_on"  # distil from the dense model (else labels only)
+FT_DISTILL = "recover_distill"  # the distillation weight against cross-entropy, when on
+FT_BN = "recover_bn"  # BatchNorm re-estimation batches before training
+FT_TRAIN_LIMIT = "recover_train_limit"  # training images (0: all)
+LR_CHOICES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 CRITERION = "sweep_criterion"
 LEVELS = "sweep_levels"
 METRICS = "sweep_metrics"
@@ -102,6 +113,12 @@ DEFAULTS: dict[str, Any] = {
     SEARCH: "",
     ORDER: "position",
     LIVE_ON: True,
+    FT_EPOCHS: 3,
+    FT_LR: 0.01,
+    FT_DISTILL_ON: True,
+    FT_DISTILL: 0.5,
+    FT_BN: 50,
+    FT_TRAIN_LIMIT: 0,
 }
 MODEL_PAGE_WIDGETS = ("model_source", "sample_name", "tv_name", "timm_name", "arg_num_classes", "arg_in_chans",
                       "arg_img_size", "arg_extra", "factory_spec", "input_shape_text", "data_source",
@@ -499,10 +516,11 @@ def describe_job(job: SweepJob) -> str:
 
 
 def _finished(job: Job, key: str, status: JobStatus | None) -> bool:
-    """Whether the job's result is there: a sweep's complete run in the store, a measurement's result file."""
+    """Whether the job's result is there: a sweep's complete run in the store, a measurement's (a fine-tuning's)
+    result file."""
     if status is None or status.state != "done":
         return False
-    if isinstance(job, MeasureJob):
+    if isinstance(job, (MeasureJob, FinetuneJob)):
         with contextlib.suppress(jobs.JobError):
             return jobs.result(key, store_path()) is not None
         return False
@@ -650,6 +668,89 @@ def _live(job: MeasureJob, key: str, shown: str | None) -> None:
     else:  # cancelled (by another session), or its worker died
         st.caption(f"The measurement {status.state}.")
         st.button("Measure this plan", key="live_measure_again", on_click=submit_job, args=(job,))
+
+
+# -- fine-tuning the plan in the background --------------------------------------------------------------
+FINETUNE_TEXT = PanelText(
+    "Fine-tune", RUN_FINETUNE,
+    "Applies the plan, re-estimates BatchNorm and trains the pruned model in a background process, which goes on "
+    "when this tab closes; every finished epoch is checkpointed, and any session with the same plan and settings "
+    "follows it.",
+    CANCEL_FINETUNE, "Stops after the current batch; the finished epochs stay in the job's checkpoint.", "Resume",
+    RESUME_FINETUNE, "Continues from the last finished epoch.",
+)  # fmt: skip
+
+
+def finetune_job(ws: Workspace, plan: pc.Plan) -> tuple[FinetuneJob, str]:
+    """The fine-tuning job of `plan` with the Recover page's settings, and its key (also under `FINETUNE_JOB`)."""
+    job = _finetune_job(ws, plan)
+    key = st.session_state[FINETUNE_JOB] = _keyed(job, FINETUNE_CACHE)
+    return job, key
+
+
+def _finetune_job(ws: Workspace, plan: pc.Plan) -> FinetuneJob:
+    """A fine-tuning of `plan` on the current model, data and image limit, trained on the data's training split."""
+    shape = st.session_state.get(INPUT_SHAPE)
+    distill = float(st.session_state[FT_DISTILL]) if st.session_state[FT_DISTILL_ON] else 0.0
+    return FinetuneJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), plan.to_json(),
+                       input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
+                       train_limit=int(st.session_state[FT_TRAIN_LIMIT]) or None,
+                       epochs=int(st.session_state[FT_EPOCHS]), lr=float(st.session_state[FT_LR]), distill=distill,
+                       bn_recalibration=int(st.session_state[FT_BN]))  # fmt: skip
+
+
+def train_note(data_spec: str) -> str:
+    """What a fine-tuning on `data_spec` trains on (`prunecore.load_train`), in words.
+
+    >>> train_note("sample")
+    "the sample's 4,000 training digits (none of the held-out ones)"
+    """
+    if data_spec == "sample":
+        return "the sample's 4,000 training digits (none of the held-out ones)"
+    if data_spec == RANDOM_DATA:
+        return "random label-free images, by distillation from the dense model"
+    return "the folder's own images, so the metrics after each epoch are measured on images it trains on"
+
+
+def recovered(ws: Workspace, plan: pc.Plan) -> Recovery | None:
+    """The finished fine-tuning of `plan` with the Recover page's current settings, from any session; else None.
+
+    What Validate and Export show beside the one-shot model: the same key as the Recover page's
+    Run would give, so a fine-tuning with other settings (or of another plan) is not this one.
+    """
+    key = _keyed(_finetune_job(ws, plan), FINETUNE_CACHE)
+    return _recovery(key, job_status(key))
+
+
+def _recovery(key: str, status: JobStatus | None) -> Recovery | None:
+    """The job's `Recovery` when it is done and its model file is there; None otherwise."""
+    if status is None or status.state != "done":
+        return None
+    with contextlib.suppress(UserError):
+        done = jobs.result(key, store_path())
+        if isinstance(done, Recovery) and done.model_file and Path(done.model_file).is_file():
+            return done
+    return None
+
+
+def finetune_panel(job: FinetuneJob, key: str, status: JobStatus | None) -> Recovery | None:
+    """The fine-tuning's result once done; until then its Run button, or its progress with Cancel or Resume and
+    the curve of the epochs so far (a fragment that reruns itself every second while the job runs, as `sweep_panel`)."""
+    done = _recovery(key, status)
+    if done is not None:
+        return done
+    every = 1.0 if status is not None and status.state in jobs.ACTIVE else None
+    st.fragment(_finetuning, run_every=every)(job, key, _phase(status))
+    return None
+
+
+def _finetuning(job: FinetuneJob, key: str, shown: tuple | None) -> None:
+    _panel(job, key, shown, FINETUNE_TEXT)
+    so_far = None
+    with contextlib.suppress(UserError):
+        so_far = jobs.history(key, store_path())
+    if so_far is not None:
+        st.plotly_chart(charts.recovery_figure(so_far), width="stretch", key="recover_live_chart")
 
 
 def jobs_table(current: str = "") -> pd.DataFrame:

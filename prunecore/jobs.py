@@ -1,4 +1,4 @@
-"""Sweeps and plan measurements as background jobs: one worker process per job, results beside the run store.
+"""Sweeps, plan measurements and fine-tunings as background jobs: a worker process per job, results by the store.
 
 A dashboard sweep must outlive the browser tab that asked for it, and two sessions asking for the
 same sweep must share it. So a sweep runs in a process of its own, not in a thread: Streamlit's
@@ -19,18 +19,24 @@ A `MeasureJob` applies one plan and measures it (`prunecore.measure.measure_plan
 BatchNorm re-estimation, size, latency); its key names the plan's kept units, so measuring the same
 plan again, from any session, reads the stored result (`result(key)`) instead of starting a worker.
 
+A `FinetuneJob` applies one plan, re-estimates BatchNorm and fine-tunes the pruned model
+(`prunecore.recover.finetune`) with a checkpoint in its folder, so a cancelled job submitted again
+continues from its last finished epoch. After every epoch it rewrites `history.json` (`history(key)`,
+a `Recovery`: what a page draws while it trains); at the end it writes the recovered model,
+`recovered.pt` (`prunecore.load_pruned` reads it), and `result.json` (`result(key)`).
+
 A job lives in `<store folder>/jobs/<key>/`: `job.json` (the job), `status.json` (what the worker
-reports, written atomically about once a second), `worker.log` (its output and tracebacks) and
-`result.json` (a measurement's result), and
-`lock`, which the worker holds (`flock`) until it has written its final status. A lock nobody holds
-means no worker, whatever `status.json` last said: a "running" job whose worker is gone (killed,
-crashed) reads as "died", and submitting it again resumes it. `submit` takes the lock itself and
-hands it to the worker it starts (an inherited file descriptor), so a second `submit` never starts
-a second worker.
+reports, written atomically about once a second), `worker.log` (its output and tracebacks),
+`result.json` (a measurement's or a fine-tuning's result; a fine-tuning also keeps `finetune.pt`,
+its checkpoint, `history.json` and `recovered.pt`) and `lock`, which the worker holds (`flock`)
+until it has written its final status. A lock nobody holds means no worker, whatever `status.json`
+last said: a "running" job whose worker is gone (killed, crashed) reads as "died", and submitting it
+again resumes it. `submit` takes the lock itself and hands it to the worker it starts (an inherited
+file descriptor), so a second `submit` never starts a second worker.
 
 Test hook: `PRUNECORE_JOBS_TEST_DELAY=<seconds>` in a worker's environment makes it wait that long
-after every batch (a measurement: every step), a cancel cutting the wait short, so tests can act while
-a job is mid-way.
+after every batch (a measurement: every step; a fine-tuning: every training batch), a cancel cutting the
+wait short, so tests can act while a job is mid-way.
 """
 
 from __future__ import annotations
@@ -51,15 +57,18 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from prunecore.errors import UserError
 from prunecore.files import write_atomic
 
+if TYPE_CHECKING:
+    from prunecore.recover import EpochRecord
+
 # torch and the engine are imported inside the worker, after it has set up its SIGTERM handler
 
-__all__ = ["DELAY_ENV", "Job", "JobError", "JobStatus", "MeasureJob", "STATES", "SweepJob", "cancel", "job_key",
-           "list_jobs", "main", "read_job", "result", "status", "submit"]  # fmt: skip
+__all__ = ["DELAY_ENV", "FinetuneJob", "Job", "JobError", "JobStatus", "MeasureJob", "Recovery", "STATES", "SweepJob",
+           "cancel", "history", "job_key", "list_jobs", "main", "read_job", "result", "status", "submit"]  # fmt: skip
 
 STATES = ("starting", "running", "done", "failed", "cancelled", "died")
 """What `JobStatus.state` can be; "died" is never written, it is read from a running job without a worker."""
@@ -144,12 +153,7 @@ class MeasureJob:
     kind = "measure"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "store", str(Path(self.store).expanduser().resolve()))
-        if self.weights is not None:
-            object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
-        object.__setattr__(self, "metrics", (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics))
-        if self.input_shape is not None:
-            object.__setattr__(self, "input_shape", tuple(int(n) for n in self.input_shape))
+        _normalise(self)
 
     def to_json(self) -> str:
         return _to_json(self)
@@ -159,8 +163,111 @@ class MeasureJob:
         return _from_json(cls, text)
 
 
-Job = SweepJob | MeasureJob
-_KINDS: dict[str, type] = {"sweep": SweepJob, "measure": MeasureJob}
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tuning of a plan's pruned model as plain values: the dense model, the data, the plan, the recipe.
+
+    The worker applies `plan` to the dense model, re-estimates BatchNorm on `bn_recalibration`
+    calibration batches (the one-shot model `measure_plan` measures), then trains it with
+    `prunecore.recover.finetune`: on `train` data (None: the training split of `data`), `distill`
+    0 on labels only, above 0 also from the dense model as teacher. Held-out metrics (`metrics`
+    empty: accuracy and loss, or kl and agreement without labels) come from `data` after every
+    epoch. The key digests the plan as a `MeasureJob`'s does: what it prunes, not when it was made.
+    """
+
+    model: str  # a model spec, as `load_model` takes it
+    data: str  # held-out data, as `load_data` takes it: the metrics after each epoch, BatchNorm's calibration
+    store: str  # the run store file: the job lives in its jobs folder
+    plan: str  # the plan's JSON
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    limit: int | None = None  # only the first N held-out (and calibration) images
+    train: str | None = None  # training data, as `load_train` takes it; None: `data`
+    train_limit: int | None = None  # only the first N training images
+    epochs: int = 1
+    lr: float = 0.01
+    distill: float = 0.0  # the distillation weight; 0: no teacher, labels only
+    temperature: float = 4.0
+    bn_recalibration: int = 0
+    metrics: tuple[str, ...] = ()
+
+    kind = "finetune"
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        object.__setattr__(self, "epochs", int(self.epochs))
+        for name in ("lr", "distill", "temperature"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def to_json(self) -> str:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> FinetuneJob:
+        return _from_json(cls, text)
+
+
+Job = SweepJob | MeasureJob | FinetuneJob
+_KINDS: dict[str, type] = {"sweep": SweepJob, "measure": MeasureJob, "finetune": FinetuneJob}
+RECOVERY_FORMAT = "prunecore.recovery/1"
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A fine-tuning job's record: the dense and the one-shot metrics, then one `EpochRecord` per finished epoch.
+
+    `before` is the pruned model before training (BatchNorm re-estimated), so the first point of
+    a curve is what one-shot pruning gave. `history(key)` reads it while the job trains, `result(key)`
+    once it is done; only then is `model_file` set, the recovered model `load_pruned` reads.
+    """
+
+    before: Mapping[str, float]
+    dense: Mapping[str, float]
+    history: tuple[EpochRecord, ...] = ()
+    epochs: int = 0  # the epochs asked for
+    data: str = ""  # what the metrics are measured on (`EvalData.description`)
+    train: str = ""  # what it trains on (`TrainData.description`)
+    model_file: str | None = None
+
+    @property
+    def metrics(self) -> Mapping[str, float]:
+        """The held-out metrics now: the last finished epoch's, else the one-shot model's."""
+        return self.history[-1].metrics if self.history else self.before
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe plain values, tagged with `RECOVERY_FORMAT` (not `model_file`: the job's folder says it)."""
+        records = [{**dataclasses.asdict(e), "metrics": dict(e.metrics)} for e in self.history]
+        return {"format": RECOVERY_FORMAT, "before": dict(self.before), "dense": dict(self.dense), "history": records,
+                "epochs": self.epochs, "data": self.data, "train": self.train}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Any, model_file: str | None = None) -> Recovery:
+        """Inverse of `to_dict`; `JobError` for anything else."""
+        if not isinstance(data, Mapping) or data.get("format") != RECOVERY_FORMAT:
+            raise JobError(f"not a fine-tuning record of format {RECOVERY_FORMAT!r}")
+        try:
+            fields = {k: v for k, v in data.items() if k != "format"}
+            history = _records(fields.pop("history"))
+            return cls(**fields, history=history, model_file=model_file)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JobError(f"malformed fine-tuning record: {type(exc).__name__}: {exc}") from None
+
+
+def _records(items: Sequence[Mapping[str, Any]]) -> tuple[EpochRecord, ...]:
+    """Epoch records from their plain dicts (a checkpoint's history, or a `Recovery` read back from JSON)."""
+    from prunecore.recover import EpochRecord
+
+    return tuple(EpochRecord(**{**e, "metrics": dict(e["metrics"])}) for e in items)
+
+
+def _normalise(job: MeasureJob | FinetuneJob) -> None:
+    """Absolute paths and tuples in a job's fields, so a job equals itself read back from JSON."""
+    object.__setattr__(job, "store", str(Path(job.store).expanduser().resolve()))
+    if job.weights is not None:
+        object.__setattr__(job, "weights", str(Path(job.weights).expanduser().resolve()))
+    object.__setattr__(job, "metrics", (job.metrics,) if isinstance(job.metrics, str) else tuple(job.metrics))
+    if job.input_shape is not None:
+        object.__setattr__(job, "input_shape", tuple(int(n) for n in job.input_shape))
 
 
 def _to_json(job: Job) -> str:
@@ -193,18 +300,19 @@ class JobStatus:
     updated: str | None = None  # ISO 8601 UTC: the last write
     eta_s: float | None = None  # seconds left, from the rate so far; None until known
     error: str | None = None  # one line, when failed
-    unit: str = "batches"  # what done and total count: batches, steps (a measurement), plans (calibration)
+    unit: str = "batches"  # what done and total count: batches, steps (a measurement), plans (calibration), epochs
 
 
 def job_key(job: Job) -> str:
     """16 hex digits naming the job: a SHA-256 of its JSON, with the weights file's content instead of its path.
 
-    A measurement's plan counts by what it prunes (`_plan_identity`); sweeps keep their old keys.
+    A measurement's or a fine-tuning's plan counts by what it prunes (`_plan_identity`); sweeps keep their old
+    keys.
     """
     fields = dataclasses.asdict(job)
     if job.weights is not None:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
-    if isinstance(job, MeasureJob):
+    if isinstance(job, (MeasureJob, FinetuneJob)):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
     elif not job.calibrate:
         del fields["calibrate"]  # sweeps keep the keys they had before calibration existed
@@ -253,7 +361,8 @@ def status(key: str, store: str | Path | None = None) -> JobStatus:
 
 
 def list_jobs(store: str | Path | None = None, kind: str | None = None) -> list[JobStatus]:
-    """The statuses of the store's jobs (of one `kind`: "sweep", "measure"), most recently updated first."""
+    """The statuses of the store's jobs (of one `kind`: "sweep", "measure", "finetune"), most recently updated
+    first."""
     path, jobs = str(_store_path(store)), _jobs_folder(store)
     found = []
     for folder in sorted(jobs.iterdir()) if jobs.is_dir() else []:
@@ -282,16 +391,32 @@ def _parse_job(text: str) -> Job:
 
 
 def result(key: str, store: str | Path | None = None) -> Any:
-    """A finished measurement's `PlanMeasurement`; None while it has none (not done, or not a measurement)."""
+    """A finished measurement's `PlanMeasurement`, or a finished fine-tuning's `Recovery` (its `model_file` set);
+    None while it has none (not done, or a sweep)."""
     from prunecore.measure import MeasureError, PlanMeasurement
 
-    path = _jobs_folder(store) / key / "result.json"
+    folder = _jobs_folder(store) / key
     try:
-        return PlanMeasurement.from_dict(json.loads(path.read_text()))
+        data = json.loads((folder / "result.json").read_text())
+        if isinstance(data, dict) and data.get("format") == RECOVERY_FORMAT:
+            return Recovery.from_dict(data, model_file=str(folder / "recovered.pt"))
+        return PlanMeasurement.from_dict(data)
     except FileNotFoundError:
         return None
-    except (ValueError, MeasureError) as exc:
+    except (ValueError, MeasureError) as exc:  # JobError is a ValueError too
         raise JobError(f"job {key!r}: result.json cannot be read ({exc}); submit the job again") from None
+
+
+def history(key: str, store: str | Path | None = None) -> Recovery | None:
+    """A fine-tuning job's epochs so far (`model_file` unset); None before its worker has evaluated the one-shot
+    model, or for another kind of job."""
+    path = _jobs_folder(store) / key / "history.json"
+    try:
+        return Recovery.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise JobError(f"job {key!r}: history.json cannot be read ({exc}); submit the job again") from None
 
 
 def cancel(key: str, store: str | Path | None = None) -> bool:
@@ -383,13 +508,15 @@ def _held(path: Path) -> bool:
 
 
 def _finished(folder: Path, job: Job) -> bool:
-    """Whether the job's last worker finished: its run complete in the store, or its measurement written."""
+    """Whether the job's last worker finished: its run complete in the store, or its result (and model) written."""
     try:
         last = json.loads((folder / "status.json").read_text())
     except (OSError, ValueError):
         return False
     if isinstance(job, MeasureJob):
         return last.get("state") == "done" and (folder / "result.json").is_file()
+    if isinstance(job, FinetuneJob):
+        return last.get("state") == "done" and all((folder / f).is_file() for f in ("result.json", "recovered.pt"))
     if last.get("state") != "done" or not last.get("run_id"):
         return False
     from prunecore.store import RunStore, StoreError
@@ -425,7 +552,7 @@ class _Worker:
         self.folder = folder
         self.fields = dataclasses.asdict(JobStatus(folder.name, "running", pid=os.getpid(), started=_now()))
         self.written = 0.0
-        self.first: tuple[float, int] | None = None  # (time, done) at the first batch: the origin of the rate
+        self.first: tuple[float, float] | None = None  # (time, done) at the first batch: the origin of the rate
         self.stopping = False
         self.delay = float(os.environ.get(DELAY_ENV) or 0)
 
@@ -450,17 +577,24 @@ class _Worker:
         self.write(force=True, run_id=run_id)
 
     def progress(self, done: int, total: int) -> None:
-        end = time.monotonic() + self.delay  # the test hook
+        self.pause()
+        self.write(done=done, total=total, eta_s=self.eta(done, total))
+
+    def pause(self) -> None:
+        """After a batch: wait the test hook's delay (a cancel cuts it short), then stop if cancelled."""
+        end = time.monotonic() + self.delay
         while not self.stopping and time.monotonic() < end:
             time.sleep(0.05)
         self.check()
+
+    def eta(self, done: float, total: float) -> float | None:
+        """Seconds left at the rate since the first call; None until two calls apart in `done`."""
         now = time.monotonic()
         if self.first is None:
             self.first = (now, done)
-        eta = None
         if total and done > self.first[1]:
-            eta = round((total - done) * (now - self.first[0]) / (done - self.first[1]), 1)
-        self.write(done=done, total=total, eta_s=eta)
+            return round((total - done) * (now - self.first[0]) / (done - self.first[1]), 1)
+        return None
 
     def on_group(self, name: str) -> None:
         self.check()
@@ -559,6 +693,79 @@ def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
     write_atomic(folder / "result.json", json.dumps(measured.to_dict()), what="measurement")
 
 
+def _one_shot(job: FinetuneJob, plan: Any, worker: _Worker) -> tuple[Any, Any, Any, Any]:
+    """The dense model, the plan applied to it with BatchNorm re-estimated, the held-out and the training data."""
+    from prunecore.datasets import load_data, load_train
+    from prunecore.evaluate import recalibrate_bn_
+    from prunecore.graph import trace
+    from prunecore.models import load_model
+    from prunecore.surgery import apply_plan
+
+    dense = load_model(job.model, job.weights)
+    example = tuple(spec.example() for spec in plan.inputs)
+    shape = tuple(job.input_shape or example[0].shape)
+    data = load_data(job.data, input_shape=shape, limit=job.limit)
+    train = load_train(job.train or job.data, input_shape=shape, limit=job.train_limit)
+    worker.check()
+    worker.write(group="applying the plan")
+    graph = trace(dense, example)
+    plan.check(graph)
+    pruned = apply_plan(dense, plan, graph=graph)
+    if job.bn_recalibration:
+        worker.write(group="re-estimating BatchNorm")
+        recalibrate_bn_(pruned, data.calibration, batches=job.bn_recalibration)
+    worker.check()
+    return dense, pruned, data, train
+
+
+def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
+    """Fine-tune the one-shot model from the folder's checkpoint on; write each epoch, the model and the result.
+
+    `history.json` starts from the checkpoint's epochs (none on a first run) and gains each finished
+    epoch, so it always lists what a resumed run does not train again.
+    """
+    from prunecore.evaluate import evaluate, get_metric
+    from prunecore.models import save_pruned
+    from prunecore.plan import MeasuredOn, Plan
+    from prunecore.recover import finetune, read_checkpoint
+
+    plan = Plan.from_json(job.plan)
+    checkpoint = folder / "finetune.pt"
+    done = _records(read_checkpoint(checkpoint)["history"]) if checkpoint.exists() else ()
+    worker.write(force=True, unit="epochs", done=len(done), total=job.epochs, group="loading the model and the data")
+    dense, pruned, data, train = _one_shot(job, plan, worker)
+    names = list(job.metrics) or (["accuracy", "loss"] if data.labelled else ["kl", "agreement"])
+    reference = dense if any(get_metric(m).needs_reference for m in names) else None
+    worker.write(group="evaluating the one-shot and the dense model")
+    record = Recovery(evaluate(pruned, data.evaluation, names, reference=reference),
+                      evaluate(dense, data.evaluation, names, reference=reference), done, job.epochs,
+                      data.description, train.description)  # fmt: skip
+    write_atomic(folder / "history.json", json.dumps(record.to_dict()), what="fine-tuning history")
+
+    def training(finished: int) -> str:
+        return f"training epoch {finished + 1} of {job.epochs}" if finished < job.epochs else "saving the model"
+
+    def on_batch(epoch: int, batch: int, batches: int) -> None:
+        worker.pause()  # the test hook's delay, and where a cancel stops training
+        worker.write(eta_s=worker.eta((epoch - 1) * batches + batch, job.epochs * batches))
+
+    def on_epoch(finished: EpochRecord) -> None:
+        nonlocal record
+        record = dataclasses.replace(record, history=(*record.history, finished))
+        write_atomic(folder / "history.json", json.dumps(record.to_dict()), what="fine-tuning history")
+        worker.write(force=True, done=finished.epoch, group=training(finished.epoch))
+
+    worker.write(force=True, group=training(len(done)))
+    # accelerator=None: a worker is one process, whatever WORLD_SIZE it inherited from whoever started the app
+    result = finetune(pruned, train.loader, teacher=dense if job.distill > 0 else None, epochs=job.epochs, lr=job.lr,
+                      distill=job.distill, temperature=job.temperature, eval_data=data.evaluation, metrics=names,
+                      checkpoint=checkpoint, resume=True, progress=on_batch, on_epoch=on_epoch,
+                      accelerator=None)  # fmt: skip
+    tuned = dataclasses.replace(plan, measured=dict(record.metrics), measured_on=MeasuredOn(data.description, 0))
+    save_pruned(folder / "recovered.pt", result.model.cpu(), tuned, job.model)
+    write_atomic(folder / "result.json", json.dumps(record.to_dict()), what="fine-tuning result")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m prunecore.jobs FOLDER [--lock-fd N]`: run the job in FOLDER, as `submit` starts it."""
     parser = argparse.ArgumentParser(prog="python -m prunecore.jobs", description=main.__doc__)
@@ -582,10 +789,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             (folder / "result.json").unlink(missing_ok=True)
             _measure(job, folder, worker)
             run_id = None
+        elif isinstance(job, FinetuneJob):
+            for name in ("result.json", "recovered.pt"):
+                (folder / name).unlink(missing_ok=True)
+            _finetune(job, folder, worker)
+            run_id = None
         else:
             run_id = _sweep(job, worker)
         final, code = {"state": "done", "run_id": run_id, "group": None, "eta_s": 0.0}, 0
-    except _Cancelled:  # the groups finished so far are in the store
+    except _Cancelled:  # the groups finished so far are in the store; the epochs in the checkpoint
         final, code = {"state": "cancelled", "eta_s": None}, 0
     except UserError as exc:  # the job's own inputs: the message says what to change
         final, code = {"state": "failed", "eta_s": None, "error": _first_line(exc)}, 1

@@ -23,7 +23,8 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"data_limit": 64, "sweep_levels": [0.3, 0.6], "sweep_bn_batches": 0,  # seconds, not minutes
-        "live_measure_on": False, "sweep_calibrate": 0}  # measuring plans only where a test turns it on
+        "live_measure_on": False, "sweep_calibrate": 0,  # measuring plans only where a test turns it on
+        "recover_epochs": 1, "recover_train_limit": 256}  # fine-tuning: one short epoch
 WAIT_MS = 300_000  # the first visit loads and traces the model; a sweep job runs on a busy machine
 
 

@@ -1,8 +1,9 @@
 """End to end in a real browser: the app served by `streamlit run`, driven by headless Chromium.
 
 Runs the sweep (a background job) on the Sensitivity page and waits for its curves, goes to the
-Plan page, drags a per-group slider with the mouse, sees the predicted numbers change,
-downloads the plan JSON from the Export page and validates it with `Plan.from_json`. Needs
+Plan page, drags a per-group slider with the mouse, sees the predicted numbers change, measures
+the plan on Validate, fine-tunes it on Recover (a background job) until the recovered model can be
+downloaded, downloads the plan JSON from the Export page and validates it with `Plan.from_json`. Needs
 Debian's `chromium` (`.ci/run` installs it) and the `playwright` package; without them the test
 is skipped, unless PRUNECORE_REQUIRE_BROWSER=1 (set by CI) turns the skip into a failure.
 With PRUNECORE_SCREENSHOTS=DIR it also saves a screenshot of every page there, after the
@@ -85,6 +86,14 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     settle(page)
     _shoot(page, "4-validate")
 
+    go(page, "Recover")
+    recovered = page.get_by_role("button", name="Download the recovered model (.pt)")
+    click_until(page, "Fine-tune",  # a fine-tuning job: its live curve, then the recovered model
+                lambda: expect(page.get_by_role("button", name="Cancel").or_(recovered)).to_be_visible(timeout=60_000))
+    expect(recovered).to_be_visible()
+    settle(page)
+    _shoot(page, "5-recover")
+
     go(page, "Export")
     with page.expect_download() as download:
         page.get_by_role("button", name="Download the plan (JSON)").click()
@@ -93,7 +102,8 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     plan = pc.Plan.from_json(path.read_text())
     assert plan.model_name == "sample:resnet20"
     assert plan.groups["layer3.0.conv1"].sparsity > 0.8
-    _shoot(page, "5-export")
+    expect(page.get_by_role("button", name="Download the recovered model (.pt)")).to_be_visible()
+    _shoot(page, "6-export")
 
     uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
     bad = tmp_path / "broken.json"

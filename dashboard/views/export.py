@@ -1,4 +1,5 @@
-"""Export page: download the plan JSON and the pruned model; upload a plan to continue editing it."""
+"""Export page: download the plan JSON, the pruned model and, once the Recover page has fine-tuned this plan, the
+recovered model; upload a plan to continue editing it."""
 
 import tempfile
 from pathlib import Path
@@ -7,7 +8,7 @@ import jsonschema
 import streamlit as st
 
 import prunecore as pc
-from dashboard import state
+from dashboard import charts, state
 from prunecore.plan import json_schema
 
 JSON_PX = 400  # the plan JSON scrolls inside this height: a big model's plan is thousands of lines
@@ -48,6 +49,18 @@ else:
         right.download_button("Download the pruned model (.pt)", built[1], file_name="pruned.pt",
                               mime="application/octet-stream", key="download_pruned")  # fmt: skip
         right.caption("Rebuild it with `model, plan = prunecore.load_pruned('pruned.pt')`.")
+    recovery = state.recovered(ws, plan)
+    if recovery is not None:
+        name = charts.recovery_metric(recovery)
+        # the file is read when the button is clicked, not on every rerun
+        right.download_button("Download the recovered model (.pt)", Path(recovery.model_file).read_bytes,
+                              file_name="recovered.pt", mime="application/octet-stream",
+                              key="download_recovered_export")  # fmt: skip
+        right.caption(f"The pruned model is the plan applied, untrained; the recovered model is it fine-tuned for "
+                      f"{len(recovery.history)} epoch(s) on the Recover page ({name} "
+                      f"{charts.format_metric(name, recovery.before[name])} one-shot, "
+                      f"{charts.format_metric(name, recovery.metrics[name])} recovered, on {recovery.data}). "
+                      "Load it the same way: `prunecore.load_pruned('recovered.pt')`.")  # fmt: skip
     with st.expander(f"Plan JSON ({len(text):,} characters)"), st.container(height=JSON_PX, key="plan_json"):
         st.code(text, language="json")
 

@@ -3,14 +3,18 @@
 The measurement (`prunecore.measure.measure_plan`: apply, re-estimate BatchNorm, evaluate both
 models, count, time both in alternating rounds) runs in a worker process (`state.measure_panel`),
 so the page stays responsive and the job outlives the tab. Its result is stored by the plan's kept
-units: coming back to a plan measured before, from any session, shows it at once.
+units: coming back to a plan measured before, from any session, shows it at once. When the Recover
+page has fine-tuned this plan with its current settings, the recovered metrics show beside the one-shot ones.
 """
+
+import math
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
 from prunecore.cost import format_latency
+from prunecore.evaluate import get_metric
 
 state.page("Validate")
 plan = st.session_state.get(state.EDITED_PLAN)
@@ -40,5 +44,21 @@ c3.metric("CPU latency", format_latency(pruned_t), delta=speed.split(" (")[0].sp
 metrics = list(measured.metrics)
 rows = pd.DataFrame([{"metric": m, "dense": measured.dense.get(m), "predicted": plan.predicted.get(m),
                       "measured": measured.metrics.get(m)} for m in metrics])  # fmt: skip
+recovery = state.recovered(ws, plan)
+if recovery is not None:
+    name = charts.recovery_metric(recovery)
+    one_shot, after = measured.metrics.get(name, math.nan), recovery.metrics[name]
+    r1, r2, _ = st.columns(3)
+    r1.metric(f"One-shot {name}", charts.format_metric(name, one_shot),
+              help=f"Measured above: the plan applied, BatchNorm re-estimated on {bn} batches, no training.")
+    gap = after - one_shot
+    r2.metric(f"Recovered {name}", charts.format_metric(name, after),
+              delta=None if math.isnan(gap) else charts.format_delta(name, gap), delta_description="vs one-shot",
+              delta_color="normal" if get_metric(name).higher_is_better else "inverse",
+              help=f"Fine-tuned for {len(recovery.history)} epoch(s) on {recovery.train}, measured on "
+                   f"{recovery.data}.")  # fmt: skip
+    st.caption(f"Recovered: this plan fine-tuned on the Recover page ({len(recovery.history)} epoch(s)); download "
+               "the recovered model on the Export page.")  # fmt: skip
+    rows["recovered"] = [recovery.metrics.get(m) for m in metrics]
 st.plotly_chart(charts.predicted_vs_measured_figure(rows), width="stretch", key="validate_chart")
 st.dataframe(rows, hide_index=True, key="validate_table")
