@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import prunecore as pc
-from browser import FAST, click_until, drag_to_end, go, metric, new_page, serve, settle, skip_without_browser
+from browser import FAST, WAIT_MS, click_until, drag_to_end, go, metric, new_page, serve, settle, skip_without_browser
 
 skip_without_browser()
 
@@ -60,7 +60,7 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     click_until(page, "Run sweep",  # a worker process sweeps; the page follows it
                 lambda: expect(page.get_by_role("button", name="Cancel").or_(chart)).to_be_visible(timeout=60_000))
     expect(chart).to_be_visible()  # the page reruns when it is done
-    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0, timeout=WAIT_MS)  # calibration, when set
     settle(page)
     _shoot(page, "2-sensitivity")
 
