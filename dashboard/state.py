@@ -157,6 +157,15 @@ def _overrides() -> dict[str, Any]:
     return values
 
 
+def edited_plan() -> pc.Plan:
+    """The Plan page's current plan; without one, a line saying where to make it, and the page stops there."""
+    plan = st.session_state.get(EDITED_PLAN)
+    if plan is None:
+        st.info("Make a plan on the Plan page first.")
+        st.stop()
+    return plan
+
+
 def plan_key(plan: pc.Plan) -> tuple:
     """What identifies a plan's pruned model (its kept units), unlike its JSON, which has a timestamp."""
     return tuple(sorted((name, g.keep) for name, g in plan.groups.items()))

@@ -70,3 +70,17 @@ def run_sweep(at: AppTest) -> AppTest:
     done = wait_for_job(key)
     assert done.state == "done", f"{done}; worker.log:\n{worker_log(key)}"
     return at.run()
+
+
+def ok(at: AppTest) -> AppTest:
+    """`at`, after checking that its last run raised nothing."""
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def buttons(at: AppTest) -> list[str]:
+    return [b.key for b in at.button]
+
+
+def progress(at: AppTest) -> str:
+    return " ".join(p.proto.text for p in at.get("progress"))

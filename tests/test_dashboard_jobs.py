@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
 from dashboard import state
-from dashboard_sweeps import run_sweep, wait_for_job
+from dashboard_sweeps import buttons, ok, progress, run_sweep, wait_for_job
 from prunecore import jobs
 from prunecore.jobs import JobStatus
 
@@ -52,19 +52,6 @@ def app(page: str = "sensitivity", weights: bytes | None = None, **values) -> Ap
     at.session_state[state.WEIGHTS] = weights  # as the Model page's uploader leaves it
     at.switch_page(f"views/{page}.py")
     return ok(at.run())
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def buttons(at: AppTest) -> list[str]:
-    return [b.key for b in at.button]
-
-
-def progress(at: AppTest) -> str:
-    return " ".join(p.proto.text for p in at.get("progress"))
 
 
 def running(key: str) -> JobStatus:

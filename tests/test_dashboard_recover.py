@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
 from dashboard import charts, state
-from dashboard_sweeps import run_sweep, wait_for_job
+from dashboard_sweeps import buttons, ok, progress, run_sweep, wait_for_job
 from prunecore import jobs
 from prunecore.jobs import Recovery
 from prunecore.recover import EpochRecord
@@ -69,21 +69,8 @@ def recover(**values) -> AppTest:
     return ok(at.run())
 
 
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def buttons(at: AppTest) -> list[str]:
-    return [b.key for b in at.button]
-
-
 def downloads(at: AppTest) -> list[str]:
     return [b.label for b in at.get("download_button")]
-
-
-def progress(at: AppTest) -> str:
-    return " ".join(p.proto.text for p in at.get("progress"))
 
 
 def charts_shown(at: AppTest) -> list[str]:

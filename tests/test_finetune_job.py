@@ -8,18 +8,15 @@ model trains several times slower with two threads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import prunecore as pc
+from job_helpers import log, wait_for
 from prunecore import jobs
 from prunecore.datasets import load_data, load_train
 from prunecore.evaluate import recalibrate_bn_
@@ -27,26 +24,10 @@ from prunecore.jobs import FinetuneJob, Recovery
 from prunecore.recover import EpochRecord, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIMEOUT = 300  # seconds: a worker imports torch, loads and trains on a busy machine
 DELAY = "3"  # seconds per training batch in the cancel case: the window to cancel in, once epoch 1 is written
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A temporary run store; workers its jobs left running are killed afterwards."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path = tmp_path / "runs.sqlite"
-    yield path
-    for job in jobs.list_jobs(path):
-        if job.state in jobs.ACTIVE and job.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.pid, signal.SIGKILL)
 
-
-@pytest.fixture(scope="module")
-def resnet_plan():
-    model = pc.load_model("sample:resnet20")
-    return model, pc.make_plan(model, pc.trace(model, torch.randn(1, 1, 28, 28)), 0.3)
 
 
 def make_job(store: Path, plan: pc.Plan, **changes) -> FinetuneJob:
@@ -57,22 +38,6 @@ def make_job(store: Path, plan: pc.Plan, **changes) -> FinetuneJob:
 
 def folder(store: Path, key: str) -> Path:
     return store.parent / "jobs" / key
-
-
-def log(store: Path, key: str) -> str:
-    path = folder(store, key) / "worker.log"
-    return path.read_text() if path.exists() else ""
-
-
-def wait_for(store: Path, key: str, what: str, predicate):
-    """Poll until `predicate()` is truthy (and return it); on timeout, fail showing the worker's log."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; worker.log:\n{log(store, key)}")
 
 
 def ended(store: Path, key: str) -> jobs.JobStatus:

@@ -5,16 +5,15 @@ Mid-run cases slow the worker with the PRUNECORE_JOBS_TEST_DELAY hook (seconds p
 once the store holds the first group's point, while the second group's batch waits.
 """
 
-import contextlib
 import os
 import signal
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from job_helpers import log, wait_for
 from prunecore.datasets import DataSpecError, load_data
 from prunecore.jobs import DELAY_ENV, JobError, SweepJob, cancel, job_key, list_jobs, read_job, status, submit
 from prunecore.models import default_input_shape, load_model
@@ -23,40 +22,14 @@ from prunecore.store import RunStore
 
 GROUPS = ("stem.0", "layer1.0.conv1")  # the stem conv and the first block's inner conv: one batch each
 DELAY = "3"  # seconds per batch in the mid-run cases: the window to act in after the first group is stored
-TIMEOUT = 300  # seconds: a worker imports torch, loads and sweeps on a busy machine
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A temporary run store; workers its jobs left running are killed afterwards."""
-    path = tmp_path / "runs.sqlite"
-    yield path
-    for job in list_jobs(path):
-        if job.state in ("starting", "running") and job.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.pid, signal.SIGKILL)
 
 
 def make_job(store: Path, **changes) -> SweepJob:
     fields = {"model": "sample:resnet20", "data": "sample", "store": str(store), "levels": (0.5,), "limit": 16,
               "metrics": ("accuracy",), "groups": GROUPS}  # fmt: skip
     return SweepJob(**{**fields, **changes})
-
-
-def log(store: Path, key: str) -> str:
-    path = store.parent / "jobs" / key / "worker.log"
-    return path.read_text() if path.exists() else ""
-
-
-def wait_for(store: Path, key: str, what: str, predicate):
-    """Poll until `predicate()` is truthy (and return it); on timeout, fail showing the worker's log."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; worker.log:\n{log(store, key)}")
 
 
 def wait_state(store: Path, key: str, *states: str):

@@ -6,11 +6,8 @@ a 30 % plan of the sample resnet20 on 32 digits in a real worker process, the wa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import signal
 import time
 
 import pytest
@@ -19,12 +16,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import prunecore as pc
 import toy_models as toys
+from job_helpers import TIMEOUT
 from prunecore import cost, jobs
 from prunecore.datasets import EvalData, load_data
 from prunecore.measure import MeasureError, PlanMeasurement, default_metrics, measure_plan
 from prunecore.plan import PlanError
 
-TIMEOUT = 300  # seconds: a worker imports torch, loads and measures on a busy machine
 
 
 def _data(labelled: bool = True) -> EvalData:
@@ -109,20 +106,7 @@ def test_a_measurement_round_trips_through_json_and_bad_dicts_are_refused(toy, m
 
 
 # -- in a worker process -----------------------------------------------------------------------------------
-@pytest.fixture
-def store(tmp_path):
-    path = tmp_path / "runs.sqlite"
-    yield path
-    for job in jobs.list_jobs(path):
-        if job.state in jobs.ACTIVE and job.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.pid, signal.SIGKILL)
 
-
-@pytest.fixture(scope="module")
-def resnet_plan():
-    model = pc.load_model("sample:resnet20")
-    return model, pc.make_plan(model, pc.trace(model, torch.randn(1, 1, 28, 28)), 0.3)
 
 
 def _wait(key: str, store) -> jobs.JobStatus:

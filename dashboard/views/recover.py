@@ -15,10 +15,7 @@ from dashboard import charts, state
 from prunecore.evaluate import get_metric
 
 state.page("Recover")
-plan = st.session_state.get(state.EDITED_PLAN)
-if plan is None:
-    st.info("Make a plan on the Plan page first.")
-    st.stop()
+plan = state.edited_plan()
 ws = state.workspace()
 data = state.data(ws)
 c1, c2, c3, c4 = st.columns(4, vertical_alignment="bottom")

@@ -17,10 +17,7 @@ from prunecore.cost import format_latency
 from prunecore.evaluate import get_metric
 
 state.page("Validate")
-plan = st.session_state.get(state.EDITED_PLAN)
-if plan is None:
-    st.info("Make a plan on the Plan page first.")
-    st.stop()
+plan = state.edited_plan()
 ws = state.workspace()
 data = state.data(ws)
 bn = st.number_input("BatchNorm re-estimation batches (0: off)", 0, 200, 50, key="validate_bn", help=state.BN_HELP)
