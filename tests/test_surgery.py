@@ -1,5 +1,7 @@
 """apply_plan(): the pruned model computes what the masked one computes, and is an ordinary model."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,8 @@ import toy_models as toys
 from prunecore.graph import trace
 from prunecore.plan import Plan, PlanError
 from prunecore.prune import make_plan, prune
-from prunecore.surgery import apply_plan
+from prunecore.sensitivity import sweep
+from prunecore.surgery import apply_plan, kept_positions, sliced_tensors, swap_tensors_
 
 
 def setup(cls, sparsity=0.5):
@@ -65,6 +68,25 @@ def test_grouped_conv_keeps_group_width():
     conv = pruned.grouped[0]
     assert conv.groups == 2 and conv.in_channels == 4 and conv.out_channels == 6
     assert conv.weight.shape == (6, 2, 3, 3)
+
+
+def test_a_depthwise_conv_cut_to_one_channel_is_depthwise_again_when_its_weight_comes_back():
+    """The sweep swaps level after level into one working copy: a 1-channel depthwise conv has groups=1 like
+    an ordinary conv, and swapping the full weight back must restore groups, not keep 1."""
+    model, x, graph, _ = setup(toys.Depthwise)
+    name = next(g.name for g in graph.prunable if "dw.0" in [m.module for m in g.members])
+    work = copy.deepcopy(model)
+    before = {n: (m.in_channels, m.out_channels, m.groups) for n, m in work.named_modules() if isinstance(m, nn.Conv2d)}
+    one = make_plan(model, graph, {name: 0.95})  # keeps one unit of the 8
+    old = swap_tensors_(work, sliced_tensors(work, kept_positions(graph, one)))
+    assert (work.dw[0].groups, work.dw[0].in_channels, work.mult.groups) == (1, 1, 1)
+    swap_tensors_(work, old)
+    assert {n: (m.in_channels, m.out_channels, m.groups) for n, m in work.named_modules()
+            if isinstance(m, nn.Conv2d)} == before  # fmt: skip
+    torch.testing.assert_close(work(x), model(x), rtol=0, atol=0)
+    curves = sweep(model, [x], x, levels=[0.9, 0.1], metric="kl", progress=False, graph=graph, groups=[name])
+    alone = sweep(model, [x], x, levels=[0.1], metric="kl", progress=False, graph=graph, groups=[name])
+    assert curves[curves.sparsity == 0.1].kl.item() == pytest.approx(alone[alone.sparsity == 0.1].kl.item())
 
 
 def test_pruned_model_trains():

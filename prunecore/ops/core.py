@@ -18,15 +18,23 @@ _OUT_IN = (0, 1)  # both dims of a Linear-style (out, in) weight
 
 # -- attributes derived from the sliced tensors ------------------------------------------------------
 def fix_conv(m: nn.modules.conv._ConvNd) -> None:
+    """Channels and groups from the weight; whole conv groups are pruned, so each keeps its width.
+
+    The width of a group is remembered from the first fix (0: not grouped): a depthwise conv cut to
+    one channel has groups=1, like an ordinary conv, and swapping its full weight back (the sweep
+    measures level after level on one working copy) must make it depthwise again.
+    """
     w = m.weight  # conv: (out, in/groups, *k); transposed: (in, out/groups, *k)
+    sliced = m.in_channels if m.transposed else m.out_channels  # the dim whose groups are removed whole
+    width = m.__dict__.setdefault(_GROUP_WIDTH, sliced // m.groups if m.groups > 1 else 0)
+    m.groups = w.shape[0] // width if width else 1
     if m.transposed:
-        per_group = m.in_channels // m.groups
-        m.groups = w.shape[0] // per_group if m.groups > 1 else 1
         m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
     else:
-        per_group = m.out_channels // m.groups
-        m.groups = w.shape[0] // per_group if m.groups > 1 else 1
         m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+_GROUP_WIDTH = "_prunecore_group_width"  # channels per conv group before any pruning (0: groups=1)
 
 
 def fix_linear(m: nn.Linear) -> None:
