@@ -35,7 +35,7 @@ from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
 from prunecore.graph import trace
 from prunecore.plan import Budget, Plan, compose
-from prunecore.recover import EpochRecord, FinetuneError, finetune
+from prunecore.recover import EpochRecord, FinetuneError, finetune, resolve_device
 from prunecore.sensitivity import DEFAULT_LEVELS, sweep
 from prunecore.surgery import apply_plan
 
@@ -112,7 +112,7 @@ def prune_iteratively(
     targets = step_budgets(budget, steps)
     say = progress if callable(progress) else (print if progress else (lambda _line: None))
     bars = progress is True
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     # the teacher and the start: the caller's module only where that changes nothing of it
     dense = model if _device(model) == device and not model.training else copy.deepcopy(model).to(device).eval()
     example = example_inputs.to(device)

@@ -323,9 +323,17 @@ class _Accelerated(_Runner):
         return self.accelerator.reduce(value.to(self.device), reduction="sum").cpu()
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when present else the CPU; an `ArgumentError` for CUDA where there is none."""
+    local = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if local.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"device {str(device)!r}: no CUDA device is available here; use cpu")
+    return local
+
+
 def _runner(accelerator: Any, device: str | torch.device | None) -> _Runner:
     """Accelerate when asked, or when this process is one of several ("auto"); else one process on `device`."""
-    local = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    local = resolve_device(device)
     if accelerator == "auto":
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         if processes <= 1:

@@ -124,6 +124,9 @@ def test_an_existing_checkpoint_is_never_overwritten_and_resumes_only_under_its_
     wider = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(288, 4))
     with pytest.raises(FinetuneError, match="holds another model's weights"):
         finetune(wider, digits(), epochs=2, device="cpu", checkpoint=path, resume=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(pc.UserError, match="device 'cuda': no CUDA device is available here"):
+            finetune(net(), digits(), device="cuda")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(saved[: len(saved) // 2])
     with pytest.raises(FinetuneError, match="bad.pt' cannot be read"):
