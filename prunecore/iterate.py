@@ -35,7 +35,7 @@ from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
 from prunecore.graph import trace
 from prunecore.plan import Budget, Plan, compose
-from prunecore.recover import EpochRecord, FinetuneError, finetune, resolve_device
+from prunecore.recover import EpochRecord, FinetuneError, default_metrics, finetune, resolve_device
 from prunecore.sensitivity import DEFAULT_LEVELS, sweep
 from prunecore.surgery import apply_plan
 
@@ -116,7 +116,7 @@ def prune_iteratively(
     # the teacher and the start: the caller's module only where that changes nothing of it
     dense = model if _device(model) == device and not model.training else copy.deepcopy(model).to(device).eval()
     example = example_inputs.to(device)
-    names = list(metrics) if metrics else _default_metrics(data)
+    names = list(metrics) if metrics else default_metrics(data)
     reference = dense if any(get_metric(m).needs_reference for m in names) else None
     calibration = data if calibration is None else calibration
     kind = budget.kind
@@ -165,13 +165,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def _default_metrics(data: Iterable[Any]) -> list[str]:
-    from prunecore.evaluate import split_batch
-
-    _, targets = split_batch(next(iter(data)))
-    return ["accuracy", "loss"] if targets is not None else ["kl", "agreement"]
-
-
 def _cost(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     c = count(model, example)
     return {"flops": c.flops, "params": c.params}
@@ -207,5 +200,6 @@ def _resume(dense: nn.Module, example: torch.Tensor, work: Path) -> tuple[nn.Mod
         raise FinetuneError(f"step file {str(last)!r} cannot be read: {type(exc).__name__}: {exc}") from None
     model = apply_plan(dense, plan, graph=trace(dense, example))  # the composed plan rebuilds the architecture
     model.load_state_dict(payload["state_dict"], strict=True)
-    records = [StepRecord(**{**r, "epochs": tuple(EpochRecord(**e) for e in r["epochs"])}) for r in payload["records"]]
+    records = [StepRecord(**{**r, "epochs": tuple(map(EpochRecord.from_dict, r["epochs"]))})
+               for r in payload["records"]]  # fmt: skip
     return model.to(_device(dense)), plan, records

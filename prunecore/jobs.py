@@ -236,7 +236,7 @@ class Recovery:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe plain values, tagged with `RECOVERY_FORMAT` (not `model_file`: the job's folder says it)."""
-        records = [{**dataclasses.asdict(e), "metrics": dict(e.metrics)} for e in self.history]
+        records = [e.to_dict() for e in self.history]
         return {"format": RECOVERY_FORMAT, "before": dict(self.before), "dense": dict(self.dense), "history": records,
                 "epochs": self.epochs, "data": self.data, "train": self.train}  # fmt: skip
 
@@ -257,7 +257,7 @@ def _records(items: Sequence[Mapping[str, Any]]) -> tuple[EpochRecord, ...]:
     """Epoch records from their plain dicts (a checkpoint's history, or a `Recovery` read back from JSON)."""
     from prunecore.recover import EpochRecord
 
-    return tuple(EpochRecord(**{**e, "metrics": dict(e["metrics"])}) for e in items)
+    return tuple(EpochRecord.from_dict(e) for e in items)
 
 
 def _normalise(job: MeasureJob | FinetuneJob) -> None:
@@ -725,6 +725,7 @@ def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
     epoch, so it always lists what a resumed run does not train again.
     """
     from prunecore.evaluate import evaluate, get_metric
+    from prunecore.measure import default_metrics
     from prunecore.models import save_pruned
     from prunecore.plan import MeasuredOn, Plan
     from prunecore.recover import finetune, read_checkpoint
@@ -734,7 +735,7 @@ def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
     done = _records(read_checkpoint(checkpoint)["history"]) if checkpoint.exists() else ()
     worker.write(force=True, unit="epochs", done=len(done), total=job.epochs, group="loading the model and the data")
     dense, pruned, data, train = _one_shot(job, plan, worker)
-    names = list(job.metrics) or (["accuracy", "loss"] if data.labelled else ["kl", "agreement"])
+    names = list(job.metrics) or default_metrics(None, data)
     reference = dense if any(get_metric(m).needs_reference for m in names) else None
     worker.write(group="evaluating the one-shot and the dense model")
     record = Recovery(evaluate(pruned, data.evaluation, names, reference=reference),

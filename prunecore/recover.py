@@ -38,8 +38,8 @@ from prunecore.evaluate import evaluate, get_metric, split_batch
 from prunecore.files import write_atomic
 
 __all__ = [
-    "FORMAT", "EpochRecord", "FinetuneConfig", "FinetuneError", "FinetuneResult", "distillation_loss",
-    "finetune", "read_checkpoint",
+    "FORMAT", "EpochRecord", "FinetuneConfig", "FinetuneError", "FinetuneResult", "default_metrics",
+    "distillation_loss", "finetune", "read_checkpoint", "resolve_device",
 ]  # fmt: skip
 
 FORMAT = "prunecore.finetune/1"
@@ -88,6 +88,14 @@ class EpochRecord:
     lr: float
     seconds: float
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (what checkpoints, job records and step files hold)."""
+        return {**dataclasses.asdict(self), "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpochRecord:
+        return cls(**{**data, "metrics": dict(data["metrics"])})
 
 
 @dataclass
@@ -268,12 +276,15 @@ def _loss(logits: torch.Tensor, teacher: nn.Module | None, inputs: torch.Tensor,
     return sum(parts)  # type: ignore[return-value]
 
 
+def default_metrics(data: Iterable[Any]) -> list[str]:
+    """Accuracy and loss when the data's first batch has labels, else the label-free kl and agreement."""
+    _, targets = split_batch(next(iter(data)))
+    return ["accuracy", "loss"] if targets is not None else ["kl", "agreement"]
+
+
 def _scores(student: nn.Module, teacher: nn.Module | None, data: Iterable[Any],
             metrics: Sequence[str] | None) -> dict[str, float]:  # fmt: skip
-    names = list(metrics) if metrics else None
-    if names is None:
-        _, targets = split_batch(next(iter(data)))
-        names = ["accuracy", "loss"] if targets is not None else ["kl", "agreement"]
+    names = list(metrics) if metrics else default_metrics(data)
     if teacher is None and any(get_metric(m).needs_reference for m in names):
         raise ArgumentError(f"metric(s) {', '.join(names)} compare with the dense model: pass teacher=")
     reference = teacher if any(get_metric(m).needs_reference for m in names) else None
@@ -393,7 +404,7 @@ def _save(path: Path, config: FinetuneConfig, model: nn.Module, optimizer: torch
     payload = {
         "format": FORMAT, "config": dataclasses.asdict(config), "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-        "history": [{**dataclasses.asdict(e), "metrics": dict(e.metrics)} for e in history],
+        "history": [e.to_dict() for e in history],
     }  # fmt: skip
     write_atomic(path, lambda f: torch.save(payload, f), "checkpoint")
 
@@ -414,4 +425,4 @@ def _restore(path: Path, config: FinetuneConfig, model: nn.Module, optimizer: to
                             f"{str(exc).splitlines()[0]}") from None  # fmt: skip
     optimizer.load_state_dict(payload["optimizer"])
     schedule.load_state_dict(payload["schedule"])
-    return [EpochRecord(**{**e, "metrics": dict(e["metrics"])}) for e in payload["history"]]
+    return [EpochRecord.from_dict(e) for e in payload["history"]]
