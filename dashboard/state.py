@@ -44,7 +44,7 @@ from prunecore.importance import get_criterion
 from prunecore.jobs import FinetuneJob, Job, JobStatus, MeasureJob, Recovery, SweepJob
 from prunecore.measure import PlanMeasurement
 from prunecore.predict import Predictor
-from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, load_model
+from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, example_input, load_model
 from prunecore.sensitivity import DENSE, sweep_run_id
 from prunecore.store import StoreError, default_store_path
 
@@ -245,7 +245,7 @@ def _workspace(spec: str, weights_digest: str, _weights: bytes | None, shape: tu
     shape = shape or default_input_shape(spec)
     if shape is None:
         raise ModelSpecError(f"give an input shape: prunecore cannot know what input {spec} expects")
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    example = example_input(spec, tuple(shape))  # seeded noise, or token ids for a language model
     graph = pc.trace(model, example)
     shares = cost_model(model, example, graph).flop_shares()
     return Workspace(spec, model, example, graph, pc.count(model, example), shares)
@@ -270,7 +270,14 @@ def workspace() -> Workspace:
 def data_problem(data_spec: str, shape: tuple[int, ...]) -> str | None:
     """Why the chosen data cannot feed a model input of `shape`, with what to choose instead; None if it can."""
     dims = "x".join(map(str, shape))
-    if data_spec == "sample" and tuple(shape[-3:]) != (1, 28, 28):
+    tokens = len(shape) == 2  # (batch, tokens): a language model
+    if tokens and not (data_spec == "sample" or data_spec.startswith("text:")):
+        return (f"This model takes token ids ({dims}: batch x tokens), not images. Choose the sample text or a "
+                "text file (.txt or .jsonl).")  # fmt: skip
+    if data_spec.startswith("text:") and not tokens:
+        return (f"Text feeds language models, whose input is batch x tokens, but this model takes {dims}. Choose "
+                "the sample digits, an image folder or random label-free data.")  # fmt: skip
+    if data_spec == "sample" and not tokens and tuple(shape[-3:]) != (1, 28, 28):
         return (f"The sample digits are 1x28x28 images, but this model takes {dims}, so they cannot feed it. "
                 "Choose an image folder (your own images, resized and cropped to the model's input) or random "
                 "label-free data (KL and agreement with the dense model; no accuracy).")  # fmt: skip
@@ -281,8 +288,8 @@ def data_problem(data_spec: str, shape: tuple[int, ...]) -> str | None:
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the data ...")
-def _data(spec: str, shape: tuple[int, ...], limit: int | None) -> EvalData:
-    return load_data(spec, input_shape=shape, limit=limit)
+def _data(spec: str, shape: tuple[int, ...], limit: int | None, model: str) -> EvalData:
+    return load_data(spec, input_shape=shape, limit=limit, model=model)
 
 
 def data(ws: Workspace) -> EvalData:
@@ -294,7 +301,7 @@ def data(ws: Workspace) -> EvalData:
         st.stop()
     limit = st.session_state.get(DATA_LIMIT) or None
     with user_errors():
-        loaded = _data(spec, shape, limit)
+        loaded = _data(spec, shape, limit, st.session_state[MODEL_SPEC])  # the model names its tokenizer
     return loaded
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from prunecore.errors import ModelRunError, UserError
     from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
     from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
+    from prunecore.hf import HFError, save_pretrained
     from prunecore.importance import list_criteria, register_criterion, score
     from prunecore.models import (
         PRUNED_FORMAT, ModelSpec, ModelSpecError, canonical_spec, load_model, load_pruned, parse_spec, save_pruned,
@@ -62,6 +63,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("errors", n) for n in ("ModelRunError", "UserError")},
     **{n: ("evaluate", n) for n in ("evaluate", "evaluate_plan", "list_metrics", "recalibrate_bn_")},
     **{n: ("graph", n) for n in ("ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace")},
+    **{n: ("hf", n) for n in ("HFError", "save_pretrained")},
     **{n: ("importance", n) for n in ("list_criteria", "register_criterion", "score")},
     **{n: ("models", n) for n in ("PRUNED_FORMAT", "ModelSpec", "ModelSpecError", "canonical_spec", "load_model",
                                   "load_pruned", "parse_spec", "save_pruned")},
@@ -117,6 +119,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DENSE",
+    "HFError",
     "SCHEMA",
     "Allocation",
     "AllocationError",
@@ -179,6 +182,7 @@ __all__ = [
     "prune",
     "prune_iteratively",
     "recalibrate_bn_",
+    "save_pretrained",
     "save_pruned",
     "register_criterion",
     "register_flops",

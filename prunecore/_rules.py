@@ -517,6 +517,10 @@ def getitem(c: Call) -> Label:
 def cat(c: Call, stack: bool = False) -> Label:
     """cat/stack: offsets along the joined dim; every other dim must keep the same channels."""
     tensors, labs = c.args[0], c.labels[0]
+    if not stack:  # cat skips 1-D empty tensors whatever the others' rank (HF caches start as one)
+        kept = [(t, lab) for t, lab in zip(tensors, labs) if not (t.dim() == 1 and t.numel() == 0)]
+        if kept and len(kept) < len(tensors):
+            tensors, labs = [t for t, _ in kept], [lab for _, lab in kept]
     nd = tensors[0].dim()
     dim = c.arg(1, "dim", 0)
     dim = norm_dim(dim, nd + 1 if stack else nd)
@@ -558,7 +562,7 @@ def chunk(c: Call) -> Label:
         if name == "split" and "split_size" in c.kwargs:
             size = c.kwargs["split_size"]
         equal = len({p.shape[dim] for p in pieces}) == 1
-        computed = name == "chunk" or isinstance(size, SizeInt)
+        computed = name == "chunk" or isinstance(size, SizeInt) or owns_shapes(c)  # sizes `fix` re-derives
         if equal and computed:
             for p in parts[1:]:
                 c.st.unify(parts[0], p, f"is split into equal pieces by {c.where} next to fixed channels")
@@ -675,26 +679,49 @@ def scaled_dot_product_attention(c: Call) -> Label:
     """F.scaled_dot_product_attention on (B, heads, tokens, head_dim): whole heads, never the head dim.
 
     Positions along the head dim are tied within each head, so only whole heads can go: the
-    default scale 1/sqrt(head_dim) stays what it was.
+    default scale 1/sqrt(head_dim) stays what it was. Query head h, key head h and value head h
+    go together (the attention weights of head h mix the values of head h); with grouped-query
+    attention (`enable_gqa`, Hq = g * Hkv) query heads h*g .. h*g+g-1 go with key/value head h,
+    a whole KV group. A float mask that differs per head (T5's and Swin's relative position
+    bias) loses the removed heads' rows with them.
     """
     roles = ("query", "key", "value")
     q, k, v = (c.arg(i, n) for i, n in enumerate(roles))
     lq, lk, lv = (c.labels[i] if i < len(c.labels) else c.klabels.get(n) for i, n in enumerate(roles))
     mask = c.arg(3, "attn_mask")
+    lmask = c.labels[3] if len(c.labels) > 3 else c.klabels.get("attn_mask")
     if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)) or None in (lq, lk, lv):
         return unsupported(c)
-    if isinstance(mask, torch.Tensor) and varying_dims(c.labels[3] if len(c.labels) > 3 else c.klabels["attn_mask"]):
+    hq, hkv = q.shape[1], k.shape[1]
+    if v.shape[1] != hkv or hq % hkv or (hq != hkv and not c.arg(7, "enable_gqa", False)):
         return unsupported(c)
-    whole = []
+    heads = []  # (labels compressed, constant along the head dim) of q, k, v
     for t, lab in ((q, lq), (k, lk), (v, lv)):
-        full = expand_full(lab, t.shape)
-        c.st.unify(full, full.narrow(-1, 0, 1).expand_as(full), f"is one head in {c.where} beside fixed channels")
-        whole.append(full)
-    scores = torch.empty(q.shape[:-1] + (k.shape[-2],), device="meta")
-    ls = contract(c, ["bhnd", "bhmd"], "bhnm", [q, k], whole[:2])
-    if 3 in varying_dims(ls) or 2 in varying_dims(ls):
-        c.st.block(ls, f"is attended over by {c.where}")
-    return contract(c, ["bhnm", "bhme"], "bhne", [scores, v], [ls, whole[2]])
+        lab = lab.reshape((1,) * (4 - lab.dim()) + tuple(lab.shape))
+        if lab.shape[-1] > 1:
+            full = expand_full(lab, lab.shape)
+            c.st.unify(full, full.narrow(-1, 0, 1).expand_as(full), f"is one head in {c.where} beside fixed channels")
+            lab = lab.narrow(-1, 0, 1)
+        if 2 in varying_dims(lab):
+            c.st.block(lab, f"is attended over by {c.where}")
+        heads.append(lab)
+    group = hq // hkv
+    if group > 1:  # each key/value head serves `group` consecutive query heads
+        heads[1:] = [h.repeat_interleave(group, dim=1) if h.shape[1] > 1 else h for h in heads[1:]]
+    # every head's q, k, v (and its mask rows) meet elementwise along (B, H): one unit per head
+    shape = (max(q.shape[0], k.shape[0]), hq, 1, 1)
+    operands = [(h.narrow(2, 0, 1), (h.shape[0], h.shape[1], 1, 1)) for h in heads]
+    if isinstance(mask, torch.Tensor) and lmask is not None:
+        lmask = lmask.reshape((1,) * (4 - lmask.dim()) + tuple(lmask.shape))
+        if varying_dims(lmask) - {1}:
+            return unsupported(c)  # a mask computed from channels along the tokens: nothing to follow
+        if mask.dim() == 4 and mask.shape[1] == hq:
+            operands.append((lmask.narrow(2, 0, 1).narrow(3, 0, 1), (mask.shape[0], hq, 1, 1)))
+        elif varying_dims(lmask):
+            return unsupported(c)
+    per_head = broadcast(c, operands, shape)  # (B|1, H, 1, 1)
+    out_shape = q.shape[:-1] + (v.shape[-1],)
+    return per_head.expand(per_head.shape[0], hq, 1, 1) if len(out_shape) == 4 else unsupported(c)
 
 
 def normalize(c: Call) -> Label:
@@ -784,6 +811,25 @@ def layer_norm(c: Call) -> Label:
         if getattr(m, tensor, None) is not None:
             c.st.record((name, tensor, wdim), ids)
     c.st.norm_dims[name] = d - nd
+    return lab
+
+
+def rms_norm(c: Call) -> Label:
+    """RMSNorm over the last dim (torch's `nn.RMSNorm`, Llama's, Qwen2's, T5's): a weight per channel.
+
+    Like LayerNorm, removing channels makes the root mean square run over the kept ones only,
+    which `apply_plan(mode="mask")` reproduces with a masked norm.
+    """
+    m, name = c.module, c.name
+    x, lab = c.args[0], c.labels[0]
+    weight = getattr(m, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        return unsupported(c)
+    if x.dim() - 1 not in varying_dims(lab):
+        return lab
+    ids = c.st.channel_vector(lab, x.dim() - 1, x.shape[-1], c.where)
+    c.st.record((name, "weight", 0), ids)
+    c.st.norm_dims[name] = -1
     return lab
 
 

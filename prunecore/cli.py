@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="sensitivity curves: prune each group alone at rising sparsity")
     _model_args(sweep)
     sweep.add_argument("--data", required=True,
-                       help="'sample', imagefolder:PATH (class subfolders: labelled) or 'random' (label-free noise)")
+                       help="'sample', imagefolder:PATH (class subfolders: labelled), 'random' (label-free noise) "
+                            "or text:PATH (.txt or .jsonl, for a language model)")  # fmt: skip
     sweep.add_argument("--limit", type=_positive, help="use at most N images")
     sweep.add_argument("--levels", type=_levels, help="sparsities, e.g. 0.1,0.3,0.5 (default: 0.1 to 0.9 by 0.1)")
     sweep.add_argument("--metric", type=_names, default=None, help="metrics, e.g. accuracy,loss or kl,agreement")
@@ -136,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--force", action="store_true", help="apply a plan made for a model of another fingerprint")
     apply.add_argument("--export", type=Path, metavar="PROGRAM.pt2",
                        help="also save a torch.export program (batch size dynamic where the model allows)")  # fmt: skip
+    apply.add_argument("--save-pretrained", type=Path, metavar="FOLDER",
+                       help="an hf: model: also save_pretrained the pruned model there, so that transformers' "
+                            "from_pretrained loads it (refused, with the reason, where its config cannot)")  # fmt: skip
     apply.add_argument("--onnx", type=Path, metavar="MODEL.onnx",
                        help="also export ONNX (dynamic batch), checked against PyTorch in ONNX Runtime")  # fmt: skip
     apply.add_argument("--int8", type=Path, metavar="MODEL.int8.onnx",
@@ -153,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     pruned = ev.add_mutually_exclusive_group()
     pruned.add_argument("--plan", type=Path, help="a plan JSON file, applied to the model")
     pruned.add_argument("--pruned", type=Path, help="a pruned-model file (from apply or prune --out)")
-    ev.add_argument("--data", required=True, help="'sample', imagefolder:PATH or 'random'")
+    ev.add_argument("--data", required=True, help="'sample', imagefolder:PATH, 'random' or text:PATH")
     ev.add_argument("--metric", type=_names, help="metrics, e.g. accuracy,loss (default: the plan's predicted ones)")
     ev.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                     help="re-estimate the pruned model's BatchNorm statistics on N batches (0: off)")  # fmt: skip
@@ -234,7 +238,8 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, with_input: bool = True) -> None:
-    p.add_argument("--model", required=True, help="sample:NAME, torchvision:NAME, timm:NAME or package.module:function")
+    p.add_argument("--model", required=True,
+                   help="sample:NAME, torchvision:NAME, timm:NAME, hf:FOLDER_OR_CONFIG or package.module:function")
     p.add_argument("--weights", type=Path, help="a state_dict file (loaded with weights_only=True)")
     if with_input:
         p.add_argument("--input", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
@@ -261,15 +266,13 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, Chan
 
 def _example(args: argparse.Namespace) -> torch.Tensor:
     """The example input --input (or the model's known default) describes; sets `args.input`."""
-    import torch
-
-    from prunecore.models import default_input_shape
+    from prunecore.models import default_input_shape, example_input
 
     if args.input is None:
         args.input = default_input_shape(args.model)
         if args.input is None:
             raise ArgumentError(f"pass --input: prunecore cannot know what input {args.model} expects")
-    return torch.randn(args.input, generator=torch.Generator().manual_seed(0))
+    return example_input(args.model, tuple(args.input))
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -300,7 +303,7 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"plan       {args.criterion}, sparsity {args.sparsity:g}, round_to {args.round_to}")
     _report_costs(model, pruned, (example,))
     if args.data is not None:
-        _report_accuracy(model, pruned, load_data(args.data))
+        _report_accuracy(model, pruned, load_data(args.data, input_shape=tuple(example.shape), model=args.model))
     status = _check(model, pruned, plan, graph) if args.check else 0
     if args.out is not None:
         plan_path = args.out.with_suffix(".plan.json")
@@ -363,7 +366,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     get_criterion(args.criterion)  # an unknown name fails before the model loads
     model, example, graph = _load(args)
-    data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
+    data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit, model=args.model)
     metrics = args.metric or default_metrics(None, data)
     if args.mode == "estimate":
         metrics = ["loss"]
@@ -560,7 +563,7 @@ def _allocate(args: argparse.Namespace) -> int:
     print(_cost_lines(t.params_before, t.params_after, t.flops_before, t.flops_after))
     columns: dict[str, Mapping[str, float]] = {"dense": problem.dense, "predicted": plan.predicted}
     if args.evaluate:
-        data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit)
+        data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit, model=args.model)
         print(f"measured   on {data.description}, {_bn_note(args.bn_recalibration)}")
         measurement = measure_plan(model, plan, data, bn_recalibration=args.bn_recalibration, graph=graph,
                                    latency=False)  # fmt: skip
@@ -687,7 +690,7 @@ def _apply(args: argparse.Namespace) -> int:
         from prunecore.datasets import load_data
         from prunecore.evaluate import recalibrate_bn_
 
-        data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
+        data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit, model=args.model)
         pruned = recalibrate_bn_(copy.deepcopy(raw), data.calibration, batches=args.bn_recalibration)
     shapes = ", ".join("x".join(map(str, spec.shape)) for spec in plan.inputs)
     pruned_groups = sum(len(g.keep) < g.size for g in plan.groups.values())
@@ -699,6 +702,11 @@ def _apply(args: argparse.Namespace) -> int:
     status = _check(model, raw, plan, graph) if args.check else 0
     save_pruned(args.out, pruned, plan, args.model)
     print(f"saved      {args.out} (pruned model; prunecore.models.load_pruned reads it)")
+    if args.save_pretrained is not None:
+        from prunecore.hf import save_pretrained
+
+        save_pretrained(pruned, args.save_pretrained)
+        print(f"saved      {args.save_pretrained} (transformers: from_pretrained reads it)")
     if args.export is not None:
         _export(pruned, example, args.export)
     if args.onnx is not None:
@@ -767,7 +775,8 @@ def _deploy(args: argparse.Namespace, model: torch.nn.Module, pruned: torch.nn.M
     sizes = " and ".join(map(str, onnx.batch_sizes))
     print(f"onnx       {onnx.path} (opset {onnx.opset}, {batch}; checked in ONNX Runtime at batch {sizes}: "
           f"max |onnx - torch| = {onnx.max_abs_diff:.1e})")  # fmt: skip
-    data = None if args.data is None else load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
+    shape = tuple(example[0].shape)
+    data = None if args.data is None else load_data(args.data, input_shape=shape, limit=args.limit, model=args.model)
     models = {"dense": model, "pruned": pruned, "pruned, ONNX Runtime": OnnxModule(onnx.path)}
     if args.int8 is not None:
         calibration = None if data is None else data.calibration
@@ -803,7 +812,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         pruned, plan = load_pruned(args.pruned, trust_code=args.trust_model_code, model=args.model)
     plan = _read_plan(args.plan) if args.plan is not None else plan
     example = tuple(spec.example() for spec in plan.inputs) if plan is not None else (_example(args),)
-    data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit)
+    data = load_data(args.data, input_shape=tuple(example[0].shape), limit=args.limit, model=args.model)
     metrics = args.metric or default_metrics(plan, data)
     what = " (dense only)" if plan is None else f", pruned by {args.plan or args.pruned}"
     print(f"model      {args.model}{what}")
@@ -837,8 +846,8 @@ def _finetune(args: argparse.Namespace) -> int:
     example = tuple(spec.example() for spec in plan.inputs)
     plan.check(trace(dense, example))  # the teacher must be the model the plan pruned
     shape = tuple(example[0].shape)
-    data = load_data(args.data, input_shape=shape, limit=args.limit)
-    train = load_train(args.train or args.data, input_shape=shape)
+    data = load_data(args.data, input_shape=shape, limit=args.limit, model=args.model)
+    train = load_train(args.train or args.data, input_shape=shape, model=args.model)
     checkpoint = args.checkpoint or args.out.with_suffix(".finetune.pt")
     print(f"model      {args.model}, pruned by {args.pruned}")
     print(f"train      {train.description}; held-out {data.description}")
@@ -869,8 +878,8 @@ def _prune_iterative(args: argparse.Namespace) -> int:
     step_budgets(budget, args.steps)  # a bad budget fails before the model loads
     model, example, _ = _load(args)
     shape = tuple(example.shape)
-    data = load_data(args.data, input_shape=shape, limit=args.limit)
-    train = load_train(args.train or args.data, input_shape=shape)
+    data = load_data(args.data, input_shape=shape, limit=args.limit, model=args.model)
+    train = load_train(args.train or args.data, input_shape=shape, model=args.model)
     workdir = args.workdir or args.out.with_suffix(".steps")
     print(f"model      {args.model}, to {budget} in {args.steps} step(s), {args.epochs} epoch(s) each")
     print(f"data       sweeps and held-out: {data.description}; training: {train.description}")

@@ -9,7 +9,11 @@ A spec is a string, so a command line, a dashboard text box and a saved sweep al
   label-free metrics (KL, agreement with the dense model);
 - `random`: seeded Gaussian noise of the model's input shape, unlabelled, for trying a model when no
   data fits it (its images, classes or channels): only the label-free metrics (KL, agreement) mean
-  anything on it. Image i is the same on every run and in every process, so a sweep on it resumes.
+  anything on it. Image i is the same on every run and in every process, so a sweep on it resumes;
+- `text:PATH`: a local `.txt` or `.jsonl` file for a language model (input shape (B, T) token ids),
+  in fixed blocks of T tokens with next-token targets (`prunecore.text`), tokenised with the model's
+  own tokenizer (the `tokenizer.json` of an `hf:` model folder, or the spec's `tokenizer=`) or as
+  UTF-8 bytes. For a token model, `sample` is the sample text (held-out and calibration topics).
 
     >>> data = load_data("imagefolder:val", input_shape=(1, 3, 224, 224), limit=500)
     >>> data.description
@@ -35,8 +39,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _RESIZE_RATIO = 256 / 224  # the standard eval transform: resize the shorter side to 256, crop 224
 RANDOM_IMAGES = 256  # `random` images when no limit is set
-_KINDS = ("'sample' (the bundled held-out digits), 'random' (Gaussian noise, label-free), "
-          "'imagefolder:PATH' (a folder of images)")  # fmt: skip
+_KINDS = ("'sample' (the bundled held-out digits, or text for a language model), 'random' (Gaussian noise, "
+          "label-free), 'imagefolder:PATH' (a folder of images), 'text:PATH' (a .txt or .jsonl file)")  # fmt: skip
 
 
 class DataSpecError(UserError, ValueError):
@@ -99,6 +103,7 @@ def load_data(
     input_shape: tuple[int, ...] | None = None,
     limit: int | None = None,
     calibration_spec: str | None = None,
+    model: str | None = None,
 ) -> EvalData:
     """Evaluation and calibration loaders for a data spec (`sample`, `random` or `imagefolder:PATH`).
 
@@ -115,11 +120,16 @@ def load_data(
     A user folder has no separate calibration split: calibration and evaluation share the images
     (as separate DataLoaders) unless `calibration_spec` names other data, whose calibration loader
     is used. An undecodable file raises `DataSpecError` when its batch is read, naming the file.
+
+    Token models (`input_shape` (B, T)) take `text:PATH` or `sample` (the sample text); `model` is
+    the model's spec, which names its tokenizer; `limit` then counts blocks of T tokens.
     """
     if limit is not None and limit < 1:
         raise DataSpecError(f"limit must be >= 1 (or None for all images), got {limit}")
     kind, _, arg = spec.partition(":")
-    if spec == "sample":
+    if kind == "text" or (spec == "sample" and _tokens(input_shape)):
+        data = _text(spec, arg, input_shape, limit, model)
+    elif spec == "sample":
         data = _sample(batch_size, input_shape, limit)
     elif spec == "random":
         data = _random(batch_size, input_shape, limit)
@@ -129,7 +139,7 @@ def load_data(
         raise DataSpecError(f"unknown data spec {spec!r}; supported: {_KINDS}")
     if calibration_spec is None:
         return data
-    other = load_data(calibration_spec, batch_size, input_shape, limit)
+    other = load_data(calibration_spec, batch_size, input_shape, limit, model=model)
     return EvalData(
         data.evaluation, other.calibration, data.labelled, f"{data.description}; calibration: {other.description}"
     )
@@ -147,7 +157,7 @@ def _sample(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | N
 
 def load_train(
     spec: str, batch_size: int = 128, input_shape: tuple[int, ...] | None = None, limit: int | None = None,
-    seed: int = 0,
+    seed: int = 0, model: str | None = None,
 ) -> TrainData:
     """Training data for fine-tuning a pruned model, from the same specs as `load_data`.
 
@@ -159,7 +169,17 @@ def load_train(
     if limit is not None and limit < 1:
         raise DataSpecError(f"limit must be >= 1 (or None for all images), got {limit}")
     kind, _, arg = spec.partition(":")
-    if spec == "sample":
+    if kind == "text" or (spec == "sample" and _tokens(input_shape)):
+        if spec == "sample":  # the training topics of the sample text, never the held-out ones
+            from prunecore.samples import text_loader
+
+            dataset = text_loader("train", input_shape[-1], limit).dataset
+            labelled, description = True, dataset.description
+        else:
+            data = _text(spec, arg, input_shape, limit, model)
+            dataset, labelled, description = data.evaluation.dataset, True, data.description
+        batch_size = _text_batch(input_shape)
+    elif spec == "sample":
         from sample_models.data import mnist_split
 
         if input_shape is not None and tuple(input_shape[-3:]) != (1, 28, 28):
@@ -173,6 +193,46 @@ def load_train(
         raise DataSpecError(f"unknown data spec {spec!r}; supported: {_KINDS}")
     loader = DataLoader(dataset, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     return TrainData(loader, labelled, description)
+
+
+def _tokens(input_shape: tuple[int, ...] | None) -> bool:
+    """Whether the model takes token ids, (B, T), rather than images."""
+    return input_shape is not None and len(input_shape) == 2
+
+
+def _text_batch(input_shape: tuple[int, ...]) -> int:
+    from prunecore.samples import TEXT_BATCH_TOKENS
+
+    return max(1, TEXT_BATCH_TOKENS // int(input_shape[-1]))
+
+
+def _text(spec: str, path: str, input_shape: tuple[int, ...] | None, limit: int | None, model: str | None) -> EvalData:
+    """Blocks of T tokens of a text file (or of the sample text), for evaluation and calibration."""
+    from prunecore.text import TextError, load_text
+
+    if not _tokens(input_shape):
+        shape = "unknown" if input_shape is None else _shape(input_shape)
+        raise DataSpecError(f"text data is for language models, whose input is (batch, tokens) ids; this model's "
+                            f"input shape is {shape}")  # fmt: skip
+    length = int(input_shape[-1])
+    batch = _text_batch(input_shape)
+    if spec == "sample":
+        from prunecore.samples import text_loader
+
+        held, calib = text_loader("heldout", length, limit), text_loader("calibration", length, limit)
+        description = f"sample text: {len(held.dataset):,} held-out blocks of {length} bytes (calibration " \
+                      f"{len(calib.dataset):,})"  # fmt: skip
+        return EvalData(held, calib, True, description)
+    if not path:
+        raise DataSpecError("data spec 'text:' needs a file: text:PATH (a .txt or .jsonl file)")
+    try:
+        from prunecore.hf import tokenizer_for
+
+        tokenizer, vocab = tokenizer_for(model)
+        blocks = load_text(path, length, tokenizer, limit, vocab)
+    except TextError as exc:
+        raise DataSpecError(str(exc)) from None
+    return EvalData(DataLoader(blocks, batch), DataLoader(blocks, batch), True, blocks.description)
 
 
 def _random(batch_size: int, input_shape: tuple[int, ...] | None, limit: int | None) -> EvalData:

@@ -29,7 +29,10 @@ from prunecore.graph import ChannelGraph
 from prunecore.plan import Plan
 from prunecore.surgery import apply_plan
 
-__all__ = ["Metric", "evaluate", "evaluate_plan", "get_metric", "list_metrics", "recalibrate_bn_", "split_batch"]
+__all__ = [
+    "Metric", "as_rows", "evaluate", "evaluate_plan", "get_metric", "list_metrics", "metrics_for", "output_logits",
+    "recalibrate_bn_", "split_batch",
+]  # fmt: skip
 
 # (logits, reference logits or None, targets or None) -> float64 sum over the batch's samples
 _SumFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -46,6 +49,12 @@ class Metric:
     doc: str
     higher_is_better: bool
     bounds: tuple[float, float] = (0.0, math.inf)  # the values it can take; predictions are clipped to them
+    finish: Callable[[float], float] | None = None  # applied to the mean (perplexity: exp of the mean loss)
+
+    def value(self, total: float, samples: int) -> float:
+        """The metric from its sum over `samples` samples."""
+        mean = total / samples
+        return self.finish(mean) if self.finish is not None else mean
 
 
 def _kl_sum(logits: torch.Tensor, ref: torch.Tensor | None, _t: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +72,10 @@ _METRICS: dict[str, Metric] = {
                "fraction of samples whose top-1 equals the reference's", True, (0.0, 1.0)),
         Metric("kl", False, True, _kl_sum, "mean KL(p_reference || p_model) in nats", False),
         Metric("loss", True, False, lambda lg, _r, t: F.cross_entropy(lg.double(), t, reduction="sum"),
-               "mean cross-entropy per sample", False),
+               "mean cross-entropy per sample (per token for a language model)", False),
+        Metric("perplexity", True, False, lambda lg, _r, t: F.cross_entropy(lg.double(), t, reduction="sum"),
+               "exp of the mean cross-entropy: a language model's next-token perplexity", False, (1.0, math.inf),
+               finish=lambda mean: math.exp(min(mean, 700.0))),
     )
 }
 
@@ -92,13 +104,48 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise ArgumentError(f"a batch must be a tensor, (inputs,) or (inputs, targets); got {type(batch).__name__}")
 
 
+def output_logits(out: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or `.logits` of a HuggingFace `ModelOutput`."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
+def as_rows(logits: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One row of logits per scored sample: (B, C) as is, a sequence model's (B, T, C) as B*T tokens.
+
+    A language model is scored per token: its targets are (B, T) next-token ids (`text:` data).
+    """
+    if logits.dim() == 3:  # (B, T, C) -> (B*T, C)
+        rows = logits.reshape(-1, logits.shape[-1])
+        if targets is not None and targets.dim() == 2 and not targets.dtype.is_floating_point:
+            targets = targets.reshape(-1)  # (B*T,) token ids
+        return rows, targets
+    return logits, targets
+
+
+def metrics_for(targets: torch.Tensor | None) -> list[str]:
+    """What to measure when nobody says, from a batch's targets: class labels, next-token ids, or none."""
+    if targets is None:
+        return ["kl", "agreement"]
+    if targets.dim() == 2 and not targets.dtype.is_floating_point:  # (B, T) next tokens: a language model
+        return ["perplexity", "loss", "accuracy"]
+    return ["accuracy", "loss"]
+
+
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's logits on `inputs`: (B, C), or (B, T, C) for a sequence model."""
     with running_model(model, inputs, "evaluation"):
-        out = model(inputs.to(_device(model)))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        out = output_logits(model(inputs.to(_device(model))))
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelRunError(f"{type(model).__name__} must return logits of shape (batch, classes) to be evaluated; "
-                            f"it returned {shape}")  # fmt: skip
+        raise ModelRunError(f"{type(model).__name__} must return logits of shape (batch, classes) or (batch, tokens, "
+                            f"vocabulary) to be evaluated; it returned {shape}")  # fmt: skip
     return out
 
 
@@ -154,8 +201,8 @@ def evaluate(
                 needy = [s.name for s in specs if s.needs_labels]
                 raise ArgumentError(f"metric(s) {needy} need labels but the data has no targets; "
                                  "use a label-free metric (kl, agreement) with a reference")
-            logits = _logits(model, inputs)  # (B, C)
-            ref = _logits(reference, inputs).to(device) if use_ref else None  # (B, C)
+            logits, targets = as_rows(_logits(model, inputs), targets)  # (N, C): N = B, or B*T tokens
+            ref = as_rows(_logits(reference, inputs).to(device))[0] if use_ref else None  # (N, C)
             targets = targets.to(device) if targets is not None else None
             if targets is not None:
                 _check_targets(targets, logits)
@@ -164,7 +211,7 @@ def evaluate(
             samples += logits.shape[0]
     if samples == 0:
         raise ArgumentError("evaluate got no samples: the data is empty (or batches=0)")
-    return {n: (sums[n] / samples).item() for n in names}
+    return {n: _METRICS[n].value(sums[n].item(), samples) for n in names}
 
 
 def _tracked_bn(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

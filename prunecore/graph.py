@@ -241,6 +241,7 @@ def trace(
                 stacklevel=2,
             )
         unreached = with_params - used
+    _tie_shared(model, st)
     groups = _build_groups(model, st)
     return ChannelGraph(
         groups=groups,
@@ -252,6 +253,27 @@ def trace(
 
 
 # -- from ids to groups ---------------------------------------------------------------------------
+def _tie_shared(model: nn.Module, st: Coupling) -> None:
+    """A tensor several modules hold (an LM head tied to the token embeddings) loses the same positions in all.
+
+    Slots are named by module, so without this the embedding's width and the head's input would
+    be two groups slicing one tensor two ways.
+    """
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            holders.setdefault(id(tensor), []).append((name, tensor_name))
+    for aliases in holders.values():
+        if len(aliases) < 2:
+            continue
+        for dim in sorted({d for (m, t, d) in st.slots if (m, t) in aliases}):
+            recorded = [st.slots[(m, t, dim)] for m, t in aliases if (m, t, dim) in st.slots]
+            for ids in recorded[1:]:
+                st.unify(recorded[0], ids, f"is tensor {aliases[0][0]}.{aliases[0][1]}, which several modules share")
+            for m, t in aliases:
+                st.slots.setdefault((m, t, dim), recorded[0])
+
+
 def _param_slots(st: Coupling) -> dict[Slot, torch.Tensor]:
     """Loose parameters (read via get_attr) become slots along the one dim their channels vary.
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from prunecore.errors import ArgumentError, running_model
 from prunecore._modes import eval_mode
-from prunecore.evaluate import split_batch
+from prunecore.evaluate import as_rows, output_logits, split_batch
 from prunecore.graph import ChannelGraph, ChannelGroup, Member
 
 __all__ = ["Criterion", "list_criteria", "register_criterion", "score"]
@@ -185,9 +185,10 @@ def batch_gradients(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[
         for batch in batches:
             inputs, targets = split_batch(batch)
             with running_model(model, inputs, "a gradient pass"):
-                logits = model(inputs.to(device))
+                logits = output_logits(model(inputs.to(device)))
                 if targets is None:
                     targets = logits.detach().argmax(dim=-1)
+                logits, targets = as_rows(logits, targets)  # (N, C), (N,): N = B, or B*T tokens
                 loss = F.cross_entropy(logits, targets.to(device))
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             yield {id(p): g for p, g in zip(params, grads) if g is not None}, float(loss.detach()), inputs.shape[0]

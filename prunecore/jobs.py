@@ -618,11 +618,9 @@ class _OpeningStore:
 
 def _sweep(job: SweepJob, worker: _Worker) -> str:
     """Load the model and the data, sweep into the store, and return the run id."""
-    import torch
-
     from prunecore.datasets import load_data
     from prunecore.graph import trace
-    from prunecore.models import ModelSpecError, default_input_shape, load_model
+    from prunecore.models import ModelSpecError, default_input_shape, example_input, load_model
     from prunecore.sensitivity import sweep
     from prunecore.store import RunStore
 
@@ -630,8 +628,8 @@ def _sweep(job: SweepJob, worker: _Worker) -> str:
     shape = job.input_shape or default_input_shape(job.model)
     if shape is None:
         raise ModelSpecError(f"give an input shape: prunecore cannot know what input {job.model} expects")
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # as the dashboard makes it
-    data = load_data(job.data, input_shape=tuple(shape), limit=job.limit)
+    example = example_input(job.model, tuple(shape))  # as the dashboard makes it
+    data = load_data(job.data, input_shape=tuple(shape), limit=job.limit, model=job.model)
     worker.check()
     graph = trace(model, example)  # once: the sweep and the calibration after it share it
     curves = sweep(
@@ -682,7 +680,7 @@ def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
     worker.progress(0, len(steps) + 1)
     model = load_model(job.model, job.weights)
     shape = job.input_shape or tuple(plan.inputs[0].shape)
-    data = load_data(job.data, input_shape=tuple(shape), limit=job.limit)
+    data = load_data(job.data, input_shape=tuple(shape), limit=job.limit, model=job.model)
 
     def step(name: str) -> None:
         worker.write(group=_STEP_TEXT.get(name, name))
@@ -704,8 +702,8 @@ def _one_shot(job: FinetuneJob, plan: Any, worker: _Worker) -> tuple[Any, Any, A
     dense = load_model(job.model, job.weights)
     example = tuple(spec.example() for spec in plan.inputs)
     shape = tuple(job.input_shape or example[0].shape)
-    data = load_data(job.data, input_shape=shape, limit=job.limit)
-    train = load_train(job.train or job.data, input_shape=shape, limit=job.train_limit)
+    data = load_data(job.data, input_shape=shape, limit=job.limit, model=job.model)
+    train = load_train(job.train or job.data, input_shape=shape, limit=job.train_limit, model=job.model)
     worker.check()
     worker.write(group="applying the plan")
     graph = trace(dense, example)

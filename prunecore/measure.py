@@ -25,7 +25,7 @@ from prunecore import cost
 from prunecore.cost import Latency, count, format_speedup, speedup
 from prunecore.datasets import EvalData
 from prunecore.errors import UserError
-from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
+from prunecore.evaluate import evaluate, get_metric, metrics_for, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import MeasuredOn, Plan
 from prunecore.prune import apply_plan
@@ -100,7 +100,9 @@ def default_metrics(plan: Plan | None, data: EvalData) -> list[str]:
         names = list(plan.predicted)
         if data.labelled or not any(get_metric(m).needs_labels for m in names):
             return names
-    return ["accuracy", "loss"] if data.labelled else ["kl", "agreement"]
+    if not data.labelled:
+        return ["kl", "agreement"]
+    return metrics_for(split_batch(next(iter(data.evaluation)))[1])
 
 
 def measure_plan(

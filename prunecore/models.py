@@ -1,7 +1,8 @@
 """Model specs shared by the CLI and the dashboard, and pruned-model files.
 
 `sample:NAME` (a trained sample model), `torchvision:NAME` or `timm:NAME` (random init unless
-weights are given; nothing is downloaded) or `package.module:function` (any factory returning an
+weights are given; nothing is downloaded), `hf:FOLDER_OR_CONFIG` (a local HuggingFace model folder,
+or a config file for random init; see `prunecore.hf`) or `package.module:function` (any factory returning an
 `nn.Module`). Constructor arguments follow the name in parentheses, `name=value` separated by commas;
 each value is a Python literal read with `ast.literal_eval` (a number, string, True/False/None or a
 tuple of them), never evaluated as code, so the spec string alone rebuilds the same model:
@@ -20,7 +21,7 @@ keeps the model spec and the plan beside it, enough to rebuild the architecture 
     >>> pruned, plan = load_pruned("pruned.pt")
 
 What loading a pruned-model file runs: the file is read with `weights_only=True` (no pickled code),
-and a spec of a data kind (`DATA_SPEC_KINDS`: `sample:`, `torchvision:`, `timm:`) builds a registered
+and a spec of a data kind (`DATA_SPEC_KINDS`: `sample:`, `torchvision:`, `timm:`, `hf:`) builds a registered
 architecture, with arguments that are plain values (those that would load or download weights, such
 as timm's `checkpoint_path`, are refused). A `package.module:function` spec in a file, with or without
 arguments, is code and never runs (not even its module is imported) unless the caller names that
@@ -60,6 +61,8 @@ __all__ = [
     "ModelSpecError",
     "canonical_spec",
     "default_input_shape",
+    "example_input",
+    "input_dtype",
     "load_model",
     "load_pruned",
     "load_weights_",
@@ -83,8 +86,9 @@ class ModelSpecError(UserError, ValueError):
 ArgValue = Any  # bool | int | float | str | None | tuple of these: what `ast.literal_eval` may return here
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _NAME = re.compile(r"[\w.\-]+")  # torchvision and timm names; timm's may carry a '.tag'
-_FORMS = ("'sample:NAME', 'torchvision:NAME', 'timm:NAME' or 'package.module:function', each optionally "
-          "followed by (arg=value, ...)")
+_PATH = re.compile(r"[\w.\-/~+@ ]*[\w.\-/~+@]")  # `hf:` names a local folder or config file
+_FORMS = ("'sample:NAME', 'torchvision:NAME', 'timm:NAME', 'hf:FOLDER_OR_CONFIG' or 'package.module:function', "
+          "each optionally followed by (arg=value, ...)")
 _LOADING_ARGS = {  # constructor arguments that would download or read weights: never taken from a spec
     "torchvision": frozenset({"weights", "weights_backbone"}),
     "timm": frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}),
@@ -132,7 +136,8 @@ def parse_spec(spec: str) -> ModelSpec:
     if not sep or not kind or not name:
         raise ModelSpecError(f"model spec {spec!r} must look like {_FORMS}")
     data = kind in DATA_SPEC_KINDS
-    if not (_NAME.fullmatch(name) if data else _MODULE.fullmatch(kind) and name.isidentifier()):
+    names = _PATH if kind == "hf" else _NAME
+    if not (names.fullmatch(name) if data else _MODULE.fullmatch(kind) and name.isidentifier()):
         what = f"a {kind} model name" if data else "a package.module:function"
         raise ModelSpecError(f"model spec {spec!r} is not {what}; it must look like {_FORMS}")
     if not paren:
@@ -268,7 +273,41 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
         chans = kwargs.get("in_chans")
         c = chans if isinstance(chans, int) and not isinstance(chans, bool) else c
         return (1, c, *_image_size(kwargs.get("img_size"), (h, w)))
+    if kind == "hf":
+        from prunecore.hf import HFError, example_shape
+
+        try:
+            return example_shape(name)[0]
+        except HFError as exc:
+            raise ModelSpecError(str(exc)) from None
     return None
+
+
+def input_dtype(spec: str) -> torch.dtype:
+    """What the model of a spec takes: token ids (int64) for language models, else float32 images."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "sample":
+        from prunecore.samples import SampleError, get_spec
+
+        try:
+            return torch.long if get_spec(parsed.name).data == "text" else torch.float32
+        except SampleError as exc:
+            raise ModelSpecError(str(exc)) from None
+    if parsed.kind == "hf":
+        from prunecore.hf import HFError, example_shape
+
+        try:
+            return torch.long if example_shape(parsed.name)[1] == "int64" else torch.float32
+        except HFError as exc:
+            raise ModelSpecError(str(exc)) from None
+    return torch.float32
+
+
+def example_input(spec: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The example input every face of prunecore traces a spec's model with: seeded noise, or token id 0."""
+    if input_dtype(spec) == torch.long:
+        return torch.zeros(shape, dtype=torch.long)  # (B, T): any vocabulary has id 0
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
 def _image_size(value: ArgValue, default: tuple[int, int]) -> tuple[int, int]:
@@ -329,10 +368,23 @@ def _timm(spec: ModelSpec) -> nn.Module:
     return _construct(spec, lambda **kwargs: timm.create_model(name, pretrained=False, **kwargs))
 
 
+def _hf(spec: ModelSpec) -> nn.Module:
+    """A transformers model from a local folder or config file (`prunecore.hf`): no download, no remote code."""
+    from prunecore.hf import HFError, load_hf
+
+    kwargs = spec.kwargs
+    kwargs.pop("tokenizer", None)  # for text data (`prunecore.hf.tokenizer_for`), not the model
+    try:
+        return load_hf(spec.name, kwargs.pop("task", None), **kwargs)
+    except HFError as exc:
+        raise ModelSpecError(str(exc)) from None
+
+
 _DATA_KINDS: Mapping[str, Callable[[ModelSpec], nn.Module]] = {
     "sample": _sample,
     "torchvision": _torchvision,
     "timm": _timm,
+    "hf": _hf,
 }
 DATA_SPEC_KINDS = frozenset(_DATA_KINDS)
 """Spec kinds that name a registered architecture, not code: a pruned-model file may name them.

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from prunecore.errors import ArgumentError, UserError, running_model
-from prunecore.evaluate import evaluate, get_metric, split_batch
+from prunecore.evaluate import evaluate, get_metric, metrics_for, output_logits, split_batch
 from prunecore.files import write_atomic
 
 __all__ = [
@@ -238,7 +238,7 @@ class _Loop:
                 inputs = inputs.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                     with running_model(self.student, inputs, "fine-tuning"):
-                        logits = self.student(inputs)
+                        logits = output_logits(self.student(inputs))  # (B, C) or (B, T, C)
                     loss = _loss(logits, self.teacher, inputs, targets, self.config)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.runner.backward(loss)
@@ -270,16 +270,17 @@ def _loss(logits: torch.Tensor, teacher: nn.Module | None, inputs: torch.Tensor,
         parts.append((1.0 - config.distill if teacher is not None else 1.0) * ce)
     if teacher is not None:
         with torch.no_grad():
-            soft = teacher(inputs)  # (B, C)
+            soft = output_logits(teacher(inputs))  # as `logits`
         weight = config.distill if targets is not None else 1.0
         parts.append(weight * distillation_loss(logits, soft, config.temperature))
     return sum(parts)  # type: ignore[return-value]
 
 
 def default_metrics(data: Iterable[Any]) -> list[str]:
-    """Accuracy and loss when the data's first batch has labels, else the label-free kl and agreement."""
+    """Accuracy and loss when the data's first batch has labels (perplexity too for next-token targets), else the
+    label-free kl and agreement."""
     _, targets = split_batch(next(iter(data)))
-    return ["accuracy", "loss"] if targets is not None else ["kl", "agreement"]
+    return metrics_for(targets)
 
 
 def _scores(student: nn.Module, teacher: nn.Module | None, data: Iterable[Any],

@@ -1,7 +1,10 @@
-"""Registry of sample models: small models trained on real digits, shipped with their weights.
+"""Registry of sample models: small models trained on real data, shipped with their weights.
+
+Three image classifiers trained on real digits, and `tinylm`, a byte-level language model trained
+on English prose (sample_models/text.py says where the text comes from):
 
     >>> list_samples()
-    ['mobilenet_v2', 'resnet20', 'vit']
+    ['mobilenet_v2', 'resnet20', 'tinylm', 'vit']
     >>> s = load_sample("resnet20")
     >>> evaluate(s.model, s.heldout)                 # {'accuracy': 0.99...}
     >>> recalibrate_bn_(pruned, s.calibration)       # calibration images are not in held-out
@@ -38,6 +41,7 @@ class SampleSpec:
     builder: Callable[[], nn.Module]
     description: str
     input_shape: tuple[int, ...] = (1, 1, 28, 28)  # the example input; the data loaders match it
+    data: str = "digits"  # "digits" (images, labels) or "text" (byte blocks, next-byte targets)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,9 +51,9 @@ class Sample:
     name: str
     model: nn.Module
     example: torch.Tensor
-    heldout: DataLoader  # 1,000 images never trained on: sweeps, validation
-    calibration: DataLoader  # 500 training images: BatchNorm re-estimation
-    train: DataLoader  # the 4,000 training images, shuffled (seeded): fine-tuning after pruning
+    heldout: DataLoader  # 1,000 images (or text blocks) never trained on: sweeps, validation
+    calibration: DataLoader  # 500 training images (or text blocks of their own): BatchNorm re-estimation
+    train: DataLoader  # the 4,000 training images (or the training text), shuffled (seeded): fine-tuning
     info: Mapping[str, Any] = field(default_factory=dict)  # the manifest entry: accuracy, params, ...
 
 
@@ -114,16 +118,30 @@ def load_sample(name: str, batch_size: int = 250) -> Sample:
     model = spec.builder()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model.eval()
-    example = mnist_split("heldout").tensors[0][:1]  # (1, 1, 28, 28): a real held-out digit
-    return Sample(
-        name=name,
-        model=model,
-        example=example,
-        heldout=mnist_loader("heldout", batch_size),
-        calibration=mnist_loader("calibration", batch_size),
-        train=mnist_loader("train", TRAIN_BATCH, shuffle=True),
-        info=entry,
-    )
+    if spec.data == "text":
+        loaders = {split: text_loader(split, spec.input_shape[-1]) for split in ("heldout", "calibration", "train")}
+        example = loaders["heldout"].dataset[0][0][None]  # (1, T): real held-out text
+    else:
+        example = mnist_split("heldout").tensors[0][:1]  # (1, 1, 28, 28): a real held-out digit
+        loaders = {split: mnist_loader(split, batch_size) for split in ("heldout", "calibration")}
+        loaders["train"] = mnist_loader("train", TRAIN_BATCH, shuffle=True)
+    return Sample(name=name, model=model, example=example, info=entry, **loaders)
+
+
+TEXT_BATCH_TOKENS = 4096  # tokens per batch of text blocks (32 blocks of 128)
+
+
+def text_loader(split: str, length: int, limit: int | None = None) -> DataLoader:
+    """Blocks of `length` bytes of the sample text's `split`; the training split shuffled (seeded)."""
+    from prunecore.text import load_text
+    from sample_models.text import documents
+
+    blocks = load_text(f"sample text ({split})", length, documents=documents(split), limit=limit)
+    blocks.description = f"sample text, {split} ({len(blocks):,} blocks of {length} bytes)"
+    batch = max(1, TEXT_BATCH_TOKENS // length)
+    if split == "train":
+        return DataLoader(blocks, batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return DataLoader(blocks, batch)
 
 
 def _builtin(attr: str) -> Callable[[], nn.Module]:
@@ -139,3 +157,7 @@ for _name, _description in [
     ("vit", "small torchvision VisionTransformer (patch 7, 4 layers, 4 heads, width 64)"),
 ]:
     register_sample(SampleSpec(_name, _builtin(_name), _description))
+register_sample(SampleSpec(
+    "tinylm", _builtin("tinylm"), "byte-level Llama decoder (6 layers, width 128, 4 query heads over 2 KV heads, "
+    "gated MLP of 512) trained on Python documentation prose, 1.5 M params", input_shape=(1, 128), data="text",
+))  # fmt: skip

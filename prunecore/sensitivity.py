@@ -45,7 +45,7 @@ from prunecore.errors import ArgumentError
 from prunecore._modes import eval_mode
 from prunecore import ops
 from prunecore.cost import count, plan_costs
-from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_, split_batch
+from prunecore.evaluate import as_rows, evaluate, get_metric, output_logits, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, TraceError, failing_frame, trace
 from prunecore.importance import score
 from prunecore.plan import GroupPlan, Plan
@@ -200,7 +200,7 @@ class _Point:
     row: dict[str, Any] = field(default_factory=dict)
 
     def finished_row(self) -> dict[str, Any]:
-        values = {name: total / self.samples for name, total in self.sums.items()}
+        values = {name: get_metric(name).value(total, self.samples) for name, total in self.sums.items()}
         return {"group": self.group, "sparsity": self.sparsity, "kept": len(self.keep.keep),
                 "size": self.keep.size, **values, **self.row}  # fmt: skip
 
@@ -442,7 +442,7 @@ class _Engine:
             for batch in self.data:
                 inputs = split_batch(batch)[0]
                 with forward_pass():
-                    self.reference.append(self.original(inputs))
+                    self.reference.append(as_rows(output_logits(self.original(inputs)))[0])  # (N, C)
                 self.batch_keys.append(float(inputs.double().sum()))
 
     def _calibrate(self, start, pts, masks, after, dense_bn, bar):
@@ -489,9 +489,9 @@ class _Engine:
                 with masks.applied(i):
                     if states is not None:
                         _load_state(after, states[id(p)])
-                    out = self.suffix(env, start)
+                    out, rows_targets = as_rows(output_logits(self.suffix(env, start)), targets)  # (N, C)
                 for metric in self.metrics:
-                    total = float(metric.batch_sum(out, reference, targets))
+                    total = float(metric.batch_sum(out, reference, rows_targets))
                     p.sums[metric.name] = p.sums.get(metric.name, 0.0) + total
                 p.samples += out.shape[0]
             if states is not None:

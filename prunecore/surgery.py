@@ -133,10 +133,15 @@ def sliced_tensors(model: nn.Module, keep: dict[Slot, torch.Tensor]) -> dict[tup
         key = (module_name, tensor_name)
         value = out[key] if key in out else getattr(model.get_submodule(module_name), tensor_name).detach()
         out[key] = torch.index_select(value, dim, mask.nonzero().flatten())
+    made: dict[int, torch.Tensor] = {}  # id of the original -> its sliced twin: a tied tensor stays one tensor
     for (module_name, tensor_name), value in out.items():
         old = getattr(model.get_submodule(module_name), tensor_name)
-        if isinstance(old, nn.Parameter):
-            out[(module_name, tensor_name)] = nn.Parameter(value, requires_grad=old.requires_grad)
+        if id(old) in made:
+            out[(module_name, tensor_name)] = made[id(old)]
+        elif isinstance(old, nn.Parameter):
+            out[(module_name, tensor_name)] = made[id(old)] = nn.Parameter(value, requires_grad=old.requires_grad)
+        else:
+            made[id(old)] = value
     return out
 
 

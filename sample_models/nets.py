@@ -75,3 +75,20 @@ def vit() -> nn.Module:
     )
     model.conv_proj = nn.Conv2d(1, 64, kernel_size=7, stride=7)
     return model
+
+
+def tinylm() -> nn.Module:
+    """A small Llama decoder on UTF-8 bytes: 6 layers, width 128, 4 query heads over 2 KV heads of 32, 512 MLP neurons.
+
+    Grouped-query attention, a gated MLP, RMSNorm and rotary embeddings: the parts of a modern LLM
+    that pruning must respect, at 1.5 M parameters. Needs transformers (`prunecore[hf]`).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)

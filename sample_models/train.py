@@ -13,11 +13,9 @@ import math
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from prunecore.cost import count
@@ -58,6 +56,10 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train(name: str, seed: int = 0, epochs: int | None = None) -> dict:
+    if name == "tinylm":  # a language model: its own recipe in steps (sample_models/train_lm.py)
+        from sample_models.train_lm import train_lm
+
+        return train_lm(seed)
     recipe = RECIPES[name]
     epochs = epochs or recipe.epochs
     torch.manual_seed(seed)
@@ -70,9 +72,10 @@ def train(name: str, seed: int = 0, epochs: int | None = None) -> dict:
                               weight_decay=recipe.weight_decay)  # fmt: skip
     steps = epochs * len(loader)
     warmup = recipe.warmup_epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
-    )
+    def rate(s: int) -> float:
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     gen = torch.Generator().manual_seed(seed + 1)
     start = time.perf_counter()
     model.train()
@@ -121,13 +124,16 @@ TABLE_START, TABLE_END = "<!-- samples-table:start -->", "<!-- samples-table:end
 
 def readme_table(manifest: dict[str, dict]) -> str:
     rows = [
-        "| model | parameters | MACs per image | held-out accuracy | epochs | training time |",
+        "| model | parameters | MACs per example | held-out | epochs | training time |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, e in sorted(manifest.items()):
+        if "heldout_perplexity" in e:  # a language model: per-byte perplexity on the held-out text
+            score = f"perplexity {e['heldout_perplexity']:.2f} (next byte {e['heldout_accuracy']:.1f} %)"
+        else:
+            score = f"accuracy {e['heldout_accuracy']:.2f} %"
         rows.append(
-            f"| `{name}` | {e['params']:,} | {e['flops']:,} | {e['heldout_accuracy']:.2f} % | "
-            f"{e['epochs']} | {e['train_seconds']:.0f} s |"
+            f"| `{name}` | {e['params']:,} | {e['flops']:,} | {score} | {e['epochs']} | {e['train_seconds']:.0f} s |"
         )
     return "\n".join(rows)
 

@@ -113,10 +113,10 @@ def test_every_method_meets_the_budget_as_count_measures_the_applied_model(metho
 @pytest.fixture(scope="module")
 def sample_problems():
     """Per sample model: (sample, graph, problem) with curves from a real (short) sweep."""
-    data = load_data("sample", limit=64)
     out = {}
     for name in pc.list_samples():
         s = pc.load_sample(name)
+        data = load_data("sample", input_shape=tuple(s.example.shape), limit=64)  # digits, or tinylm's text
         graph = pc.trace(s.model, s.example)
         curves = pc.sweep(s.model, data.evaluation, s.example, levels=[0.45, 0.9], metric=["accuracy", "loss"],
                           graph=graph, progress=False)  # fmt: skip

@@ -3,7 +3,8 @@
 Runs the sweep (a background job) on the Sensitivity page and waits for its curves, goes to the
 Plan page, drags a per-group slider with the mouse, sees the predicted numbers change, measures
 the plan on Validate, fine-tunes it on Recover (a background job) until the recovered model can be
-downloaded, downloads the plan JSON from the Export page and validates it with `Plan.from_json`. Needs
+downloaded, downloads the plan JSON from the Export page and validates it with `Plan.from_json`; then,
+in a new session, sweeps the `tinylm` language model on the sample text and drags an MLP slider. Needs
 Debian's `chromium` (`.ci/run` installs it) and the `playwright` package; without them the test
 is skipped, unless PRUNECORE_REQUIRE_BROWSER=1 (set by CI) turns the skip into a failure.
 With PRUNECORE_SCREENSHOTS=DIR it also saves a screenshot of every page there, after the
@@ -19,7 +20,10 @@ from pathlib import Path
 import pytest
 
 import prunecore as pc
-from browser import FAST, WAIT_MS, click_until, drag_to_end, go, metric, new_page, serve, settle, skip_without_browser
+from browser import (  # noqa: E402
+    FAST, WAIT_MS, choose, click_until, drag_to_end, go, metric, new_page, no_exception, serve, settle,
+    skip_without_browser, slider_thumb,
+)
 
 skip_without_browser()
 
@@ -38,9 +42,14 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with chromium() as browser:
-        yield new_page(browser, server)
+        yield browser
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    return new_page(browser, server)
 
 
 def _shoot(page: Page, name: str) -> None:
@@ -113,3 +122,27 @@ def test_drag_a_slider_and_download_the_plan(server, page, tmp_path):
     uploader.set_input_files(str(path))
     click_until(page, "Load this plan into the sliders", "Loaded plan.json")
 
+
+
+def test_a_language_model_sweeps_and_its_perplexity_moves(server, browser):
+    """The tinylm sample: the sample text feeds it, its sweep runs, and an MLP slider moves predicted perplexity."""
+    page = new_page(browser, server)  # a new tab: a new session, on the app's defaults
+    expect(page.get_by_text("Channel groups").first).to_be_visible()
+    choose(page, "Sample", "tinylm")
+    expect(page.get_by_text("Data: sample text").first).to_be_visible(timeout=WAIT_MS)
+
+    go(page, "Sensitivity")
+    chart = page.locator('[data-testid="stPlotlyChart"]').first
+    click_until(page, "Run sweep",
+                lambda: expect(page.get_by_role("button", name="Cancel").or_(chart)).to_be_visible(timeout=60_000))
+    expect(chart).to_be_visible()
+    settle(page)
+
+    go(page, "Plan")
+    card = page.locator('[data-testid="stMetric"]').filter(has_text="Predicted perplexity").first
+    expect(card).to_be_visible()
+    before = metric(page, "Predicted perplexity")
+    drag_to_end(page, slider_thumb(page, "model.layers.0.mlp.gate_proj"))  # the most sensitive: dp keeps it
+    expect(card).not_to_contain_text(before)
+    assert float(metric(page, "Predicted perplexity")) > float(before)
+    no_exception(page)

@@ -26,7 +26,7 @@ from playwright.sync_api import Page, expect  # noqa: E402
 
 from prunecore import jobs  # noqa: E402
 
-LIMIT = "Use at most N images (0: all)"
+LIMIT = "Use at most N images or text blocks (0: all)"
 DELAY_S = "1"  # per batch: a quick sweep of resnet20 stays running for half a minute
 
 

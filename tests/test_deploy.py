@@ -27,7 +27,7 @@ def run(path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-@pytest.mark.parametrize("name", pc.list_samples())
+@pytest.mark.parametrize("name", [n for n in pc.list_samples() if n != "tinylm"])  # image samples; not yet LMs
 def test_every_sample_exports_with_a_dynamic_batch_and_equals_pytorch(name, tmp_path):
     sample, pruned = pruned_sample(name)
     exported = export_onnx(pruned, sample.example, tmp_path / "m.onnx")

@@ -58,8 +58,24 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
 # ---------------------------------------------------------------- metrics
 
 
-def test_registry_lists_the_four_metrics() -> None:
-    assert list_metrics() == ["accuracy", "agreement", "kl", "loss"]
+def test_registry_lists_the_metrics() -> None:
+    assert list_metrics() == ["accuracy", "agreement", "kl", "loss", "perplexity"]
+
+
+def test_sequence_logits_are_scored_per_token() -> None:
+    """A language model's (B, T, V) logits and (B, T) next-token targets: every token is a sample."""
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[3.0, 0.0], [0.0, 0.0]]])  # (2, 2, 2)
+    targets = torch.tensor([[0, 1], [1, 0]])  # right, right, wrong, a tie (argmax 0: right)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits[: x.shape[0]]
+
+    out = evaluate(Fixed(), [(torch.zeros(2, 2, dtype=torch.long), targets)], metric=["accuracy", "loss", "perplexity"])
+    ce = torch.nn.functional.cross_entropy(logits.reshape(4, 2).double(), targets.reshape(4)).item()
+    assert out["accuracy"] == 0.75
+    assert out["loss"] == pytest.approx(ce, rel=1e-12)
+    assert out["perplexity"] == pytest.approx(math.exp(ce), rel=1e-12)
 
 
 def test_accuracy_and_loss_by_hand() -> None:

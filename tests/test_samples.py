@@ -12,13 +12,17 @@ from sample_models.data import SPLITS, mnist_loader, mnist_split
 from sample_models.train import readme_table
 
 
+IMAGES = [n for n in list_samples() if samples.get_spec(n).data == "digits"]
+
+
 def test_registry():
-    assert list_samples() == ["mobilenet_v2", "resnet20", "vit"]
+    assert list_samples() == ["mobilenet_v2", "resnet20", "tinylm", "vit"]
+    assert IMAGES == ["mobilenet_v2", "resnet20", "vit"]
     with pytest.raises(samples.SampleError, match="unknown sample model 'lenet'; choose one of"):
         load_sample("lenet")
 
 
-@pytest.mark.parametrize("name", list_samples())
+@pytest.mark.parametrize("name", IMAGES)
 def test_sample_loads_and_matches_documented_accuracy(name):
     s = load_sample(name)
     assert not s.model.training
@@ -27,6 +31,27 @@ def test_sample_loads_and_matches_documented_accuracy(name):
     assert abs(accuracy - s.info["heldout_accuracy"]) <= 0.5
     if name != "vit":
         assert accuracy >= 97.0
+
+
+def test_tinylm_loads_and_matches_its_documented_perplexity():
+    s = load_sample("tinylm")
+    assert s.example.shape == (1, 128) and s.example.dtype == torch.long
+    assert s.model(s.example).logits.shape == (1, 128, 256)  # a next-byte distribution at every position
+    measured = evaluate(s.model, s.heldout, ["perplexity", "accuracy"])
+    assert measured["perplexity"] == pytest.approx(s.info["heldout_perplexity"], rel=1e-3)
+    assert abs(100 * measured["accuracy"] - s.info["heldout_accuracy"]) <= 0.05
+    assert measured["perplexity"] < 6.0  # far below the 256 of a uniform guess over bytes: it learned English
+    inputs, targets = next(iter(s.heldout))
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # next-byte targets
+
+
+def test_sample_text_splits_are_disjoint_topics():
+    from sample_models.text import TEXT_SPLITS, documents
+
+    parts = {split: documents(split) for split in TEXT_SPLITS}
+    assert [len(parts[s]) for s in TEXT_SPLITS] == [63, 8, 8]  # 79 topics of Python 3.11.7's pydoc_data
+    assert not set(parts["heldout"]) & set(parts["train"]) and not set(parts["calibration"]) & set(parts["train"])
+    assert sum(len(d) for d in parts["heldout"]) > 40_000
 
 
 def test_readme_table_is_the_manifest():

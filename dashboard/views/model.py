@@ -11,8 +11,10 @@ from dashboard import state
 from prunecore.models import canonical_spec, with_args
 
 SAMPLE, TORCHVISION, TIMM, FACTORY = "Sample model", "torchvision architecture", "timm architecture", "Factory function"
-DIGITS, FOLDER, RANDOM = "Sample held-out digits", "Image folder", "Random (label-free)"
+HF = "HuggingFace folder"
+DIGITS, FOLDER, RANDOM, TEXT = "Sample held-out data", "Image folder", "Random (label-free)", "Text file"
 HAS_TIMM = importlib.util.find_spec("timm") is not None
+HAS_HF = importlib.util.find_spec("transformers") is not None
 
 
 def weights_uploader() -> None:
@@ -51,7 +53,7 @@ state.page("Model")
 left, right = st.columns(2)
 spec = None
 with left:
-    sources = [SAMPLE, TORCHVISION, *([TIMM] if HAS_TIMM else []), FACTORY]
+    sources = [SAMPLE, TORCHVISION, *([TIMM] if HAS_TIMM else []), *([HF] if HAS_HF else []), FACTORY]
     source = st.radio("Model", sources, key="model_source", horizontal=True)
     if source == SAMPLE:
         names = pc.list_samples()
@@ -73,6 +75,20 @@ with left:
         with state.user_errors(stop=False):
             spec = with_args(f"{library}:{name}({extra})", fields)
         weights_uploader()
+    elif source == HF:
+        path = st.text_input("Local model folder (config.json, model.safetensors, tokenizer.json) or config file",
+                             key="hf_path", placeholder="/models/my-llama",
+                             help="Nothing is downloaded and no code from the folder runs; weights are read "
+                                  "only from safetensors. A config file alone builds the model with random "
+                                  "weights.")  # fmt: skip
+        task = st.selectbox("Model class", ["from the config", *pc.hf.TASKS], key="hf_task",
+                            help="Which transformers class to build: the config's own `architectures` by default.")
+        if not path.strip():
+            st.info("Type the folder of a HuggingFace model.")
+            st.stop()
+        args = "" if task == "from the config" else f"(task={task!r})"
+        with state.user_errors(stop=False):
+            spec = canonical_spec(f"hf:{path.strip()}{args}")
     elif state.factory_enabled():
         typed = st.text_input("Factory: imports the module and runs the function, on this machine",
                               "torchvision.models:resnet18", key="factory_spec",
@@ -89,13 +105,20 @@ with left:
     shape_text = st.text_input("Input shape (blank: the model's own)", key="input_shape_text",
                                help="e.g. 1,3,224,224")  # fmt: skip
 with right:
-    data_source = st.radio("Data", [DIGITS, FOLDER, RANDOM], key="data_source", horizontal=True)
-    folder = ""
+    data_source = st.radio("Data", [DIGITS, FOLDER, RANDOM, TEXT], key="data_source", horizontal=True,
+                           help="A language model (the tinylm sample, a HuggingFace decoder) reads the sample "
+                                "text under the first choice, or a text file.")  # fmt: skip
+    folder = text_file = ""
     if data_source == FOLDER:
         folder = st.text_input("Folder (class subfolders: labelled; flat: unlabelled, label-free metrics)",
                                key="data_folder")  # fmt: skip
-    data_spec = state.RANDOM_DATA if data_source == RANDOM else f"imagefolder:{folder}" if folder else "sample"
-    st.number_input("Use at most N images (0: all)", min_value=0, step=100, key=state.DATA_LIMIT)
+    elif data_source == TEXT:
+        text_file = st.text_input("Text file (.txt, or .jsonl with a \"text\" field per line)", key="text_file",
+                                  help="Cut into blocks of the model's input length, tokenised with the model "
+                                       "folder's tokenizer.json, or as UTF-8 bytes.")  # fmt: skip
+    data_spec = (state.RANDOM_DATA if data_source == RANDOM else f"imagefolder:{folder}" if folder
+                 else f"text:{text_file}" if text_file else "sample")  # fmt: skip
+    st.number_input("Use at most N images or text blocks (0: all)", min_value=0, step=100, key=state.DATA_LIMIT)
 
 if spec is None:  # the arguments could not be read: the error is shown above
     st.stop()
@@ -106,6 +129,8 @@ if spec != st.session_state[state.MODEL_SPEC] or data_spec != st.session_state[s
     st.session_state.pop(state.ALLOCATED, None)
 
 ws = state.workspace()
+if ws.example.dim() == 2 and st.session_state[state.METRICS] == state.DEFAULTS[state.METRICS]:
+    st.session_state[state.METRICS] = ["perplexity", "loss", "accuracy"]  # a language model: per-token metrics
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Parameters", f"{ws.cost.params:,}")
 c2.metric("MACs per example", f"{ws.cost.flops:,}")

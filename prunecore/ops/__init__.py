@@ -1,14 +1,17 @@
 """The registry of module handlers: one `Handler` record per module type.
 
 `ops.core` knows torch.nn, `ops.torchvision` torchvision's transformer classes, `ops.timm` timm
-(only when timm is installed). Each declares a list of records; this module assembles them, with
-records registered at run time (`register`, `cost.register_flops`) consulted first. Lookups walk
-the module's MRO, nearest class first, separately for each aspect (rule, fix, FLOPs).
+(only when timm is installed), `ops.transformers` HuggingFace transformers (only the classes of
+model modules already imported, so that prunecore never imports transformers' model code). Each
+declares a list of records; this module assembles them, with records registered at run time
+(`register`, `cost.register_flops`) consulted first. Lookups walk the module's MRO, nearest class
+first, separately for each aspect (rule, fix, FLOPs).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,8 +62,8 @@ class _Tables:
 
 
 @functools.lru_cache(maxsize=8)
-def _build(registered: tuple[Handler, ...]) -> _Tables:
-    ordered = registered[::-1] + tuple(_LIBRARY)
+def _build(registered: tuple[Handler, ...], late: tuple[Handler, ...]) -> _Tables:
+    ordered = registered[::-1] + tuple(_LIBRARY) + late
     by_aspect: dict[str, dict[type, Handler]] = {}
     for aspect in ("rule", "fix", "flops"):
         table = by_aspect[aspect] = {}
@@ -74,7 +77,16 @@ def _build(registered: tuple[Handler, ...]) -> _Tables:
 
 
 def _tables() -> _Tables:
-    return _build(tuple(_REGISTERED))
+    return _build(tuple(_REGISTERED), _transformers_handlers())
+
+
+def _transformers_handlers() -> tuple[Handler, ...]:
+    """Records for the transformers classes imported so far; none before transformers is imported."""
+    if "transformers" not in sys.modules:
+        return ()
+    from prunecore.ops import transformers as hf
+
+    return hf.handlers()
 
 
 def _nearest(module: nn.Module, aspect: str) -> Handler | None:

@@ -58,6 +58,11 @@ def fix_layer_norm(m: nn.LayerNorm) -> None:
     m.normalized_shape = tuple((m.weight if m.weight is not None else m.bias).shape)
 
 
+def fix_rms_norm(m: nn.RMSNorm) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
 def fix_group_norm(m: nn.GroupNorm) -> None:
     per_group = m.num_channels // m.num_groups  # whole groups go, so their width stays
     m.num_channels = m.weight.shape[0]
@@ -152,6 +157,7 @@ HANDLERS: list[Handler] = [
     # GroupNormAct): the masked norm of mode="mask" stands in for the module
     Handler((nn.LayerNorm,), rule=_rules.layer_norm, fix=fix_layer_norm, whole=True),
     Handler((nn.GroupNorm,), rule=_rules.group_norm, fix=fix_group_norm, whole=True),
+    Handler((nn.RMSNorm,), rule=_rules.rms_norm, fix=fix_rms_norm, whole=True),
     Handler((nn.LocalResponseNorm,), rule=_rules.norm_over_channels),
     # whole: the rule refuses (keeps the heads of) any subclass but prunecore's own pruned one
     Handler((nn.MultiheadAttention, PrunedMultiheadAttention), rule=_rules.multihead_attention, fix=fix_mha,
