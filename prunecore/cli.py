@@ -564,7 +564,7 @@ def _allocate(args: argparse.Namespace) -> int:
     columns: dict[str, Mapping[str, float]] = {"dense": problem.dense, "predicted": plan.predicted}
     if args.evaluate:
         data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit, model=args.model)
-        print(f"measured   on {data.description}, {_bn_note(args.bn_recalibration)}")
+        print(f"measured   on {data.description}, {_bn_note(args.bn_recalibration, model)}")
         measurement = measure_plan(model, plan, data, bn_recalibration=args.bn_recalibration, graph=graph,
                                    latency=False)  # fmt: skip
         plan = measurement.record(plan)
@@ -696,7 +696,7 @@ def _apply(args: argparse.Namespace) -> int:
     pruned_groups = sum(len(g.keep) < g.size for g in plan.groups.values())
     print(f"model      {args.model} ({graph.model_type}), input {shapes}")
     print(f"plan       {args.plan}: {pruned_groups} of {len(plan.groups)} groups pruned"
-          + (f"; {_bn_note(args.bn_recalibration)}" if args.bn_recalibration else ""))
+          + (f"; {_bn_note(args.bn_recalibration, model)}" if args.bn_recalibration else ""))
     after = _report_costs(model, pruned, example)
     _check_totals(plan, after, args.force)
     status = _check(model, raw, plan, graph) if args.check else 0
@@ -821,7 +821,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         reference = model if any(get_metric(m).needs_reference for m in metrics) else None
         print(_metric_table({"dense": evaluate(model, data.evaluation, metrics, reference=reference)}))
         return 0
-    print(f"pruned     {_bn_note(args.bn_recalibration)}")
+    print(f"pruned     {_bn_note(args.bn_recalibration, model)}")
     # the dense model must be the one the plan (or the pruned file) was made from: measure_plan checks
     measurement = measure_plan(model, plan, data, metrics, args.bn_recalibration, trace(model, example),
                                latency=args.latency, pruned=pruned)  # fmt: skip
@@ -913,7 +913,12 @@ def _read_plan(path: Path) -> Plan:
 
 
 # -- report helpers ---------------------------------------------------------------------------------
-def _bn_note(batches: int) -> str:
+def _bn_note(batches: int, model: torch.nn.Module | None = None) -> str:
+    """What the BatchNorm setting does; a model without BatchNorm has nothing to re-estimate."""
+    import torch
+
+    if model is not None and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "no BatchNorm layers to re-estimate"
     return f"BatchNorm re-estimated on up to {batches} calibration batches" if batches else "no BatchNorm re-estimation"
 
 
