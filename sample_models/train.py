@@ -13,9 +13,11 @@ import math
 import platform
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from prunecore.cost import count
@@ -91,24 +93,25 @@ def train(name: str, seed: int = 0, epochs: int | None = None) -> dict:
         bar.set_postfix(loss=f"{total / len(loader.dataset):.3f}")
     seconds = time.perf_counter() - start
     model.eval()
+    metrics = evaluate(model, mnist_loader("heldout"), ["accuracy", "loss"])
+    return save_trained(name, model, torch.zeros(get_spec(name).input_shape), metrics, seconds, seed, epochs=epochs)
+
+
+def save_trained(name: str, model: nn.Module, example: torch.Tensor, metrics: dict[str, float], seconds: float,
+                 seed: int, **extra: Any) -> dict:  # fmt: skip
+    """Write the trained weights and return their manifest entry: checksum, size, cost, held-out metrics."""
     path = weights_path(name)
     path.parent.mkdir(exist_ok=True)
     torch.save(model.state_dict(), path)
-    metrics = evaluate(model, mnist_loader("heldout"), ["accuracy", "loss"])
-    cost = count(model, torch.zeros(get_spec(name).input_shape))
+    cost = count(model, example)
+    held = {"heldout_accuracy": round(100 * metrics["accuracy"], 2), "heldout_loss": round(metrics["loss"], 4)}
+    if "perplexity" in metrics:
+        held["heldout_perplexity"] = round(metrics["perplexity"], 3)
     return {
-        "weights": f"weights/{name}.pt",
-        "sha256": sha256(path),
-        "params": cost.params,
-        "flops": cost.flops,
-        "heldout_accuracy": round(100 * metrics["accuracy"], 2),
-        "heldout_loss": round(metrics["loss"], 4),
-        "epochs": epochs,
-        "seed": seed,
-        "train_seconds": round(seconds, 1),
-        "torch": torch.__version__,
+        "weights": f"weights/{name}.pt", "sha256": sha256(path), "params": cost.params, "flops": cost.flops, **held,
+        **extra, "seed": seed, "train_seconds": round(seconds, 1), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-    }
+    }  # fmt: skip
 
 
 def write_manifest(entries: dict[str, dict]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from dataclasses import dataclass
 
@@ -20,11 +19,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from prunecore.cost import count
 from prunecore.evaluate import evaluate
-from prunecore.samples import get_spec, sha256, weights_path
+from prunecore.samples import get_spec
 from prunecore.text import load_text
 from sample_models.text import documents
+from sample_models.train import save_trained, write_manifest
 
 NAME = "tinylm"
 BLOCK = 128  # tokens per example: the sample's input shape is (1, BLOCK)
@@ -77,31 +76,13 @@ def train_lm(seed: int = 0, steps: int | None = None) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - start
     model.eval()
-    path = weights_path(NAME)
-    path.parent.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), path)
     metrics = evaluate(model, heldout_loader(), ["accuracy", "loss", "perplexity"])
-    cost = count(model, torch.zeros(get_spec(NAME).input_shape, dtype=torch.long))
-    return {
-        "weights": f"weights/{NAME}.pt",
-        "sha256": sha256(path),
-        "params": cost.params,
-        "flops": cost.flops,
-        "heldout_accuracy": round(100 * metrics["accuracy"], 2),
-        "heldout_loss": round(metrics["loss"], 4),
-        "heldout_perplexity": round(metrics["perplexity"], 3),
-        "steps": steps,
-        "epochs": round(steps * recipe.batch_size * BLOCK / tokens.numel(), 1),
-        "seed": seed,
-        "train_seconds": round(seconds, 1),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-    }
+    example = torch.zeros(get_spec(NAME).input_shape, dtype=torch.long)
+    epochs = round(steps * recipe.batch_size * BLOCK / tokens.numel(), 1)
+    return save_trained(NAME, model, example, metrics, seconds, seed, steps=steps, epochs=epochs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sample_models.train import write_manifest
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="override the recipe's step count")
