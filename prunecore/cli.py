@@ -779,9 +779,11 @@ def _deploy(args: argparse.Namespace, model: torch.nn.Module, pruned: torch.nn.M
     data = None if args.data is None else load_data(args.data, input_shape=shape, limit=args.limit, model=args.model)
     models = {"dense": model, "pruned": pruned, "pruned, ONNX Runtime": OnnxModule(onnx.path)}
     if args.int8 is not None:
-        calibration = None if data is None else data.calibration
+        tokens = not example[0].dtype.is_floating_point  # a language model: activation outliers defeat static ranges
+        calibration = None if data is None or tokens else data.calibration
         int8 = quantize_int8(onnx.path, args.int8, calibration)
-        how = f"static, calibrated on {data.description}" if data is not None else "dynamic (weights only)"
+        how = (f"static, calibrated on {data.description}" if calibration is not None else
+               "dynamic: weights INT8, activations quantised per batch" + (" (a language model)" if tokens else ""))
         print(f"int8       {int8} ({how}; ONNX Runtime)")
         models["pruned + INT8, ONNX Runtime"] = OnnxModule(int8)
     if data is None:
