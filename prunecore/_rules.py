@@ -719,9 +719,8 @@ def scaled_dot_product_attention(c: Call) -> Label:
             operands.append((lmask.narrow(2, 0, 1).narrow(3, 0, 1), (mask.shape[0], hq, 1, 1)))
         elif varying_dims(lmask):
             return unsupported(c)
-    per_head = broadcast(c, operands, shape)  # (B|1, H, 1, 1)
-    out_shape = q.shape[:-1] + (v.shape[-1],)
-    return per_head.expand(per_head.shape[0], hq, 1, 1) if len(out_shape) == 4 else unsupported(c)
+    per_head = broadcast(c, operands, shape)  # (B|1, H|1, 1, 1)
+    return per_head.expand(per_head.shape[0], hq, 1, 1)  # the output (B, Hq, N, Ev): one label per head
 
 
 def normalize(c: Call) -> Label:
