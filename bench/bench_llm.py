@@ -22,27 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
 from torch import nn
 
 import prunecore as pc
+from bench_transformers import median_seconds  # this folder's: the script's own directory is on sys.path
 from prunecore.cost import compare_latency
-
-
-def median_seconds(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def llama(layers: int) -> nn.Module:

@@ -201,9 +201,9 @@ def _tokens(input_shape: tuple[int, ...] | None) -> bool:
 
 
 def _text_batch(input_shape: tuple[int, ...]) -> int:
-    from prunecore.samples import TEXT_BATCH_TOKENS
+    from prunecore.text import batch_size
 
-    return max(1, TEXT_BATCH_TOKENS // int(input_shape[-1]))
+    return batch_size(int(input_shape[-1]))
 
 
 def _text(spec: str, path: str, input_shape: tuple[int, ...] | None, limit: int | None, model: str | None) -> EvalData:

@@ -128,17 +128,14 @@ def load_sample(name: str, batch_size: int = 250) -> Sample:
     return Sample(name=name, model=model, example=example, info=entry, **loaders)
 
 
-TEXT_BATCH_TOKENS = 4096  # tokens per batch of text blocks (32 blocks of 128)
-
-
 def text_loader(split: str, length: int, limit: int | None = None) -> DataLoader:
     """Blocks of `length` bytes of the sample text's `split`; the training split shuffled (seeded)."""
-    from prunecore.text import load_text
+    from prunecore.text import batch_size, load_text
     from sample_models.text import documents
 
     blocks = load_text(f"sample text ({split})", length, documents=documents(split), limit=limit)
     blocks.description = f"sample text, {split} ({len(blocks):,} blocks of {length} bytes)"
-    batch = max(1, TEXT_BATCH_TOKENS // length)
+    batch = batch_size(length)
     if split == "train":
         return DataLoader(blocks, batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     return DataLoader(blocks, batch)

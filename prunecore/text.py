@@ -26,10 +26,19 @@ from torch.utils.data import Dataset
 
 from prunecore.errors import UserError
 
-__all__ = ["BYTE", "TextBlocks", "TextError", "Tokenizer", "load_text", "load_tokenizer", "read_documents"]
+__all__ = [
+    "BATCH_TOKENS", "BYTE", "TextBlocks", "TextError", "Tokenizer", "batch_size", "load_text", "load_tokenizer",
+    "read_documents",
+]  # fmt: skip
 
 BYTE = "byte"
 MAX_TEXT_BYTES = 1 << 30  # a text file is read whole; larger ones are refused with a clear message
+BATCH_TOKENS = 4096  # tokens per batch of blocks (32 blocks of 128): the logits of a batch stay small
+
+
+def batch_size(length: int) -> int:
+    """Blocks of `length` tokens per batch."""
+    return max(1, BATCH_TOKENS // length)
 
 
 class TextError(UserError, ValueError):

@@ -62,7 +62,12 @@ class _Tables:
 
 
 @functools.lru_cache(maxsize=8)
-def _build(registered: tuple[Handler, ...], late: tuple[Handler, ...]) -> _Tables:
+def _build(registered: tuple[Handler, ...], transformers_modules: tuple[str, ...]) -> _Tables:
+    late: tuple[Handler, ...] = ()
+    if transformers_modules:
+        from prunecore.ops import transformers as hf
+
+        late = hf.handlers(transformers_modules)
     ordered = registered[::-1] + tuple(_LIBRARY) + late
     by_aspect: dict[str, dict[type, Handler]] = {}
     for aspect in ("rule", "fix", "flops"):
@@ -77,16 +82,16 @@ def _build(registered: tuple[Handler, ...], late: tuple[Handler, ...]) -> _Table
 
 
 def _tables() -> _Tables:
-    return _build(tuple(_REGISTERED), _transformers_handlers())
+    return _build(tuple(_REGISTERED), _transformers_modules())
 
 
-def _transformers_handlers() -> tuple[Handler, ...]:
-    """Records for the transformers classes imported so far; none before transformers is imported."""
+def _transformers_modules() -> tuple[str, ...]:
+    """The transformers model modules imported so far, whose classes have records; () before transformers is."""
     if "transformers" not in sys.modules:
         return ()
     from prunecore.ops import transformers as hf
 
-    return hf.handlers()
+    return hf.loaded()
 
 
 def _nearest(module: nn.Module, aspect: str) -> Handler | None:

@@ -249,7 +249,7 @@ def _state(config: Any, key: str | None, what: str, sizes: list[int], unstated: 
 
 def _derives_head_size(config: Any, heads: int, head_dims: set[int]) -> bool:
     hidden = getattr(config, "hidden_size", None)
-    return hidden is not None and len(head_dims) == 1 and heads * head_dims.copy().pop() == hidden
+    return hidden is not None and len(head_dims) == 1 and heads * next(iter(head_dims)) == hidden
 
 
 # -- the registry ------------------------------------------------------------------------------------
@@ -260,16 +260,24 @@ def _class(path: str) -> type | None:
     return getattr(loaded, name, None) if loaded is not None else None
 
 
-def handlers() -> tuple[Handler, ...]:
-    """The records for the transformers classes imported so far."""
-    paths = (*ATTENTION, *NORMS, "transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.PreTrainedModel",
-             "transformers.models.swin.modeling_swin.SwinRelativePositionBias")  # fmt: skip
-    return _handlers(tuple(p for p in paths if _class(p) is not None))
+_PATHS = (*ATTENTION, *NORMS, "transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.PreTrainedModel",
+          "transformers.models.swin.modeling_swin.SwinRelativePositionBias")  # fmt: skip
+_MODULES = tuple(sorted({p.rpartition(".")[0] for p in _PATHS}))
+
+
+def loaded() -> tuple[str, ...]:
+    """The modules of the classes below that are imported: the key `handlers` is cached by.
+
+    A handful of dict lookups, because the registry asks on every module lookup of a trace.
+    """
+    return tuple(m for m in _MODULES if m in sys.modules)
 
 
 @functools.lru_cache(maxsize=32)
-def _handlers(paths: tuple[str, ...]) -> tuple[Handler, ...]:
-    classes = {p: _class(p) for p in paths}
+def handlers(modules: tuple[str, ...]) -> tuple[Handler, ...]:
+    """The records for the classes of `modules` (`loaded()`)."""
+    classes = {p: _class(p) for p in _PATHS if p.rpartition(".")[0] in modules}
+    classes = {p: c for p, c in classes.items() if c is not None}
     out = []
     if "transformers.pytorch_utils.Conv1D" in classes:
         out.append(Handler((classes["transformers.pytorch_utils.Conv1D"],), rule=conv1d, fix=_fix_conv1d,
