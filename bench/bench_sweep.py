@@ -7,7 +7,7 @@
    largest |difference| of any point (the sweep claims identical values), peak RSS, and the
    *floor*: the forward passes no reuse can avoid (per group, one dense prefix pass up to the
    group's first affected node, then one suffix pass of the pruned layers per level, over all
-   batches), timed alone with the sweep's own `_Engine` and `_Variants` (aim: sweep / floor <= 1.3x).
+   batches), timed alone with the sweep's own `SuffixEngine` (aim: sweep / floor <= 1.3x).
    The same comparison runs with BatchNorm re-estimation on 4 calibration batches
    (`bn_recalibration=4` vs `recalibrate_bn_`).
 2. `mode="estimate"` (a Taylor prediction of the loss curve) vs the exact sweep on the three sample
@@ -43,13 +43,15 @@ from torch import nn
 
 import prunecore
 from prunecore.evaluate import split_batch
-from prunecore.sensitivity import DENSE, _Engine, _Variants
+from prunecore.sensitivity import DENSE
+from prunecore.suffix import SuffixEngine
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 METRICS = ["accuracy", "loss"]
 EXACT_MODELS = ("resnet20", "resnet18")  # sweep vs naive vs floor
 SAMPLES = ("resnet20", "mobilenet_v2", "vit")  # estimate vs exact
 BN_BATCHES = 4
+PARALLEL = ("seq1", "local2", "ray2")  # the sweep on 1 worker, 2 local workers, 2 Ray actors; 1 thread each
 ESTIMATE_REPS = 3
 Setup = tuple[nn.Module, list[Any] | Iterable[Any], torch.Tensor, Iterable[Any], list[str] | None, tuple[float, ...]]
 
@@ -93,21 +95,20 @@ def floor_seconds(model: nn.Module, data: Iterable[Any], example: torch.Tensor, 
                   levels: tuple[float, ...]) -> float:  # fmt: skip
     """Time of only the unavoidable passes: per group and batch, one prefix and one suffix per level."""
     graph = prunecore.trace(model, example)
-    engine = _Engine(model, graph, METRICS, data, None, 0, False)
-    end, total = len(engine.nodes), 0.0
+    engine = SuffixEngine(model, graph, METRICS, data)
+    total = 0.0
     with torch.no_grad():
         for g in groups or [g.name for g in graph.prunable]:
-            start = engine._first_node(g)
-            variants = _Variants(engine.gm, graph, [prunecore.make_plan(model, graph, {g: s}) for s in levels])
+            start = engine.start_of(g)
+            variants = engine.variants(g, [prunecore.make_plan(model, graph, {g: s}) for s in levels])
             for batch in data:
                 began = time.perf_counter()
-                env = engine.start(split_batch(batch)[0])
-                engine.advance(env, 0, start)
+                env = engine.prefix(split_batch(batch)[0], start)
                 total += time.perf_counter() - began
                 for i in range(len(levels)):
                     with variants.applied(i):  # the point's smaller tensors, as in the sweep; not timed
                         began = time.perf_counter()
-                        engine.advance(dict(env), start, end)
+                        engine.suffix(env, start)
                         total += time.perf_counter() - began
     return total
 
@@ -133,6 +134,15 @@ def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
                                     progress=False, mode="estimate")  # fmt: skip
             times.append(time.perf_counter() - t0)
         return {"seconds": statistics.median(times), "rounds_s": times, "rows": frame.to_dict("records")}
+    if kind in PARALLEL:  # 1 thread per worker: the sequential sweep, 2 local processes, a 2-actor Ray cluster
+        torch.set_num_threads(1)
+        execution = {"seq1": {}, "local2": dict(workers=2, threads=1),
+                     "ray2": dict(workers=2, threads=1, executor="ray")}
+        began = time.perf_counter()
+        frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False,
+                                **execution[kind])  # fmt: skip
+        return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
+                "workers": frame.attrs.get("workers") or []}  # fmt: skip
     extra = dict(bn_recalibration=BN_BATCHES, calibration=calibration) if bn else {}  # sweep, sweep_bn
     frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False, **extra)
     return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
@@ -190,6 +200,33 @@ def estimate_row(name: str, exact: dict[str, Any], est: dict[str, Any]) -> dict[
                 rho_acc_drop=rho(both.loss_est, dense_acc - both.accuracy))  # fmt: skip
 
 
+def parallel_row(name: str, r: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Speed-up of 2 local workers and of 2 Ray actors over 1 worker (1 thread each), and whether points agree."""
+    one = points(r["seq1"])
+    row: dict[str, Any] = dict(model=name, points=len(one), seq1_s=r["seq1"]["seconds"])
+    for kind in ("local2", "ray2"):
+        other = points(r[kind])
+        assert other.index.equals(one.index), f"{kind} computed other points"
+        row[f"{kind}_s"] = r[kind]["seconds"]
+        row[f"{kind}_speedup"] = r["seq1"]["seconds"] / r[kind]["seconds"]
+        row[f"{kind}_identical"] = bool(all(other[m].equals(one[m]) for m in METRICS))
+        row[f"{kind}_worker_rss_mib"] = [w["peak_rss_mib"] for w in r[kind]["workers"]]
+    row["driver_rss_mib"] = {kind: r[kind]["rss_mib"] for kind in PARALLEL}
+    return row
+
+
+def parallel_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | points | 1 worker s | 2 local workers s | speed-up | identical | 2 Ray actors s | speed-up "
+             "| identical | peak RSS per worker, local / Ray MiB |", "|---|" + "---:|" * 9]  # fmt: skip
+    rss = lambda v: " + ".join(f"{x:.0f}" for x in v)  # noqa: E731
+    yes = lambda v: "yes" if v else "NO"  # noqa: E731
+    lines += [f"| {r['model']} | {r['points']} | {r['seq1_s']:.1f} | {r['local2_s']:.1f} | "
+              f"{r['local2_speedup']:.2f}x | {yes(r['local2_identical'])} | {r['ray2_s']:.1f} | "
+              f"{r['ray2_speedup']:.2f}x | {yes(r['ray2_identical'])} | {rss(r['local2_worker_rss_mib'])} / "
+              f"{rss(r['ray2_worker_rss_mib'])} |" for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
 def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[str, Any]]) -> str:
     opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     quick = " (quick smoke run: the numbers mean nothing)" if info["quick"] else ""
@@ -216,6 +253,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 groups, 2 levels, 50 images: only checks it runs")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of naive, sweep and floor")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    parser.add_argument("--parallel-only", action="store_true",
+                        help="only the workers section: 1 worker vs 2 local workers vs 2 Ray actors, 1 thread each")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: MODEL:KIND, run in a subprocess
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,6 +262,12 @@ def main() -> None:
         result = job(*args.job.split(":"), quick=args.quick)
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         args.out.write_text(json.dumps(result, default=str))
+        return
+    parallel = [parallel_row(n, {k: spawn(n, k, args.quick) for k in PARALLEL}) for n in EXACT_MODELS]
+    print("Workers (1 thread each):\n\n" + parallel_markdown(parallel) + "\n")
+    if args.parallel_only:
+        if args.json:
+            args.json.write_text(json.dumps({"parallel": parallel}, indent=2, default=str))
         return
     timed: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(1 if args.quick else args.rounds):  # interleaved, so drift spoils no single ratio
@@ -241,7 +286,8 @@ def main() -> None:
                 bn_batches=BN_BATCHES)  # fmt: skip
     print(markdown(info, exact, est))
     if args.json:
-        args.json.write_text(json.dumps({**info, "exact": exact, "estimate": est, "runs": runs}, indent=2, default=str))
+        args.json.write_text(json.dumps({**info, "exact": exact, "estimate": est, "parallel": parallel, "runs": runs},
+                                        indent=2, default=str))  # fmt: skip
         print(f"\nJSON written to {args.json}")
 
 

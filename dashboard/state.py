@@ -85,6 +85,8 @@ LEVELS = "sweep_levels"
 METRICS = "sweep_metrics"
 BN_BATCHES = "sweep_bn_batches"
 CALIBRATE = "sweep_calibrate"  # random plans the sweep job measures afterwards to fit the predictor (0: none)
+SWEEP_DEVICE = "sweep_device"  # where the sweep job's points run: "auto" (CUDA when present), "cpu", "cuda:N"
+SWEEP_WORKERS = "sweep_workers"  # local worker processes the sweep job spreads its groups over
 MODE = "sweep_mode"
 BUDGET_KIND = "budget_kind"
 BUDGET_VALUE = "budget_value"
@@ -106,6 +108,8 @@ DEFAULTS: dict[str, Any] = {
     METRICS: ["accuracy", "loss"],
     BN_BATCHES: 2,
     CALIBRATE: 24,
+    SWEEP_DEVICE: "auto",
+    SWEEP_WORKERS: 1,
     MODE: "exact",
     BUDGET_KIND: "flops",
     BUDGET_VALUE: 0.5,
@@ -311,8 +315,16 @@ def sweep_settings() -> dict[str, Any]:
         "levels": list(st.session_state[LEVELS]), "criterion": st.session_state[CRITERION],
         "metric": list(st.session_state[METRICS]), "bn_recalibration": int(st.session_state[BN_BATCHES]),
         "calibrate": int(st.session_state[CALIBRATE]),
-        "mode": st.session_state[MODE],
+        "mode": st.session_state[MODE], "device": st.session_state[SWEEP_DEVICE],
+        "workers": int(st.session_state[SWEEP_WORKERS]),
     }  # fmt: skip
+
+
+def device_choices() -> list[str]:
+    """The devices a sweep can run on here: "auto" (CUDA when present, else the CPU), the CPU, each GPU."""
+    import torch
+
+    return ["auto", "cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
 
 
 def store_path() -> Path:
@@ -356,6 +368,7 @@ def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
         input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
         criterion=settings["criterion"], metrics=tuple(metrics), bn_recalibration=settings["bn_recalibration"],
         mode=settings["mode"], calibrate=settings["calibrate"],
+        device=None if settings["device"] == "auto" else settings["device"], workers=settings["workers"],
     )  # fmt: skip
     key = _keyed(job, JOB_CACHE)
     st.session_state[JOB] = key
@@ -371,10 +384,7 @@ def _remember_run_id(ws: Workspace, job: SweepJob, key: str) -> None:
         return
     loaded = data(ws)
     with user_errors(stop=False):
-        found[key] = sweep_run_id(
-            ws.model, loaded.evaluation, ws.graph, job.levels, job.criterion, list(job.metrics), job.groups,
-            job.bn_recalibration, loaded.calibration, job.round_to, job.mode,
-        )  # fmt: skip
+        found[key] = sweep_run_id(ws.model, loaded.evaluation, ws.graph, job.config(), calibration=loaded.calibration)
 
 
 def _keyed(job: Job, cache: str) -> str:
@@ -447,6 +457,23 @@ def job_progress(status: JobStatus, kind: str = "sweep") -> tuple[float, str]:
         parts.append(f"about {_duration(status.eta_s)} left")
     fraction = min(status.done / status.total, 1.0) if status.total else 0.0
     return fraction, status.state + (": " + ", ".join(parts) if parts else "")
+
+
+def worker_lines(workers: list[dict[str, Any]]) -> str:
+    """Per-worker progress of a sweep over several workers, one clause each.
+
+    >>> worker_lines([{"worker": 0, "group": "stem.0", "done": 2, "total": 5, "groups_done": 3, "restarts": 0},
+    ...               {"worker": 1, "group": None, "done": 0, "total": 5, "groups_done": 4, "restarts": 1}])
+    'worker 0: `stem.0`, 2 of 5 batches (3 groups done) · worker 1: idle (4 groups done, restarted once)'
+    """
+    parts = []
+    for w in workers:
+        doing = f"`{w['group']}`, {w['done']} of {w['total']} batches" if w.get("group") else "idle"
+        restarts = w.get("restarts") or 0
+        again = "" if not restarts else ", restarted once" if restarts == 1 else f", restarted {restarts} times"
+        extra = f"{w['groups_done']} groups done{again}"
+        parts.append(f"worker {w['worker']}: {doing} ({extra})")
+    return " · ".join(parts)
 
 
 def _complete(run_id: str | None) -> bool:
@@ -559,6 +586,8 @@ def _panel(job: Job, key: str, shown: tuple | None, text: PanelText) -> None:
         return
     fraction, line = job_progress(status, job.kind)
     st.progress(fraction, text=line)
+    if status.state in jobs.ACTIVE and status.workers:
+        st.caption(worker_lines(status.workers))
     if status.state in jobs.ACTIVE:
         st.button("Cancel", key=text.cancel_key, on_click=cancel_job, args=(key,), help=text.cancel_help)
     else:  # cancelled, or its worker died

@@ -9,7 +9,7 @@ for at most the forward passes already running; a waiting trace holds back new o
 cannot starve.
 
 prunecore's fx tracer also lets module calls of other threads through unrecorded
-(`sensitivity._Tracer`), which covers forward passes that do not go through prunecore (your own
+(`suffix._Tracer`), which covers forward passes that do not go through prunecore (your own
 code running a model while a sweep starts); the lock keeps the rest of fx's process-wide patching
 (wrapped functions, `__getattr__`) out of prunecore's own passes.
 """

@@ -110,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="exact: measure every point; estimate: predict the loss curve from gradients")  # fmt: skip
     sweep.add_argument("--store", type=Path, help="run store database (default: $PRUNECORE_STORE or the user cache)")
     sweep.add_argument("--out", type=Path, help="also write the curves to a .csv or .parquet file")
+    sweep.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    sweep.add_argument("--autocast", choices=["bf16", "fp16"],
+                       help="evaluate in mixed precision (faster on GPUs; recorded in the run, a separate run id)")
+    sweep.add_argument("--workers", type=_positive, default=1, metavar="N",
+                       help="measure groups in N local processes (with --ray: N Ray actors); same points")
+    sweep.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="measure groups on a Ray cluster: its ADDRESS (e.g. ray://head:10001), or none for a "
+                            "local one started for the sweep (pip install 'prunecore[ray]')")  # fmt: skip
+    sweep.add_argument("--threads", type=_positive, metavar="N",
+                       help="torch threads per worker (default: this machine's threads divided among the workers)")
     sweep.add_argument("--calibrate", type=_non_negative, default=0, metavar="N",
                        help="then measure N random plans and each method's plans at a few budgets (about N + 20 "
                             "in all) and fit a predictor that knows damage compounds; stored with the run, allocate "
@@ -361,7 +371,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from prunecore.datasets import load_data
     from prunecore.importance import get_criterion
     from prunecore.measure import default_metrics
-    from prunecore.sensitivity import DEFAULT_LEVELS, sweep
+    from prunecore.sensitivity import DEFAULT_LEVELS, SweepConfig, sweep
     from prunecore.store import RunStore
 
     get_criterion(args.criterion)  # an unknown name fails before the model loads
@@ -373,11 +383,18 @@ def _sweep(args: argparse.Namespace) -> int:
     store = RunStore(args.store)
     print(f"sweeping {args.model} on {data.description}: {len(graph.prunable)} groups x "
           f"{len(args.levels or DEFAULT_LEVELS)} levels")  # fmt: skip
+    config = SweepConfig(levels=tuple(args.levels or DEFAULT_LEVELS), criterion=args.criterion, metric=tuple(metrics),
+                         groups=None if args.groups is None else tuple(args.groups),
+                         bn_recalibration=args.bn_recalibration, mode=args.mode, autocast=args.autocast)  # fmt: skip
     curves = sweep(
-        model, data.evaluation, example, levels=args.levels or DEFAULT_LEVELS, criterion=args.criterion, metric=metrics,
-        groups=args.groups, bn_recalibration=args.bn_recalibration, calibration=data.calibration,
-        store=store, graph=graph, model_name=args.model, mode=args.mode,
+        model, data.evaluation, example, config, calibration=data.calibration, store=store, graph=graph,
+        model_name=args.model, device=args.device, workers=args.workers, threads=args.threads,
+        executor="local" if args.ray is None else "ray", address=args.ray or None,
     )  # fmt: skip
+    if curves.attrs.get("workers"):
+        print("workers: " + ", ".join(f"#{w['worker']} {w['groups']} groups, peak {w['peak_rss_mib']:.0f} MiB"
+                                      + (f", {w['restarts']} restarted" if w["restarts"] else "")
+                                      for w in curves.attrs["workers"]))  # fmt: skip
     print(f"run {curves.attrs['run_id']} in {store.path}: {len(curves)} rows")
     print(_curve_table(curves, metrics[0]))
     if args.out is not None:

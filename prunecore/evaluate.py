@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunecore.datasets import DataSpecError
+from prunecore.devices import autocast as autocast_ctx
+from prunecore.devices import resolve_device
 from prunecore.errors import ArgumentError, ModelRunError, running_model
 from prunecore._modes import training_flags
 from prunecore.graph import ChannelGraph
@@ -93,6 +96,11 @@ def list_metrics() -> list[str]:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` if it is on `device`, else a copy there (the caller's model never moves)."""
+    return model if _device(model) == device else copy.deepcopy(model).to(device)
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -174,11 +182,15 @@ def evaluate(
     metric: str | Sequence[str] = "accuracy",
     reference: nn.Module | None = None,
     batches: int | None = None,
+    device: str | torch.device | None = None,
+    autocast: str | None = None,
 ) -> dict[str, float]:
     """Mean of each requested metric over the samples of `data`, in one pass.
 
     The model (and reference) run in eval mode under no_grad; their training flags are restored
     afterwards, so evaluating never changes them. `batches` caps the batches used (None = all).
+    `device` runs the pass there (on a copy when the model lives elsewhere: evaluating never moves
+    your model); default, where the model is. `autocast` ("bf16"/"fp16") runs it in mixed precision.
     """
     names = list(dict.fromkeys([metric] if isinstance(metric, str) else metric))
     unknown = [n for n in names if n not in _METRICS]
@@ -190,6 +202,10 @@ def evaluate(
         needy = [s.name for s in specs if s.needs_reference]
         raise ArgumentError(f"metric(s) {needy} compare with the dense model: pass reference=")
     use_ref = reference is not None and any(s.needs_reference for s in specs)
+    same_ref = reference is model  # the model's own outputs: one forward serves both
+    if device is not None:
+        model = _on(model, resolve_device(device))
+        reference = model if same_ref else _on(reference, resolve_device(device)) if use_ref else reference
     device = _device(model)
     sums = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
     samples = 0
@@ -201,8 +217,13 @@ def evaluate(
                 needy = [s.name for s in specs if s.needs_labels]
                 raise ArgumentError(f"metric(s) {needy} need labels but the data has no targets; "
                                  "use a label-free metric (kl, agreement) with a reference")
-            logits, targets = as_rows(_logits(model, inputs), targets)  # (N, C): N = B, or B*T tokens
-            ref = as_rows(_logits(reference, inputs).to(device))[0] if use_ref else None  # (N, C)
+            with autocast_ctx(device, autocast):
+                out = _logits(model, inputs)
+                ref_out = (out if same_ref else _logits(reference, inputs)) if use_ref else None
+            if autocast is not None:  # half-precision logits: the metrics sum in full precision
+                out, ref_out = out.float(), ref_out.float() if use_ref else None
+            logits, targets = as_rows(out, targets)  # (N, C): N = B, or B*T tokens
+            ref = as_rows(ref_out.to(device))[0] if use_ref else None  # (N, C)
             targets = targets.to(device) if targets is not None else None
             if targets is not None:
                 _check_targets(targets, logits)
@@ -218,7 +239,8 @@ def _tracked_bn(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None = 50) -> nn.Module:
+def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None = 50,
+                    device: str | torch.device | None = None) -> nn.Module:
     """Re-estimate BatchNorm running statistics from `data`, in place; returns `model`.
 
     Pruning changes the features each BatchNorm sees, so its stored statistics go stale; a few
@@ -226,7 +248,14 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None =
     so the statistics are the exact average over the batches, independent of their order. Only
     BatchNorm runs in train mode: dropout stays off so the statistics match inference. Labels
     are ignored. Momentum and training flags are restored; on an error the old statistics are too.
+    `device` runs the passes there (the model moves for them and moves back); default, where the model is.
     """
+    home = _device(model)
+    if device is not None and resolve_device(device) != home:
+        try:
+            return recalibrate_bn_(model.to(resolve_device(device)), data, batches)
+        finally:
+            model.to(home)
     bns = _tracked_bn(model)
     if not bns:
         return model
@@ -264,18 +293,23 @@ def evaluate_plan(
     bn_recalibration: bool | int = True,
     calibration: Iterable[Any] | None = None,
     graph: ChannelGraph | None = None,
+    device: str | torch.device | None = None,
+    autocast: str | None = None,
 ) -> dict[str, float]:
     """Measured metrics of `apply_plan(model, plan)`: the numbers a plan's prediction is checked against.
 
     `bn_recalibration` re-estimates the pruned model's BatchNorm statistics first (True: 50
     batches, an int: that many) on `calibration` (default: `data`), because pruning shifts the
     statistics every following BatchNorm saw. Label-free metrics compare with the dense `model`.
-    `model` is not changed.
+    `model` is not changed. The pruned copy runs on `device` (default CUDA when present, else the
+    CPU), in mixed precision with `autocast`.
     """
     names = [metric] if isinstance(metric, str) else list(metric)
-    pruned = apply_plan(model, plan, graph=graph)
+    target = resolve_device(device)
+    pruned = apply_plan(model, plan, graph=graph).to(target)
     if bn_recalibration:
         batches = 50 if bn_recalibration is True else int(bn_recalibration)
         recalibrate_bn_(pruned, data if calibration is None else calibration, batches=batches)
     needs_reference = any(get_metric(m).needs_reference for m in names)
-    return evaluate(pruned, data, names, reference=model if needs_reference else None)
+    return evaluate(pruned, data, names, reference=model if needs_reference else None, device=target,
+                    autocast=autocast)  # fmt: skip

@@ -103,6 +103,8 @@ class SweepJob:
     mode: str = "exact"
     round_to: int = 1
     calibrate: int = 0  # then fit a predictor on about this many random plans + 20 method plans (0: no)
+    device: str | None = None  # where points run (None: CUDA when present, else the CPU)
+    workers: int = 1  # local worker processes measuring groups
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -119,6 +121,13 @@ class SweepJob:
             fix("input_shape", tuple(int(n) for n in self.input_shape))
 
     kind = "sweep"  # a class attribute, not a field: `job.json` names it, `read_job` reads it
+
+    def config(self) -> Any:
+        """The job's `SweepConfig`: the settings its run id digests (device and workers are not among them)."""
+        from prunecore.sensitivity import SweepConfig
+
+        return SweepConfig(levels=self.levels, criterion=self.criterion, metric=self.metrics, groups=self.groups,
+                           bn_recalibration=self.bn_recalibration, round_to=self.round_to, mode=self.mode)
 
     def to_json(self) -> str:
         """The job as a JSON object, one key per field, and its kind."""
@@ -301,6 +310,7 @@ class JobStatus:
     eta_s: float | None = None  # seconds left, from the rate so far; None until known
     error: str | None = None  # one line, when failed
     unit: str = "batches"  # what done and total count: batches, steps (a measurement), plans (calibration), epochs
+    workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per sweep worker: group, done, total
 
 
 def job_key(job: Job) -> str:
@@ -314,8 +324,10 @@ def job_key(job: Job) -> str:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
     if isinstance(job, (MeasureJob, FinetuneJob)):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
-    elif not job.calibrate:
-        del fields["calibrate"]  # sweeps keep the keys they had before calibration existed
+    else:  # sweeps keep the keys they had before these fields existed, while they hold their defaults
+        for name, default in (("calibrate", 0), ("device", None), ("workers", 1)):
+            if fields[name] == default:
+                del fields[name]
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -600,6 +612,14 @@ class _Worker:
         self.check()
         self.write(group=name)
 
+    def on_worker(self, status: Any) -> None:
+        """A sweep worker's progress (`prunecore.workers.WorkerStatus`), one entry per worker in the status."""
+        entries = {w["worker"]: w for w in self.fields["workers"]}
+        entries[status.index] = {"worker": status.index, "pid": status.pid, "group": status.group,
+                                 "done": status.done, "total": status.total, "groups_done": status.groups_done,
+                                 "peak_rss_mib": status.peak_rss_mib, "restarts": status.restarts}  # fmt: skip
+        self.write(workers=[entries[i] for i in sorted(entries)])
+
 
 class _OpeningStore:
     """A `RunStore` that tells the worker the run id the moment `sweep` opens its run."""
@@ -633,11 +653,9 @@ def _sweep(job: SweepJob, worker: _Worker) -> str:
     worker.check()
     graph = trace(model, example)  # once: the sweep and the calibration after it share it
     curves = sweep(
-        model, data.evaluation, example, levels=list(job.levels), criterion=job.criterion, metric=list(job.metrics),
-        groups=None if job.groups is None else list(job.groups), bn_recalibration=job.bn_recalibration,
-        calibration=data.calibration, round_to=job.round_to, progress=worker.progress,
-        store=_OpeningStore(RunStore(job.store), worker.opened), model_name=job.model, mode=job.mode,
-        on_group=worker.on_group, graph=graph,
+        model, data.evaluation, example, job.config(), calibration=data.calibration, progress=worker.progress,
+        store=_OpeningStore(RunStore(job.store), worker.opened), model_name=job.model, on_group=worker.on_group,
+        graph=graph, device=job.device, workers=job.workers, on_worker=worker.on_worker,
     )  # fmt: skip
     if job.calibrate:
         _calibrate(job, worker, model, graph, curves, data)

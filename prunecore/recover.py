@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from prunecore.devices import resolve_device
 from prunecore.errors import ArgumentError, UserError, running_model
 from prunecore.evaluate import evaluate, get_metric, metrics_for, output_logits, split_batch
 from prunecore.files import write_atomic
@@ -333,14 +334,6 @@ class _Accelerated(_Runner):
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(value.to(self.device), reduction="sum").cpu()
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or CUDA when present else the CPU; an `ArgumentError` for CUDA where there is none."""
-    local = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if local.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError(f"device {str(device)!r}: no CUDA device is available here; use cpu")
-    return local
 
 
 def _runner(accelerator: Any, device: str | torch.device | None) -> _Runner:

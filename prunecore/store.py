@@ -28,7 +28,10 @@ from torch import nn
 from prunecore.errors import UserError
 from prunecore.files import write_atomic
 
-__all__ = ["RunInfo", "RunStore", "StoreError", "default_store_path", "fingerprint_data", "fingerprint_model", "run_id"]
+__all__ = [
+    "DataHasher", "RunInfo", "RunStore", "StoreError", "default_store_path", "fingerprint_data", "fingerprint_model",
+    "run_id",
+]  # fmt: skip
 
 SCHEMA_VERSION = 2  # 2: the predictors table (a version-1 store gains it when opened for writing)
 _DIGITS = 6  # sparsity is a key: rounded so that 0.1 + 0.2 and 0.3 name the same point
@@ -78,13 +81,34 @@ def fingerprint_model(model: nn.Module) -> str:
 
 def fingerprint_data(data: Iterable) -> str:
     """Hash of all tensors of all batches (x, (x,) or (x, y)); one pass, so shuffling changes it."""
-    h = hashlib.sha256()
-    for i, batch in enumerate(data):
+    hasher = DataHasher()
+    for batch in data:
+        hasher.add(batch)
+    return hasher.hexdigest()
+
+
+class DataHasher:
+    """`fingerprint_data` one batch at a time, so the pass that evaluates the data can also fingerprint it."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._batches = 0
+
+    def add(self, batch: Any) -> None:
         parts = batch if isinstance(batch, (tuple, list)) else (batch,)
         if not all(isinstance(part, torch.Tensor) for part in parts):
-            raise TypeError(f"fingerprint_data: batch {i} must be a tensor or a tuple of tensors")
-        _feed(h, f"batch {i} of {len(parts)}", *parts)
-    return h.hexdigest()
+            raise TypeError(f"fingerprint_data: batch {self._batches} must be a tensor or a tuple of tensors")
+        _feed(self._h, f"batch {self._batches} of {len(parts)}", *parts)
+        self._batches += 1
+
+    def hashing(self, data: Iterable) -> Iterator[Any]:
+        """The batches of `data`, each added to the hash as it passes."""
+        for batch in data:
+            self.add(batch)
+            yield batch
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def run_id(model_fp: str, data_fp: str, config: Mapping[str, Any]) -> str:

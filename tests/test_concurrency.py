@@ -10,7 +10,7 @@ import torch
 
 import prunecore as pc
 from prunecore._concurrency import forward_pass, fx_tracing
-from prunecore.sensitivity import symbolic_trace
+from prunecore.suffix import symbolic_trace
 
 
 def _in_threads(*jobs):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+import pytest
 from prunecore import load_sample
 from prunecore.datasets import load_data
 from prunecore.sensitivity import DENSE, sweep
@@ -14,10 +16,11 @@ from prunecore.store import RunStore
 LEVELS = [0.2, 0.4, 0.6, 0.8]
 
 
-def test_killed_sweep_resumes(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2", "--threads", "1"]], ids=["one process", "2 workers"])
+def test_killed_sweep_resumes(tmp_path, workers):
     db = tmp_path / "runs.sqlite"
     cmd = [sys.executable, "-m", "prunecore.cli", "sweep", "--model", "sample:resnet20", "--data", "sample",
-           "--limit", "100", "--levels", ",".join(map(str, LEVELS)), "--store", str(db)]  # fmt: skip
+           "--limit", "100", "--levels", ",".join(map(str, LEVELS)), "--store", str(db), *workers]  # fmt: skip
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = RunStore(db)
     deadline = time.time() + 300
@@ -26,6 +29,7 @@ def test_killed_sweep_resumes(tmp_path):
         while time.time() < deadline and child.poll() is None:
             runs = store.runs() if db.exists() else []
             if runs and runs[0].points >= 1 + len(LEVELS):  # the dense row and one whole group
+                orphans = psutil.Process(child.pid).children(recursive=True)
                 os.kill(child.pid, signal.SIGKILL)
                 child.wait()
                 before = store.points(runs[0].run_id)
@@ -36,6 +40,9 @@ def test_killed_sweep_resumes(tmp_path):
             child.kill()
     assert before is not None, "the sweep finished or failed before it could be killed"
     assert child.returncode == -signal.SIGKILL
+    assert len(orphans) >= (2 if workers else 0)  # the 2 workers (and multiprocessing's resource tracker)
+    _, alive = psutil.wait_procs(orphans, timeout=30)  # they notice that their driver is gone, and end
+    assert not alive
     run = store.runs()[0]
     assert not run.complete and run.points < run.expected
 

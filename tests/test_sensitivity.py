@@ -10,7 +10,9 @@ import toy_models as toys
 from prunecore import evaluate, load_sample, recalibrate_bn_, trace
 from prunecore.cost import count
 from prunecore.prune import make_plan
-from prunecore.sensitivity import DENSE, sweep, sweep_run_id
+from prunecore.errors import ArgumentError
+from prunecore.sensitivity import DENSE, SweepConfig, sweep, sweep_run_id
+from prunecore.store import fingerprint_data, fingerprint_model, run_id
 from prunecore.surgery import apply_plan
 
 
@@ -102,7 +104,8 @@ def test_bad_arguments(resnet20):
 def test_progress_callback(resnet20):
     model, data, _, example = resnet20
     seen = []
-    sweep(model, data, example, levels=[0.5], groups=["stem.0", "layer1.0.conv1"], progress=lambda d, t: seen.append((d, t)))
+    sweep(model, data, example, levels=[0.5], groups=["stem.0", "layer1.0.conv1"],
+          progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (4, 4) and [d for d, _ in seen] == [1, 2, 3, 4]
 
 
@@ -174,3 +177,74 @@ def test_sweep_equals_naive_on_window_attention():
     data = [(torch.randn(2, 3, 20, 20, generator=gen), torch.randint(0, 3, (2,), generator=gen)) for _ in range(2)]
     fast = sweep(model, data, data[0][0], levels=[0.5], metric=["loss"], progress=False)
     assert_matches(fast, naive(model, data, data[0][0], [0.5], ["loss"]), ["loss"])
+
+
+def test_sweep_config_normalises_checks_and_keys_runs_as_before(resnet20):
+    model, data, _, example = resnet20
+    config = SweepConfig(levels=[0.5, 0.1, 0.5], metric="loss", groups=["stem.0", "stem.0"])
+    assert config.levels == (0.1, 0.5) and config.metric == ("loss",) and config.groups == ("stem.0",)
+    assert SweepConfig(mode="estimate", metric="accuracy", bn_recalibration=4).metric == ("loss",)
+    with pytest.raises(ArgumentError, match=r"unknown sweep setting\(s\) \['level'\]"):
+        sweep(model, data, example, level=[0.5], progress=False)
+    with pytest.raises(ArgumentError, match="config must be a SweepConfig"):
+        sweep(model, data, example, [0.5], progress=False)
+    with pytest.raises(ArgumentError, match="autocast must be one of"):
+        SweepConfig(autocast="int8")
+    # the run id digests the same dict as before SweepConfig existed, so stored runs are still found
+    graph = trace(model, example)
+    old_key = {"levels": [0.1, 0.5], "criterion": "l1", "metrics": ["loss"], "groups": ["stem.0"],
+               "bn_recalibration": 0, "round_to": 1, "mode": "exact"}  # fmt: skip
+    expected = run_id(fingerprint_model(model), fingerprint_data(data), old_key)
+    assert sweep_run_id(model, data, graph, config) == expected
+    assert sweep_run_id(model, data, graph, levels=[0.1, 0.5], metric="loss", groups=["stem.0"]) == expected
+    assert sweep_run_id(model, data, graph, config, autocast="bf16") != expected  # mixed precision: another run
+
+
+def test_the_stored_data_fingerprint_comes_from_the_evaluating_pass(resnet20, tmp_path):
+    model, data, _, example = resnet20
+    reads = []
+
+    class Counted:
+        def __iter__(self):
+            reads.append(1)
+            return iter(data)
+
+        def __len__(self):
+            return len(data)
+
+    curves = sweep(model, Counted(), example, levels=[0.5], groups=["stem.0"], metric="accuracy", progress=False,
+                   store=tmp_path / "s.sqlite")  # fmt: skip
+    assert curves.attrs["run_id"] == sweep_run_id(model, data, trace(model, example), levels=[0.5],
+                                                  groups=["stem.0"], metric="accuracy")  # fmt: skip
+    assert len(reads) == 2  # the dense row (which fingerprints), then the group's one pass; no third read
+
+
+def test_sweep_on_an_explicit_device_and_in_mixed_precision(resnet20):
+    model, data, _, example = resnet20
+    kwargs = dict(levels=[0.5], groups=["layer1.0.conv1"], metric=["accuracy", "loss"], progress=False)
+    here = sweep(model, data, example, **kwargs)
+    on_cpu = sweep(model, data, example, device="cpu", **kwargs)
+    pd.testing.assert_frame_equal(here, on_cpu)
+    assert on_cpu.attrs["device"] == "cpu"
+    bf16 = sweep(model, data, example, device="cpu", autocast="bf16", **kwargs)
+    assert bf16.attrs["config"]["autocast"] == "bf16"
+    assert (bf16.accuracy - here.accuracy).abs().max() < 0.05  # close, not equal: bf16 rounds
+    if not torch.cuda.is_available():
+        with pytest.raises(ArgumentError, match="no CUDA device is available here"):
+            sweep(model, data, example, device="cuda", **kwargs)
+    with pytest.raises(ArgumentError, match="is not a device torch knows"):
+        sweep(model, data, example, device="gpu0", **kwargs)
+
+
+def test_evaluate_and_recalibrate_on_a_device_never_move_the_model(resnet20):
+    model, data, calibration, _ = resnet20
+    dense = evaluate(model, data, ["accuracy", "loss", "kl"], reference=model)
+    assert evaluate(model, data, ["accuracy", "loss", "kl"], reference=model, device="cpu") == dense
+    assert dense["kl"] == 0.0
+    mixed = evaluate(model, data, ["accuracy"], autocast="bf16")
+    assert abs(mixed["accuracy"] - dense["accuracy"]) < 0.05
+    copy_ = copy.deepcopy(model)
+    recalibrate_bn_(copy_, calibration, batches=2, device="cpu")
+    reference = recalibrate_bn_(copy.deepcopy(model), calibration, batches=2)
+    for a, b in zip(copy_.buffers(), reference.buffers()):
+        assert torch.equal(a, b)

@@ -6,6 +6,8 @@ finds it (the same job key) and follows it instead of starting another. The curv
 store: the groups finished so far while it runs, all of them once it is done.
 """
 
+import os
+
 import streamlit as st
 
 import prunecore as pc
@@ -25,6 +27,11 @@ with st.expander("Sweep settings", expanded=False):
                     help="The sweep job then measures this many random plans, and each method's plans at a few "
                          "budgets, and fits a predictor of plans that knows damage compounds (prunecore.predict); "
                          "the Plan page predicts and allocates with it. About one minute for the sample ResNet-20.")
+    c1.selectbox("Device", state.device_choices(), key=state.SWEEP_DEVICE,
+                 help="where the sweep's points run; auto: CUDA when present, else the CPU")  # fmt: skip
+    c2.number_input("Worker processes", 1, max(1, os.cpu_count() or 1), key=state.SWEEP_WORKERS,
+                    help="measure groups in this many processes at once (each with its share of the CPU threads); "
+                         "the points are the same as with one")  # fmt: skip
 
 job, key = state.sweep_job(ws)
 status = state.job_status(key)

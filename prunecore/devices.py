@@ -1,0 +1,65 @@
+"""Where prunecore runs a model: the device choice and optional mixed-precision evaluation.
+
+One resolution rule everywhere (`sweep`, `evaluate`, `evaluate_plan`, `recalibrate_bn_`,
+`allocate`, `finetune`, the CLI's `--device`, the dashboard): the device asked for, else CUDA
+when present, else the CPU. Asking for CUDA where there is none is an error, never a silent
+fallback, because a user who asked for the GPU would otherwise wait hours on the CPU unaware.
+
+Autocast (`"bf16"` / `"fp16"`) trades exactness for speed in evaluation passes only. It changes
+the numbers, so a sweep records it in its config and its run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from prunecore.errors import ArgumentError
+
+__all__ = ["AUTOCAST", "autocast", "check_autocast", "resolve_device"]
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The mixed-precision modes evaluation accepts (`autocast=` / `--autocast`)."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when present else the CPU; an `ArgumentError` for CUDA where there is none."""
+    try:
+        local = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ArgumentError(f"device {device!r} is not a device torch knows ({exc}); use cpu, cuda or cuda:N") from None
+    if local.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"device {str(device)!r}: no CUDA device is available here; use cpu")
+    if local.type == "cuda" and local.index is not None and local.index >= torch.cuda.device_count():
+        raise ArgumentError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return local
+
+
+def check_autocast(mode: str | None) -> str | None:
+    """`mode` if it names a mixed-precision mode (or is None); an `ArgumentError` naming the valid ones."""
+    if mode is not None and mode not in AUTOCAST:
+        raise ArgumentError(f"autocast must be one of {sorted(AUTOCAST)} or None, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, mode: str | None) -> Iterator[None]:
+    """Mixed precision for the forward passes inside, or nothing when `mode` is None."""
+    if check_autocast(mode) is None:
+        yield
+        return
+    if mode == "fp16" and device.type == "cpu":
+        raise ArgumentError("autocast 'fp16' runs on CUDA only; on the CPU use 'bf16'")
+    with torch.autocast(device_type=device.type, dtype=AUTOCAST[mode]):
+        yield
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a tuple/list of tensors) on `device`; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(part, device) for part in batch)
+    return batch

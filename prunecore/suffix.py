@@ -1,0 +1,421 @@
+"""The suffix engine: a group's sweep points run only the part of the model that pruning the group changes.
+
+One private working copy of the model, as a torch.fx graph, serves every point. For a group, the
+dense graph runs once per batch up to the first node the group touches (the *prefix*); each
+level then swaps its pruned (smaller) tensors into the copy and runs the rest of the graph from
+those cached activations (the *suffix*), then swaps the originals back. No per-point copy or
+re-trace, and each point computes no more than the pruned model would. BatchNorm re-estimation
+reuses the split: layers before the group keep the dense model's re-estimated statistics (their
+inputs do not change), layers after it carry one set of statistics per point.
+
+`sensitivity.sweep` drives it, in one process or in each worker of `prunecore.workers`; the
+benchmark uses the same public pieces (`start_of`, `prefix`, `suffix`, `variants`) to time the
+floor.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from prunecore import ops
+from prunecore._concurrency import forward_pass, fx_tracing
+from prunecore.devices import autocast, resolve_device, to_device
+from prunecore.errors import ArgumentError
+from prunecore.evaluate import as_rows, get_metric, output_logits, recalibrate_bn_, split_batch
+from prunecore.graph import ChannelGraph, TraceError, failing_frame
+from prunecore.plan import GroupPlan, Plan
+from prunecore.surgery import kept_positions, sliced_tensors, swap_tensors_, with_ancestors
+
+__all__ = ["WHOLE", "Point", "SuffixEngine", "Variants", "symbolic_trace"]
+
+WHOLE = -1
+"""A start "node" meaning: run the working copy's own forward instead of a suffix of the graph."""
+
+Tick = Callable[[int], None]
+"""Called with a number of batches just processed (progress)."""
+
+
+@dataclass
+class Point:
+    """One (group, sparsity) measurement: which units stay, and the metric sums so far."""
+
+    group: str
+    sparsity: float
+    keep: GroupPlan
+    sums: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    row: dict[str, Any] = field(default_factory=dict)  # extra columns (params, flops) set by the driver
+
+    def plan(self, graph: ChannelGraph) -> Plan:
+        return Plan({self.group: self.keep}, graph.inputs, graph.model_type)
+
+    def finished_row(self) -> dict[str, Any]:
+        values = {name: get_metric(name).value(total, self.samples) for name, total in self.sums.items()}
+        return {"group": self.group, "sparsity": self.sparsity, "kept": len(self.keep.keep),
+                "size": self.keep.size, **values, **self.row}  # fmt: skip
+
+
+# -- fx graph of the working copy -------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    """fx's tracer, blind to other threads.
+
+    While it traces, fx patches `nn.Module.__call__` and `__getattr__` for the whole process; a
+    module called by another thread would be recorded into this graph (or fail with "module is
+    not installed as a submodule"). Calls from other threads run their module as usual instead.
+    """
+
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self.extra_leaves = leaf_modules
+        self.thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)  # the original Module.__call__: hooks and all
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # modules that `trace` follows whole (norms, Swin attention) stay single calls here too
+        leaf = isinstance(m, self.extra_leaves + ops.whole_types())
+        return leaf or super().is_leaf_module(m, qualname)
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
+    """torch.fx graph of `model` sharing its modules, for the suffix engine; `TraceError` when fx cannot.
+
+    Only sweeps use fx (to resume a forward from any op); `trace` itself runs the model eagerly.
+    """
+    tracer = _Tracer(leaf_modules)
+    try:
+        with fx_tracing():  # fx patches nn.Module.__call__ process-wide while it traces
+            graph = tracer.trace(model)
+    except Exception as exc:
+        where = failing_frame(exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. "
+            "Data-dependent control flow and some Python constructs cannot be traced; pass the "
+            "offending submodule types as `leaf_modules=(...)` so prunecore treats them as opaque "
+            "(their channels are then kept), or rewrite that code path."
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}  # fmt: skip
+
+
+def _out_of_place_(gm: fx.GraphModule) -> None:
+    """In-place ops would overwrite activations that other points reuse: make them out of place."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+            node.target = _OUT_OF_PLACE[node.target]
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            node.target = node.target[:-1]
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    for module in gm.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    gm.recompile()
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# -- the engine -------------------------------------------------------------------------------------
+class SuffixEngine:
+    """A private copy of the model that measures one group's points at a time (`measure`).
+
+    Where fx cannot trace the model (shape-dependent control flow), every point runs the copy's own
+    forward instead (`WHOLE`): slower, never different. `device` is where the copy runs (default:
+    the model's own); `autocast` ("bf16"/"fp16") runs every pass in mixed precision. `copy_model=False`
+    lets a worker process that owns its model use it in place.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: ChannelGraph,
+        metrics: Sequence[str],
+        data: Iterable[Any],
+        *,
+        calibration: Iterable[Any] | None = None,
+        bn_batches: int = 0,
+        leaf_modules: Sequence[type] = (),
+        device: str | torch.device | None = None,
+        autocast: str | None = None,
+        copy_model: bool = True,
+    ) -> None:
+        self.device = resolve_device(device) if device is not None else _model_device(model)
+        self.model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
+        try:
+            self.gm: fx.GraphModule | None = symbolic_trace(self.model, tuple(leaf_modules))
+        except TraceError:
+            self.gm = None  # fx cannot follow this model: every point runs the copy's own forward
+        if self.gm is not None:
+            _out_of_place_(self.gm)
+        self.nodes = list(self.gm.graph.nodes) if self.gm is not None else []
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((index[u] for u in n.users), default=len(self.nodes)) for n in self.nodes}
+        self.modules = dict(self.gm.named_modules()) if self.gm is not None else {}
+        self.graph, self.metrics = graph, [get_metric(m) for m in metrics]
+        self.data, self.calibration = data, data if calibration is None else calibration
+        self.autocast = autocast
+        self.bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.track_running_stats]  # fmt: skip
+        self.bn_batches = bn_batches if self.bns else 0
+        self.reference: list[torch.Tensor] = []
+        self.batch_keys: list[float] = []  # a checksum per batch: the data must come in the same order
+        self.dense_bn: dict[nn.Module, tuple[torch.Tensor, ...]] | None = None  # set by `prepare`
+        self.floor_seconds = 0.0  # time spent running suffixes: the work no reuse can avoid
+
+    @property
+    def work_per_group(self) -> int | None:
+        """Batches one group's `measure` processes (for progress totals); None when the data has no length."""
+        n = _length(self.data)
+        return None if n is None else n + self.bn_batches
+
+    # running the graph ------------------------------------------------------------------------
+    def start_of(self, group: str) -> int:
+        """The node index a group's suffix starts at, or `WHOLE` when its points run the whole forward."""
+        return WHOLE if self._changes_constants(group) else self._first_node(group)
+
+    def prefix(self, inputs: torch.Tensor, start: int) -> dict[fx.Node | None, Any]:
+        """The dense activations a suffix starting at `start` needs, for one batch of inputs."""
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        env: dict[fx.Node | None, Any] = {placeholders[0] if placeholders else None: to_device(inputs, self.device)}
+        if start > 0:
+            with forward_pass(), autocast(self.device, self.autocast):
+                self._advance(env, 0, start)
+        return env
+
+    def suffix(self, env: dict[fx.Node | None, Any], start: int) -> Any:
+        """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in."""
+        began = time.perf_counter()
+        with forward_pass(), autocast(self.device, self.autocast):
+            if start == WHOLE:
+                out = self.model(*env.values())
+            else:
+                out = self._advance(dict(env), start, len(self.nodes))
+        self.floor_seconds += time.perf_counter() - began
+        return out
+
+    def variants(self, group: str, plans: Sequence[Plan]) -> Variants:
+        """Each plan's pruned tensors, ready to swap into the part of the copy a group's suffix runs."""
+        target = self.model if self.start_of(group) == WHOLE else self.gm
+        return Variants(target, self.graph, plans)
+
+    def _advance(self, env: dict, start: int, stop: int) -> Any:
+        """Run nodes [start, stop) in `env`, freeing values after their last use."""
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "output":
+                return args[0]
+            env[node] = self._call(node, args, kwargs)
+            for inp in node.all_input_nodes:
+                if self.last_use[inp] == i:
+                    del env[inp]
+        return None
+
+    def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return _fetch(self.gm, node.target)  # get_attr
+
+    # measuring --------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Once, before the first group: dense outputs for label-free metrics, then dense BatchNorm re-estimation."""
+        if self.dense_bn is not None:
+            return
+        with torch.no_grad():
+            self._reference_outputs()  # the working copy is still the dense model, statistics and all
+            if self.bn_batches:
+                recalibrate_bn_(self.model, self.calibration, batches=self.bn_batches)
+        self.dense_bn = _bn_state(self.bns)
+
+    def measure(self, points: Sequence[Point], tick: Tick | None = None) -> list[dict[str, Any]]:
+        """The finished rows of one group's points (all of the same group), measured on the data."""
+        groups = {p.group for p in points}
+        if len(groups) != 1:
+            raise ArgumentError(f"measure takes the points of one group, got groups {sorted(groups)}")
+        self.prepare()
+        tick = tick or (lambda n: None)
+        group = points[0].group
+        start = self.start_of(group)
+        masks = self.variants(group, [p.plan(self.graph) for p in points])
+        after = [m for m in self.bns if m in self._modules_from(max(start, 0))]
+        with torch.no_grad():
+            states = self._calibrate(start, points, masks, after, tick) if self.bn_batches else None
+            self._evaluate(start, points, masks, after, states, tick)
+        return [p.finished_row() for p in points]
+
+    def _reference_outputs(self) -> None:
+        """The dense model's outputs per batch, for the label-free metrics (kl, agreement)."""
+        if not any(m.needs_reference for m in self.metrics):
+            return
+        for batch in self.data:
+            inputs = split_batch(batch)[0]
+            with forward_pass(), autocast(self.device, self.autocast):
+                out = self.model(to_device(inputs, self.device))
+            self.reference.append(as_rows(output_logits(out))[0])  # (N, C)
+            self.batch_keys.append(float(inputs.double().sum()))
+
+    def _calibrate(self, start, pts, masks, after, tick):
+        """Per point: BatchNorm statistics of the layers after `start`, re-estimated as on the pruned copy."""
+        dense_bn = self.dense_bn
+        before = [m for m in dense_bn if m not in after]
+        states: dict[int, dict] = {}
+        momenta = {m: m.momentum for m in dense_bn}
+        try:
+            for m in dense_bn:
+                m.train()
+                m.momentum = 0.0 if m in before else None  # layers before keep their statistics
+            for b, batch in enumerate(self.calibration):
+                if b >= self.bn_batches:
+                    break
+                env = self.prefix(split_batch(batch)[0], start)
+                for i, p in enumerate(pts):
+                    with masks.applied(i):  # the point's BatchNorms have the pruned shapes here
+                        _load_state(after, states[id(p)] if id(p) in states else _fresh_state(after))
+                        self.suffix(env, start)
+                        states[id(p)] = _bn_state(after)
+                tick(1)
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
+                m.eval()
+            _load_state(list(dense_bn), dense_bn)
+        return states
+
+    def _evaluate(self, start, pts, masks, after, states, tick) -> None:
+        for b, batch in enumerate(self.data):
+            inputs, targets = split_batch(batch)
+            env = self.prefix(inputs, start)
+            reference = None
+            if self.reference:
+                if b >= len(self.batch_keys) or float(inputs.double().sum()) != self.batch_keys[b]:
+                    raise ArgumentError(
+                        f"batch {b} differs between passes over the data: a sweep needs data that comes in the "
+                        "same order every time (e.g. a DataLoader without shuffle=True)"
+                    )
+                reference = self.reference[b]
+            targets = None if targets is None else targets.to(self.device)
+            for i, p in enumerate(pts):
+                with masks.applied(i):
+                    if states is not None:
+                        _load_state(after, states[id(p)])
+                    out, rows_targets = as_rows(output_logits(self.suffix(env, start)), targets)  # (N, C)
+                if self.autocast is not None:
+                    out = out.float()  # half-precision logits: the metrics sum in full precision
+                for metric in self.metrics:
+                    total = float(metric.batch_sum(out, reference, rows_targets))
+                    p.sums[metric.name] = p.sums.get(metric.name, 0.0) + total
+                p.samples += out.shape[0]
+            if states is not None:
+                _load_state(after, {m: self.dense_bn[m] for m in after})
+            tick(1)
+
+    def _changes_constants(self, group: str) -> bool:
+        """Whether pruning `group` changes a shape constant that the fx graph has baked in.
+
+        `VisionTransformer.hidden_dim` or a window attention's head count are plain ints that
+        tracing froze into the graph; such groups run the model's own forward, which re-reads the
+        attributes that `swap_tensors_` re-derives.
+        """
+        if self.gm is None:
+            return True
+        owners = ops.constants_types()
+        touched = with_ancestors({m.module for m in self.graph[group].members})
+        return any(isinstance(self.model.get_submodule(name), owners) for name in touched)
+
+    def _first_node(self, group: str) -> int:
+        touched = {m.module for m in self.graph[group].members}
+        for i, node in enumerate(self.nodes):
+            if node.op == "call_module" and node.target in touched:
+                return i
+            if node.op == "get_attr" and node.target.rpartition(".")[0] in touched:
+                return i
+        return len(self.nodes) - 1
+
+    def _modules_from(self, start: int) -> set[nn.Module]:
+        if self.gm is None:
+            return set(self.model.modules())
+        return {self.modules[n.target] for n in self.nodes[start:] if n.op == "call_module"}
+
+
+class Variants:
+    """Each point's pruned tensors, swapped into the working copy for the length of a `with` block.
+
+    The suffix of the graph then runs on physically smaller layers, exactly as in the pruned
+    copy; no tensor that a point does not touch is copied. Swaps happen on the GraphModule, whose
+    submodules are the working copy's and which holds its own references to loose parameters.
+    """
+
+    def __init__(self, gm: nn.Module, graph: ChannelGraph, plans: Sequence[Plan]):
+        self.gm = gm
+        self.tensors = [sliced_tensors(gm, kept_positions(graph, plan)) for plan in plans]
+
+    @contextmanager
+    def applied(self, i: int) -> Iterator[None]:
+        old = swap_tensors_(self.gm, self.tensors[i])
+        try:
+            yield
+        finally:
+            swap_tensors_(self.gm, old)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _bn_state(bns: Iterable[nn.Module]) -> dict[nn.Module, tuple[torch.Tensor, ...]]:
+    return {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns}
+
+
+def _fresh_state(bns: list[nn.Module]) -> dict[nn.Module, tuple[torch.Tensor, ...]]:
+    return {m: (torch.zeros_like(m.running_mean), torch.ones_like(m.running_var),
+                torch.zeros_like(m.num_batches_tracked)) for m in bns}  # fmt: skip
+
+
+def _load_state(bns: Iterable[nn.Module], state: dict) -> None:
+    for m in bns:
+        mean, var, n = state[m]
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(n)
+
+
+def _length(data: Iterable) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None

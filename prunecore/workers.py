@@ -1,0 +1,381 @@
+"""Sweep workers: the groups of one sweep measured in several local processes or on a Ray cluster.
+
+A unit of work is one group with all its levels, because a group's levels share its dense prefix
+(`prunecore.suffix`): splitting them would repeat that work. Each worker builds one
+`SuffixEngine` from an `EngineSpec` it receives once: a local process in its start arguments, a
+Ray actor from one object-store entry that every actor reads. The driver pickles the spec a single
+time, so it never holds one copy of the evaluation data per worker.
+
+The driver commits each group's rows to the run store the moment they arrive. A worker that dies
+(killed, out of memory, a lost node) is replaced and its group measured again, up to
+`MAX_RETRIES` times per group; a killed driver resumes from the store, as a sequential sweep does.
+Every point equals the sequential sweep's: each worker runs the same engine on the same data.
+
+Local workers are started with `spawn` (safe beside CUDA and OpenMP threads), so a script that
+sweeps with `workers=N` must guard its entry point with `if __name__ == "__main__":`, as with
+PyTorch's DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import os
+import pickle
+import resource
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from prunecore.errors import UserError
+from prunecore.graph import ChannelGraph
+from prunecore.suffix import Point, SuffixEngine
+
+__all__ = ["MAX_RETRIES", "EngineSpec", "WorkerError", "WorkerStatus", "measure_groups"]
+
+MAX_RETRIES = 2
+"""How many times a group is measured again after the worker measuring it died."""
+
+Rows = list[dict[str, Any]]
+
+
+class WorkerError(UserError):
+    """Sweep workers failed in a way a retry does not fix (a group lost its worker too often, Ray missing)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a worker needs to build its `SuffixEngine`; pickled once by the driver."""
+
+    model: nn.Module
+    graph: ChannelGraph
+    metrics: Sequence[str]
+    data: Iterable[Any]
+    calibration: Iterable[Any] | None
+    bn_batches: int
+    leaf_modules: tuple[type, ...]
+    device: torch.device
+    autocast: str | None
+
+    def build(self, device: torch.device | None = None) -> SuffixEngine:
+        """The worker's engine, on its own (unpickled) copy of the model: no second copy."""
+        return SuffixEngine(self.model, self.graph, self.metrics, self.data, calibration=self.calibration,
+                            bn_batches=self.bn_batches, leaf_modules=self.leaf_modules,
+                            device=device or self.device, autocast=self.autocast, copy_model=False)  # fmt: skip
+
+    def work_per_group(self) -> int | None:
+        """Batches one group takes (progress totals), as the engine counts them."""
+        try:
+            n = len(self.data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                     for m in self.model.modules())  # fmt: skip
+        return n + (self.bn_batches if has_bn else 0)
+
+
+@dataclass
+class WorkerStatus:
+    """What one worker is doing, for per-worker progress: `group` None when idle, `done` batches of it."""
+
+    index: int
+    pid: int | None = None
+    group: str | None = None
+    done: int = 0
+    total: int | None = None
+    groups_done: int = 0
+    peak_rss_mib: float | None = None
+    restarts: int = 0
+    history: list[str] = field(default_factory=list)  # groups it finished, in order
+
+    def summary(self) -> dict[str, Any]:
+        return {"worker": self.index, "pid": self.pid, "groups": self.groups_done, "peak_rss_mib": self.peak_rss_mib,
+                "restarts": self.restarts}  # fmt: skip
+
+
+def measure_groups(
+    spec: EngineSpec,
+    by_group: dict[str, list[Point]],
+    on_rows: Callable[[Rows], None],
+    *,
+    workers: int,
+    executor: str = "local",
+    address: str | None = None,
+    threads: int | None = None,
+    progress: Any = True,
+    on_group: Callable[[str], None] | None = None,
+    on_worker: Callable[[WorkerStatus], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every group on `workers` workers, calling `on_rows` with each group's rows as it finishes.
+
+    Returns one summary per worker slot (pid, groups measured, peak RSS in MiB, restarts).
+    """
+    from prunecore.sensitivity import progress_bar
+
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    per_group = spec.work_per_group()
+    bar = progress_bar(progress, len(by_group) * per_group if per_group is not None else None)
+    hooks = _Hooks(on_rows, bar.update, on_group, on_worker, per_group)
+    try:
+        if executor == "ray":
+            return _run_ray(spec, by_group, workers, threads, address, hooks)
+        return _run_local(spec, by_group, workers, threads, hooks)
+    finally:
+        bar.close()
+
+
+@dataclass
+class _Hooks:
+    on_rows: Callable[[Rows], None]
+    tick: Callable[[int], None]
+    on_group: Callable[[str], None] | None
+    on_worker: Callable[[WorkerStatus], None] | None
+    per_group: int | None
+
+    def started(self, status: WorkerStatus, group: str) -> None:
+        status.group, status.done, status.total = group, 0, self.per_group
+        if self.on_group is not None:
+            self.on_group(group)
+        self.changed(status)
+
+    def progressed(self, status: WorkerStatus, n: int) -> None:
+        status.done += n
+        self.tick(n)
+        self.changed(status)
+
+    def finished(self, status: WorkerStatus, rows: Rows, rss: float | None) -> None:
+        self.on_rows(rows)
+        if status.done < (self.per_group or 0):  # Ray reports no ticks: the whole group at once
+            self.tick(self.per_group - status.done)
+        status.history.append(status.group or "")
+        status.group, status.done, status.groups_done = None, 0, status.groups_done + 1
+        status.peak_rss_mib = rss if rss is not None else status.peak_rss_mib
+        self.changed(status)
+
+    def changed(self, status: WorkerStatus) -> None:
+        if self.on_worker is not None:
+            self.on_worker(status)
+
+
+class _Retries:
+    """Counts a group's lost workers; past `MAX_RETRIES` the sweep stops with the reason."""
+
+    def __init__(self) -> None:
+        self.lost: collections.Counter[str] = collections.Counter()
+
+    def lost_worker(self, group: str, why: str) -> None:
+        self.lost[group] += 1
+        if self.lost[group] > MAX_RETRIES:
+            raise WorkerError(f"group {group!r} lost its worker {self.lost[group]} times ({why}); the groups finished "
+                              "so far are stored, re-run the sweep with a store to resume")  # fmt: skip
+
+
+# -- local processes --------------------------------------------------------------------------------
+class _Local:
+    """One spawned worker process and the duplex pipe to it."""
+
+    def __init__(self, ctx: Any, blob: bytes, threads: int, status: WorkerStatus) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, blob, threads), daemon=True,
+                                name=f"prunecore-sweep-{status.index}")  # fmt: skip
+        self.proc.start()
+        child.close()  # the child holds its end; a dead child now reads as EOF here
+        self.status = status
+        self.status.pid = self.proc.pid
+
+    def submit(self, group: str, points: list[Point]) -> None:
+        self.conn.send((group, points))
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.conn.close()
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def _run_local(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, threads: int,
+               hooks: _Hooks) -> list[dict[str, Any]]:  # fmt: skip
+    ctx = mp.get_context("spawn")
+    blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)  # one copy in the driver, whatever N
+    queue = collections.deque(by_group)
+    retries = _Retries()
+    pool = [_Local(ctx, blob, threads, WorkerStatus(i)) for i in range(min(workers, len(queue)))]
+    try:
+        while queue or any(w.status.group is not None for w in pool):
+            for w in pool:
+                if w.status.group is None and queue:
+                    group = queue.popleft()
+                    w.submit(group, by_group[group])
+                    hooks.started(w.status, group)
+            busy = {w.conn: w for w in pool if w.status.group is not None}
+            for conn in wait(list(busy)):
+                w = busy[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    hooks.tick(0)  # a progress callback may stop the sweep here (a cancelled job kills its workers)
+                    group = w.status.group
+                    w.proc.join(timeout=5)
+                    retries.lost_worker(group, f"process {w.status.pid} ended with exit code {w.proc.exitcode}")
+                    queue.appendleft(group)
+                    replacement = WorkerStatus(w.status.index, restarts=w.status.restarts + 1,
+                                               groups_done=w.status.groups_done, history=w.status.history)
+                    w.close()
+                    pool[pool.index(w)] = _Local(ctx, blob, threads, replacement)
+                    continue
+                kind = message[0]
+                if kind == "tick":
+                    hooks.progressed(w.status, message[1])
+                elif kind == "rows":
+                    hooks.finished(w.status, message[1], message[2])
+                else:  # "error": the measurement itself failed; the same error would recur anywhere
+                    raise _error(message[1], message[2])
+    finally:
+        for w in pool:
+            w.close()
+    return [w.status.summary() for w in pool]
+
+
+def _serve(conn: Connection, blob: bytes, threads: int) -> None:
+    """A worker process: build the engine once, then measure the groups the driver sends until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes the pipe
+    torch.set_num_threads(threads)
+    try:
+        engine = pickle.loads(blob).build()  # the driver's own pickle, never a file
+    except Exception as exc:
+        conn.send(("error", _portable(exc), traceback.format_exc()))
+        return
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return  # the driver is gone
+        if task is None:
+            return
+        _, points = task
+        try:
+            try:
+                rows = engine.measure(points, tick=lambda n: conn.send(("tick", n)))
+            except OSError as exc:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    return  # the driver died mid-group: nobody is left to report to
+                raise
+            except Exception as exc:
+                conn.send(("error", _portable(exc), traceback.format_exc()))
+                continue
+            conn.send(("rows", rows, peak_rss_mib()))
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+def _portable(exc: BaseException) -> BaseException | None:
+    """`exc` when it survives pickling (so the driver raises the same error), else None."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return None
+
+
+def _error(exc: BaseException | None, text: str) -> BaseException:
+    if exc is not None:
+        return exc
+    return WorkerError(f"a sweep worker failed:\n{text}")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux: `VmHWM`, which belongs to the process image, because `ru_maxrss` survives `exec` and would
+    report the driver's peak in a freshly spawned worker. Elsewhere `ru_maxrss` (macOS counts bytes).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+class _SweepActor:
+    """A Ray actor: one engine, built from the spec it reads once from the object store."""
+
+    def __init__(self, spec: EngineSpec, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.engine = spec.build(device=_ray_device(spec.device))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def measure(self, points: list[Point]) -> tuple[Rows, float]:
+        return self.engine.measure(points), peak_rss_mib()
+
+
+def _ray_device(device: torch.device) -> torch.device:
+    """On a Ray GPU worker, the GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES, so index 0)."""
+    return torch.device("cuda", 0) if device.type == "cuda" else device
+
+
+def _run_ray(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, threads: int, address: str | None,
+             hooks: _Hooks) -> list[dict[str, Any]]:  # fmt: skip
+    try:
+        import ray
+        from ray.exceptions import RayActorError
+    except ImportError:
+        raise WorkerError("executor='ray' needs Ray: pip install 'prunecore[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=workers * threads if local else None, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)  # fmt: skip
+    gpus = 1 if spec.device.type == "cuda" else 0
+    actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_SweepActor)
+    spec_ref = ray.put(spec)  # one copy in the object store, read by every actor
+    queue = collections.deque(by_group)
+    retries = _Retries()
+    slots = [WorkerStatus(i) for i in range(min(workers, len(queue)))]
+    actors = {s.index: actor_class.remote(spec_ref, threads) for s in slots}
+    running: dict[Any, WorkerStatus] = {}
+    try:
+        while queue or running:
+            for s in slots:
+                if s.group is None and queue:
+                    group = queue.popleft()
+                    running[actors[s.index].measure.remote(by_group[group])] = s
+                    hooks.started(s, group)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            s = running.pop(ready[0])
+            try:
+                rows, rss = ray.get(ready[0])
+            except RayActorError as exc:
+                retries.lost_worker(s.group, f"Ray actor died: {str(exc).splitlines()[0]}")
+                queue.appendleft(s.group)
+                s.group, s.restarts = None, s.restarts + 1
+                actors[s.index] = actor_class.remote(spec_ref, threads)
+                continue
+            hooks.finished(s, rows, rss)
+        for s in slots:
+            s.pid = ray.get(actors[s.index].pid.remote())
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.as_instanceof_cause() from None  # the measurement's own error, as in one process
+    finally:
+        for actor in actors.values():
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+    return [s.summary() for s in slots]

@@ -1,0 +1,111 @@
+"""Sweeps over several workers: local processes and a local Ray cluster give the sequential sweep's points
+exactly, in the same order; a killed worker is replaced and its group measured again."""
+
+import os
+import signal
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunecore import load_sample
+from prunecore.errors import ArgumentError
+from prunecore.sensitivity import DENSE, SweepConfig, sweep
+from prunecore.workers import MAX_RETRIES, WorkerError
+
+CONFIG = SweepConfig(levels=(0.3, 0.6), metric=("accuracy", "loss", "kl"), bn_recalibration=1)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    s = load_sample("resnet20")
+    data = [(x[:60], y[:60]) for x, y in list(s.heldout)[:2]]  # 2 batches of held-out digits
+    sequential = sweep(s.model, data, s.example, CONFIG, calibration=data, progress=False)
+    return s.model, data, s.example, sequential
+
+
+def _same_points(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_exact=True)
+
+
+def test_local_workers_equal_the_sequential_sweep(resnet20):
+    model, data, example, sequential = resnet20
+    seen = []
+    parallel = sweep(model, data, example, CONFIG, calibration=data, progress=False, workers=2, threads=1,
+                     on_worker=lambda status: seen.append((status.index, status.group)))  # fmt: skip
+    _same_points(sequential, parallel)
+    stats = parallel.attrs["workers"]
+    assert [w["worker"] for w in stats] == [0, 1]
+    assert sum(w["groups"] for w in stats) == sequential[sequential.group != DENSE].group.nunique()
+    assert all(w["peak_rss_mib"] > 0 and w["restarts"] == 0 for w in stats)
+    assert {index for index, group in seen if group is not None} == {0, 1}  # both measured groups
+
+
+def test_ray_sweep_equals_the_sequential_sweep_and_survives_a_killed_worker(resnet20):
+    pytest.importorskip("ray")
+    model, data, example, sequential = resnet20
+    killed = []
+
+    def kill_an_actor(group: str) -> None:
+        if len(killed) == 0 and group == "layer1.1.conv1":  # the third group: both actors are up by now
+            actors = [p for p in psutil.process_iter(["cmdline"]) if "_SweepActor" in " ".join(p.info["cmdline"] or [])]
+            assert actors, "no Ray sweep actor process found"
+            actors[0].send_signal(signal.SIGKILL)
+            killed.append(actors[0].pid)
+
+    parallel = sweep(model, data, example, CONFIG, calibration=data, progress=False, workers=2, threads=1,
+                     executor="ray", on_group=kill_an_actor)  # fmt: skip
+    assert killed
+    _same_points(sequential, parallel)
+    assert sum(w["restarts"] for w in parallel.attrs["workers"]) == 1
+
+
+def test_a_killed_local_worker_is_replaced(resnet20):
+    model, data, example, sequential = resnet20
+    killed = []
+
+    def kill_once(status) -> None:
+        if not killed and status.group is not None and status.index == 1:
+            os.kill(status.pid, signal.SIGKILL)
+            killed.append(status.group)
+
+    parallel = sweep(model, data, example, CONFIG, calibration=data, progress=False, workers=2, threads=1,
+                     on_worker=kill_once)  # fmt: skip
+    assert killed
+    _same_points(sequential, parallel)
+    assert [w["restarts"] for w in parallel.attrs["workers"]] == [0, 1]
+
+
+def test_a_group_that_keeps_losing_its_worker_stops_the_sweep_with_the_reason(resnet20):
+    model, data, example, _ = resnet20
+
+    def kill_every_time(status) -> None:
+        if status.group == "stem.0" and status.done == 0:
+            os.kill(status.pid, signal.SIGKILL)
+
+    with pytest.raises(WorkerError, match=rf"group 'stem.0' lost its worker {MAX_RETRIES + 1} times"):
+        sweep(model, data, example, CONFIG, calibration=data, progress=False, workers=2, threads=1,
+              groups=("stem.0",), on_worker=kill_every_time)  # fmt: skip
+
+
+def test_a_worker_raises_the_error_of_the_measurement_itself(resnet20):
+    model, data, example, _ = resnet20
+    x = torch.cat([b[0] for b in data])
+    shuffled = DataLoader(TensorDataset(x), batch_size=30, shuffle=True)
+    with pytest.raises(ArgumentError, match="same order every time"):
+        sweep(model, shuffled, example, levels=[0.5], groups=["stem.0"], metric="kl", progress=False, workers=2,
+              threads=1)  # fmt: skip
+
+
+def test_execution_settings_are_checked_before_any_work(resnet20):
+    model, data, example, _ = resnet20
+    for kwargs, message in [
+        ({"workers": 0}, "workers must be a positive int"),
+        ({"executor": "dask"}, "executor must be 'local'"),
+        ({"address": "ray://head:10001"}, "use it with executor='ray'"),
+        ({"threads": 0}, "threads must be a positive int"),
+    ]:
+        with pytest.raises(ArgumentError, match=message):
+            sweep(model, data, example, CONFIG, progress=False, **kwargs)
