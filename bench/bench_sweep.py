@@ -1,13 +1,15 @@
-"""Sensitivity-sweep benchmark: is `sweep` exact, how fast is it, and how far is it from the floor?
+"""Sensitivity-sweep benchmark: is `sweep` exact, how fast is it, and how well does it spread over workers?
 
+0. Workers: the same sweeps on 1 worker (the sequential sweep), 2 local worker processes and a
+   local 2-actor Ray cluster, each with 1 thread: speed-up over 1 worker (aim on 2 cores >= 1.6x),
+   whether every point is identical, peak RSS per worker. Wall time includes starting the workers
+   (and the Ray cluster). `--parallel-only` runs this part alone.
 1. Exact sweep vs the naive loop (trace once, then per point copy -> `make_plan({group: s})` ->
    `apply_plan` -> `evaluate`), levels 0.1..0.9, metrics accuracy and loss, same points and data, on
    the sample ResNet-20 (1,000 held-out digits, batches of 250) and torchvision resnet18 (random
    init, 512 seeded random 3x32x32 images, batches of 128). Reported: speed-up (aim >= 2x), the
-   largest |difference| of any point (the sweep claims identical values), peak RSS, and the
-   *floor*: the forward passes no reuse can avoid (per group, one dense prefix pass up to the
-   group's first affected node, then one suffix pass of the pruned layers per level, over all
-   batches), timed alone with the sweep's own `SuffixEngine` (aim: sweep / floor <= 1.3x).
+   largest |difference| of any point (the sweep claims identical values), peak RSS, and the share
+   of the sweep's time spent in the per-point suffix passes (the sweep's own `suffix_seconds`).
    The same comparison runs with BatchNorm re-estimation on 4 calibration batches
    (`bn_recalibration=4` vs `recalibrate_bn_`).
 2. `mode="estimate"` (a Taylor prediction of the loss curve) vs the exact sweep on the three sample
@@ -16,8 +18,8 @@
 
 Each measurement runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own; `load` is a
 subprocess that only loads the model and data and evaluates once, the baseline of the others. On a
-shared 2-core CPU only ratios from one run mean anything, and even those drift by 15 %: naive, sweep
-and floor are timed in 3 interleaved rounds and each keeps its median round (BN rows: one round);
+shared 2-core CPU only ratios from one run mean anything, and even those drift by 15 %: naive and
+sweep are timed in 3 interleaved rounds and each keeps its median round (BN rows: one round);
 the estimate, which takes seconds, is the median of 3 calls.
 Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH]` (`--quick`: smoke test).
 """
@@ -42,13 +44,11 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import prunecore
-from prunecore.evaluate import split_batch
 from prunecore.sensitivity import DENSE
-from prunecore.suffix import SuffixEngine
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 METRICS = ["accuracy", "loss"]
-EXACT_MODELS = ("resnet20", "resnet18")  # sweep vs naive vs floor
+EXACT_MODELS = ("resnet20", "resnet18")  # sweep vs naive
 SAMPLES = ("resnet20", "mobilenet_v2", "vit")  # estimate vs exact
 BN_BATCHES = 4
 PARALLEL = ("seq1", "local2", "ray2")  # the sweep on 1 worker, 2 local workers, 2 Ray actors; 1 thread each
@@ -91,28 +91,6 @@ def naive(model: nn.Module, data: Iterable[Any], example: torch.Tensor, groups: 
     return rows
 
 
-def floor_seconds(model: nn.Module, data: Iterable[Any], example: torch.Tensor, groups: list[str] | None,
-                  levels: tuple[float, ...]) -> float:  # fmt: skip
-    """Time of only the unavoidable passes: per group and batch, one prefix and one suffix per level."""
-    graph = prunecore.trace(model, example)
-    engine = SuffixEngine(model, graph, METRICS, data)
-    total = 0.0
-    with torch.no_grad():
-        for g in groups or [g.name for g in graph.prunable]:
-            start = engine.start_of(g)
-            variants = engine.variants(g, [prunecore.make_plan(model, graph, {g: s}) for s in levels])
-            for batch in data:
-                began = time.perf_counter()
-                env = engine.prefix(split_batch(batch)[0], start)
-                total += time.perf_counter() - began
-                for i in range(len(levels)):
-                    with variants.applied(i):  # the point's smaller tensors, as in the sweep; not timed
-                        began = time.perf_counter()
-                        engine.suffix(env, start)
-                        total += time.perf_counter() - began
-    return total
-
-
 def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
     """One measurement, run in this (fresh) process: seconds, and the points where there are any."""
     model, data, example, calibration, groups, levels = setup(name, quick)
@@ -120,8 +98,6 @@ def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
     began = time.perf_counter()
     if kind == "load":
         return {"evaluate": prunecore.evaluate(model, data, METRICS), "seconds": time.perf_counter() - began}
-    if kind == "floor":
-        return {"seconds": floor_seconds(model, data, example, groups, levels)}
     if kind.startswith("naive"):
         rows = naive(model, data, example, groups, levels, calibration if bn else None)
         return {"seconds": time.perf_counter() - began, "rows": rows}
@@ -134,13 +110,15 @@ def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
                                     progress=False, mode="estimate")  # fmt: skip
             times.append(time.perf_counter() - t0)
         return {"seconds": statistics.median(times), "rounds_s": times, "rows": frame.to_dict("records")}
-    if kind in PARALLEL:  # 1 thread per worker: the sequential sweep, 2 local processes, a 2-actor Ray cluster
+    if kind.removesuffix("_bn") in PARALLEL:  # 1 thread per worker: 1 process, 2 local processes, 2 Ray actors
         torch.set_num_threads(1)
         execution = {"seq1": {}, "local2": dict(workers=2, threads=1),
-                     "ray2": dict(workers=2, threads=1, executor="ray")}
+                     "ray2": dict(workers=2, threads=1, executor="ray")}[kind.removesuffix("_bn")]
+        if bn:
+            execution.update(bn_recalibration=BN_BATCHES, calibration=calibration)
         began = time.perf_counter()
         frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False,
-                                **execution[kind])  # fmt: skip
+                                **execution)  # fmt: skip
         return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
                 "workers": frame.attrs.get("workers") or []}  # fmt: skip
     extra = dict(bn_recalibration=BN_BATCHES, calibration=calibration) if bn else {}  # sweep, sweep_bn
@@ -172,17 +150,15 @@ def points(result: dict[str, Any]) -> pd.DataFrame:
 
 
 def exact_row(name: str, r: dict[str, dict[str, Any]], suffix: str = "") -> dict[str, Any]:
-    """Sweep vs naive (and floor) of one model, from the jobs' results."""
+    """Sweep vs naive of one model, from the jobs' results."""
     fast, slow = points(r[f"sweep{suffix}"]), points(r[f"naive{suffix}"])
     assert fast.index.equals(slow.index), "sweep and naive loop computed different points"
-    floor = r["floor"]["seconds"] if not suffix else None
     sweep_s, naive_s = r[f"sweep{suffix}"]["seconds"], r[f"naive{suffix}"]["seconds"]
     inside = r[f"sweep{suffix}"].get("suffix_s")  # suffix time the sweep itself recorded, same process
     return dict(
         model=name + (f" + BN recalibration ({BN_BATCHES})" if suffix else ""),
         groups=fast.index.get_level_values(0).nunique(), points=len(fast), naive_s=naive_s, sweep_s=sweep_s,
-        speedup=naive_s / sweep_s, floor_s=floor,
-        sweep_over_floor=sweep_s / floor if floor else None, suffix_share=inside / sweep_s if inside else None,
+        speedup=naive_s / sweep_s, suffix_share=inside / sweep_s if inside else None,
         **{f"max_diff_{m}": float((fast[m] - slow[m]).abs().max()) for m in METRICS},
         rss_naive_mib=r[f"naive{suffix}"]["rss_mib"], rss_sweep_mib=r[f"sweep{suffix}"]["rss_mib"],
         rss_load_mib=r["load"]["rss_mib"],
@@ -200,10 +176,12 @@ def estimate_row(name: str, exact: dict[str, Any], est: dict[str, Any]) -> dict[
                 rho_acc_drop=rho(both.loss_est, dense_acc - both.accuracy))  # fmt: skip
 
 
-def parallel_row(name: str, r: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def parallel_row(name: str, r: dict[str, dict[str, Any]], bn: bool) -> dict[str, Any]:
     """Speed-up of 2 local workers and of 2 Ray actors over 1 worker (1 thread each), and whether points agree."""
+    r = {kind.removesuffix("_bn"): result for kind, result in r.items()}
     one = points(r["seq1"])
-    row: dict[str, Any] = dict(model=name, points=len(one), seq1_s=r["seq1"]["seconds"])
+    row: dict[str, Any] = dict(model=name + (f" + BN recalibration ({BN_BATCHES})" if bn else ""), points=len(one),
+                               seq1_s=r["seq1"]["seconds"])  # fmt: skip
     for kind in ("local2", "ray2"):
         other = points(r[kind])
         assert other.index.equals(one.index), f"{kind} computed other points"
@@ -231,11 +209,11 @@ def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[s
     opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     quick = " (quick smoke run: the numbers mean nothing)" if info["quick"] else ""
     lines = [f"torch {info['torch']}, torchvision {info['torchvision']}, {info['threads']} threads, "
-             f"{info['rounds']} round(s) of naive / sweep / floor{quick}", "",
-             "| model | groups | points | naive s | sweep s | speed-up | floor s | sweep / floor | suffix share "
-             "| max abs diff accuracy | max abs diff loss |", "|---|" + "---:|" * 10]  # fmt: skip
+             f"{info['rounds']} round(s) of naive / sweep{quick}", "",
+             "| model | groups | points | naive s | sweep s | speed-up | suffix share "
+             "| max abs diff accuracy | max abs diff loss |", "|---|" + "---:|" * 8]  # fmt: skip
     lines += [f"| {r['model']} | {r['groups']} | {r['points']} | {r['naive_s']:.1f} | {r['sweep_s']:.1f} | "
-              f"{r['speedup']:.2f}x | {opt(r['floor_s'], '.1f')} | {opt(r['sweep_over_floor'], '.2f')} | "
+              f"{r['speedup']:.2f}x | "
               f"{opt(r['suffix_share'], '.0%')} | {r['max_diff_accuracy']:.1e} | {r['max_diff_loss']:.1e} |"
               for r in exact]  # fmt: skip
     lines += ["", "| model | peak RSS naive MiB | peak RSS sweep MiB | load + evaluate MiB |", "|---|---:|---:|---:|"]
@@ -251,7 +229,7 @@ def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description="prunecore sensitivity-sweep benchmark")
     parser.add_argument("--quick", action="store_true", help="2 groups, 2 levels, 50 images: only checks it runs")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of naive, sweep and floor")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of naive and sweep")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument("--parallel-only", action="store_true",
                         help="only the workers section: 1 worker vs 2 local workers vs 2 Ray actors, 1 thread each")
@@ -263,7 +241,8 @@ def main() -> None:
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         args.out.write_text(json.dumps(result, default=str))
         return
-    parallel = [parallel_row(n, {k: spawn(n, k, args.quick) for k in PARALLEL}) for n in EXACT_MODELS]
+    parallel = [parallel_row(n, {k + bn: spawn(n, k + bn, args.quick) for k in PARALLEL}, bool(bn))
+                for n in EXACT_MODELS for bn in ("", "_bn")]  # fmt: skip
     print("Workers (1 thread each):\n\n" + parallel_markdown(parallel) + "\n")
     if args.parallel_only:
         if args.json:
@@ -272,9 +251,9 @@ def main() -> None:
     timed: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(1 if args.quick else args.rounds):  # interleaved, so drift spoils no single ratio
         for name in EXACT_MODELS:
-            for kind in ("naive", "sweep", "floor"):
+            for kind in ("naive", "sweep"):
                 timed.setdefault((name, kind), []).append(spawn(name, kind, args.quick))
-    runs = {n: {k: median_round(timed[n, k]) for k in ("naive", "sweep", "floor")} for n in EXACT_MODELS}
+    runs = {n: {k: median_round(timed[n, k]) for k in ("naive", "sweep")} for n in EXACT_MODELS}
     for name in dict.fromkeys(EXACT_MODELS + SAMPLES):
         kinds = ["load", "naive_bn", "sweep_bn"] if name in EXACT_MODELS else ["sweep"]
         kinds += ["estimate"] if name in SAMPLES else []

@@ -253,6 +253,7 @@ def allocation_problem(
     round_to: int | None = None,
     data: Iterable[Any] | None = None,
     model_name: str = "",
+    device: str | torch.device | None = None,
 ) -> AllocationProblem:
     """Build the `AllocationProblem` of `model` from its sweep (`curves`, as `sweep` returns them).
 
@@ -270,7 +271,7 @@ def allocation_problem(
             raise AllocationError(f"the curves have no {metric!r} column; they have {', '.join(dense)}")
     else:
         metric = ""
-    scores = score(model, graph, criterion, data=data)
+    scores = score(model, graph, criterion, data=data, device=device)
     example = tuple(spec.example() for spec in graph.inputs)
     name = model_name or (curves.attrs.get("model_name", "") if curves is not None else "")
     return AllocationProblem(
@@ -375,6 +376,7 @@ def allocate(
     round_to: int | None = None,
     data: Iterable[Any] | None = None,
     model_name: str = "",
+    device: str | torch.device | None = None,
 ) -> Plan:
     """The plan of `method` that keeps at most `budget` of the model's FLOPs or params.
 
@@ -382,8 +384,9 @@ def allocate(
     the layer shapes the cost is computed from. `min_sparsity` / `max_sparsity` bound every group
     (a number) or the named ones (a mapping); `locked` pins groups to a sparsity and `exclude`
     keeps groups dense. Raises `AllocationError` when no plan within the bounds meets the budget.
+    `device` is where a data-driven criterion (Taylor) scores the units; default, where the model is.
     """
-    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name)
+    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name, device)
     return solve(problem, budget, method, min_sparsity, max_sparsity, locked, exclude)
 
 

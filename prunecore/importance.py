@@ -12,6 +12,7 @@ Criteria live in a registry so the CLI, the dashboard and the tests all see the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunecore.devices import resolve_device
 from prunecore.errors import ArgumentError, running_model
 from prunecore._modes import eval_mode
 from prunecore.evaluate import as_rows, output_logits, split_batch
@@ -65,12 +67,22 @@ def score(
     criterion: str = "l1",
     data: Iterable[Any] | None = None,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Scores of every prunable group's units (a `(size,)` float tensor per group name)."""
+    """Scores of every prunable group's units (a `(size,)` float tensor per group name).
+
+    `device` runs a data-driven criterion's passes there, on a copy of the model when it lives
+    elsewhere (the scores come back on the CPU); default, where the model is.
+    """
     crit = get_criterion(criterion)
     if crit.needs_data and data is None:
         raise ArgumentError(f"criterion {criterion!r} needs data: pass batches of (inputs, targets) or inputs")
-    return crit.fn(model, graph, data=data, seed=seed)
+    if device is None or not crit.needs_data:
+        return crit.fn(model, graph, data=data, seed=seed)
+    target = resolve_device(device)
+    home = next(model.parameters(), torch.empty(0)).device
+    worker = model if home == target else copy.deepcopy(model).to(target)
+    return {name: s.cpu() for name, s in crit.fn(worker, graph, data=data, seed=seed).items()}
 
 
 def _per_unit(group: ChannelGroup, member: Member, per_position: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,30 +1,36 @@
 """Sweep workers: the groups of one sweep measured in several local processes or on a Ray cluster.
 
-A unit of work is one group with all its levels, because a group's levels share its dense prefix
-(`prunecore.suffix`): splitting them would repeat that work. Each worker builds one
+A task is a few consecutive groups with all their levels: a group's levels share its dense prefix,
+and consecutive groups share one dense pass per batch (`prunecore.suffix`), so splitting finer
+would repeat that work. There are about four tasks per worker, in graph order: the early groups,
+whose suffixes are the longest, go first, which balances the workers as they pull tasks. Each worker builds one
 `SuffixEngine` from an `EngineSpec` it receives once: a local process in its start arguments, a
 Ray actor from one object-store entry that every actor reads. The driver pickles the spec a single
 time, so it never holds one copy of the evaluation data per worker.
 
-The driver commits each group's rows to the run store the moment they arrive. A worker that dies
-(killed, out of memory, a lost node) is replaced and its group measured again, up to
-`MAX_RETRIES` times per group; a killed driver resumes from the store, as a sequential sweep does.
+The driver commits each task's rows to the run store the moment they arrive. A worker that dies
+(killed, out of memory, a lost node) is replaced and its task measured again, up to
+`MAX_RETRIES` times per task; a killed driver resumes from the store, as a sequential sweep does.
 Every point equals the sequential sweep's: each worker runs the same engine on the same data.
 
-Local workers are started with `spawn` (safe beside CUDA and OpenMP threads), so a script that
-sweeps with `workers=N` must guard its entry point with `if __name__ == "__main__":`, as with
-PyTorch's DataLoader workers.
+Local workers on the CPU are forked (on Linux, from a driver with no other thread), as PyTorch's
+DataLoader workers are: they start in milliseconds and share the driver's model and data pages
+instead of copying them. Otherwise (a CUDA device, other threads, another OS) they are spawned: a
+fresh interpreter that imports torch (seconds) and receives the spec pickled once; a script that
+sweeps with `workers=N` must then guard its entry point with `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing as mp
 import os
 import pickle
 import resource
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -40,7 +46,7 @@ from prunecore.suffix import Point, SuffixEngine
 __all__ = ["MAX_RETRIES", "EngineSpec", "WorkerError", "WorkerStatus", "measure_groups"]
 
 MAX_RETRIES = 2
-"""How many times a group is measured again after the worker measuring it died."""
+"""How many times a task is measured again after the worker measuring it died."""
 
 Rows = list[dict[str, Any]]
 
@@ -82,17 +88,17 @@ class EngineSpec:
 
 @dataclass
 class WorkerStatus:
-    """What one worker is doing, for per-worker progress: `group` None when idle, `done` batches of it."""
+    """What one worker is doing, for per-worker progress: `group` (its task's groups) None when idle, `done` batches."""
 
     index: int
     pid: int | None = None
     group: str | None = None
     done: int = 0
     total: int | None = None
-    groups_done: int = 0
+    groups_done: int = 0  # groups measured (a task counts each of its groups)
     peak_rss_mib: float | None = None
     restarts: int = 0
-    history: list[str] = field(default_factory=list)  # groups it finished, in order
+    history: list[str] = field(default_factory=list)  # tasks it finished, in order
 
     def summary(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": self.pid, "groups": self.groups_done, "peak_rss_mib": self.peak_rss_mib,
@@ -121,13 +127,24 @@ def measure_groups(
     threads = threads or max(1, torch.get_num_threads() // workers)
     per_group = spec.work_per_group()
     bar = progress_bar(progress, len(by_group) * per_group if per_group is not None else None)
-    hooks = _Hooks(on_rows, bar.update, on_group, on_worker, per_group)
+    tasks = worker_tasks(by_group, workers)
+    hooks = _Hooks(on_rows, bar.update, on_group, on_worker, per_group, {label: len(groups) for label, groups in
+                                                                           tasks.items()})  # fmt: skip
+    points = {label: [p for g in groups for p in by_group[g]] for label, groups in tasks.items()}
     try:
         if executor == "ray":
-            return _run_ray(spec, by_group, workers, threads, address, hooks)
-        return _run_local(spec, by_group, workers, threads, hooks)
+            return _run_ray(spec, points, workers, threads, address, hooks)
+        return _run_local(spec, points, workers, threads, hooks)
     finally:
         bar.close()
+
+
+def worker_tasks(by_group: dict[str, list[Point]], workers: int) -> dict[str, list[str]]:
+    """Consecutive groups in tasks of about groups / (4 workers), each labelled by its groups ("a + b")."""
+    names = list(by_group)
+    size = max(1, math.ceil(len(names) / (4 * workers)))
+    chunks = [names[i : i + size] for i in range(0, len(names), size)]
+    return {" + ".join(chunk): chunk for chunk in chunks}
 
 
 @dataclass
@@ -137,11 +154,16 @@ class _Hooks:
     on_group: Callable[[str], None] | None
     on_worker: Callable[[WorkerStatus], None] | None
     per_group: int | None
+    sizes: dict[str, int]  # groups per task
 
-    def started(self, status: WorkerStatus, group: str) -> None:
-        status.group, status.done, status.total = group, 0, self.per_group
+    def total(self, task: str) -> int | None:
+        return None if self.per_group is None else self.per_group * self.sizes[task]
+
+    def started(self, status: WorkerStatus, task: str) -> None:
+        status.group, status.done, status.total = task, 0, self.total(task)
         if self.on_group is not None:
-            self.on_group(group)
+            for group in task.split(" + "):
+                self.on_group(group)
         self.changed(status)
 
     def progressed(self, status: WorkerStatus, n: int) -> None:
@@ -151,10 +173,12 @@ class _Hooks:
 
     def finished(self, status: WorkerStatus, rows: Rows, rss: float | None) -> None:
         self.on_rows(rows)
-        if status.done < (self.per_group or 0):  # Ray reports no ticks: the whole group at once
-            self.tick(self.per_group - status.done)
+        total = self.total(status.group or "") or 0
+        if status.done < total:  # Ray reports no ticks: the whole task at once
+            self.tick(total - status.done)
         status.history.append(status.group or "")
-        status.group, status.done, status.groups_done = None, 0, status.groups_done + 1
+        status.groups_done += self.sizes.get(status.group or "", 0)
+        status.group, status.done = None, 0
         status.peak_rss_mib = rss if rss is not None else status.peak_rss_mib
         self.changed(status)
 
@@ -164,25 +188,25 @@ class _Hooks:
 
 
 class _Retries:
-    """Counts a group's lost workers; past `MAX_RETRIES` the sweep stops with the reason."""
+    """Counts a task's lost workers; past `MAX_RETRIES` the sweep stops with the reason."""
 
     def __init__(self) -> None:
         self.lost: collections.Counter[str] = collections.Counter()
 
-    def lost_worker(self, group: str, why: str) -> None:
-        self.lost[group] += 1
-        if self.lost[group] > MAX_RETRIES:
-            raise WorkerError(f"group {group!r} lost its worker {self.lost[group]} times ({why}); the groups finished "
-                              "so far are stored, re-run the sweep with a store to resume")  # fmt: skip
+    def lost_worker(self, task: str, why: str) -> None:
+        self.lost[task] += 1
+        if self.lost[task] > MAX_RETRIES:
+            raise WorkerError(f"group(s) {task!r} lost their worker {self.lost[task]} times ({why}); the groups "
+                              "finished so far are stored: re-run the sweep with a store to resume")  # fmt: skip
 
 
 # -- local processes --------------------------------------------------------------------------------
 class _Local:
-    """One spawned worker process and the duplex pipe to it."""
+    """One worker process and the duplex pipe to it."""
 
-    def __init__(self, ctx: Any, blob: bytes, threads: int, status: WorkerStatus) -> None:
+    def __init__(self, ctx: Any, spec: EngineSpec | bytes, threads: int, status: WorkerStatus) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, blob, threads), daemon=True,
+        self.proc = ctx.Process(target=_serve, args=(child, spec, threads), daemon=True,
                                 name=f"prunecore-sweep-{status.index}")  # fmt: skip
         self.proc.start()
         child.close()  # the child holds its end; a dead child now reads as EOF here
@@ -206,8 +230,9 @@ class _Local:
 
 def _run_local(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, threads: int,
                hooks: _Hooks) -> list[dict[str, Any]]:  # fmt: skip
-    ctx = mp.get_context("spawn")
-    blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)  # one copy in the driver, whatever N
+    ctx = mp.get_context(start_method(spec.device))
+    # forked workers share the driver's objects; spawned ones get one pickle, made once whatever N
+    blob = spec if ctx.get_start_method() == "fork" else pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
     queue = collections.deque(by_group)
     retries = _Retries()
     pool = [_Local(ctx, blob, threads, WorkerStatus(i)) for i in range(min(workers, len(queue)))]
@@ -247,12 +272,20 @@ def _run_local(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int,
     return [w.status.summary() for w in pool]
 
 
-def _serve(conn: Connection, blob: bytes, threads: int) -> None:
+def start_method(device: torch.device) -> str:
+    """"fork" for CPU workers on Linux from a driver without other threads (fast, pages shared), else "spawn"."""
+    forkable = sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+    return "fork" if forkable and device.type == "cpu" and threading.active_count() == 1 else "spawn"
+
+
+def _serve(conn: Connection, spec: EngineSpec | bytes, threads: int) -> None:
     """A worker process: build the engine once, then measure the groups the driver sends until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a forked copy of the driver's own handler
     torch.set_num_threads(threads)
     try:
-        engine = pickle.loads(blob).build()  # the driver's own pickle, never a file
+        # the driver's own pickle (never a file), or, forked, the driver's spec itself
+        engine = (pickle.loads(spec) if isinstance(spec, bytes) else spec).build()
     except Exception as exc:
         conn.send(("error", _portable(exc), traceback.format_exc()))
         return

@@ -249,3 +249,20 @@ def test_job_progress_says_how_far_a_job_is():
     assert state.job_progress(JobStatus("k", "cancelled", done=3, total=12, group="stem.0")) == (
         0.25, "cancelled: 3 of 12 batches")  # fmt: skip
     assert state.job_progress(JobStatus("k", "died")) == (0.0, "died")
+
+
+def test_a_sweep_over_two_worker_processes_shows_each_worker_and_finds_the_run_of_one(store, monkeypatch):
+    monkeypatch.setenv(jobs.DELAY_ENV, "0.5")  # per batch: the workers stay busy long enough to be seen
+    at = app(sweep_workers=2, sweep_device="cpu")
+    at.button(key=state.RUN_SWEEP).click().run()
+    key = at.session_state[state.JOB]
+    job = jobs.read_job(key, store)
+    assert (job.workers, job.device) == (2, "cpu")
+    busy = wait_for_job(key, until=lambda s: any(w.get("group") for w in s.workers) or s.state not in jobs.ACTIVE)
+    assert busy.state == "running", busy
+    captions = " ".join(c.value for c in ok(at.run()).caption)
+    assert "worker 0: " in captions and "worker 1: " in captions and "batches" in captions
+    done = wait_for_job(key)
+    assert done.state == "done" and sum(w["groups_done"] for w in done.workers) == 12  # resnet20's groups
+    later = app()  # one worker, the same settings otherwise: the run id is the same, so nothing to press
+    assert state.RUN_SWEEP not in buttons(later) and later.session_state[state.RUN_ID] == done.run_id
