@@ -3,7 +3,8 @@
 0. Workers: the same sweeps on 1 worker (the sequential sweep), 2 local worker processes and a
    local 2-actor Ray cluster, each with 1 thread: speed-up over 1 worker (aim on 2 cores >= 1.6x),
    whether every point is identical, peak RSS per worker. Wall time includes starting the workers
-   (and the Ray cluster). `--parallel-only` runs this part alone.
+   (and the Ray cluster); the sample MobileNetV2 (225 points) shows how that start amortises over a
+   longer sweep. `--parallel-only` runs this part alone, `--no-parallel` skips it.
 1. Exact sweep vs the naive loop (trace once, then per point copy -> `make_plan({group: s})` ->
    `apply_plan` -> `evaluate`), levels 0.1..0.9, metrics accuracy and loss, same points and data, on
    the sample ResNet-20 (1,000 held-out digits, batches of 250) and torchvision resnet18 (random
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     parser.add_argument("--parallel-only", action="store_true",
                         help="only the workers section: 1 worker vs 2 local workers vs 2 Ray actors, 1 thread each")
+    parser.add_argument("--no-parallel", action="store_true", help="skip the workers section")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: MODEL:KIND, run in a subprocess
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,9 +243,12 @@ def main() -> None:
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         args.out.write_text(json.dumps(result, default=str))
         return
+    cases = [(n, bn) for n in EXACT_MODELS for bn in ("", "_bn")] + [("mobilenet_v2", "")]  # a longer sweep
+    cases = [] if args.no_parallel else cases
     parallel = [parallel_row(n, {k + bn: spawn(n, k + bn, args.quick) for k in PARALLEL}, bool(bn))
-                for n in EXACT_MODELS for bn in ("", "_bn")]  # fmt: skip
-    print("Workers (1 thread each):\n\n" + parallel_markdown(parallel) + "\n")
+                for n, bn in cases]  # fmt: skip
+    if parallel:
+        print("Workers (1 thread each):\n\n" + parallel_markdown(parallel) + "\n")
     if args.parallel_only:
         if args.json:
             args.json.write_text(json.dumps({"parallel": parallel}, indent=2, default=str))

@@ -174,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive, help="use at most N images")
     ev.add_argument("--update", action="store_true", help="write the measured metrics into the --plan file")
     ev.add_argument("--latency", action="store_true", help="also time the dense and the pruned model on the CPU")
+    ev.add_argument("--device", help="measure on cpu, cuda, cuda:1 ... (default: CUDA when present)")
     ev.add_argument("--trust-model-code", action="store_true",
                     help="let --pruned name a package.module:function model; prunecore runs it to rebuild the model")
     ev.set_defaults(run=_evaluate)
@@ -242,6 +243,7 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                    help="with --evaluate: BatchNorm re-estimation batches (0: off)")  # fmt: skip
     p.add_argument("--limit", type=_positive, help="with --evaluate: use at most N images")
+    p.add_argument("--device", help="with --evaluate: measure on cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--additive", action="store_true",
                    help="predict by adding up the curves even where the run has a fitted predictor")  # fmt: skip
     p.set_defaults(run=_allocate)
@@ -429,6 +431,13 @@ def _calibrate(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelG
           f"stored with run {curves.attrs['run_id']}, and allocate predicts and allocates with it")  # fmt: skip
 
 
+def _device(args: argparse.Namespace) -> Any:
+    """`--device`, or CUDA when present, else the CPU (the models are loaded on the CPU and never moved)."""
+    from prunecore.devices import resolve_device
+
+    return resolve_device(args.device)
+
+
 def _curve_table(curves, metric: str) -> str:
     """Groups as rows, sparsity levels as columns: the metric at each point."""
     from prunecore.sensitivity import DENSE
@@ -583,7 +592,7 @@ def _allocate(args: argparse.Namespace) -> int:
         data = load_data(args.data, input_shape=tuple(example.shape), limit=args.limit, model=args.model)
         print(f"measured   on {data.description}, {_bn_note(args.bn_recalibration, model)}")
         measurement = measure_plan(model, plan, data, bn_recalibration=args.bn_recalibration, graph=graph,
-                                   latency=False)  # fmt: skip
+                                   latency=False, device=_device(args))  # fmt: skip
         plan = measurement.record(plan)
         columns["measured"] = measurement.metrics
     if any(columns.values()):
@@ -838,12 +847,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"data       {data.description}")
     if plan is None:
         reference = model if any(get_metric(m).needs_reference for m in metrics) else None
-        print(_metric_table({"dense": evaluate(model, data.evaluation, metrics, reference=reference)}))
+        dense = evaluate(model, data.evaluation, metrics, reference=reference, device=_device(args))
+        print(_metric_table({"dense": dense}))
         return 0
     print(f"pruned     {_bn_note(args.bn_recalibration, model)}")
     # the dense model must be the one the plan (or the pruned file) was made from: measure_plan checks
     measurement = measure_plan(model, plan, data, metrics, args.bn_recalibration, trace(model, example),
-                               latency=args.latency, pruned=pruned)  # fmt: skip
+                               latency=args.latency, pruned=pruned, device=_device(args))  # fmt: skip
     print(_metric_table({"dense": measurement.dense, "predicted": plan.predicted, "measured": measurement.metrics}))
     if args.latency:
         print(f"latency    {measurement.speedup_text()}")

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from prunecore import cost
@@ -115,6 +116,7 @@ def measure_plan(
     latency: bool = True,
     progress: Callable[[str], None] | None = None,
     pruned: nn.Module | None = None,
+    device: str | torch.device | None = None,
 ) -> PlanMeasurement:
     """Apply `plan` to `model` (not changed), re-estimate BatchNorm, and measure both models.
 
@@ -124,6 +126,8 @@ def measure_plan(
     on up to `bn_recalibration` batches of `data.calibration`; label-free metrics compare with the
     dense model. With `latency`, both models are timed with `compare_latency` on the plan's example
     inputs. `progress(step)` is called before each of `STEPS`, so a job can report and stop there.
+    `device` is where the metrics are measured (default: where the model is; the models never move);
+    latency is always timed on the CPU, where `compare_latency` runs.
     """
     step = progress or (lambda _: None)
     names = [metrics] if isinstance(metrics, str) else list(metrics or default_metrics(plan, data))
@@ -138,11 +142,11 @@ def measure_plan(
     pruned = apply_plan(model, plan, graph=graph) if pruned is None else copy.deepcopy(pruned)
     if bn_recalibration:
         step("bn")
-        recalibrate_bn_(pruned, data.calibration, batches=int(bn_recalibration))
+        recalibrate_bn_(pruned, data.calibration, batches=int(bn_recalibration), device=device)
     step("evaluate")
     reference = model if any(get_metric(m).needs_reference for m in names) else None
-    measured = evaluate(pruned, data.evaluation, names, reference=reference)
-    dense = evaluate(model, data.evaluation, names, reference=reference)
+    measured = evaluate(pruned, data.evaluation, names, reference=reference, device=device)
+    dense = evaluate(model, data.evaluation, names, reference=reference, device=device)
     before, after = count(model, example), count(pruned, example)
     timed = None
     if latency:

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunecore.cost import count, plan_costs
-from prunecore.devices import check_autocast, resolve_device
+from prunecore.devices import autocast, check_autocast, resolve_device
 from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric
 from prunecore.graph import ChannelGraph, trace
@@ -182,6 +182,8 @@ def sweep(
     """
     config = sweep_config(config, **settings)
     device = resolve_device(device)
+    with autocast(device, config.autocast):  # a mode this device cannot run fails here, before any work
+        pass
     _check_execution(workers, executor, address, threads)
     graph = graph if graph is not None else trace(model, example_inputs, leaf_modules)
     names = _check_groups(graph, config.groups)
@@ -228,15 +230,16 @@ def _measure_here(model: nn.Module, graph: ChannelGraph, engine_args: dict[str, 
                   on_group: Callable[[str], None] | None) -> float:  # fmt: skip
     """Measure every group in this process, committing each chunk as it finishes; the seconds spent in suffixes.
 
-    The groups go in chunks of about sqrt(groups): a chunk shares one dense forward per batch
+    The groups go in chunks of floor(sqrt(groups)): a chunk shares one dense forward per batch
     (`SuffixEngine.measure`), and each finished chunk is stored, so a killed sweep loses at most
-    one chunk. Sqrt balances the two: 12 groups run 3 dense passes per batch instead of 12.
+    one chunk. Sqrt balances the two: 12 groups run 4 dense passes per batch instead of 12, and
+    a sweep of 1 to 3 groups still stores each group as it finishes.
     """
     engine = SuffixEngine(model, graph, **engine_args)
     per_group = engine.work_per_group
     bar = progress_bar(progress, len(by_group) * per_group if per_group is not None else None)
     names = list(by_group)
-    size = math.ceil(math.sqrt(len(names)))
+    size = max(1, math.isqrt(len(names)))
     try:
         for first in range(0, len(names), size):
             chunk = names[first : first + size]

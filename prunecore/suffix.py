@@ -186,7 +186,7 @@ class SuffixEngine:
         self.reference: list[torch.Tensor] = []
         self.batch_keys: list[float] = []  # a checksum per batch: the data must come in the same order
         self.dense_bn: dict[nn.Module, tuple[torch.Tensor, ...]] | None = None  # set by `prepare`
-        self.floor_seconds = 0.0  # time spent running suffixes: the work no reuse can avoid
+        self.floor_seconds = 0.0  # time spent in per-point suffix passes (`suffix_seconds` of a sweep)
 
     @property
     def work_per_group(self) -> int | None:

@@ -128,8 +128,7 @@ def measure_groups(
     per_group = spec.work_per_group()
     bar = progress_bar(progress, len(by_group) * per_group if per_group is not None else None)
     tasks = worker_tasks(by_group, workers)
-    hooks = _Hooks(on_rows, bar.update, on_group, on_worker, per_group, {label: len(groups) for label, groups in
-                                                                           tasks.items()})  # fmt: skip
+    hooks = _Hooks(on_rows, bar.update, on_group, on_worker, per_group, tasks)
     points = {label: [p for g in groups for p in by_group[g]] for label, groups in tasks.items()}
     try:
         if executor == "ray":
@@ -154,15 +153,15 @@ class _Hooks:
     on_group: Callable[[str], None] | None
     on_worker: Callable[[WorkerStatus], None] | None
     per_group: int | None
-    sizes: dict[str, int]  # groups per task
+    tasks: dict[str, list[str]]  # label -> its groups
 
     def total(self, task: str) -> int | None:
-        return None if self.per_group is None else self.per_group * self.sizes[task]
+        return None if self.per_group is None else self.per_group * len(self.tasks[task])
 
     def started(self, status: WorkerStatus, task: str) -> None:
         status.group, status.done, status.total = task, 0, self.total(task)
         if self.on_group is not None:
-            for group in task.split(" + "):
+            for group in self.tasks[task]:
                 self.on_group(group)
         self.changed(status)
 
@@ -177,7 +176,7 @@ class _Hooks:
         if status.done < total:  # Ray reports no ticks: the whole task at once
             self.tick(total - status.done)
         status.history.append(status.group or "")
-        status.groups_done += self.sizes.get(status.group or "", 0)
+        status.groups_done += len(self.tasks.get(status.group or "", ()))
         status.group, status.done = None, 0
         status.peak_rss_mib = rss if rss is not None else status.peak_rss_mib
         self.changed(status)
@@ -371,8 +370,7 @@ def _run_ray(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, t
         from ray.exceptions import RayActorError
     except ImportError:
         raise WorkerError("executor='ray' needs Ray: pip install 'prunecore[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
+    if not ray.is_initialized():  # it stays up for later sweeps of this process; Ray shuts it down at exit
         local = address is None and not os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=workers * threads if local else None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)  # fmt: skip
@@ -409,6 +407,4 @@ def _run_ray(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, t
     finally:
         for actor in actors.values():
             ray.kill(actor)
-        if started:
-            ray.shutdown()
     return [s.summary() for s in slots]

@@ -72,6 +72,12 @@ def test_prune_check_and_rebuild(tmp_path, capsys):
         (["inspect", "--model", "toy_models:Concat", "--input", "2,5,8,8"], "failed at Conv2d module 'a.0'"),
         (["prune", "--model", "toy_models:Concat", "--input", "2,3,8,8", "--sparsity", "1.0"],
          r"sparsity must be in \[0, 1\)"),
+        (["sweep", "--model", "sample:resnet20", "--data", "sample", "--limit", "8", "--device", "gpu0"],
+         "device 'gpu0' is not a device torch knows"),
+        (["sweep", "--model", "sample:resnet20", "--data", "sample", "--limit", "8", "--autocast", "fp16",
+          "--device", "cpu"], "autocast 'fp16' runs on CUDA only"),
+        (["evaluate", "--model", "sample:resnet20", "--data", "sample", "--limit", "8", "--device", "cuda:7"],
+         "device 'cuda:7'"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, message, capsys):

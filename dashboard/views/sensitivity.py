@@ -51,7 +51,7 @@ if frame.attrs["complete"]:
                "these settings loads it at once.")  # fmt: skip
 else:
     st.caption(f"Run `{frame.attrs['run_id']}` so far: {groups} of {len(ws.graph.prunable)} groups; the curves "
-               "grow as the sweep stores each group.")  # fmt: skip
+               "grow as the sweep stores groups.")  # fmt: skip
 st.plotly_chart(charts.curves_figure(frame, metric), width="stretch", key="curves_chart")
 st.plotly_chart(charts.heatmap_figure(frame, metric), width="stretch", key="heatmap_chart")
 st.dataframe(frame, hide_index=True, width="stretch", key="curves_table")
