@@ -172,10 +172,11 @@ def sweep(
     workers `on_worker(status)` with a `prunecore.workers.WorkerStatus` whenever one progresses.
 
     Execution: `device` (default CUDA when present, else the CPU) is where points run; the dense
-    row and the curves of one sweep always come from the same device. `workers=N` measures groups in N
-    local processes, `executor="ray"` in N Ray actors (`address` of an existing cluster, else
-    a local one for the length of the sweep); `threads` per worker (default: this process's
-    threads divided among them). Per-worker peak memory is in `frame.attrs["workers"]`.
+    row and the curves of one sweep always come from the same device. `workers=N` measures groups
+    in N local processes, `executor="ray"` in N Ray actors (`address` of an existing cluster, else
+    a local one, started by the first such sweep and up until this process exits); `threads` per
+    worker (default: this process's threads divided among them). Per-worker peak memory is in
+    `frame.attrs["workers"]`.
 
     `mode="estimate"` predicts the `loss` curve from a few backward passes instead of measuring it
     (see `prunecore.estimate`): a first look for large models, many times faster, less faithful.
@@ -199,7 +200,7 @@ def sweep(
     if pending and config.mode == "estimate":
         _estimate(model, graph, data, example_inputs, pending, config, run)
     elif pending:
-        scores = score(model, graph, config.criterion, data=data)
+        scores = score(model, graph, config.criterion, data=data, device=device)
         points = [Point(g, s, select_units(scores[g], graph[g].size, s, config.round_to)) for g, s in pending]
         costs = plan_costs(model, example_inputs, [p.plan(graph) for p in points], graph)
         by_group: dict[str, list[Point]] = {}

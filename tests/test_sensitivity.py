@@ -248,3 +248,13 @@ def test_evaluate_and_recalibrate_on_a_device_never_move_the_model(resnet20):
     reference = recalibrate_bn_(copy.deepcopy(model), calibration, batches=2)
     for a, b in zip(copy_.buffers(), reference.buffers()):
         assert torch.equal(a, b)
+
+
+def test_data_driven_scores_on_an_explicit_device_equal_the_default(resnet20):
+    from prunecore.importance import score
+
+    model, data, _, example = resnet20
+    graph = trace(model, example)
+    here = score(model, graph, "taylor", data=data[:1])
+    there = score(model, graph, "taylor", data=data[:1], device="cpu")
+    assert here.keys() == there.keys() and all(torch.equal(here[g], there[g]) for g in here)
