@@ -401,7 +401,10 @@ def _run_ray(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, t
                 continue
             hooks.finished(s, rows, rss)
         for s in slots:
-            s.pid = ray.get(actors[s.index].pid.remote())
+            try:
+                s.pid = ray.get(actors[s.index].pid.remote())
+            except RayActorError:  # it died after its last task: every row is in, only its pid is lost
+                s.pid = None
     except ray.exceptions.RayTaskError as exc:
         raise exc.as_instanceof_cause() from None  # the measurement's own error, as in one process
     finally:
