@@ -126,16 +126,17 @@ def measure_groups(
 
     threads = threads or max(1, torch.get_num_threads() // workers)
     per_group = spec.work_per_group()
-    bar = progress_bar(progress, len(by_group) * per_group if per_group is not None else None)
+    total = len(by_group) * per_group if per_group is not None else None
     tasks = worker_tasks(by_group, workers)
-    hooks = _Hooks(on_rows, bar.update, on_group, on_worker, per_group, tasks)
+    # the bar opens once the workers are started: tqdm's monitor thread would stop them being forked
+    hooks = _Hooks(on_rows, lambda: progress_bar(progress, total), on_group, on_worker, per_group, tasks)
     points = {label: [p for g in groups for p in by_group[g]] for label, groups in tasks.items()}
     try:
         if executor == "ray":
             return _run_ray(spec, points, workers, threads, address, hooks)
         return _run_local(spec, points, workers, threads, hooks)
     finally:
-        bar.close()
+        hooks.close()
 
 
 def worker_tasks(by_group: dict[str, list[Point]], workers: int) -> dict[str, list[str]]:
@@ -149,11 +150,21 @@ def worker_tasks(by_group: dict[str, list[Point]], workers: int) -> dict[str, li
 @dataclass
 class _Hooks:
     on_rows: Callable[[Rows], None]
-    tick: Callable[[int], None]
+    make_bar: Callable[[], Any]
     on_group: Callable[[str], None] | None
     on_worker: Callable[[WorkerStatus], None] | None
     per_group: int | None
     tasks: dict[str, list[str]]  # label -> its groups
+    bar: Any = None
+
+    def tick(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = self.make_bar()
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def total(self, task: str) -> int | None:
         return None if self.per_group is None else self.per_group * len(self.tasks[task])
@@ -203,9 +214,13 @@ class _Retries:
 class _Local:
     """One worker process and the duplex pipe to it."""
 
-    def __init__(self, ctx: Any, spec: EngineSpec | bytes, threads: int, status: WorkerStatus) -> None:
+    def __init__(self, ctx: Any, spec: EngineSpec | bytes, threads: int, status: WorkerStatus,
+                 others: Sequence[Connection] = ()) -> None:  # fmt: skip
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, spec, threads), daemon=True,
+        # a forked child inherits the driver's ends of every pipe: it closes them, so that each worker
+        # reads EOF when the driver dies (a spawned child inherits nothing)
+        driver_ends = [*others, self.conn] if ctx.get_start_method() == "fork" else []
+        self.proc = ctx.Process(target=_serve, args=(child, spec, threads, driver_ends), daemon=True,
                                 name=f"prunecore-sweep-{status.index}")  # fmt: skip
         self.proc.start()
         child.close()  # the child holds its end; a dead child now reads as EOF here
@@ -229,12 +244,21 @@ class _Local:
 
 def _run_local(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, threads: int,
                hooks: _Hooks) -> list[dict[str, Any]]:  # fmt: skip
-    ctx = mp.get_context(start_method(spec.device))
-    # forked workers share the driver's objects; spawned ones get one pickle, made once whatever N
-    blob = spec if ctx.get_start_method() == "fork" else pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+    blob: list[bytes] = []  # spawned workers get one pickle, made once whatever N; forked ones share the spec
+
+    def start(status: WorkerStatus) -> _Local:
+        method = start_method(spec.device)  # per start: a replacement forks only if there is still no thread
+        if method == "spawn" and not blob:
+            blob.append(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+        others = [w.conn for w in pool if not w.conn.closed]
+        return _Local(mp.get_context(method), spec if method == "fork" else blob[0], threads, status, others)
+
     queue = collections.deque(by_group)
     retries = _Retries()
-    pool = [_Local(ctx, blob, threads, WorkerStatus(i)) for i in range(min(workers, len(queue)))]
+    pool: list[_Local] = []
+    for i in range(min(workers, len(queue))):
+        pool.append(start(WorkerStatus(i)))
+    hooks.tick(0)  # the progress bar, now that the workers are started
     try:
         while queue or any(w.status.group is not None for w in pool):
             for w in pool:
@@ -256,7 +280,7 @@ def _run_local(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int,
                     replacement = WorkerStatus(w.status.index, restarts=w.status.restarts + 1,
                                                groups_done=w.status.groups_done, history=w.status.history)
                     w.close()
-                    pool[pool.index(w)] = _Local(ctx, blob, threads, replacement)
+                    pool[pool.index(w)] = start(replacement)
                     continue
                 kind = message[0]
                 if kind == "tick":
@@ -277,8 +301,10 @@ def start_method(device: torch.device) -> str:
     return "fork" if forkable and device.type == "cpu" and threading.active_count() == 1 else "spawn"
 
 
-def _serve(conn: Connection, spec: EngineSpec | bytes, threads: int) -> None:
+def _serve(conn: Connection, spec: EngineSpec | bytes, threads: int, driver_ends: Sequence[Connection]) -> None:
     """A worker process: build the engine once, then measure the groups the driver sends until told to stop."""
+    for end in driver_ends:
+        end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a forked copy of the driver's own handler
     torch.set_num_threads(threads)
@@ -381,6 +407,7 @@ def _run_ray(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, t
     retries = _Retries()
     slots = [WorkerStatus(i) for i in range(min(workers, len(queue)))]
     actors = {s.index: actor_class.remote(spec_ref, threads) for s in slots}
+    hooks.tick(0)  # the progress bar
     running: dict[Any, WorkerStatus] = {}
     try:
         while queue or running:
