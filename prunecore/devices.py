@@ -12,13 +12,15 @@ the numbers, so a sweep records it in its config and its run id.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 
 from prunecore.errors import ArgumentError
 
-__all__ = ["AUTOCAST", "autocast", "check_autocast", "resolve_device"]
+__all__ = ["AUTOCAST", "autocast", "check_autocast", "model_device", "on_device", "resolve_device"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """The mixed-precision modes evaluation accepts (`autocast=` / `--autocast`)."""
@@ -35,6 +37,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if local.type == "cuda" and local.index is not None and local.index >= torch.cuda.device_count():
         raise ArgumentError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return local
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model` lives: its first parameter's device, else its first buffer's, else the CPU."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` if it is on `device`, else a copy there: the caller's model never moves."""
+    return model if model_device(model) == device else copy.deepcopy(model).to(device)
 
 
 def check_autocast(mode: str | None) -> str | None:

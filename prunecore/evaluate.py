@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch import nn
 
 from prunecore.datasets import DataSpecError
 from prunecore.devices import autocast as autocast_ctx
-from prunecore.devices import resolve_device
+from prunecore.devices import model_device, on_device, resolve_device
 from prunecore.errors import ArgumentError, ModelRunError, running_model
 from prunecore._modes import training_flags
 from prunecore.graph import ChannelGraph
@@ -94,15 +93,6 @@ def list_metrics() -> list[str]:
     return sorted(_METRICS)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
-
-
-def _on(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` if it is on `device`, else a copy there (the caller's model never moves)."""
-    return model if _device(model) == device else copy.deepcopy(model).to(device)
-
-
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(inputs, targets)`, `(inputs,)` or bare `inputs` -> (inputs, targets or None)."""
     if isinstance(batch, torch.Tensor):
@@ -149,7 +139,7 @@ def metrics_for(targets: torch.Tensor | None) -> list[str]:
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The model's logits on `inputs`: (B, C), or (B, T, C) for a sequence model."""
     with running_model(model, inputs, "evaluation"):
-        out = output_logits(model(inputs.to(_device(model))))
+        out = output_logits(model(inputs.to(model_device(model))))
     if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelRunError(f"{type(model).__name__} must return logits of shape (batch, classes) or (batch, tokens, "
@@ -204,9 +194,9 @@ def evaluate(
     use_ref = reference is not None and any(s.needs_reference for s in specs)
     same_ref = reference is model  # the model's own outputs: one forward serves both
     if device is not None:
-        model = _on(model, resolve_device(device))
-        reference = model if same_ref else _on(reference, resolve_device(device)) if use_ref else reference
-    device = _device(model)
+        model = on_device(model, resolve_device(device))
+        reference = model if same_ref else on_device(reference, resolve_device(device)) if use_ref else reference
+    device = model_device(model)
     sums = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
     samples = 0
     ref_eval = training_flags(reference, lambda m: False) if use_ref else nullcontext()
@@ -250,10 +240,11 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None =
     are ignored. Momentum and training flags are restored; on an error the old statistics are too.
     `device` runs the passes there (the model moves for them and moves back); default, where the model is.
     """
-    home = _device(model)
-    if device is not None and resolve_device(device) != home:
+    home = model_device(model)
+    target = home if device is None else resolve_device(device)
+    if target != home:
         try:
-            return recalibrate_bn_(model.to(resolve_device(device)), data, batches)
+            return recalibrate_bn_(model.to(target), data, batches)
         finally:
             model.to(home)
     bns = _tracked_bn(model)
@@ -264,7 +255,7 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int | None =
     if first is None:
         raise ArgumentError("recalibrate_bn_ got no batches: the data is empty (or batches=0)")
     saved = [(bn, bn.momentum, {k: v.clone() for k, v in bn.named_buffers(recurse=False)}) for bn in bns]
-    bn_set, device = set(bns), _device(model)
+    bn_set, device = set(bns), model_device(model)
     try:
         with torch.no_grad(), training_flags(model, lambda m: m in bn_set):
             for bn in bns:

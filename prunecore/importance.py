@@ -12,7 +12,6 @@ Criteria live in a registry so the CLI, the dashboard and the tests all see the 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunecore.devices import resolve_device
+from prunecore.devices import on_device, resolve_device
 from prunecore.errors import ArgumentError, running_model
 from prunecore._modes import eval_mode
 from prunecore.evaluate import as_rows, output_logits, split_batch
@@ -79,9 +78,7 @@ def score(
         raise ArgumentError(f"criterion {criterion!r} needs data: pass batches of (inputs, targets) or inputs")
     if device is None or not crit.needs_data:
         return crit.fn(model, graph, data=data, seed=seed)
-    target = resolve_device(device)
-    home = next(model.parameters(), torch.empty(0)).device
-    worker = model if home == target else copy.deepcopy(model).to(target)
+    worker = on_device(model, resolve_device(device))
     return {name: s.cpu() for name, s in crit.fn(worker, graph, data=data, seed=seed).items()}
 
 

@@ -35,7 +35,8 @@ from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
 from prunecore.graph import trace
 from prunecore.plan import Budget, Plan, compose
-from prunecore.recover import EpochRecord, FinetuneError, default_metrics, finetune, resolve_device
+from prunecore.devices import model_device, resolve_device
+from prunecore.recover import EpochRecord, FinetuneError, default_metrics, finetune
 from prunecore.sensitivity import DEFAULT_LEVELS, sweep
 from prunecore.surgery import apply_plan
 
@@ -114,7 +115,7 @@ def prune_iteratively(
     bars = progress is True
     device = resolve_device(device)
     # the teacher and the start: the caller's module only where that changes nothing of it
-    dense = model if _device(model) == device and not model.training else copy.deepcopy(model).to(device).eval()
+    dense = model if model_device(model) == device and not model.training else copy.deepcopy(model).to(device).eval()
     example = example_inputs.to(device)
     names = list(metrics) if metrics else default_metrics(data)
     reference = dense if any(get_metric(m).needs_reference for m in names) else None
@@ -161,10 +162,6 @@ def prune_iteratively(
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
-
-
 def _cost(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     c = count(model, example)
     return {"flops": c.flops, "params": c.params}
@@ -202,4 +199,4 @@ def _resume(dense: nn.Module, example: torch.Tensor, work: Path) -> tuple[nn.Mod
     model.load_state_dict(payload["state_dict"], strict=True)
     records = [StepRecord(**{**r, "epochs": tuple(map(EpochRecord.from_dict, r["epochs"]))})
                for r in payload["records"]]  # fmt: skip
-    return model.to(_device(dense)), plan, records
+    return model.to(model_device(dense)), plan, records

@@ -1,16 +1,16 @@
 """The suffix engine: a group's sweep points run only the part of the model that pruning the group changes.
 
-One private working copy of the model, as a torch.fx graph, serves every point. For a group, the
-dense graph runs once per batch up to the first node the group touches (the *prefix*); each
-level then swaps its pruned (smaller) tensors into the copy and runs the rest of the graph from
-those cached activations (the *suffix*), then swaps the originals back. No per-point copy or
-re-trace, and each point computes no more than the pruned model would. BatchNorm re-estimation
-reuses the split: layers before the group keep the dense model's re-estimated statistics (their
-inputs do not change), layers after it carry one set of statistics per point.
+One private working copy of the model, as a torch.fx graph, serves every point. For each batch,
+one dense pass advances through the graph; at the first node a group touches (its *start*),
+each of the group's levels swaps its pruned (smaller) tensors into the copy, runs the rest of the
+graph from the dense activations there (the *suffix*), and swaps the originals back. No per-point
+copy or re-trace, and each point computes no more than the pruned model would. Where the group's
+first layer only loses output channels, points start after it (and the channel-wise ops that
+follow it) from a slice of its dense output (`_sliced_chain`). BatchNorm re-estimation reuses the
+split: layers before the start keep the dense model's re-estimated statistics (their inputs do
+not change), layers after it carry one set of statistics per point.
 
-`sensitivity.sweep` drives it, in one process or in each worker of `prunecore.workers`; the
-benchmark uses the same public pieces (`start_of`, `prefix`, `suffix`, `variants`) to time the
-floor.
+`sensitivity.sweep` drives it, in one process or in each worker of `prunecore.workers`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from torch import fx, nn
 
 from prunecore import ops
 from prunecore._concurrency import forward_pass, fx_tracing
-from prunecore.devices import autocast, resolve_device, to_device
+from prunecore.devices import autocast, model_device, resolve_device, to_device
 from prunecore.errors import ArgumentError
-from prunecore.evaluate import as_rows, get_metric, output_logits, recalibrate_bn_, split_batch
+from prunecore.evaluate import _tracked_bn, as_rows, get_metric, output_logits, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, TraceError, failing_frame
 from prunecore.plan import GroupPlan, Plan
 from prunecore.surgery import kept_positions, sliced_tensors, swap_tensors_, with_ancestors
@@ -165,7 +165,7 @@ class SuffixEngine:
         autocast: str | None = None,
         copy_model: bool = True,
     ) -> None:
-        self.device = resolve_device(device) if device is not None else _model_device(model)
+        self.device = resolve_device(device) if device is not None else model_device(model)
         self.model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
         try:
             self.gm: fx.GraphModule | None = symbolic_trace(self.model, tuple(leaf_modules))
@@ -180,8 +180,7 @@ class SuffixEngine:
         self.graph, self.metrics = graph, [get_metric(m) for m in metrics]
         self.data, self.calibration = data, data if calibration is None else calibration
         self.autocast = autocast
-        self.bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and m.track_running_stats]  # fmt: skip
+        self.bns = _tracked_bn(self.model)
         self.bn_batches = bn_batches if self.bns else 0
         self.reference: list[torch.Tensor] = []
         self.batch_keys: list[float] = []  # a checksum per batch: the data must come in the same order
@@ -191,22 +190,17 @@ class SuffixEngine:
     @property
     def work_per_group(self) -> int | None:
         """Batches one group's `measure` processes (for progress totals); None when the data has no length."""
-        n = _length(self.data)
-        return None if n is None else n + self.bn_batches
+        return batches_per_group(self.model, self.data, self.bn_batches)
 
     # running the graph ------------------------------------------------------------------------
     def start_of(self, group: str) -> int:
         """The node index a group's suffix starts at, or `WHOLE` when its points run the whole forward."""
         return WHOLE if self._changes_constants(group) else self._first_node(group)
 
-    def prefix(self, inputs: torch.Tensor, start: int) -> dict[fx.Node | None, Any]:
-        """The dense activations a suffix starting at `start` needs, for one batch of inputs."""
+    def inputs_env(self, inputs: torch.Tensor) -> dict[fx.Node | None, Any]:
+        """The activations before the first node: the batch's inputs, on the engine's device."""
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        env: dict[fx.Node | None, Any] = {placeholders[0] if placeholders else None: to_device(inputs, self.device)}
-        if start > 0:
-            with forward_pass(), autocast(self.device, self.autocast):
-                self._advance(env, 0, start)
-        return env
+        return {placeholders[0] if placeholders else None: to_device(inputs, self.device)}
 
     def suffix(self, env: dict[fx.Node | None, Any], start: int) -> Any:
         """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in."""
@@ -344,7 +338,7 @@ class SuffixEngine:
 
     def _walk(self, inputs: torch.Tensor, runs: list[_GroupRun]) -> Iterator[tuple[_GroupRun, dict]]:
         """Each run with the dense activations at its start, from one dense pass that advances run by run."""
-        env = self.prefix(inputs, 0)
+        env = self.inputs_env(inputs)
         at = 0
         for run in runs:
             if run.start > at:  # a WHOLE run (start -1) sorts first and needs only the inputs
@@ -530,13 +524,6 @@ def _touches(node: fx.Node, modules: set[str]) -> bool:
     return node.op == "get_attr" and node.target.rpartition(".")[0] in modules
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _bn_state(bns: Iterable[nn.Module]) -> dict[nn.Module, tuple[torch.Tensor, ...]]:
     return {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns}
 
@@ -554,8 +541,11 @@ def _load_state(bns: Iterable[nn.Module], state: dict) -> None:
         m.num_batches_tracked.copy_(n)
 
 
-def _length(data: Iterable) -> int | None:
+def batches_per_group(model: nn.Module, data: Iterable, bn_batches: int) -> int | None:
+    """Batches `measure` processes per group (the progress unit): the data's, plus the BatchNorm
+    re-estimation batches when the model has BatchNorms; None when the data has no length."""
     try:
-        return len(data)  # type: ignore[arg-type]
+        n = len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
+    return n + (bn_batches if _tracked_bn(model) else 0)

@@ -41,7 +41,7 @@ from torch import nn
 
 from prunecore.errors import UserError
 from prunecore.graph import ChannelGraph
-from prunecore.suffix import Point, SuffixEngine
+from prunecore.suffix import Point, SuffixEngine, batches_per_group
 
 __all__ = ["MAX_RETRIES", "EngineSpec", "WorkerError", "WorkerStatus", "measure_groups"]
 
@@ -77,13 +77,7 @@ class EngineSpec:
 
     def work_per_group(self) -> int | None:
         """Batches one group takes (progress totals), as the engine counts them."""
-        try:
-            n = len(self.data)  # type: ignore[arg-type]
-        except TypeError:
-            return None
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                     for m in self.model.modules())  # fmt: skip
-        return n + (self.bn_batches if has_bn else 0)
+        return batches_per_group(self.model, self.data, self.bn_batches)
 
 
 @dataclass
