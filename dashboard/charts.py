@@ -20,13 +20,16 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from prunecore.cost import Latency, format_latency, speedup
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.jobs import Recovery
+from prunecore.measure import PlanMeasurement
 from prunecore.sensitivity import DENSE
 
 __all__ = [
     "allocation_figure",
     "curves_figure",
+    "deployment_rows",
     "format_delta",
     "format_metric",
     "heatmap_figure",
@@ -356,6 +359,37 @@ def predicted_vs_measured_figure(rows: pd.DataFrame) -> go.Figure:
         fig.update_yaxes(tickformat=".0%" if is_fraction(row.metric) else None, rangemode="tozero", row=1, col=col)
     title = "Dense, predicted, measured and recovered" if len(kinds) > len(_KINDS) else "Dense, predicted and measured"
     return _layout(fig, title, "validate", 420, bargap=0.3)
+
+
+INT8_ROW = "pruned + INT8 (ONNX Runtime)"
+
+
+def deployment_rows(measured: PlanMeasurement) -> pd.DataFrame:
+    """Dense, pruned and pruned + INT8 side by side: one row each, a column per metric, then the latency
+    (`format_latency`) and the speed-up over dense (all three timed in the same rounds, so they compare).
+
+    A speed-up the timings cannot support (`cost.speedup` is None) says so instead of a ratio.
+    """
+    if measured.int8 is None or measured.latency is None:
+        raise ValueError("the measurement has no INT8 part: measure it with int8=True")
+    dense_t, pruned_t = measured.latency
+    rows = [("pruned", measured.metrics, pruned_t), (INT8_ROW, measured.int8.metrics, measured.int8.latency)]
+    names = list(measured.metrics)
+
+    def row(model: str, values: Mapping[str, float], t: Latency, ratio: str) -> dict:
+        return {"model": model, **{m: values.get(m, math.nan) for m in names}, "latency": format_latency(t),
+                "speed-up vs dense": ratio}  # fmt: skip
+
+    return pd.DataFrame([row("dense", measured.dense, dense_t, "reference"),
+                         *(row(m, v, t, _speedup_text(dense_t, t)) for m, v, t in rows)])  # fmt: skip
+
+
+def _speedup_text(dense: Latency, other: Latency) -> str:
+    """`"2.31x faster"`, `"1.25x slower"`, or why there is no ratio."""
+    ratio = speedup(dense, other)
+    if ratio is None:
+        return "no reliable speed-up"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
 # -- recovery ------------------------------------------------------------------------------------

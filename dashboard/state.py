@@ -643,9 +643,10 @@ def curves(ws: Workspace) -> pd.DataFrame:
     return frame
 
 
-def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int) -> tuple[MeasureJob, str]:
-    """The measurement job of `plan` on the current model, weights and data, and its key (also under `MEASURE_JOB`)."""
-    job = _measure_job(ws, plan, bn_recalibration=int(bn_batches))
+def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int, int8: bool = False) -> tuple[MeasureJob, str]:
+    """The measurement job of `plan` on the current model, weights and data, and its key (also under `MEASURE_JOB`);
+    `int8` also measures the pruned model as INT8 in ONNX Runtime (another job, another key)."""
+    job = _measure_job(ws, plan, bn_recalibration=int(bn_batches), int8=bool(int8))
     key = st.session_state[MEASURE_JOB] = _keyed(job, MEASURE_CACHE)
     return job, key
 

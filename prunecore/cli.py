@@ -793,25 +793,21 @@ def _deploy(args: argparse.Namespace, model: torch.nn.Module, pruned: torch.nn.M
     """apply --onnx [--int8] [--data]: export and check, quantise, and measure dense / pruned / INT8 side by side."""
     from prunecore.cost import format_latency, measure_latencies
     from prunecore.datasets import load_data
-    from prunecore.deploy import OnnxModule, export_onnx, quantize_int8
+    from prunecore.deploy import OnnxModule, deploy_onnx
     from prunecore.evaluate import evaluate
 
-    onnx = export_onnx(pruned, example, args.onnx)
+    shape = tuple(example[0].shape)
+    data = None if args.data is None else load_data(args.data, input_shape=shape, limit=args.limit, model=args.model)
+    deployed = deploy_onnx(pruned, example, args.onnx, args.int8, data)  # static INT8 on images, dynamic on tokens
+    onnx = deployed.onnx
     batch = "any batch size B" if onnx.dynamic_batch else "this batch size only"
     sizes = " and ".join(map(str, onnx.batch_sizes))
     print(f"onnx       {onnx.path} (opset {onnx.opset}, {batch}; checked in ONNX Runtime at batch {sizes}: "
           f"max |onnx - torch| = {onnx.max_abs_diff:.1e})")  # fmt: skip
-    shape = tuple(example[0].shape)
-    data = None if args.data is None else load_data(args.data, input_shape=shape, limit=args.limit, model=args.model)
     models = {"dense": model, "pruned": pruned, "pruned, ONNX Runtime": OnnxModule(onnx.path)}
-    if args.int8 is not None:
-        tokens = not example[0].dtype.is_floating_point  # a language model: activation outliers defeat static ranges
-        calibration = None if data is None or tokens else data.calibration
-        int8 = quantize_int8(onnx.path, args.int8, calibration)
-        how = (f"static, calibrated on {data.description}" if calibration is not None else
-               "dynamic: weights INT8, activations quantised per batch" + (" (a language model)" if tokens else ""))
-        print(f"int8       {int8} ({how}; ONNX Runtime)")
-        models["pruned + INT8, ONNX Runtime"] = OnnxModule(int8)
+    if deployed.int8 is not None:
+        print(f"int8       {deployed.int8} ({deployed.mode}; ONNX Runtime)")
+        models["pruned + INT8, ONNX Runtime"] = OnnxModule(deployed.int8)
     if data is None:
         return
     metrics = ["accuracy", "loss"] if data.labelled else []

@@ -8,11 +8,15 @@ something else is never handed over. A model whose code fixes its batch size exp
 example's shapes, and says so. `quantize_int8` quantises the checked file with ONNX Runtime's
 static quantisation (activation ranges calibrated on real batches) or dynamic quantisation
 (weights only), the INT8 on top of structured sparsity that production stacks combine.
+`deploy_onnx` does both with the one rule the CLI and `measure_plan` share: static for image models
+calibrated on the data's calibration batches, dynamic for language models and without data.
 
     >>> exported = export_onnx(pruned, example, "pruned.onnx")       # checked against PyTorch
     >>> exported.max_abs_diff, exported.dynamic_batch
     (1.9e-06, True)
     >>> quantize_int8("pruned.onnx", "pruned.int8.onnx", calibration_loader)
+    >>> deploy_onnx(pruned, example, "pruned.onnx", "pruned.int8.onnx", data).mode
+    'static, calibrated on sample held-out digits (250 images; calibration 250)'
 
 Needs `onnx`, `onnxscript` and `onnxruntime` (`pip install 'prunecore[deploy]'`).
 """
@@ -27,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +41,12 @@ from prunecore.errors import UserError
 from prunecore.evaluate import split_batch
 from prunecore.files import check_output_path, write_atomic
 
+if TYPE_CHECKING:
+    from prunecore.datasets import EvalData
+
 __all__ = [
-    "DeployError", "OnnxExport", "OnnxModule", "dynamic_batch", "export_onnx", "onnx_session", "quantize_int8",
+    "DeployError", "Deployment", "OnnxExport", "OnnxModule", "deploy_onnx", "dynamic_batch", "export_onnx",
+    "onnx_session", "quantize_int8",
 ]  # fmt: skip
 
 
@@ -56,6 +64,21 @@ class OnnxExport:
     batch_sizes: tuple[int, ...]
     dynamic_batch: bool
     opset: int
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `deploy_onnx` wrote: the checked float export and, when asked for, its INT8 version and how it
+    was quantised (`mode`, one line for reports; empty without INT8)."""
+
+    onnx: OnnxExport
+    int8: Path | None = None
+    mode: str = ""
+
+    @property
+    def max_abs_diff(self) -> float:
+        """The float export's largest |ONNX Runtime - PyTorch| output difference (the INT8 file is not checked)."""
+        return self.onnx.max_abs_diff
 
 
 def dynamic_batch(example: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple]:
@@ -92,6 +115,7 @@ def export_onnx(
     op the exporter cannot translate is a `DeployError` naming it.
     """
     path = check_output_path(path, "ONNX file")
+    _exporter()  # a missing package is said once, not again by the retry with fixed shapes
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model = model.eval()
     inputs, shapes = dynamic_batch(example)
@@ -183,6 +207,31 @@ def quantize_int8(
     return out
 
 
+def deploy_onnx(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    onnx: str | Path,
+    int8: str | Path | None = None,
+    data: EvalData | None = None,
+) -> Deployment:
+    """`export_onnx` of `model` to `onnx`, then (with `int8`) `quantize_int8` of that file to `int8`.
+
+    Static INT8 calibrated on `data.calibration` for a model that takes float inputs (images), since
+    CNNs need INT8 activations to run faster; dynamic for a language model (token ids in: activation
+    outliers defeat static ranges) or when there is no `data`.
+    """
+    exported = export_onnx(model, example_inputs, onnx)
+    if int8 is None:
+        return Deployment(exported)
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+    tokens = not first.dtype.is_floating_point
+    calibration = None if data is None or tokens else data.calibration
+    quantised = quantize_int8(exported.path, int8, calibration)
+    mode = (f"static, calibrated on {data.description}" if calibration is not None else
+            "dynamic: weights INT8, activations quantised per batch" + (" (a language model)" if tokens else ""))
+    return Deployment(exported, quantised, mode)
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 def _runtime() -> Any:
     try:
@@ -191,6 +240,15 @@ def _runtime() -> Any:
         raise DeployError("ONNX export and INT8 need onnx, onnxscript and onnxruntime: "
                           "pip install 'prunecore[deploy]'") from None  # fmt: skip
     return onnxruntime
+
+
+def _exporter() -> None:
+    """`DeployError` unless ONNX Runtime (to check the file) and onnxscript (the dynamo exporter's) are there."""
+    _runtime()
+    try:
+        import onnxscript  # noqa: F401  # the dynamo exporter's dependency: say so before torch does
+    except ImportError:
+        raise DeployError("ONNX export needs onnxscript: pip install 'prunecore[deploy]'") from None
 
 
 @contextlib.contextmanager
@@ -211,11 +269,6 @@ def _quiet() -> Any:
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, shapes: tuple | None,
             opset: int | None) -> int:  # fmt: skip
     """Export with the dynamo exporter; the opset written. `DeployError` with the first line of the reason."""
-    _runtime()
-    try:
-        import onnxscript  # noqa: F401  # the dynamo exporter's dependency: say so before torch does
-    except ImportError:
-        raise DeployError("ONNX export needs onnxscript: pip install 'prunecore[deploy]'") from None
     kwargs = {} if opset is None else {"opset_version": opset}
     try:
         with _quiet(), torch.no_grad():

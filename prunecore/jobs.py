@@ -143,9 +143,10 @@ class SweepJob:
 class MeasureJob:
     """One plan measurement as plain values: the dense model and data, the plan, and how to measure.
 
-    `plan` is the plan's JSON. `metrics` empty: `measure.default_metrics`. The key digests the
-    plan's kept units, inputs and fingerprint only (not its timestamp or predictions), so the same
-    pruned model measured the same way is one job.
+    `plan` is the plan's JSON. `metrics` empty: `measure.default_metrics`. `int8` also measures the
+    pruned model as INT8 in ONNX Runtime (it needs `latency`). The key digests the plan's kept units,
+    inputs and fingerprint only (not its timestamp or predictions), so the same pruned model measured
+    the same way is one job; `int8` counts only when set, so jobs without it keep the keys they had.
     """
 
     model: str  # a model spec, as `load_model` takes it
@@ -158,11 +159,15 @@ class MeasureJob:
     metrics: tuple[str, ...] = ()
     bn_recalibration: int = 0
     latency: bool = True
+    int8: bool = False
 
     kind = "measure"
 
     def __post_init__(self) -> None:
         _normalise(self)
+        object.__setattr__(self, "int8", bool(self.int8))
+        if self.int8 and not self.latency:
+            raise JobError("an INT8 measurement times the INT8 model beside the float ones: it needs latency=True")
 
     def to_json(self) -> str:
         return _to_json(self)
@@ -324,6 +329,8 @@ def job_key(job: Job) -> str:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
     if isinstance(job, (MeasureJob, FinetuneJob)):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
+        if isinstance(job, MeasureJob) and not job.int8:
+            del fields["int8"]  # measurements keep the keys they had before INT8 existed
     else:  # sweeps keep the keys they had before these fields existed, while they hold their defaults
         for name, default in (("calibrate", 0), ("device", None), ("workers", 1)):
             if fields[name] == default:
@@ -682,7 +689,8 @@ def _calibrate(job: SweepJob, worker: _Worker, model: Any, graph: Any, curves: A
 
 
 _STEP_TEXT = {"apply": "applying the plan", "bn": "re-estimating BatchNorm", "evaluate": "evaluating",
-              "latency": "timing both models"}  # fmt: skip
+              "int8": "exporting to ONNX, quantising to INT8, evaluating it",
+              "latency": "timing the models"}  # fmt: skip
 
 
 def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
@@ -693,7 +701,8 @@ def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
     from prunecore.plan import Plan
 
     plan = Plan.from_json(job.plan)
-    steps = [s for s in STEPS if (s != "bn" or job.bn_recalibration) and (s != "latency" or job.latency)]
+    wanted = {"bn": bool(job.bn_recalibration), "int8": job.int8, "latency": job.latency}
+    steps = [s for s in STEPS if wanted.get(s, True)]
     worker.write(unit="steps")
     worker.progress(0, len(steps) + 1)
     model = load_model(job.model, job.weights)
@@ -705,7 +714,7 @@ def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
         worker.progress(steps.index(name) + 1, len(steps) + 1)
 
     measured = measure_plan(model, plan, data, list(job.metrics) or None, job.bn_recalibration,
-                            latency=job.latency, progress=step)  # fmt: skip
+                            latency=job.latency, progress=step, int8=job.int8)  # fmt: skip
     write_atomic(folder / "result.json", json.dumps(measured.to_dict()), what="measurement")
 
 

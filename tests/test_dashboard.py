@@ -6,13 +6,18 @@ Pages that need curves use the module's one quick sweep, which the first of them
 from __future__ import annotations
 
 import json
+import math
 
 import jsonschema
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
+from dashboard import charts, state
 from dashboard_sweeps import open_app, run_sweep, store, wait_for_job  # noqa: F401 (store: the module's run store)
+from prunecore.cost import Latency, format_latency
+from prunecore.measure import Int8Measurement, PlanMeasurement
 from prunecore.plan import json_schema
 
 @pytest.fixture(scope="module")
@@ -120,6 +125,62 @@ def test_validate_page_measures_the_plan_in_a_job_next_to_its_prediction(swept):
     assert "validate_run" not in [b.key for b in again.button]
     assert again.dataframe[0].value.set_index("metric").loc["accuracy", "measured"] == table.loc["accuracy", "measured"]
     assert pc.Plan.from_json(again.session_state["edited_plan"].to_json()).groups == plan.groups
+
+
+def _with_int8(int8: Int8Measurement | None = None, error: str | None = None) -> PlanMeasurement:
+    timing = (Latency(0.012, 0.02, 7, 1, 1), Latency(0.006, 0.03, 7, 1, 1))
+    return PlanMeasurement({"accuracy": 0.9, "loss": 0.31}, {"accuracy": 0.95, "loss": 0.2}, 10, 20, 30, 60,
+                           "sample held-out digits", 0, timing, int8=int8, int8_error=error)  # fmt: skip
+
+
+INT8 = Int8Measurement({"accuracy": 0.89}, Latency(0.003, 0.02, 7, 1, 1), "static, calibrated on sample", 2e-6)
+
+
+def test_deployment_rows_put_dense_pruned_and_int8_side_by_side():
+    rows = charts.deployment_rows(_with_int8(INT8))
+    assert list(rows.columns) == ["model", "accuracy", "loss", "latency", "speed-up vs dense"]
+    assert list(rows.model) == ["dense", "pruned", "pruned + INT8 (ONNX Runtime)"]
+    assert list(rows.accuracy) == [0.95, 0.9, 0.89]
+    assert rows.loss.iloc[:2].tolist() == [0.2, 0.31] and math.isnan(rows.loss.iloc[2])  # INT8 measured no loss
+    assert list(rows.latency) == [format_latency(Latency(t, s, 7, 1, 1)) for t, s in
+                                  ((0.012, 0.02), (0.006, 0.03), (0.003, 0.02))]  # fmt: skip
+    assert list(rows["speed-up vs dense"]) == ["reference", "2.00x faster", "4.00x faster"]
+    noisy = _with_int8(Int8Measurement({}, Latency(0.011, 0.2, 7, 1, 1), "dynamic", 0.0))
+    assert charts.deployment_rows(noisy)["speed-up vs dense"].iloc[2] == "no reliable speed-up"
+    slower = _with_int8(Int8Measurement({}, Latency(0.024, 0.01, 7, 1, 1), "dynamic", 0.0))
+    assert charts.deployment_rows(slower)["speed-up vs dense"].iloc[2] == "2.00x slower"
+    with pytest.raises(ValueError, match="no INT8 part"):
+        charts.deployment_rows(_with_int8())
+
+
+def test_validate_page_int8_checkbox_measures_another_job_and_shows_the_three_rows():
+    """The result a worker would write is put where the page's job key says (the measuring is test_measure's)."""
+    model = pc.load_model("sample:resnet20")
+    plan = pc.make_plan(model, pc.trace(model, torch.randn(1, 1, 28, 28)), 0.3)
+    at = app(edited_plan=plan)
+    at.switch_page("views/validate.py").run()
+    at.number_input(key="validate_bn").set_value(0).run()
+    assert at.checkbox(key="validate_int8").value is False
+    plain = at.session_state[state.MEASURE_JOB]
+    at.checkbox(key="validate_int8").check().run()
+    key = at.session_state[state.MEASURE_JOB]
+    assert key != plain and [b.key for b in at.button] == [state.RUN_MEASURE]  # another job, not measured yet
+    folder = state.store_path().parent / "jobs" / key
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"state": "done"}))
+    (folder / "result.json").write_text(json.dumps(_with_int8(error="no onnxruntime").to_dict()))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [w.value for w in at.warning] == ["INT8 was not measured: no onnxruntime"] and len(at.dataframe) == 1
+    (folder / "result.json").write_text(json.dumps(_with_int8(INT8).to_dict()))
+    at.run()
+    assert not at.exception and not at.warning
+    [metrics, table] = [d.value for d in at.dataframe]
+    assert list(metrics.metric) == ["accuracy", "loss"]  # the page's first table stays the metric table
+    assert table.equals(charts.deployment_rows(_with_int8(INT8)))
+    assert any("static, calibrated on sample" in c.value for c in at.caption)
+    at.checkbox(key="validate_int8").uncheck().run()
+    assert at.session_state[state.MEASURE_JOB] == plain and [b.key for b in at.button] == [state.RUN_MEASURE]
 
 
 def test_export_page_offers_a_valid_plan_that_round_trips(swept):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import prunecore as pc
+from prunecore import deploy
 from prunecore.cli import main
-from prunecore.deploy import DeployError, export_onnx, onnx_session, quantize_int8
+from prunecore.datasets import EvalData
+from prunecore.deploy import DeployError, OnnxModule, deploy_onnx, export_onnx, onnx_session, quantize_int8
 from prunecore.evaluate import output_logits
 
 pytest.importorskip("onnxruntime")
@@ -85,6 +90,58 @@ def test_int8_keeps_the_pruned_models_accuracy(tmp_path):
     assert static.stat().st_size < 0.5 * exported.path.stat().st_size  # INT8 weights
     with pytest.raises(DeployError, match="does not exist"):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "q.onnx")
+
+
+class TinyTokens(nn.Module):
+    """Token ids in, logits per token out: what `deploy_onnx` treats as a language model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))  # (B, T, 16)
+
+
+def _images(n: int = 16) -> EvalData:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    return EvalData(loader, loader, True, f"{n} random images")
+
+
+def test_deploy_onnx_quantises_images_statically_on_the_calibration_data_and_tokens_dynamically(tmp_path,
+                                                                                              monkeypatch):
+    calibrations = []
+    real = deploy.quantize_int8
+    monkeypatch.setattr(deploy, "quantize_int8", lambda src, out, calibration=None: calibrations.append(calibration)
+                        or real(src, out, calibration))  # fmt: skip
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4)).eval()
+    data, example = _images(), torch.randn(2, 3, 8, 8)
+    static = deploy_onnx(cnn, example, tmp_path / "cnn.onnx", tmp_path / "cnn.int8.onnx", data)
+    assert static.int8 == tmp_path / "cnn.int8.onnx" and static.int8.is_file() and static.onnx.path.is_file()
+    assert static.mode == "static, calibrated on 16 random images" and calibrations == [data.calibration]
+    assert static.max_abs_diff == static.onnx.max_abs_diff < 1e-4
+    with torch.no_grad():  # the INT8 file runs and stays near the float model
+        np.testing.assert_allclose(OnnxModule(static.int8)(example).numpy(), cnn(example).numpy(), atol=0.1)
+    dynamic = deploy_onnx(cnn, example, tmp_path / "cnn2.onnx", tmp_path / "cnn2.int8.onnx")
+    assert dynamic.mode == "dynamic: weights INT8, activations quantised per batch" and calibrations[1] is None
+    tokens = deploy_onnx(TinyTokens().eval(), torch.randint(0, 16, (2, 5)), tmp_path / "lm.onnx",
+                         tmp_path / "lm.int8.onnx", data)  # fmt: skip
+    assert tokens.mode == "dynamic: weights INT8, activations quantised per batch (a language model)"
+    assert calibrations[2] is None and tokens.int8.is_file()
+    only = deploy_onnx(cnn, example, tmp_path / "only.onnx")
+    assert (only.int8, only.mode, len(calibrations)) == (None, "", 3) and only.onnx.path.is_file()
+
+
+def test_a_missing_runtime_is_said_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(DeployError) as caught:
+        deploy_onnx(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
+    assert str(caught.value) == ("ONNX export and INT8 need onnx, onnxscript and onnxruntime: "
+                                 "pip install 'prunecore[deploy]'")  # not repeated by the fixed-shape retry
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_apply_writes_a_checked_onnx_file(tmp_path, capsys):

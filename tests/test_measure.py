@@ -2,12 +2,14 @@
 
 In-process cases use a toy network with BatchNorm on random labelled tensors; the job cases measure
 a 30 % plan of the sample resnet20 on 32 digits in a real worker process, the way the Validate page does.
+The INT8 cases export that plan's pruned model to ONNX and quantise it in ONNX Runtime (skipped without it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 
 import pytest
@@ -17,9 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import prunecore as pc
 import toy_models as toys
 from job_helpers import TIMEOUT
-from prunecore import cost, jobs
+from prunecore import cost, deploy, jobs
 from prunecore.datasets import EvalData, load_data
-from prunecore.measure import MeasureError, PlanMeasurement, default_metrics, measure_plan
+from prunecore.measure import Int8Measurement, MeasureError, PlanMeasurement, default_metrics, measure_plan
 from prunecore.plan import PlanError
 
 
@@ -105,6 +107,99 @@ def test_a_measurement_round_trips_through_json_and_bad_dicts_are_refused(toy, m
             PlanMeasurement.from_dict(bad)
 
 
+def _measurement(int8: Int8Measurement | None = None, int8_error: str | None = None) -> PlanMeasurement:
+    timing = (cost.Latency(0.01, 0.02, 7, 1, 2), cost.Latency(0.004, 0.03, 7, 1, 2))
+    return PlanMeasurement({"accuracy": 0.9, "loss": 0.3}, {"accuracy": 0.95, "loss": 0.2}, 10, 20, 30, 60,
+                           "24 random tensors", 2, timing, int8=int8, int8_error=int8_error)  # fmt: skip
+
+
+def test_a_measurement_with_int8_or_its_failure_round_trips_and_one_without_writes_what_it_did_before():
+    int8 = Int8Measurement({"accuracy": 0.89, "loss": 0.31}, cost.Latency(0.002, 0.05, 7, 1, 2), "static, calibrated",
+                           3e-6)  # fmt: skip
+    for m in (_measurement(), _measurement(int8), _measurement(int8_error="no onnxruntime")):
+        assert PlanMeasurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    assert PlanMeasurement.from_dict(json.loads(json.dumps(_measurement(int8).to_dict()))).int8.latency == int8.latency
+    plain = _measurement().to_dict()  # what measurements wrote before INT8: results stored then still load
+    assert set(plain) == {"format", "metrics", "dense", "params", "flops", "dense_params", "dense_flops", "data",
+                          "bn_recalibration", "latency", "extra"}  # fmt: skip
+    assert PlanMeasurement.from_dict(plain).int8 is None and PlanMeasurement.from_dict(plain).int8_error is None
+    with pytest.raises(MeasureError, match="malformed"):
+        PlanMeasurement.from_dict({**plain, "int8": {"metrics": {}, "mode": "static"}})
+    with pytest.raises(MeasureError, match="malformed"):
+        PlanMeasurement.from_dict({**plain, "int8": [1]})
+
+
+def test_int8_needs_latency(toy):
+    model, graph, plan = toy
+    with pytest.raises(MeasureError, match="needs latency=True"):
+        measure_plan(model, plan, _data(), graph=graph, latency=False, int8=True)
+
+
+@pytest.mark.parametrize("failure", [deploy.DeployError("ONNX export and INT8 need onnx, onnxscript and onnxruntime: "
+                                                        "pip install 'prunecore[deploy]'"),
+                                     RuntimeError("[ONNXRuntimeError] : 1 : FAIL :\n Load model failed")])
+def test_a_failed_int8_keeps_the_float_measurement_and_says_why(toy, monkeypatch, failure):
+    model, graph, plan = toy
+    timing = (cost.Latency(0.01, 0.02, 7, 1, 2), cost.Latency(0.004, 0.03, 7, 1, 2))
+    monkeypatch.setattr(cost, "compare_latency", lambda a, b, x: timing)
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(deploy, "deploy_onnx", fail)
+    steps = []
+    m = measure_plan(model, plan, _data(), bn_recalibration=1, graph=graph, progress=steps.append, int8=True)
+    plain = measure_plan(model, plan, _data(), bn_recalibration=1, graph=graph)
+    assert steps == ["apply", "bn", "evaluate", "int8", "latency"]
+    assert m.int8 is None and dataclasses.replace(m, int8_error=None) == plain
+    if isinstance(failure, deploy.DeployError):
+        assert m.int8_error == str(failure)
+    else:
+        assert m.int8_error == "RuntimeError: [ONNXRuntimeError] : 1 : FAIL : Load model failed"  # one line
+    assert PlanMeasurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_without_onnxruntime_int8_fails_with_the_deploy_modules_message(toy, monkeypatch):
+    model, graph, plan = toy
+    monkeypatch.setattr(cost, "compare_latency", lambda a, b, x: (cost.Latency(0.01, 0.02, 7, 1, 2),) * 2)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    m = measure_plan(model, plan, _data(), graph=graph, int8=True)
+    assert m.int8 is None and m.metrics and m.latency is not None
+    assert m.int8_error == ("ONNX export and INT8 need onnx, onnxscript and onnxruntime: "
+                            "pip install 'prunecore[deploy]'")  # fmt: skip
+
+
+def test_int8_of_a_sample_keeps_its_accuracy_and_is_timed_with_dense_and_pruned_in_one_call(resnet_plan,
+                                                                                             monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, plan = resnet_plan
+    calls = []
+
+    def recorded(models, example, *args, **kwargs):
+        calls.append(list(models))
+        timed = real(models, example, *args, **kwargs)
+        calls.append(timed)
+        return timed
+
+    real = cost.measure_latencies
+    monkeypatch.setattr(cost, "measure_latencies", recorded)
+    monkeypatch.setattr(cost, "compare_latency", lambda *a, **k: pytest.fail("timed apart from the INT8 model"))
+    data = load_data("sample", input_shape=(1, 1, 28, 28), limit=250)
+    steps = []
+    m = measure_plan(model, plan, data, ["accuracy", "loss"], bn_recalibration=1, progress=steps.append, int8=True)
+    assert steps == ["apply", "bn", "evaluate", "int8", "latency"] and m.int8_error is None
+    [models, timed] = calls
+    assert models[0] is model and isinstance(models[2], deploy.OnnxModule) and len(timed) == 3
+    assert m.latency == (timed[0], timed[1]) and m.int8.latency == timed[2]
+    assert all(t.median_s > 0 and t.rounds == 7 for t in timed)
+    assert set(m.int8.metrics) == {"accuracy", "loss"} and m.metrics["accuracy"] > 0.5
+    assert abs(m.int8.metrics["accuracy"] - m.metrics["accuracy"]) <= 0.03  # 250 digits: a few of them
+    assert m.int8.mode == f"static, calibrated on {data.description}" and 0 <= m.int8.max_abs_diff < 1e-3
+    assert m.metrics == measure_plan(model, plan, data, ["accuracy", "loss"], bn_recalibration=1,
+                                     latency=False).metrics  # fmt: skip
+
+
 # -- in a worker process -----------------------------------------------------------------------------------
 
 
@@ -153,6 +248,39 @@ def test_a_measurement_job_can_be_cancelled_between_steps(store, resnet_plan, mo
     while jobs.status(key, store).state in jobs.ACTIVE and time.monotonic() < deadline:
         time.sleep(0.05)
     assert jobs.status(key, store).state == "cancelled" and jobs.result(key, store) is None
+
+
+PINNED_PLAN = json.dumps({"fingerprint": "f00d", "groups": {"layer1.0.conv1": {"keep": [0, 2, 3]}},
+                          "inputs": [{"shape": [1, 1, 28, 28]}]})  # fmt: skip
+
+
+def test_a_measurement_without_int8_keeps_its_key_and_one_with_int8_is_another_job():
+    """The keys below are what `job_key` gave these jobs before `int8` existed: their stored results still match."""
+    job = jobs.MeasureJob("sample:resnet20", "sample", "/pinned/runs.sqlite", PINNED_PLAN)
+    assert jobs.job_key(job) == "c1cc1f918db42815"
+    tuned = dataclasses.replace(job, limit=32, bn_recalibration=1)
+    assert jobs.job_key(tuned) == jobs.job_key(dataclasses.replace(tuned, int8=False)) == "daaed914068fec95"
+    with_int8 = dataclasses.replace(job, int8=True)
+    assert jobs.job_key(with_int8) not in {"c1cc1f918db42815", "daaed914068fec95"}
+    assert jobs.MeasureJob.from_json(with_int8.to_json()) == with_int8
+    fields = json.loads(job.to_json())
+    del fields["int8"]  # a job file written before INT8
+    assert jobs.MeasureJob.from_json(json.dumps(fields)) == job
+    with pytest.raises(jobs.JobError, match="needs latency=True"):
+        jobs.MeasureJob("sample:resnet20", "sample", "/pinned/runs.sqlite", PINNED_PLAN, latency=False, int8=True)
+
+
+def test_an_int8_measurement_job_stores_the_three_models(store, resnet_plan):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    job = jobs.MeasureJob("sample:resnet20", "sample", str(store), resnet_plan[1].to_json(), limit=32, int8=True)
+    key = jobs.submit(job)
+    done = _wait(key, store)
+    assert (done.done, done.total, done.unit) == (4, 5, "steps")  # loading, then apply, evaluate, int8, latency
+    stored = jobs.result(key, store)
+    assert stored.int8_error is None and set(stored.int8.metrics) == set(stored.metrics)
+    assert stored.int8.latency.rounds == stored.latency[0].rounds == 7
+    assert stored.int8.mode.startswith("static, calibrated on sample held-out digits")
 
 
 def test_a_job_file_without_a_kind_is_a_sweep_and_a_bad_plan_is_refused(store):

@@ -5,6 +5,8 @@ models, count, time both in alternating rounds) runs in a worker process (`state
 so the page stays responsive and the job outlives the tab. Its result is stored by the plan's kept
 units: coming back to a plan measured before, from any session, shows it at once. When the Recover
 page has fine-tuned this plan with its current settings, the recovered metrics show beside the one-shot ones.
+With "Also INT8", the job also exports the pruned model to ONNX and quantises it, and a table compares
+dense, pruned and pruned + INT8 (`charts.deployment_rows`).
 """
 
 import math
@@ -21,9 +23,13 @@ plan = state.edited_plan()
 ws = state.workspace()
 data = state.data(ws)
 bn = st.number_input("BatchNorm re-estimation batches (0: off)", 0, 200, 50, key="validate_bn", help=state.BN_HELP)
+int8 = st.checkbox("Also INT8 (ONNX Runtime)", value=False, key="validate_int8",
+                   help="Also exports the pruned model to ONNX, quantises it to INT8 (static, calibrated on the "
+                        "calibration images; dynamic for language models) and measures and times it in ONNX Runtime "
+                        "beside the dense and pruned models. Needs onnx, onnxscript and onnxruntime.")  # fmt: skip
 st.caption(f"Measured on {data.description}; BatchNorm statistics re-estimated on its calibration images.")
 
-job, key = state.measure_job(ws, plan, bn)
+job, key = state.measure_job(ws, plan, bn, int8)
 measured = state.measure_panel(job, key, state.job_status(key))
 if measured is None:
     state.sidebar()
@@ -59,3 +65,10 @@ if recovery is not None:
     rows["recovered"] = [recovery.metrics.get(m) for m in metrics]
 st.plotly_chart(charts.predicted_vs_measured_figure(rows), width="stretch", key="validate_chart")
 st.dataframe(rows, hide_index=True, key="validate_table")
+if measured.int8 is not None:
+    st.subheader("Dense, pruned and pruned + INT8")
+    st.dataframe(charts.deployment_rows(measured), hide_index=True, key="validate_int8_table")
+    st.caption(f"INT8: {measured.int8.mode}; the float ONNX export equals PyTorch within "
+               f"{measured.int8.max_abs_diff:.1e}. All three timed in the same interleaved rounds.")  # fmt: skip
+elif measured.int8_error:
+    st.warning(f"INT8 was not measured: {measured.int8_error}")
