@@ -23,17 +23,20 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         pareto,
         register_method,
         solve,
+        with_latency,
         with_predictor,
     )
     from prunecore.attention import PrunedMultiheadAttention
     from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
     from prunecore.ops import Handler
     from prunecore.ops import register as register_handler
+    from prunecore.deploy import DeployError, deploy_onnx, export_onnx, quantize_int8
     from prunecore.errors import ModelRunError, UserError
     from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
     from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
     from prunecore.hf import HFError, save_pretrained
     from prunecore.importance import list_criteria, register_criterion, score
+    from prunecore.latency import LatencyError, LatencyModel, latency_model, list_runtimes, measure_plans_ms
     from prunecore.models import (
         PRUNED_FORMAT, ModelSpec, ModelSpecError, canonical_spec, load_model, load_pruned, parse_spec, save_pruned,
     )
@@ -54,17 +57,21 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
 # `prunecore` command's --help load neither torch nor the engine; `pc.trace` imports what it needs.
 _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("allocate", n) for n in ("AllocationError", "AllocationProblem", "allocate", "allocation_problem",
-                                    "list_methods", "pareto", "register_method", "solve", "with_predictor")},
+                                    "list_methods", "pareto", "register_method", "solve", "with_latency",
+                                    "with_predictor")},
     "PrunedMultiheadAttention": ("attention", "PrunedMultiheadAttention"),
     **{n: ("cost", n) for n in ("Cost", "CostModel", "FlopTerm", "ModuleCost", "cost_model", "count",
                                 "register_flops")},
     "Handler": ("ops", "Handler"),
     "register_handler": ("ops", "register"),
+    **{n: ("deploy", n) for n in ("DeployError", "deploy_onnx", "export_onnx", "quantize_int8")},
     **{n: ("errors", n) for n in ("ModelRunError", "UserError")},
     **{n: ("evaluate", n) for n in ("evaluate", "evaluate_plan", "list_metrics", "recalibrate_bn_")},
     **{n: ("graph", n) for n in ("ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace")},
     **{n: ("hf", n) for n in ("HFError", "save_pretrained")},
     **{n: ("importance", n) for n in ("list_criteria", "register_criterion", "score")},
+    **{n: ("latency", n) for n in ("LatencyError", "LatencyModel", "latency_model", "list_runtimes",
+                                   "measure_plans_ms")},
     **{n: ("models", n) for n in ("PRUNED_FORMAT", "ModelSpec", "ModelSpecError", "canonical_spec", "load_model",
                                   "load_pruned", "parse_spec", "save_pruned")},
     **{n: ("iterate", n) for n in ("IterativeResult", "prune_iteratively")},
@@ -129,12 +136,15 @@ __all__ = [
     "ChannelGroup",
     "Cost",
     "CostModel",
+    "DeployError",
     "FinetuneResult",
     "FlopTerm",
     "Handler",
     "GroupPlan",
     "InputSpec",
     "IterativeResult",
+    "LatencyError",
+    "LatencyModel",
     "MeasuredOn",
     "Member",
     "ModelRunError",
@@ -163,24 +173,30 @@ __all__ = [
     "compose",
     "cost_model",
     "count",
+    "deploy_onnx",
     "distillation_loss",
     "evaluate",
     "evaluate_plan",
+    "export_onnx",
     "finetune",
     "kept_units",
+    "latency_model",
     "list_criteria",
     "list_methods",
     "list_metrics",
+    "list_runtimes",
     "list_samples",
     "load_model",
     "load_pruned",
     "load_sample",
     "make_plan",
     "measure_plan",
+    "measure_plans_ms",
     "pareto",
     "parse_spec",
     "prune",
     "prune_iteratively",
+    "quantize_int8",
     "recalibrate_bn_",
     "save_pretrained",
     "save_pruned",
@@ -192,5 +208,6 @@ __all__ = [
     "solve",
     "sweep",
     "trace",
+    "with_latency",
     "with_predictor",
 ]

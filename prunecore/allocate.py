@@ -1,4 +1,4 @@
-"""`allocate`: per-group sparsities that meet a FLOPs or params budget with the least predicted damage.
+"""`allocate`: per-group sparsities that meet a FLOPs, params or latency budget with the least predicted damage.
 
 The sensitivity curves say what pruning each group *alone* costs in accuracy (or loss, or
 divergence); allocation assumes those effects add up and picks one sparsity per group:
@@ -10,7 +10,8 @@ divergence); allocation assumes those effects add up and picks one sparsity per 
 
 Cost is exact under coupling: a conv between two pruned groups costs (kept in) x (kept out), and
 `CostModel` prices every candidate exactly as `count()` measures the applied model, so the
-returned plan always meets its budget. Methods live in a registry (`list_methods()`):
+returned plan always meets its budget. A latency budget (`Budget(latency=ms)`) is priced by a measured
+`prunecore.latency.LatencyModel` given to the problem, the same way. Methods live in a registry (`list_methods()`):
 
 - `uniform`: one sparsity for every group, the smallest that meets the budget;
 - `threshold`: every group takes its largest sparsity whose predicted damage stays under one
@@ -43,6 +44,7 @@ from prunecore.cost import CostModel, cost_model
 from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
 from prunecore.importance import score
+from prunecore.latency import LatencyModel
 from prunecore.plan import Allocation, Budget, Plan, PredictedBy, Totals, kept_units
 from prunecore.predict import Prediction, Predictor
 from prunecore.prune import keep_top
@@ -59,6 +61,7 @@ __all__ = [
     "pareto",
     "register_method",
     "solve",
+    "with_latency",
     "with_predictor",
 ]
 
@@ -91,6 +94,7 @@ class PlanReport:
     `predicted_by` says which of the two predicted (None: no curves, nothing predicted);
     `over_budget` compares with the budget given to `report` (False without one); `beyond` names
     the groups cut past their largest swept sparsity, where a curve holds its last measured value.
+    `latency_ms` and `dense_latency_ms` are the latency model's predictions (None without one).
     """
 
     kept: Mapping[str, int]
@@ -103,6 +107,8 @@ class PlanReport:
     predicted_by: PredictedBy | None
     over_budget: bool
     beyond: tuple[str, ...]
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
 
     def kept_fraction(self, kind: str) -> float:
         """The fraction of the dense model's "flops" or "params" the plan keeps."""
@@ -121,6 +127,7 @@ class AllocationProblem:
     are the predictor's, which knows that damage compounds, and the curve-driven methods minimise its
     separable score: every predicted metric is monotone in it, so the least score within a budget is
     the best predicted plan. Without one, each group's change from its own curve is added up.
+    `latency` (`with_latency`) prices latency budgets and reports.
     """
 
     graph: ChannelGraph
@@ -133,6 +140,7 @@ class AllocationProblem:
     round_to: int
     model_name: str = ""
     predictor: Predictor | None = None
+    latency: LatencyModel | None = None
 
     def kept(self, sparsities: Mapping[str, float]) -> dict[str, int]:
         """Kept units per named group, by the one rounding rule."""
@@ -179,14 +187,20 @@ class AllocationProblem:
         kept = self.kept(sparsities)
         params, flops = self.cost.price(kept)
         dense_params, dense_flops = self.cost.dense
+        ms = dense_ms = None
+        if self.latency is not None:
+            ms, dense_ms = self.latency.price(kept), self.latency.dense_ms
         over = False
         if budget is not None:
-            spent, dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
+            if budget.kind == "latency" and ms is None:
+                raise AllocationError(_NO_LATENCY_MODEL)
+            spent, dense = {"flops": (flops, dense_flops), "params": (params, dense_params),
+                            "latency": (ms, dense_ms)}[budget.kind]  # fmt: skip
             over = spent > budget.target(dense)
         beyond = tuple(n for n, k in kept.items()
                        if n in self.curves and 1.0 - k / self.graph[n].size > self.curves[n].fractions[-1] + 1e-9)
         return PlanReport(kept, params, flops, dense_params, dense_flops, self._predict(kept),
-                          self._band(kept), self.predicted_by, over, beyond)  # fmt: skip
+                          self._band(kept), self.predicted_by, over, beyond, ms, dense_ms)  # fmt: skip
 
     def by_sensitivity(self, names: Iterable[str]) -> list[str]:
         """`names`, the groups most harmed by losing half their units first; groups without a curve last."""
@@ -254,12 +268,14 @@ def allocation_problem(
     data: Iterable[Any] | None = None,
     model_name: str = "",
     device: str | torch.device | None = None,
+    latency: LatencyModel | None = None,
 ) -> AllocationProblem:
     """Build the `AllocationProblem` of `model` from its sweep (`curves`, as `sweep` returns them).
 
     The criterion and `round_to` default to the ones the curves were measured with (from
     `curves.attrs["config"]`), so the units a plan keeps are the units the curves measured;
-    `metric` defaults to the first of loss, kl, accuracy, agreement the curves have.
+    `metric` defaults to the first of loss, kl, accuracy, agreement the curves have. `latency`
+    (`prunecore.latency.latency_model` of this model) lets plans meet `Budget(latency=ms)`.
     """
     config = dict(curves.attrs.get("config", {})) if curves is not None else {}
     criterion = _consistent("criterion", criterion, config.get("criterion"), "l1")
@@ -274,9 +290,24 @@ def allocation_problem(
     scores = score(model, graph, criterion, data=data, device=device)
     example = tuple(spec.example() for spec in graph.inputs)
     name = model_name or (curves.attrs.get("model_name", "") if curves is not None else "")
-    return AllocationProblem(
+    problem = AllocationProblem(
         graph, cost_model(model, example, graph, scores), scores, parsed, metric, dense, criterion, round_to, name
     )
+    return with_latency(problem, latency) if latency is not None else problem
+
+
+def with_latency(problem: AllocationProblem, latency: LatencyModel | None) -> AllocationProblem:
+    """`problem` pricing latency with `latency` (built for this model: the same prunable groups and sizes)."""
+    if latency is not None:
+        same = latency.groups == problem.cost.groups and np.array_equal(latency.cost.sizes, problem.cost.sizes)
+        if not same:
+            raise AllocationError("the latency model was built for another model (its prunable groups differ); "
+                                  "build it with latency_model(model, example, graph)")  # fmt: skip
+    return dataclasses.replace(problem, latency=latency)
+
+
+_NO_LATENCY_MODEL = ("a latency budget needs a latency model: allocation_problem(..., latency=latency_model(model, "
+                     "example, graph)), or --budget latency=MS with --runtime on the command line")  # fmt: skip
 
 
 def with_predictor(problem: AllocationProblem, predictor: Predictor | None) -> AllocationProblem:
@@ -377,16 +408,18 @@ def allocate(
     data: Iterable[Any] | None = None,
     model_name: str = "",
     device: str | torch.device | None = None,
+    latency: LatencyModel | None = None,
 ) -> Plan:
-    """The plan of `method` that keeps at most `budget` of the model's FLOPs or params.
+    """The plan of `method` that keeps at most `budget` of the model's FLOPs or params, or its latency.
 
     `model` ranks the units to keep (by the criterion the curves were measured with) and gives
     the layer shapes the cost is computed from. `min_sparsity` / `max_sparsity` bound every group
     (a number) or the named ones (a mapping); `locked` pins groups to a sparsity and `exclude`
     keeps groups dense. Raises `AllocationError` when no plan within the bounds meets the budget.
     `device` is where a data-driven criterion (Taylor) scores the units; default, where the model is.
+    `latency` prices a `Budget(latency=ms)`.
     """
-    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name, device)
+    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name, device, latency)
     return solve(problem, budget, method, min_sparsity, max_sparsity, locked, exclude)
 
 
@@ -411,7 +444,7 @@ def solve(
         kept = m.fn(search)
     else:
         kept = search.hi.copy()
-    if search.cost(kept) > search.target + 0.5:  # a method bug, never the user's fault
+    if search.cost(kept) > search.target + search.slack:  # a method bug, never the user's fault
         raise AssertionError(f"method {method!r} returned a plan over budget")
     return _plan(problem, kept, Allocation(method, budget, problem.metric))
 
@@ -495,8 +528,9 @@ class _Search:
                 lo[g] = max(lo[g], math.ceil(size * (1 - measured) - 1e-9))
             if lo[g] < hi[g]:
                 free.append(g)
-        dense = problem.cost.dense[0 if budget.kind == "params" else 1]
-        search = cls(problem, budget.kind, budget.target(dense), free, lo, hi)
+        if budget.kind == "latency" and problem.latency is None:
+            raise AllocationError(_NO_LATENCY_MODEL)
+        search = cls(problem, budget.kind, budget.target(cls._dense(problem, budget.kind)), free, lo, hi)
         if curve_driven:
             for g in free:
                 size = int(cm.sizes[g])
@@ -506,8 +540,21 @@ class _Search:
                 search.harm[g] = problem.damage(cm.groups[g], search.options[g])
         return search
 
+    @staticmethod
+    def _dense(problem: AllocationProblem, kind: str) -> float:
+        if kind == "latency":
+            return problem.latency.dense_ms  # type: ignore[union-attr]  # checked in build
+        return problem.cost.dense[0 if kind == "params" else 1]
+
+    @property
+    def slack(self) -> float:
+        """How far over the target a cost may land by rounding: half a unit of a count, nothing of a time."""
+        return 1e-9 * self.target if self.kind == "latency" else 0.5
+
     def costs(self, kept: np.ndarray) -> np.ndarray:
         """The budgeted quantity for kept vectors `(G,)` or `(G, N)`: `(N,)`."""
+        if self.kind == "latency":
+            return self.problem.latency.evaluate(kept)  # type: ignore[union-attr]
         params, flops = self.problem.cost.evaluate(kept)
         return flops if self.kind == "flops" else params
 
@@ -520,7 +567,15 @@ class _Search:
     def check_feasible(self, budget: Budget) -> None:
         floor = self.cost(self.lo)
         if floor > self.target:
-            dense = self.problem.cost.dense[0 if self.kind == "params" else 1]
+            dense = self._dense(self.problem, self.kind)
+            if self.kind == "latency":
+                runtime = self.problem.latency.runtime  # type: ignore[union-attr]
+                raise AllocationError(
+                    f"budget {budget} cannot be met: the smallest reachable latency is {floor:.4g} ms "
+                    f"({floor / dense:.1%} of the dense {dense:.4g} ms, predicted on {runtime}) with every allowed "
+                    "group at its largest sparsity; raise max_sparsity, unlock groups, sweep to higher sparsities, "
+                    "or loosen the budget"
+                )  # fmt: skip
             raise AllocationError(
                 f"budget {budget} cannot be met: with every allowed group at its largest sparsity the model keeps "
                 f"{floor:.4g} {self.kind} ({floor / dense:.1%} of dense); raise max_sparsity, unlock groups, "

@@ -223,9 +223,15 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _allocate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("allocate", help="per-group sparsities that meet a FLOPs or params budget, from sweep curves")
+    p = sub.add_parser("allocate", help="per-group sparsities that meet a FLOPs, params or latency budget, from "
+                       "sweep curves")  # fmt: skip
     _model_args(p)
-    p.add_argument("--budget", required=True, help="flops=0.5 or params=0.3 (fractions of dense), flops=2e7 (absolute)")
+    p.add_argument("--budget", required=True, help="flops=0.5 or params=0.3 (fractions of dense), flops=2e7 "
+                   "(absolute), or latency=12.5 (milliseconds per forward pass, measured: see --runtime)")  # fmt: skip
+    p.add_argument("--runtime", default="torch", help="with a latency budget: the runtime whose latency is measured "
+                   "and predicted (torch: PyTorch eager on the CPU; onnxruntime: ONNX Runtime's CPU provider)")
+    p.add_argument("--batch", type=_positive, help="with a latency budget: the batch size timed (default: the "
+                   "--input's)")  # fmt: skip
     p.add_argument("--method", default="dp", help="allocation method (see `prunecore methods`)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--run", dest="run_id", metavar="RUN_ID",
@@ -565,23 +571,37 @@ def _methods(args: argparse.Namespace) -> int:
 
 # -- allocate, apply, evaluate ---------------------------------------------------------------------
 def _allocate(args: argparse.Namespace) -> int:
-    from prunecore.allocate import allocation_problem, get_method, solve
+    from prunecore.allocate import allocation_problem, get_method, solve, with_latency
     from prunecore.datasets import load_data
+    from prunecore.latency import get_runtime, latency_model
     from prunecore.measure import measure_plan
     from prunecore.plan import Budget
 
     get_method(args.method)  # an unknown name fails before the model loads
     budget, locked = Budget.parse(args.budget), _locks(args.lock)
+    timed = budget.kind == "latency"
+    if timed:
+        get_runtime(args.runtime)
+    elif args.batch is not None or args.runtime != "torch":
+        raise ArgumentError("--runtime and --batch go with a latency budget: --budget latency=MS")
     if args.evaluate != (args.data is not None):
         raise ArgumentError("--evaluate and --data go together: --evaluate --data SPEC measures the plan")
     model, example, graph = _load(args)
     curves, source = _curves(args, model, graph)
     problem = allocation_problem(curves, graph, model, metric=args.metric, model_name=args.model)
     problem, how = _with_stored_predictor(args, problem, curves)
+    if timed:
+        lm = latency_model(model, example, graph, runtime=args.runtime, batch=args.batch, store=args.store,
+                           round_to=problem.round_to)  # fmt: skip
+        problem = with_latency(problem, lm)
     plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
     print(f"curves     {source}")
     print(f"predicted  {how}")
+    if timed:
+        print(f"latency    batch {lm.batch} on {lm.machine}: tables of {len(lm.layers)} layers calibrated on "
+              f"{len(lm.calibration)} whole-model timings (median error {lm.error:.1%})")  # fmt: skip
+        print(f"           dense {lm.dense_ms:.3g} ms, the plan {lm.predict(plan):.3g} ms (predicted)")
     print(f"plan       {args.method}, budget {budget}, protecting {problem.metric or 'nothing (no curves)'}")
     print(_group_table(plan, problem.metric))
     assert plan.totals is not None  # solve always prices its plan

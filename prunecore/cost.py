@@ -28,7 +28,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -171,6 +171,7 @@ class CostModel:
     flop_dims: np.ndarray  # (F, R) the dims of each `FlopTerm`, padded likewise
     flop_rows: np.ndarray  # (F,) rows per example of each term
     fixed_params: int  # parameters of tensors no group touches (a constant)
+    dim_of: Mapping[tuple[Slot, tuple[int, int]], int] = field(default_factory=dict)  # (slot, part) -> dim index
 
     @property
     def dense(self) -> tuple[int, int]:
@@ -196,13 +197,20 @@ class CostModel:
 
     def evaluate(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(params, flops) for one kept vector `(G,)` or many as columns `(G, N)`; each `(N,)`."""
-        dims = self._dim_sizes(kept)  # (D, N)
+        dims = self.dim_sizes(kept)  # (D, N)
         params = dims[self.param_dims].prod(axis=1).sum(axis=0) + self.fixed_params  # (N,)
         flops = (dims[self.flop_dims].prod(axis=1) * self.flop_rows[:, None]).sum(axis=0)  # (N,)
         return np.rint(params), np.rint(flops)
 
-    def _dim_sizes(self, kept: np.ndarray) -> np.ndarray:
-        """Kept size of every weight dim, `(D, N)`, for kept vectors `(G,)` or `(G, N)`."""
+    def weight_dims(self, module: str, tensor: str, ndim: int) -> list[int] | None:
+        """Indices of a weight's whole dims in `dim_sizes`; None for a weight the model does not own
+        under this name (the second name of a tied tensor)."""
+        found = [self.dim_of.get(((module, tensor, d), (0, 1))) for d in range(ndim)]
+        return None if None in found else found  # type: ignore[return-value]
+
+    def dim_sizes(self, kept: np.ndarray) -> np.ndarray:
+        """Kept size of every weight dim, `(D, N)`, for kept vectors `(G,)` or `(G, N)` (also what latency
+        tables read a layer's pruned shape from)."""
         k = np.asarray(kept, dtype=np.int64)
         k = k[:, None] if k.ndim == 1 else k  # (G, N)
         owned = self.cumulative[self.pair_start[:, None] + k[self.pair_group]]  # (P, N)
@@ -216,7 +224,7 @@ class CostModel:
         What a group's sparsity can act on (a group feeding and fed by big convs has a large
         share); shares overlap, since a conv between two groups counts for both.
         """
-        dims = self._dim_sizes(self.sizes)[:, 0]  # (D,) dense
+        dims = self.dim_sizes(self.sizes)[:, 0]  # (D,) dense
         flops = dims[self.flop_dims].prod(axis=1) * self.flop_rows  # (F,) dense MACs of each layer
         total = flops.sum()
         touched: dict[int, set[int]] = defaultdict(set)
@@ -320,6 +328,7 @@ def cost_model(
         flop_dims=pad(flop_terms),
         flop_rows=np.array([t.rows for t in terms], dtype=np.float64),
         fixed_params=fixed_params,
+        dim_of=dims,
     )
 
 

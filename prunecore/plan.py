@@ -105,56 +105,67 @@ def _known(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Budget:
-    """What a pruned model may keep: FLOPs or params, as a fraction in (0, 1] or an absolute amount.
+    """What a pruned model may keep: FLOPs or params, as a fraction in (0, 1] or an absolute amount, or
+    its latency in milliseconds (always absolute, as a `prunecore.latency.LatencyModel` predicts it).
 
     >>> Budget(flops=0.5).target(2_000_000)      # keep half the MACs
     1000000.0
     >>> Budget(params=150_000).target(272_474)   # an absolute parameter count
     150000.0
+    >>> Budget(latency=0.8).target(1.5)          # at most 0.8 ms per forward pass
+    0.8
     """
 
     flops: float | None = None
     params: float | None = None
+    latency: float | None = None
 
     def __post_init__(self) -> None:
-        given = [v for v in (self.flops, self.params) if v is not None]
+        given = [v for v in (self.flops, self.params, self.latency) if v is not None]
         if len(given) != 1:
-            raise ArgumentError("a budget names exactly one of flops= or params=")
+            raise ArgumentError("a budget names exactly one of flops=, params= or latency= (milliseconds)")
         value = given[0]
-        if not _is_number(value) or value <= 0:
+        if not _is_number(value) or value <= 0 or not math.isfinite(value):
             raise ArgumentError(f"budget {self.kind} must be a positive number, got {value!r}")
 
     @property
     def kind(self) -> str:
-        return "flops" if self.flops is not None else "params"
+        return "flops" if self.flops is not None else "params" if self.params is not None else "latency"
 
     @property
     def value(self) -> float:
-        return float(self.flops if self.flops is not None else self.params)  # type: ignore[arg-type]
+        return float(next(v for v in (self.flops, self.params, self.latency) if v is not None))
 
     @property
     def is_fraction(self) -> bool:
-        return self.value <= 1.0
+        return self.kind != "latency" and self.value <= 1.0
 
     def target(self, dense: float) -> float:
-        """The most FLOPs (or params) a plan may keep, given the dense model's total."""
+        """The most FLOPs, params or milliseconds a plan may keep, given the dense model's."""
         return self.value * dense if self.is_fraction else self.value
 
     def __str__(self) -> str:
-        return f"{self.kind}={self.value:g}"
+        return f"latency={self.value:g} ms" if self.kind == "latency" else f"{self.kind}={self.value:g}"
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """`"flops=0.5"`, `"params=0.3"` or `"flops=2.5e7"` (the CLI's --budget)."""
+        """`"flops=0.5"`, `"params=0.3"`, `"flops=2.5e7"` or `"latency=12.5"` / `"latency=12.5ms"` (the CLI's
+        --budget)."""
         kind, sep, value = text.partition("=")
         kind = kind.strip()
-        if not sep or kind not in ("flops", "params"):
-            raise ArgumentError(f"budget must look like flops=0.5 or params=0.3, got {text!r}")
+        if not sep or kind not in BUDGET_KINDS:
+            raise ArgumentError(f"budget must look like flops=0.5, params=0.3 or latency=12.5 (ms), got {text!r}")
+        value = value.strip()
+        if kind == "latency" and value.endswith("ms"):
+            value = value[:-2]
         try:
             number = float(value)
         except ValueError:
-            raise ArgumentError(f"budget value must be a number, got {value.strip()!r}") from None
+            raise ArgumentError(f"budget value must be a number, got {value!r}") from None
         return cls(**{kind: number})
+
+
+BUDGET_KINDS = ("flops", "params", "latency")
 
 
 @dataclass(frozen=True)
@@ -532,10 +543,10 @@ def _allocation_from_dict(a: Any) -> Allocation | None:
     _expect(isinstance(a.get("method"), str), "allocation.method must be a string")
     _expect(isinstance(a.get("metric", ""), str), "allocation.metric must be a string")
     budget = a.get("budget")
-    shape = 'allocation.budget must be {"flops": x} or {"params": x}'
+    shape = 'allocation.budget must be {"flops": x}, {"params": x} or {"latency": ms}'
     _expect(isinstance(budget, dict) and len(budget) == 1, shape)
     (kind, value), = budget.items()
-    _expect(kind in ("flops", "params"), shape)
+    _expect(kind in BUDGET_KINDS, shape)
     _expect(_is_number(value) and value > 0, f"allocation.budget.{kind} must be a positive number")
     return Allocation(a["method"], Budget(**{kind: float(value)}), a.get("metric", ""))
 

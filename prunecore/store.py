@@ -33,7 +33,7 @@ __all__ = [
     "run_id",
 ]  # fmt: skip
 
-SCHEMA_VERSION = 2  # 2: the predictors table (a version-1 store gains it when opened for writing)
+SCHEMA_VERSION = 3  # 2: the predictors table, 3: the latency table (an older store gains them when opened to write)
 _DIGITS = 6  # sparsity is a key: rounded so that 0.1 + 0.2 and 0.3 name the same point
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, model_name TEXT, model_fp TEXT, data_fp TEXT,"
@@ -41,6 +41,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS points (run_id TEXT, grp TEXT, sparsity REAL, data TEXT, seq INTEGER,"
     " PRIMARY KEY (run_id, grp, sparsity))",
     "CREATE TABLE IF NOT EXISTS predictors (run_id TEXT PRIMARY KEY, predictor TEXT, created TEXT)",
+    "CREATE TABLE IF NOT EXISTS latency (key TEXT PRIMARY KEY, data TEXT, created TEXT)",
 )
 
 
@@ -372,8 +373,35 @@ class RunStore:
 
     @staticmethod
     def _has_predictors(conn: sqlite3.Connection) -> bool:
-        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'predictors'").fetchone()
+        return RunStore._has_table(conn, "predictors")
+
+    @staticmethod
+    def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
         return found is not None
+
+    def put_latency(self, key: str, entry: Mapping[str, Any]) -> None:
+        """Keep a latency measurement (a layer's table, a model's calibration: `prunecore.latency`) under
+        `key`, which names the machine, the runtime and the shapes it was measured for."""
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        text = json.dumps(dict(entry), sort_keys=True, allow_nan=False)
+        with self._op(write=True) as conn:
+            conn.execute("INSERT OR REPLACE INTO latency VALUES (?, ?, ?)", (key, text, created))
+
+    def get_latency(self, key: str) -> dict[str, Any] | None:
+        """The entry `put_latency` kept under `key`; None when there is none (or it is not readable JSON,
+        so it is measured again)."""
+        with self._op() as conn:
+            if not self._has_table(conn, "latency"):  # an older store, opened read-only
+                return None
+            row = conn.execute("SELECT data FROM latency WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            entry = json.loads(row[0])
+        except ValueError:
+            return None
+        return entry if isinstance(entry, dict) else None
 
     def export(self, run_id: str, path: str | Path) -> Path:
         """Write the points as .csv or .parquet (chosen by suffix), atomically, and return the path.

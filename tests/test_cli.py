@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import toy_models as toys
+from prunecore import latency
 from prunecore.allocate import list_methods
 from prunecore.cli import main
 from prunecore.cost import count
@@ -283,6 +284,38 @@ def test_allocate_bad_input(tmp_path, store, run, extra, message, capsys):
     source = ["--store", str(store)] if {"--run", "--curves"} & set(extra) else run
     args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", *source, "--out", str(out)]
     assert main([*args, *extra]) == 2
+    _one_line_error(capsys, message)
+    assert not out.exists()
+
+
+def test_allocate_meets_a_latency_budget_and_names_the_smallest_reachable_one(tmp_path, run, capsys, monkeypatch):
+    monkeypatch.setattr(latency, "FRACTIONS", (0.5, 1.0))  # small tables: what is tested is the path, not the timing
+    out = tmp_path / "p.json"
+    args = ["allocate", "--model", SPEC, "--method", "greedy", *run, "--out", str(out), "--runtime", "torch"]
+    assert main([*args, "--budget", "latency=1e6"]) == 0  # met by the dense model
+    report = capsys.readouterr().out
+    dense = float(re.search(r"dense ([0-9.e+-]+) ms", report).group(1))
+    assert "whole-model timings (median error" in report
+    assert main([*args, "--budget", f"latency={0.9 * dense}ms"]) == 0  # tables and calibration: from the store
+    report = capsys.readouterr().out
+    plan = Plan.from_json(out.read_text())
+    assert plan.allocation.budget.kind == "latency" and plan.allocation.budget.value == pytest.approx(0.9 * dense)
+    assert float(re.search(r"the plan ([0-9.e+-]+) ms \(predicted\)", report).group(1)) <= 0.9 * dense
+    assert any(g.sparsity > 0 for g in plan.groups.values())
+    out.unlink()
+    assert main([*args, "--budget", "latency=1e-6"]) == 2
+    _one_line_error(capsys, r"budget latency=1e-06 ms cannot be met: the smallest reachable latency is [0-9.]+ ms")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "latency=5", "--runtime", "tensorrt"], "unknown latency runtime 'tensorrt'; choose from"),
+    (["--budget", "flops=0.5", "--batch", "8"], "--runtime and --batch go with a latency budget"),
+    (["--budget", "latency=fast"], "budget value must be a number, got 'fast'"),
+])  # fmt: skip
+def test_allocate_latency_bad_input(tmp_path, run, extra, message, capsys):
+    out = tmp_path / "p.json"
+    assert main(["allocate", "--model", SPEC, *run, "--out", str(out), *extra]) == 2
     _one_line_error(capsys, message)
     assert not out.exists()
 

@@ -66,6 +66,8 @@ def test_kept_units_rejects_sparsity_out_of_range(sparsity):
         ("params=0.3", "params", 0.3, True),
         (" flops = 1 ", "flops", 1.0, True),  # 1 is the whole dense model, still a fraction
         ("flops=2.5e7", "flops", 25_000_000.0, False),
+        ("latency=0.8", "latency", 0.8, False),  # milliseconds, never a fraction
+        ("latency = 12.5ms", "latency", 12.5, False),
     ],
 )
 def test_budget_parse(text, kind, value, fraction):
@@ -80,6 +82,7 @@ def test_budget_target_is_a_fraction_of_the_dense_total_or_an_absolute_amount():
     assert Budget(params=1.0).target(272_474) == 272_474.0
     assert Budget(params=150_000).target(272_474) == 150_000.0
     assert Budget(flops=1.5).target(10) == 1.5  # above 1: an absolute count, whatever the dense total
+    assert Budget(latency=0.8).target(1.5) == 0.8  # milliseconds
 
 
 @pytest.mark.parametrize(
@@ -98,6 +101,8 @@ def test_budget_target_is_a_fraction_of_the_dense_total_or_an_absolute_amount():
         ("params=-3", "budget params must be a positive number"),
         ("flops=nan", "budget flops must be a positive number"),
         ("flops=inf", "budget flops must be a positive number"),
+        ("latency=fast", "budget value must be a number, got 'fast'"),
+        ("latency=-2ms", "budget latency must be a positive number"),
     ],
 )
 def test_budget_parse_rejects(text, message):
@@ -108,8 +113,11 @@ def test_budget_parse_rejects(text, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({}, "exactly one of flops= or params="),
-        ({"flops": 0.5, "params": 0.5}, "exactly one of flops= or params="),
+        ({}, "exactly one of flops=, params= or latency="),
+        ({"flops": 0.5, "params": 0.5}, "exactly one of flops=, params= or latency="),
+        ({"flops": 0.5, "latency": 3.0}, "exactly one of flops=, params= or latency="),
+        ({"latency": 0}, "positive number"),
+        ({"latency": float("inf")}, "positive number"),
         ({"flops": 0}, "positive number"),
         ({"params": -1.0}, "positive number"),
         ({"flops": True}, "positive number"),
@@ -435,7 +443,7 @@ MALFORMED = [
     (("allocation",), [], "allocation must be an object or null"),
     (("allocation", "method"), None, "allocation.method must be a string"),
     (("allocation", "metric"), 3, "allocation.metric must be a string"),
-    (("allocation", "budget"), {"flops": 1, "params": 1}, r'budget must be \{"flops": x\} or \{"params": x\}'),
+    (("allocation", "budget"), {"flops": 1, "params": 1}, r'budget must be \{"flops": x\}, \{"params": x\} or \{"latency": ms\}'),
     (("allocation", "budget"), {}, r"allocation.budget must be \{"),
     (("allocation", "budget"), {"macs": 0.5}, r"allocation.budget must be \{"),
     (("allocation", "budget"), "flops=0.5", r"allocation.budget must be \{"),

@@ -404,7 +404,7 @@ def test_a_run_keeps_one_predictor_which_goes_with_the_run(store):
     assert store.get_predictor("r1") is None
 
 
-def test_a_version_1_store_gains_the_predictors_table_and_still_reads_read_only(tmp_path):
+def test_a_version_1_store_gains_the_predictors_and_latency_tables_and_still_reads_read_only(tmp_path):
     path = tmp_path / "v1.sqlite"
     with sqlite3.connect(path) as conn:  # what prunecore wrote before predictors were stored
         conn.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, model_name TEXT, model_fp TEXT, data_fp TEXT,"
@@ -415,10 +415,13 @@ def test_a_version_1_store_gains_the_predictors_table_and_still_reads_read_only(
         conn.execute("PRAGMA user_version = 1")
     old = RunStore(path, read_only=True)
     assert old.get("r1").complete and old.get_predictor("r1") is None  # readable as it is
+    assert old.get_latency("any") is None
     old.close()
     store = RunStore(path)  # opened for writing: upgraded in place
     store.put_predictor("r1", {"plans": 12})
+    store.put_latency("cpu/conv", {"ms": [1.5, 2.0]})
     assert store.get_predictor("r1") == {"plans": 12}
+    assert store.get_latency("cpu/conv") == {"ms": [1.5, 2.0]} and store.get_latency("cpu/other") is None
     store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3

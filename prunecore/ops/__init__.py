@@ -5,7 +5,7 @@
 model modules already imported, so that prunecore never imports transformers' model code). Each
 declares a list of records; this module assembles them, with records registered at run time
 (`register`, `cost.register_flops`) consulted first. Lookups walk the module's MRO, nearest class
-first, separately for each aspect (rule, fix, FLOPs).
+first, separately for each aspect (rule, fix, FLOPs, stand-alone layer).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any, Callable
 from torch import nn
 
 from prunecore.ops import core, torchvision
-from prunecore.ops.handler import FlopRule, FlopTerm, Handler, arg
+from prunecore.ops.handler import FlopRule, FlopTerm, Handler, LayerBuilder, arg
 
 __all__ = [
-    "FlopRule", "FlopTerm", "Handler", "arg", "constants_types", "fix", "flops", "register", "rule", "whole_types",
+    "FlopRule", "FlopTerm", "Handler", "LayerBuilder", "arg", "constants_types", "fix", "flops", "layer", "register",
+    "rule", "whole_types",
 ]  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def _build(registered: tuple[Handler, ...], transformers_modules: tuple[str, ...
         late = hf.handlers(transformers_modules)
     ordered = registered[::-1] + tuple(_LIBRARY) + late
     by_aspect: dict[str, dict[type, Handler]] = {}
-    for aspect in ("rule", "fix", "flops"):
+    for aspect in ("rule", "fix", "flops", "layer"):
         table = by_aspect[aspect] = {}
         for h in ordered:
             if getattr(h, aspect) is not None:
@@ -137,3 +138,9 @@ def flops(module: nn.Module) -> FlopRule | None:
     """The FLOP formula of the nearest registered class, if any."""
     h = _nearest(module, "flops")
     return h.flops if h is not None else None
+
+
+def layer(module: nn.Module) -> LayerBuilder | None:
+    """The stand-alone layer builder of the nearest registered class, if any (latency tables)."""
+    h = _nearest(module, "layer")
+    return h.layer if h is not None else None

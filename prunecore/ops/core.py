@@ -131,6 +131,33 @@ def mha_flops(module: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any
     ]
 
 
+# -- stand-alone layers for latency tables -------------------------------------------------------------
+def conv_layer(m: nn.modules.conv._ConvNd, x: tuple[int, ...], kept: tuple[int, ...]) -> tuple[nn.Module, tuple]:
+    """A plain conv of weight shape `kept` with `m`'s kernel, stride, padding and dilation.
+
+    Whole conv groups are pruned (`fix_conv`), so a grouped conv keeps `kept[0] // width` groups of
+    its original width (a width in between is rounded down to whole groups); the input `x`
+    (`([B,] C_in, *spatial)`) gets the kept input channels.
+    """
+    spatial = len(m.kernel_size)
+    width = m.out_channels // m.groups if m.groups > 1 else 0
+    groups = max(1, kept[0] // width) if width else 1
+    out = groups * width if width else kept[0]
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial](
+        kept[1] * groups, out, m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
+        m.padding_mode, device=m.weight.device, dtype=m.weight.dtype,
+    )  # fmt: skip
+    shape = list(x)
+    shape[-spatial - 1] = kept[1] * groups
+    return conv, tuple(shape)
+
+
+def linear_layer(m: nn.Linear, x: tuple[int, ...], kept: tuple[int, ...]) -> tuple[nn.Module, tuple]:
+    """A Linear of weight shape `kept` (out, in); the input `x` (`(*, in)`) gets the kept input width."""
+    linear = nn.Linear(kept[1], kept[0], m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    return linear, (*x[:-1], kept[1])
+
+
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Softsign,
@@ -147,8 +174,9 @@ _SPATIAL = (
 )  # fmt: skip
 
 HANDLERS: list[Handler] = [
-    Handler(_CONV + _CONV_T, rule=_rules.conv, fix=fix_conv, flops=weight_flops),
-    Handler((nn.Linear,), rule=_rules.linear, fix=fix_linear, flops=weight_flops),
+    Handler(_CONV, rule=_rules.conv, fix=fix_conv, flops=weight_flops, layer=conv_layer),
+    Handler(_CONV_T, rule=_rules.conv, fix=fix_conv, flops=weight_flops),
+    Handler((nn.Linear,), rule=_rules.linear, fix=fix_linear, flops=weight_flops, layer=linear_layer),
     Handler((nn.Embedding,), rule=_rules.embedding, fix=fix_embedding),
     Handler((nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm), rule=_rules.batchnorm,
             fix=fix_norm),  # fmt: skip

@@ -50,6 +50,11 @@ FlopRule = Callable[[nn.Module, _Args, _Kwargs, Any], list[FlopTerm]]
 """(module, args, kwargs, output) of one call -> its terms, names relative to the module ("" is
 the module itself), rows over the whole batch."""
 
+LayerBuilder = Callable[[nn.Module, tuple[int, ...], tuple[int, ...]], tuple[nn.Module, tuple[int, ...]]]
+"""(module, the shape of one call's input, a kept weight shape) -> a fresh stand-alone layer of that
+weight shape (random weights, the module's other settings) and the input shape it takes: what a
+latency table times (`prunecore.latency`)."""
+
 
 @dataclass(frozen=True)
 class Handler:
@@ -60,13 +65,15 @@ class Handler:
     subclasses with their own forward are followed whole too (norms, whose masked twin stands in for
     any subclass). `constants`: the forward reads shape attributes (`num_heads`) that `fix`
     re-derives, so reshapes by them may follow pruned channels, and sweeps run the module's own
-    forward rather than a graph in which tracing froze those ints.
+    forward rather than a graph in which tracing froze those ints. `layer` builds the module alone
+    at a pruned width, for latency tables.
     """
 
     types: tuple[type[nn.Module], ...]
     rule: Callable[[Any], Any] | None = None  # (prunecore._rules.Call) -> label
     fix: Callable[[Any], None] | None = None  # (module) -> None, in place
     flops: FlopRule | None = None
+    layer: LayerBuilder | None = None
     whole: bool = False
     constants: bool = False
 

@@ -1,0 +1,264 @@
+"""Latency model: layer tables read right, a runtime whose time is affine in MACs is predicted exactly,
+tables and calibrations are reused from the store, and `Budget(latency=ms)` is met by every method.
+
+Most tests time on a fake runtime (`MacClock`): a layer or a model "takes" a fixed time per MAC, so
+every number is exact and nothing depends on this machine. Two smoke tests build real tables on
+PyTorch and ONNX Runtime and assert only what timing cannot break.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import toy_models as toys
+from prunecore import latency as lat
+from prunecore.allocate import AllocationError, allocation_problem, list_methods, solve, with_latency
+from prunecore.cost import count
+from prunecore.errors import ArgumentError
+from prunecore.graph import trace
+from prunecore.plan import Budget, kept_units
+from prunecore.prune import make_plan
+from prunecore.sensitivity import DENSE
+from prunecore.store import RunStore
+from prunecore.surgery import apply_plan
+
+SECONDS_PER_MAC = 1e-9
+OVERHEAD_S = 2e-4  # what a whole model costs beyond its MACs
+
+
+class _Call:
+    """A stand-alone layer's fake timing: its MACs on its input, at `SECONDS_PER_MAC`."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor) -> None:
+        self.seconds = count(layer, x).flops * x.shape[0] * SECONDS_PER_MAC
+
+    def __call__(self) -> None:
+        raise AssertionError("fake calls are never run: _time_calls is replaced")
+
+
+class MacClock:
+    """The fake runtime's bookkeeping: how many layer points and models it was asked to time."""
+
+    def __init__(self) -> None:
+        self.points = 0
+        self.models = 0
+
+    def time_calls(self, calls, rounds=5, min_seconds=0.01, on_each=None):
+        self.points += len(calls)
+        return [c.seconds for c in calls]
+
+    def time_models(self, models, inputs):
+        self.models += len(models)
+        batch = inputs[0].shape[0]
+        return [OVERHEAD_S + count(m, inputs).flops * batch * SECONDS_PER_MAC for m in models]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = MacClock()
+    monkeypatch.setattr(lat, "_time_calls", clock.time_calls)
+    lat.register_runtime(lat.Runtime("macs", "fake: time proportional to MACs", _Call, clock.time_models,
+                                     lambda: "macs 1"))  # fmt: skip
+    yield clock
+    lat._RUNTIMES.pop("macs", None)
+
+
+def _toy(cls: type[toys.Toy]):
+    model = toys.randomize_norms_(cls().eval())
+    x = model.example()
+    return model, x, trace(model, x)
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+def _table(block: int = 1, align: int = 1, penalty=(1.0, 1.0), dims=(0, 1)) -> lat.LayerTable:
+    out, in_ = np.array([2.0, 4.0, 8.0]), np.array([3.0, 6.0])
+    ms = 1.0 + 0.5 * out[:, None] * in_[None, :]  # affine in MACs: bilinear reading is exact
+    return lat.LayerTable("conv", dims, out, in_, ms, positions=10.0, kernel=9.0, block=block, align=align,
+                          penalty=penalty)  # fmt: skip
+
+
+def test_a_table_reads_bilinearly_between_grid_points_and_holds_its_edges():
+    t = _table()
+    o, i = np.array([3.0, 5.0, 8.0, 1.0, 16.0]), np.array([4.0, 5.0, 6.0, 3.0, 12.0])
+    expected = 1.0 + 0.5 * np.clip(o, 2, 8) * np.clip(i, 3, 6)
+    np.testing.assert_allclose(t.at(o, i), expected)
+
+
+def test_a_table_reads_at_widths_padded_to_the_block_and_charges_misaligned_widths():
+    t = _table(block=4, align=2, penalty=(1.5, 2.0))
+    # out 6 pads to 8; both widths are aligned: the plain value at (8, 4)
+    np.testing.assert_allclose(t.at(np.array([6.0]), np.array([4.0])), [1.0 + 0.5 * 8 * 4])
+    # out 3 is odd (pays 1.5) and pads to 4; in 5 is odd (pays 2.0) and pads to 6 (clamped to the grid's 6)
+    np.testing.assert_allclose(t.at(np.array([3.0]), np.array([5.0])), [(1.0 + 0.5 * 4 * 6) * 1.5 * 2.0])
+    fixed = _table(align=2, penalty=(1.5, 2.0), dims=(0, -1))  # the input width never changes: never charged
+    np.testing.assert_allclose(fixed.at(np.array([4.0]), np.array([3.0])), [1.0 + 0.5 * 4 * 3])
+
+
+def test_measured_tables_are_made_monotone():
+    t = lat._replace_table(_table(), np.array([[1.0, 3.0], [2.0, 2.5], [1.5, 4.0]]))
+    assert t.ms.tolist() == [[1.0, 3.0], [2.0, 3.0], [2.0, 4.0]]
+
+
+# -- a runtime affine in MACs is predicted exactly ---------------------------------------------------------
+@pytest.mark.parametrize("cls", [toys.TwoResiduals, toys.Depthwise, toys.Grouped, toys.Concat, toys.TinyTransformer,
+                                 toys.Transposed, toys.Reused, toys.FlattenLinear])  # fmt: skip
+def test_predictions_equal_a_runtime_whose_time_is_affine_in_macs(cls, clock, tmp_path):
+    model, x, graph = _toy(cls)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    rng = np.random.default_rng(3)
+    plans = [make_plan(model, graph, {g.name: float(rng.uniform(0, 0.8)) for g in graph.prunable}, seed=s)
+             for s in range(4)]  # fmt: skip
+    plans.append(make_plan(model, graph, 0.5))
+    measured = lat.measure_plans_ms(model, x, graph, [None, *plans], runtime="macs")
+    predicted = [lm.dense_ms, *(lm.predict(p) for p in plans)]
+    np.testing.assert_allclose(predicted, measured, rtol=1e-6)
+    assert lm.error < 1e-6
+
+
+def test_batch_scales_the_inputs_and_the_prediction(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    one = lat.latency_model(model, x[:1], graph, runtime="macs", batch=1, store=tmp_path / "s.sqlite", progress=False)
+    eight = lat.latency_model(model, x[:1], graph, runtime="macs", batch=8, store=tmp_path / "s.sqlite",
+                              progress=False)  # fmt: skip
+    assert (one.batch, eight.batch) == (1, 8)
+    macs_ms = count(model, x[:1]).flops * SECONDS_PER_MAC * 1e3
+    overhead_ms = OVERHEAD_S * 1e3
+    np.testing.assert_allclose([one.dense_ms, eight.dense_ms], [overhead_ms + macs_ms, overhead_ms + 8 * macs_ms])
+
+
+def test_tables_and_calibration_come_from_the_store_the_second_time(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    store = RunStore(tmp_path / "s.sqlite")
+    first = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False)
+    timed = (clock.points, clock.models)
+    assert timed[0] > 0 and timed[1] == 1 + len(lat.CALIBRATION) + 3
+    again = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False)
+    assert (clock.points, clock.models) == timed  # nothing timed again
+    np.testing.assert_array_equal(again.coef, first.coef)
+    assert again.calibration == first.calibration
+    lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False, seed=1)
+    assert clock.points == timed[0] and clock.models > timed[1]  # other plans: calibrated anew, tables reused
+
+
+def test_repeated_layers_share_one_table(clock, tmp_path):
+    model = nn.Sequential(*[toys.conv_bn(8, 8) for _ in range(4)]).eval()
+    x = torch.randn(1, 8, 6, 6)
+    lm = lat.latency_model(model, x, trace(model, x), runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    grid = len(lat._grid(8, 1))
+    # the first conv's input and the last conv's output never change: one row each; the two inner convs are alike
+    assert len(lm.layers) == 4 and clock.points == grid + grid * grid + grid
+
+
+# -- budgets --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_meets_a_latency_budget_as_measured(method, clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    curves = _curves(graph)
+    problem = allocation_problem(curves, graph, model, latency=lm)
+    budget = Budget(latency=0.7 * lm.dense_ms)
+    plan = solve(problem, budget, method, max_sparsity=0.9)
+    assert plan.allocation.budget == budget
+    assert lm.predict(plan) <= budget.value * (1 + 1e-9)
+    measured = lat.measure_plans_ms(model, x, graph, [plan], runtime="macs")[0]
+    assert measured <= budget.value * (1 + 1e-6)
+    report = problem.report({n: g.sparsity for n, g in plan.groups.items()}, budget)
+    assert not report.over_budget and report.latency_ms == pytest.approx(lm.predict(plan))
+    assert report.dense_latency_ms == pytest.approx(lm.dense_ms)
+
+
+def test_an_unreachable_latency_budget_names_the_smallest_reachable_latency(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    problem = allocation_problem(_curves(graph), graph, model, latency=lm)
+    floor = float(lm.evaluate(np.array([max(1, round(s * 0.1)) for s in lm.cost.sizes]))[0])
+    with pytest.raises(AllocationError, match=r"smallest reachable latency is ([0-9.]+) ms") as info:
+        solve(problem, Budget(latency=lm.dense_ms * 0.01), "greedy", max_sparsity=0.9)
+    assert float(info.value.args[0].split("smallest reachable latency is ")[1].split(" ms")[0]) == pytest.approx(
+        floor, rel=1e-3)  # fmt: skip
+
+
+def test_a_latency_budget_without_a_latency_model_is_refused(tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    problem = allocation_problem(_curves(graph), graph, model)
+    with pytest.raises(AllocationError, match="a latency budget needs a latency model"):
+        solve(problem, Budget(latency=1.0), "greedy")
+    with pytest.raises(AllocationError, match="a latency budget needs a latency model"):
+        problem.report({}, Budget(latency=1.0))
+
+
+def test_a_latency_model_of_another_model_is_refused(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    other, y, other_graph = _toy(toys.Depthwise)
+    lm = lat.latency_model(other, y, other_graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    with pytest.raises(AllocationError, match="built for another model"):
+        with_latency(allocation_problem(None, graph, model), lm)
+    plan = make_plan(model, graph, 0.5)
+    with pytest.raises(lat.LatencyError, match="does not know: it was built for another model"):
+        lm.predict(plan)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"runtime": "tensorrt"}, "unknown latency runtime 'tensorrt'; choose from"),
+    ({"batch": 0}, "batch must be a positive integer"),
+    ({"batch": True}, "batch must be a positive integer"),
+    ({"round_to": 0}, "round_to must be a positive integer"),
+])  # fmt: skip
+def test_bad_arguments_are_refused_before_any_timing(kwargs, message, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    with pytest.raises(ArgumentError, match=message):
+        lat.latency_model(model, x, graph, store=tmp_path / "s.sqlite", progress=False, **kwargs)
+
+
+def test_a_read_only_store_is_read_and_never_written(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    path = tmp_path / "s.sqlite"
+    lat.latency_model(model, x, graph, runtime="macs", store=path, progress=False)
+    timed = (clock.points, clock.models)
+    lat.latency_model(model, x, graph, runtime="macs", store=RunStore(path, read_only=True), progress=False)
+    assert (clock.points, clock.models) == timed
+    fresh = tmp_path / "fresh.sqlite"
+    RunStore(fresh).close()
+    lat.latency_model(model, x, graph, runtime="macs", store=RunStore(fresh, read_only=True), progress=False)
+    assert clock.points > timed[0]  # measured, since the store had nothing, and nothing was written
+    assert RunStore(fresh).get_latency("anything") is None
+
+
+# -- the real runtimes (what timing cannot break) -----------------------------------------------------------
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_real_runtimes_build_tables_and_predict_positive_latencies(runtime, tmp_path, monkeypatch):
+    monkeypatch.setattr(lat, "FRACTIONS", (0.5, 1.0))  # four points per table: a smoke test, not a benchmark
+    model, x, graph = _toy(toys.Depthwise)
+    lm = lat.latency_model(model, x, graph, runtime=runtime, store=tmp_path / "s.sqlite", progress=False,
+                           random_plans=1)  # fmt: skip
+    assert lm.runtime == runtime and len(lm.layers) == 5 and len(lm.calibration) == 1 + len(lat.CALIBRATION) + 1
+    assert all(np.all(t.ms > 0) and np.all(np.diff(t.ms, axis=0) >= 0) for t in lm.layers)
+    assert np.all(lm.coef[1:] >= 0) and lm.dense_ms > 0 and np.isfinite(lm.error)
+    assert lm.predict(make_plan(model, graph, 0.5)) > 0
+
+
+def _curves(graph):
+    """Curves in which every group loses accuracy linearly with sparsity, each at its own rate."""
+    rows = [{"group": DENSE, "sparsity": 0.0, "size": 0, "kept": 0, "accuracy": 0.9}]
+    for k, g in enumerate(graph.prunable):
+        for s in (0.1, 0.3, 0.5, 0.7, 0.9):
+            kept = kept_units(g.size, s)
+            rows.append({"group": g.name, "sparsity": s, "size": g.size, "kept": kept,
+                         "accuracy": 0.9 - (k + 1) * 0.05 * (1 - kept / g.size)})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.attrs["config"] = {"criterion": "l1", "round_to": 1}
+    return frame
+
+
+def test_apply_plan_is_what_the_calibration_times(clock, tmp_path):
+    """The calibration's uniform plans are applied models: their fake time is their MACs."""
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    what, measured, _ = lm.calibration[2]
+    assert what == "uniform 0.5"
+    pruned = apply_plan(model, make_plan(model, graph, 0.5), graph=graph)
+    assert measured == pytest.approx((OVERHEAD_S + count(pruned, x).flops * x.shape[0] * SECONDS_PER_MAC) * 1e3)
