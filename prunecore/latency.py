@@ -13,11 +13,14 @@ machine and runtime (PyTorch eager on the CPU, or ONNX Runtime's CPU provider):
    dense model and a few uniform and random plans are applied and timed whole, and
 
        ms(kept) = a + b * Σ tables(kept) + c * Σ layer outputs(kept) + d * other MACs(kept)
+                  + e * Σ misaligned inputs(kept)
 
-   is fitted to them by non-negative least squares on relative error: `a` is the fixed cost (the
-   head, pooling, the runtime's dispatch), `c` the memory-bound ops that follow each layer
-   (BatchNorm, activations, adds; their time grows with the layer's output), `d` the MACs of ops
-   without a stand-alone layer (attention's matmuls, transposed convs).
+   is fitted to them by least squares on relative error (b to e non-negative): `a` is the fixed
+   cost (the head, pooling, the runtime's dispatch, less the per-call overhead the tables count
+   once per layer), `c` the memory-bound ops that follow each layer (BatchNorm, activations,
+   adds; their time grows with the layer's output), `d` the MACs of ops without a stand-alone
+   layer (attention's matmuls, transposed convs), `e` the layout conversions around layers whose
+   input width breaks the runtime's alignment (ONNX Runtime's blocked convs need multiples of 4).
 
 Tables are kept in the run store keyed by machine, runtime, thread count, the layer's shapes and
 the batch, so a model sharing layers with one measured before, or the same model tomorrow, reuses
@@ -72,7 +75,7 @@ __all__ = [
 FORMAT = "prunecore.latency/1"
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 """Kept fractions of a layer's width at which its table is timed (per axis: 25 points for a conv)."""
-CALIBRATION = (0.25, 0.5, 0.75)
+CALIBRATION = (0.3, 0.5, 0.7)
 """Uniform sparsities of the calibration plans, timed whole beside the dense model and random plans."""
 
 
@@ -236,8 +239,10 @@ def _axis(grid: np.ndarray, q: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray
     return (j, j + 1), w
 
 
-FEATURES = ("fixed", "tables", "outputs", "other MACs")
-"""What the calibration weighs: 1, Σ tables (ms), Σ layer outputs (millions), other MACs (billions)."""
+FEATURES = ("fixed", "tables", "outputs", "other MACs", "misaligned inputs")
+"""What the calibration weighs: 1, Σ tables (ms), Σ layer outputs (millions), other MACs (billions), and the
+inputs (millions of elements) of layers whose input width breaks the runtime's alignment: a runtime that
+keeps activations in a blocked layout converts them in and out around such a layer."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,7 +259,7 @@ class LatencyModel:
     machine: str
     cost: CostModel
     layers: tuple[LayerTable, ...]
-    coef: np.ndarray  # (4,) weights of FEATURES
+    coef: np.ndarray  # (F,) weights of FEATURES
     calibration: tuple[tuple[str, float, float], ...]
 
     @property
@@ -272,18 +277,20 @@ class LatencyModel:
         return float(np.median([abs(p - m) / m for _, m, p in self.calibration]))
 
     def features(self, kept: np.ndarray) -> np.ndarray:
-        """`(N, 4)` values of `FEATURES` for kept vectors `(G,)` or `(G, N)`."""
+        """`(N, F)` values of `FEATURES` for kept vectors `(G,)` or `(G, N)`."""
         dims = self.cost.dim_sizes(kept)  # (D, N)
         n = dims.shape[1]
-        tables, outputs, macs = np.zeros(n), np.zeros(n), np.zeros(n)
+        tables, outputs, macs, misaligned = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
         for layer in self.layers:
             o, i = layer.widths(dims)
             tables += layer.at(o, i)
             outputs += layer.positions * o
+            if layer.dims[1] >= 0 and layer.align > 1:
+                misaligned += np.where(i % layer.align != 0, layer.positions * i, 0.0)
             macs += layer.positions * layer.kernel * o * i
         _, flops = self.cost.evaluate(np.asarray(kept))
         other = np.maximum(flops * self.batch - macs, 0.0)
-        return np.stack([np.ones(n), tables, outputs / 1e6, other / 1e9], axis=1)
+        return np.stack([np.ones(n), tables, outputs / 1e6, other / 1e9, misaligned / 1e6], axis=1)
 
     def evaluate(self, kept: np.ndarray) -> np.ndarray:
         """Predicted milliseconds `(N,)` for kept vectors `(G,)` or `(G, N)`."""
@@ -530,7 +537,7 @@ def _calibration_plans(cm: CostModel, round_to: int, random_plans: int, seed: in
 def _fit(runtime: str, batch: int, machine: str, cm: CostModel, layers: tuple[LayerTable, ...],
          points: list[tuple[str, np.ndarray, float]]) -> LatencyModel:  # fmt: skip
     """Least squares on relative error over the calibration timings, every weight but the constant's
-    non-negative: the subset of features whose unconstrained fit obeys that and fits best (2^3 solves)."""
+    non-negative: the subset of features whose unconstrained fit obeys that and fits best (2^4 solves)."""
     model = LatencyModel(runtime, batch, machine, cm, layers, np.zeros(len(FEATURES)), ())
     kept = np.stack([k for _, k, _ in points], axis=1)  # (G, P)
     x = model.features(kept)  # (P, 4)

@@ -119,6 +119,47 @@ def test_predictions_equal_a_runtime_whose_time_is_affine_in_macs(cls, clock, tm
     assert lm.error < 1e-6
 
 
+MISALIGNED_S = 3e-8  # what each input element of a layer whose input width is not a multiple of 4 costs
+
+
+def _misaligned_inputs(model: nn.Module, x: torch.Tensor) -> float:
+    """Input elements (at output positions) of the convs and Linears whose input width is not a multiple of 4."""
+    total = 0.0
+
+    def hook(module, args, out):
+        nonlocal total
+        width = module.weight.shape[1] * getattr(module, "groups", 1)
+        if width % 4:
+            total += out.numel() / out.shape[1 if isinstance(module, nn.Conv2d) else -1] * width
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_layout_conversions_around_misaligned_widths_are_predicted(clock, tmp_path):
+    """A runtime that also pays per input element of every layer whose input width breaks its alignment."""
+
+    def time_models(models, inputs):
+        return [s + MISALIGNED_S * _misaligned_inputs(m, inputs[0]) for s, m in
+                zip(clock.time_models(models, inputs), models)]  # fmt: skip
+
+    lat.register_runtime(lat.Runtime("aligned", "fake: MACs and layout conversions", _Call, time_models,
+                                     lambda: "aligned 1", align=4))  # fmt: skip
+    try:
+        model, x, graph = _toy(toys.TwoResiduals)
+        lm = lat.latency_model(model, x, graph, runtime="aligned", store=tmp_path / "s.sqlite", progress=False)
+        plans = [make_plan(model, graph, s) for s in (0.25, 0.4, 0.6)]  # 8 and 6 channels -> 6/5/4 and 3/3/2
+        measured = lat.measure_plans_ms(model, x, graph, [None, *plans], runtime="aligned")
+        np.testing.assert_allclose([lm.dense_ms, *(lm.predict(p) for p in plans)], measured, rtol=1e-6)
+        assert lm.coef[lat.FEATURES.index("misaligned inputs")] == pytest.approx(MISALIGNED_S * 1e9)
+    finally:
+        lat._RUNTIMES.pop("aligned", None)
+
+
 def test_batch_scales_the_inputs_and_the_prediction(clock, tmp_path):
     model, x, graph = _toy(toys.TwoResiduals)
     one = lat.latency_model(model, x[:1], graph, runtime="macs", batch=1, store=tmp_path / "s.sqlite", progress=False)
