@@ -28,12 +28,16 @@ from prunecore.sensitivity import DENSE
 
 __all__ = [
     "allocation_figure",
+    "calibration_rows",
     "curves_figure",
     "deployment_rows",
     "format_delta",
     "format_metric",
+    "format_ms",
     "heatmap_figure",
     "is_fraction",
+    "latency_card",
+    "latency_note",
     "pareto_figure",
     "predicted_vs_measured_figure",
     "recovery_figure",
@@ -435,3 +439,41 @@ def recovery_figure(recovery: Recovery, metric: str | None = None) -> go.Figure:
                      secondary_y=True)  # fmt: skip
     return _layout(fig, f"Training loss and held-out {metric} per epoch", f"recover:{metric}", 420,
                    legend={"orientation": "h", "y": -0.25})  # fmt: skip
+
+
+# -- predicted latency ---------------------------------------------------------------------------
+def format_ms(ms: float) -> str:
+    """Milliseconds to 3 significant digits, whole ones from 100 ms, `"n/a"` for a missing value.
+
+    >>> format_ms(0.91234), format_ms(41.26), format_ms(1234.5), format_ms(float("nan"))
+    ('0.912 ms', '41.3 ms', '1,234 ms', 'n/a')
+    """
+    if pd.isna(ms):
+        return "n/a"
+    return f"{ms:,.0f} ms" if abs(ms) >= 100 else f"{ms:.3g} ms"
+
+
+def latency_note(dense_ms: float, *, runtime: str, batch: int, machine: str, error: float, timings: int) -> str:
+    """What predicts the Plan page's latency: the runtime, batch size, machine and calibration error of a
+    `prunecore.latency.LatencyModel` (`error`: median relative error over `timings` whole-model timings)."""
+    return (f"Predicted time of one forward pass at batch size {batch} on {runtime}, on {machine}; the dense model: "
+            f"{format_ms(dense_ms)}. Layer tables measured on this machine, calibrated on whole models: median "
+            f"error {error * 100:.1f} % over {timings} whole-model timing{'s' if timings != 1 else ''}.")
+
+
+def latency_card(ms: float, dense_ms: float) -> tuple[str, str]:
+    """The Plan page's predicted-latency card: its value and the fraction of the dense model's latency.
+
+    >>> latency_card(0.9, 1.2)
+    ('0.9 ms', '75.0 % of dense')
+    """
+    return format_ms(ms), f"{ms / dense_ms * 100:.1f} % of dense" if dense_ms > 0 else "n/a"
+
+
+def calibration_rows(calibration: Sequence[tuple[str, float, float]]) -> pd.DataFrame:
+    """The whole-model timings a latency model was calibrated on, one row each: measured and predicted ms and
+    the relative error (predicted against measured)."""
+    rows = [{"timing": what, "measured ms": measured, "predicted ms": predicted,
+             "error": (predicted - measured) / measured if measured > 0 else math.nan}
+            for what, measured, predicted in calibration]  # fmt: skip
+    return pd.DataFrame(rows, columns=["timing", "measured ms", "predicted ms", "error"])

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,12 +37,14 @@ import torch
 import prunecore as pc
 from dashboard import charts
 from prunecore import jobs
+from prunecore.allocate import with_latency
 from prunecore.cost import cost_model
 from prunecore.datasets import EvalData, load_data
 from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
 from prunecore.jobs import FinetuneJob, Job, JobStatus, MeasureJob, Recovery, SweepJob
+from prunecore.latency import LatencyModel, latency_model
 from prunecore.measure import PlanMeasurement
 from prunecore.predict import Predictor
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, example_input, load_model
@@ -98,6 +101,12 @@ LOADED = "loaded_plan"  # the groups of a plan put on the sliders: the Plan page
 EDITED_PLAN = "edited_plan"  # the Plan the sliders describe, rebuilt by the Plan page on every change
 SIDEBAR = "sidebar_slot"  # this run's sidebar placeholder (`page` makes it), redrawn as the page loads things
 VALIDATION = "validation"  # the last measurement shown: {"key": (plan_key, bn batches), "measurement": PlanMeasurement}
+LATENCY_RUNTIME = "latency_runtime"  # the Plan page's latency runtime (`prunecore.latency.list_runtimes()`)
+LATENCY_BATCH = "latency_batch"  # the batch size its latency is predicted at
+MEASURE_LATENCY = "latency_measure"  # its "Measure latency tables" button
+LATENCY = "latency_built"  # what the Plan page predicts latency with: (workspace key, runtime, batch), or None
+LATENCY_MS = "latency_budget_ms"  # the latency budget in milliseconds, when the budget is on latency
+PLAN_PAGE_WIDGETS = (LATENCY_MS,)  # kept across pages without a default (it is set when latency is measured)
 
 DEFAULTS: dict[str, Any] = {
     MODEL_SPEC: "sample:resnet20",
@@ -116,6 +125,8 @@ DEFAULTS: dict[str, Any] = {
     METHOD: "dp",
     SEARCH: "",
     ORDER: "position",
+    LATENCY_RUNTIME: "torch",
+    LATENCY_BATCH: 1,
     LIVE_ON: True,
     FT_EPOCHS: 3,
     FT_LR: 0.01,
@@ -144,7 +155,7 @@ def init() -> None:
     for key, value in {**DEFAULTS, **_overrides()}.items():
         st.session_state.setdefault(key, value)
     for key in list(st.session_state):
-        if isinstance(key, str) and (key in DEFAULTS or key in MODEL_PAGE_WIDGETS
+        if isinstance(key, str) and (key in DEFAULTS or key in MODEL_PAGE_WIDGETS or key in PLAN_PAGE_WIDGETS
                                      or key.startswith(("sparsity::", "lock::"))):
             st.session_state[key] = st.session_state[key]
 
@@ -227,7 +238,8 @@ def lock_key(group: str) -> str:
 # -- the model --------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class Workspace:
-    """A loaded, traced model and what every page shows about it."""
+    """A loaded, traced model and what every page shows about it; `key` identifies it (the spec, the uploaded
+    weights' sha256, the input shape), for caches of what is derived from the model."""
 
     spec: str
     model: torch.nn.Module
@@ -235,6 +247,7 @@ class Workspace:
     graph: pc.ChannelGraph
     cost: pc.Cost
     flop_shares: dict[str, float]
+    key: tuple = ()
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading and tracing the model ...")
@@ -252,7 +265,8 @@ def _workspace(spec: str, weights_digest: str, _weights: bytes | None, shape: tu
     example = example_input(spec, tuple(shape))  # seeded noise, or token ids for a language model
     graph = pc.trace(model, example)
     shares = cost_model(model, example, graph).flop_shares()
-    return Workspace(spec, model, example, graph, pc.count(model, example), shares)
+    key = (spec, weights_digest, tuple(shape))
+    return Workspace(spec, model, example, graph, pc.count(model, example), shares, key)
 
 
 def workspace() -> Workspace:
@@ -855,6 +869,95 @@ def problem_tag(made: pc.AllocationProblem) -> str:
     return hashlib.sha256(json.dumps(made.predictor.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# -- predicted latency on the Plan page ---------------------------------------------------------------
+# The Plan page's "Measure latency tables" builds a `prunecore.latency.LatencyModel` of the loaded model
+# (`measure_latency`); from then on `latency` gives it (cached, its tables in the run store), the allocation
+# problem prices latency with it and the budget may be in milliseconds.
+@st.cache_resource(max_entries=4, show_spinner="Measuring latency tables: each layer alone at a few widths, then "
+                   "the whole model at a few plans (tens of seconds the first time; the run store keeps them) ...")
+def _latency(key: tuple, store: str, runtime: str, batch: int, round_to: int, _ws: Workspace) -> LatencyModel:
+    runs = pc.RunStore(store)
+    try:
+        return latency_model(_ws.model, _ws.example, _ws.graph, runtime=runtime, batch=batch, store=runs,
+                             round_to=round_to, progress=False)  # fmt: skip
+    finally:
+        runs.close()
+
+
+def measure_latency(ws: Workspace, round_to: int) -> None:
+    """Build the latency model of the chosen runtime and batch size and predict with it from now on (the Plan
+    page's button); the latency budget starts at `latency_budget_default` of its dense latency."""
+    st.session_state[LATENCY] = (ws.key, st.session_state[LATENCY_RUNTIME], int(st.session_state[LATENCY_BATCH]))
+    made = latency(ws, round_to)
+    if made is not None:
+        st.session_state[LATENCY_MS] = latency_budget_default(made.dense_ms)
+
+
+def latency(ws: Workspace, round_to: int) -> LatencyModel | None:
+    """The latency model last measured for this model (`measure_latency`), from the cache; None before one is,
+    or when building it failed (its message shows; the page predicts no latency until measured again)."""
+    built = st.session_state.get(LATENCY)
+    if built is None or built[0] != ws.key:
+        return None
+    with user_errors(stop=False):
+        return _latency(ws.key, str(store_path()), built[1], built[2], int(round_to), ws)
+    st.session_state[LATENCY] = None
+    return None
+
+
+def with_latency_model(made: pc.AllocationProblem, lm: LatencyModel | None) -> pc.AllocationProblem:
+    """The allocation problem pricing latency with `lm` (reports carry latency, budgets may be in ms)."""
+    return made if lm is None else with_latency(made, lm)
+
+
+def latency_budget_default(dense_ms: float) -> float:
+    """The latency budget offered first: 70 % of the dense model's, to 3 significant digits.
+
+    >>> latency_budget_default(1.2715), latency_budget_default(41.2)
+    (0.89, 28.8)
+    """
+    return float(f"{0.7 * dense_ms:.3g}")
+
+
+def latency_step(dense_ms: float) -> float:
+    """The step of the latency budget's input: about a hundredth of the dense latency, a power of ten.
+
+    >>> latency_step(1.27), latency_step(41.2), latency_step(0.05)
+    (0.01, 0.1, 0.0001)
+    """
+    return float(f"{10.0 ** (math.floor(math.log10(dense_ms)) - 2):.1g}") if dense_ms > 0 else 0.001
+
+
+BUDGET_LABELS = {"flops": "flops", "params": "params", "latency": "latency (ms)"}  # budget kind -> its label
+LATENCY_MIN_MS = 1e-4  # the least latency budget the input takes
+
+
+def budget_kinds(lm: LatencyModel | None) -> list[str]:
+    """The budget kinds the Plan page offers: FLOPs and params, and latency while a latency model is there (a
+    latency budget chosen before falls back to FLOPs without one). Call it before the budget widgets are drawn."""
+    kinds = ["flops", "params", *(["latency"] if lm is not None else [])]
+    if st.session_state.get(BUDGET_KIND) not in kinds:
+        st.session_state[BUDGET_KIND] = "flops"
+    if lm is not None:
+        st.session_state.setdefault(LATENCY_MS, latency_budget_default(lm.dense_ms))
+    return kinds
+
+
+def chosen_budget() -> pc.Budget:
+    """The Plan page's budget: a fraction of FLOPs or params, or milliseconds of latency."""
+    kind = st.session_state[BUDGET_KIND]
+    if kind == "latency":
+        return pc.Budget(latency=float(st.session_state[LATENCY_MS]))
+    return pc.Budget(**{kind: st.session_state[BUDGET_VALUE]})
+
+
+def _budget_target(made: pc.AllocationProblem, spent: pc.Budget) -> str:
+    """What an allocation was for, in `sync_sliders`' target: the budget, and for milliseconds what predicts them."""
+    if spent.kind == "latency" and made.latency is not None:
+        return f"{spent} ({made.latency.runtime}, batch {made.latency.batch})"
+    return str(spent)
+
+
 @st.cache_data(max_entries=16, show_spinner="Computing each method's Pareto front ...")
 def pareto(spec: str, run_id: str, kind: str, tag: str, _problem: pc.AllocationProblem) -> pd.DataFrame:
     return pc.pareto(_problem, budgets=(0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), kind=kind)
@@ -1078,7 +1181,7 @@ def sync_sliders(problem: pc.AllocationProblem, budget: pc.Budget, method: str, 
     make impossible) its message shows and the sliders stay as they are.
     """
     names = list(problem.cost.groups)
-    target = (problem.model_name, run, str(budget), method)
+    target = (problem.model_name, run, _budget_target(problem, budget), method)
     loaded = st.session_state.pop(LOADED, None)
     if loaded is not None:  # the plan's groups are on the sliders; the groups it leaves out are dense
         for name in set(names) - set(loaded):

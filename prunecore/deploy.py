@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeployError", "Deployment", "OnnxExport", "OnnxModule", "deploy_onnx", "dynamic_batch", "export_onnx",
-    "onnx_session", "quantize_int8",
+    "onnx_session", "onnxruntime", "quantize_int8",
 ]  # fmt: skip
 
 
@@ -140,13 +140,15 @@ def export_onnx(
     return OnnxExport(path, diff, sizes, dynamic, program)
 
 
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU inference session for `path` (`threads`: intra-op threads, default torch's)."""
-    ort = _runtime()
+def onnx_session(model: str | Path | bytes, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU inference session for a file or a serialised model (`threads`: intra-op threads,
+    default torch's)."""
+    ort = onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # errors only: no optimiser chatter on stdout
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxModule(nn.Module):
@@ -184,7 +186,7 @@ def quantize_int8(
     is what CNNs need to run faster; dynamic (weights INT8, activations quantised on the fly)
     needs no data and suits Linear-heavy models. Written atomically.
     """
-    _runtime()
+    onnxruntime()
     from onnxruntime import quantization as q
 
     out = check_output_path(out, "INT8 ONNX file")
@@ -232,8 +234,8 @@ def deploy_onnx(
     return Deployment(exported, quantised, mode)
 
 
-# -- helpers ----------------------------------------------------------------------------------------
-def _runtime() -> Any:
+def onnxruntime() -> Any:
+    """The `onnxruntime` module, or a `DeployError` saying how to install it."""
     try:
         import onnxruntime
     except ImportError:
@@ -242,9 +244,10 @@ def _runtime() -> Any:
     return onnxruntime
 
 
+# -- helpers ----------------------------------------------------------------------------------------
 def _exporter() -> None:
     """`DeployError` unless ONNX Runtime (to check the file) and onnxscript (the dynamo exporter's) are there."""
-    _runtime()
+    onnxruntime()
     try:
         import onnxscript  # noqa: F401  # the dynamo exporter's dependency: say so before torch does
     except ImportError:

@@ -139,17 +139,13 @@ def _torch_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...])
 
 def _onnx_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     """The layer exported alone (TorchScript exporter: milliseconds, where the dynamo one takes seconds)."""
-    from prunecore.deploy import _runtime
+    from prunecore.deploy import onnx_session
 
-    ort = _runtime()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(layer.eval(), (x,), buffer, dynamo=False, input_names=["x"])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(buffer.getvalue())
     feed = {"x": x.numpy()}
     return lambda: session.run(None, feed)
 
@@ -174,9 +170,9 @@ def _nchwc_block() -> int:
 
 
 def _onnx_version() -> str:
-    from prunecore.deploy import _runtime
+    from prunecore.deploy import onnxruntime
 
-    return f"onnxruntime {_runtime().__version__}"
+    return f"onnxruntime {onnxruntime().__version__}"
 
 
 register_runtime(Runtime("torch", "PyTorch eager, CPU", _torch_call, _torch_models,
@@ -261,6 +257,7 @@ class LatencyModel:
     layers: tuple[LayerTable, ...]
     coef: np.ndarray  # (F,) weights of FEATURES
     calibration: tuple[tuple[str, float, float], ...]
+    threads: int = 1  # torch's thread count when it was timed (the runtimes use as many)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -268,12 +265,18 @@ class LatencyModel:
 
     @property
     def dense_ms(self) -> float:
-        """The dense model's predicted latency (its measured one is `calibration[0][1]`)."""
+        """The dense model's predicted latency (what budgets are fractions of)."""
         return float(self.evaluate(self.cost.sizes)[0])
 
     @property
+    def measured_dense_ms(self) -> float:
+        """The dense model's latency as the calibration timed it."""
+        return self.calibration[0][1]
+
+    @property
     def error(self) -> float:
-        """Median |predicted - measured| / measured over the calibration timings."""
+        """Median |predicted - measured| / measured over the calibration timings (in-sample: what the fit
+        reached on the timings it was fitted to; `measure` checks other plans)."""
         return float(np.median([abs(p - m) / m for _, m, p in self.calibration]))
 
     def features(self, kept: np.ndarray) -> np.ndarray:
@@ -299,6 +302,17 @@ class LatencyModel:
     def price(self, kept: Mapping[str, int]) -> float:
         """Milliseconds of the model whose named groups keep `kept[name]` units (others dense)."""
         return float(self.evaluate(self.cost.kept_vector(kept))[0])
+
+    def measure(self, model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+                graph: ChannelGraph, plans: Sequence[Plan | None]) -> list[float]:  # fmt: skip
+        """`measure_plans_ms` on this model's runtime and batch: what checks its predictions.
+
+        Refused when torch's thread count changed since the tables were timed.
+        """
+        if torch.get_num_threads() != self.threads:
+            raise LatencyError(f"this latency model was timed with {self.threads} thread(s), torch now runs "
+                               f"{torch.get_num_threads()}: set torch.set_num_threads back, or build it again")
+        return measure_plans_ms(model, example_inputs, graph, plans, self.runtime, self.batch)
 
     def predict(self, plan: Plan) -> float:
         """Milliseconds of the model `plan` makes."""
@@ -336,10 +350,21 @@ def latency_model(
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ArgumentError(f"round_to must be a positive integer, got {round_to!r}")
     inputs = _batched(example_inputs, batch)
+    opened = None if isinstance(store, RunStore) else RunStore(store)
+    try:
+        return _build(model, inputs, graph, rt, store if opened is None else opened, round_to, random_plans, seed,
+                      progress)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: ChannelGraph, rt: Runtime, store: RunStore,
+           round_to: int, random_plans: int, seed: int, progress: bool) -> LatencyModel:  # fmt: skip
+    """`latency_model` once its arguments are checked and the store is open."""
     batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
-    store = store if isinstance(store, RunStore) else RunStore(store)
     machine = _machine(rt)
-    cm = cost_model(model, inputs[:], graph)
+    cm = cost_model(model, inputs, graph)
     calls = _layer_calls(model, inputs)
     owners = _owners(model)
     varying = set(cm.pair_dim.tolist())
@@ -526,7 +551,7 @@ def _calibration_plans(cm: CostModel, round_to: int, random_plans: int, seed: in
         return out
     for s in CALIBRATION:
         out.append((f"uniform {s:g}", np.array([kept_units(n, s, round_to) for n in sizes], dtype=np.int64)))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 0x1A7E])  # salted: test plans drawn with default_rng(seed) are others
     for r in range(random_plans):
         drawn = rng.uniform(0.0, 0.8, len(sizes))
         out.append((f"random {r + 1}", np.array([kept_units(n, float(s), round_to) for n, s in zip(sizes, drawn)],
@@ -538,7 +563,7 @@ def _fit(runtime: str, batch: int, machine: str, cm: CostModel, layers: tuple[La
          points: list[tuple[str, np.ndarray, float]]) -> LatencyModel:  # fmt: skip
     """Least squares on relative error over the calibration timings, every weight but the constant's
     non-negative: the subset of features whose unconstrained fit obeys that and fits best (2^4 solves)."""
-    model = LatencyModel(runtime, batch, machine, cm, layers, np.zeros(len(FEATURES)), ())
+    model = LatencyModel(runtime, batch, machine, cm, layers, np.zeros(len(FEATURES)), (), torch.get_num_threads())
     kept = np.stack([k for _, k, _ in points], axis=1)  # (G, P)
     x = model.features(kept)  # (P, 4)
     y = np.array([ms for _, _, ms in points])  # (P,)
@@ -559,7 +584,7 @@ def _fit(runtime: str, batch: int, machine: str, cm: CostModel, layers: tuple[La
     assert best is not None  # the constant alone always fits
     coef = best[1]
     calibration = tuple((w, ms, float(p)) for (w, _, ms), p in zip(points, x @ coef))
-    return LatencyModel(runtime, batch, machine, cm, layers, coef, calibration)
+    return LatencyModel(runtime, batch, machine, cm, layers, coef, calibration, torch.get_num_threads())
 
 
 def _machine(rt: Runtime) -> str:

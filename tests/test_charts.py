@@ -285,3 +285,34 @@ def test_format_delta_is_in_the_metrics_own_unit(metric):
 def test_format_delta_of_the_reported_accuracy_drop():
     assert charts.format_delta("accuracy", 0.948 - 0.968) == "-2.00 pp"  # not "-0.0200"
     assert charts.format_delta("loss", 0.0312) == "+0.0312"
+
+
+def test_format_ms_keeps_three_significant_digits_and_whole_ms_from_100():
+    assert charts.format_ms(0.91234) == "0.912 ms"
+    assert charts.format_ms(41.26) == "41.3 ms"
+    assert charts.format_ms(1234.5) == "1,234 ms"  # not "1.23e+03 ms"
+    assert charts.format_ms(float("nan")) == "n/a"
+
+
+def test_latency_card_is_milliseconds_and_the_fraction_of_dense():
+    assert charts.latency_card(0.9, 1.2) == ("0.9 ms", "75.0 % of dense")
+    assert charts.latency_card(41.26, 41.26) == ("41.3 ms", "100.0 % of dense")
+    assert charts.latency_card(1.0, 0.0)[1] == "n/a"
+
+
+def test_latency_note_says_the_runtime_batch_machine_and_calibration_error():
+    note = charts.latency_note(1.2, runtime="onnxruntime", batch=8, machine="Xeon, 2 cores, 2 threads, onnxruntime",
+                               error=0.0213, timings=7)  # fmt: skip
+    for part in ("batch size 8", "on onnxruntime", "Xeon, 2 cores, 2 threads", "dense model: 1.2 ms",
+                 "median error 2.1 % over 7 whole-model timings."):
+        assert part in note, part
+    assert "over 1 whole-model timing." in charts.latency_note(1.0, runtime="torch", batch=1, machine="m", error=0.0,
+                                                               timings=1)  # fmt: skip
+
+
+def test_calibration_rows_are_the_timings_with_their_relative_error():
+    rows = charts.calibration_rows([("dense", 2.0, 2.1), ("uniform 0.5", 1.0, 0.95)])
+    assert list(rows.columns) == ["timing", "measured ms", "predicted ms", "error"]
+    assert rows.timing.tolist() == ["dense", "uniform 0.5"]
+    assert rows.error.tolist() == pytest.approx([0.05, -0.05])
+    assert charts.calibration_rows([]).empty

@@ -160,6 +160,20 @@ def test_layout_conversions_around_misaligned_widths_are_predicted(clock, tmp_pa
         lat._RUNTIMES.pop("aligned", None)
 
 
+def test_measuring_with_another_thread_count_is_refused(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    assert lm.threads == torch.get_num_threads()
+    assert lm.measure(model, x, graph, [None]) == pytest.approx([lm.measured_dense_ms])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(lat.LatencyError, match=f"timed with {threads} thread"):
+            lm.measure(model, x, graph, [None])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_batch_scales_the_inputs_and_the_prediction(clock, tmp_path):
     model, x, graph = _toy(toys.TwoResiduals)
     one = lat.latency_model(model, x[:1], graph, runtime="macs", batch=1, store=tmp_path / "s.sqlite", progress=False)

@@ -9,6 +9,10 @@ in quarters, every position a kept count, which shows beside it. Edits are never
 unasked: a lock pins a group's current kept count, and the method re-allocates the unlocked
 groups only when the user presses "Re-allocate unlocked groups", or by itself when the budget,
 method or sweep changes and no unlocked slider was edited (`state.sync_sliders`).
+
+Under Latency, "Measure latency tables" builds a latency model of the model on this machine
+(`prunecore.latency`, its tables kept in the run store): from then on the cards predict the
+sliders' latency too, and the budget may be in milliseconds.
 """
 
 import math
@@ -19,6 +23,7 @@ import prunecore as pc
 from dashboard import charts, state
 from prunecore.allocate import get_method
 from prunecore.evaluate import get_metric
+from prunecore.latency import get_runtime, list_runtimes
 
 SCROLL_PX = 500  # the sliders and the per-group chart scroll inside this height, under the cards
 
@@ -29,15 +34,46 @@ problem = state.problem(ws, frame)
 names = list(problem.cost.groups)
 sizes = {n: ws.graph[n].size for n in names}
 
+panel = st.expander("Latency", icon=":material/timer:")
+l1, l2, l3 = panel.columns([3, 1, 2], vertical_alignment="bottom")
+l1.selectbox("Runtime", list_runtimes(), key=state.LATENCY_RUNTIME, format_func=lambda r: f"{r}: "
+             f"{get_runtime(r).description}", help="What runs the model whose latency is predicted.")  # fmt: skip
+l2.number_input("Batch size", min_value=1, max_value=4096, step=1, key=state.LATENCY_BATCH)
+if l3.button("Measure latency tables", key=state.MEASURE_LATENCY,
+             help="Times each prunable layer alone at a few widths, then the whole model at a few plans, on this "
+                  "machine, and fits the layer tables to the whole-model timings. The run store keeps both, so "
+                  "measuring again for this model, runtime and batch size reads them at once."):  # fmt: skip
+    state.measure_latency(ws, problem.round_to)
+lm = state.latency(ws, problem.round_to)
+problem = state.with_latency_model(problem, lm)
+if lm is None:
+    panel.caption("Measure latency tables to see the sliders' predicted latency and to budget in milliseconds.")
+else:
+    about = charts.latency_note(lm.dense_ms, runtime=lm.runtime, batch=lm.batch, machine=lm.machine, error=lm.error,
+                                timings=len(lm.calibration))  # fmt: skip
+    panel.caption(about)
+    if (lm.runtime, lm.batch) != (st.session_state[state.LATENCY_RUNTIME], st.session_state[state.LATENCY_BATCH]):
+        panel.caption(f"Predicting with {lm.runtime} at batch size {lm.batch}: press Measure latency tables to "
+                      "predict with the runtime and batch size chosen above.")  # fmt: skip
+    panel.dataframe(charts.calibration_rows(lm.calibration), hide_index=True, key="latency_calibration",
+                    column_config={"error": st.column_config.NumberColumn(format="percent")})  # fmt: skip
+
 c1, c2, c3, c4 = st.columns([2, 3, 2, 2], vertical_alignment="bottom")
-c1.radio("Budget on", ["flops", "params"], key=state.BUDGET_KIND, horizontal=True)
-c2.slider("Keep this fraction", 0.05, 1.0, step=0.05, key=state.BUDGET_VALUE)
+c1.radio("Budget on", state.budget_kinds(lm), format_func=lambda k: state.BUDGET_LABELS[k], key=state.BUDGET_KIND,
+         horizontal=True)  # fmt: skip
+if st.session_state[state.BUDGET_KIND] == "latency":
+    c2.number_input("Latency at most (ms)", min_value=state.LATENCY_MIN_MS, step=state.latency_step(lm.dense_ms),
+                    format="%.4g", key=state.LATENCY_MS,
+                    help=f"Predicted milliseconds per forward pass at batch size {lm.batch} on {lm.runtime}; the "
+                         f"dense model: {charts.format_ms(lm.dense_ms)}.")  # fmt: skip
+else:
+    c2.slider("Keep this fraction", 0.05, 1.0, step=0.05, key=state.BUDGET_VALUE)
 methods = [m for m in pc.list_methods() if problem.curves or not get_method(m).needs_curves]
 c3.selectbox("Method", methods, key=state.METHOD)
 reallocate = c4.button("Re-allocate unlocked groups", key="reallocate",
                        help="Apply the method to every unlocked group; locked groups keep their kept counts. "
                             "Until you press it, your edits stay.")  # fmt: skip
-budget = pc.Budget(**{st.session_state[state.BUDGET_KIND]: st.session_state[state.BUDGET_VALUE]})
+budget = state.chosen_budget()
 method = st.session_state[state.METHOD]
 reference, note = state.sync_sliders(problem, budget, method, frame.attrs.get("run_id", ""), reallocate)
 if note:
@@ -50,10 +86,14 @@ report = problem.report(sparsities, budget)
 params, flops, predicted = report.params, report.flops, report.predicted
 dense_params, dense_flops = report.dense_params, report.dense_flops
 st.session_state[state.EDITED_PLAN] = problem.plan(sparsities, pc.Allocation(method, budget, problem.metric))
-cards = st.columns(2 + len(problem.dense))
+lead = 2 if report.latency_ms is None else 3  # the cost cards before the metrics' cards, in both rows
+cards = st.columns(lead + len(problem.dense))
 cards[0].metric("FLOPs kept", f"{flops / dense_flops:.1%}", help=f"{flops:,} of {dense_flops:,} MACs per example")
 cards[1].metric("Params kept", f"{params / dense_params:.1%}", help=f"{params:,} of {dense_params:,}")
-for card, (name, dense) in zip(cards[2:], problem.dense.items()):
+if report.latency_ms is not None:
+    value, fraction = charts.latency_card(report.latency_ms, report.dense_latency_ms)
+    cards[2].metric("Predicted latency", value, delta=fraction, delta_color="off", delta_arrow="off", help=about)
+for card, (name, dense) in zip(cards[lead:], problem.dense.items()):
     value = predicted.get(name, math.nan)
     change = None if math.isnan(value - dense) else value - dense
     card.metric(f"Predicted {name}", charts.format_metric(name, value),
@@ -62,7 +102,7 @@ for card, (name, dense) in zip(cards[2:], problem.dense.items()):
                 help=state.metric_help(name))  # fmt: skip
 run_id = frame.attrs.get("run_id", "")
 points = st.session_state.setdefault(state.LIVE_POINTS, {})
-row = st.columns(2 + len(problem.dense))
+row = st.columns(lead + len(problem.dense))
 row[0].toggle("Measure in the background", key=state.LIVE_ON,
               help="Once the sliders rest for a second, a background worker applies their plan, re-estimates "
                    "BatchNorm as the sweep did and measures it on the sweep's data; no slider waits.")  # fmt: skip
@@ -75,7 +115,7 @@ if measured is not None:
     points[measure_key] = (ws.spec, run_id, params, flops, dict(measured.metrics))
     row[1].caption(f"Measured: this plan applied, BatchNorm re-estimated on {measured.bn_recalibration} batches, "
                    f"on the sweep's data ({measured.data}).")  # fmt: skip
-    for card, name in zip(row[2:], problem.dense):
+    for card, name in zip(row[lead:], problem.dense):
         value, guess = measured.metrics.get(name, math.nan), predicted.get(name, math.nan)
         gap = None if math.isnan(value - guess) else value - guess
         card.metric(f"Measured {name}", charts.format_metric(name, value),
@@ -131,15 +171,18 @@ with right, st.container(height=SCROLL_PX, key="allocation"):
     st.plotly_chart(charts.allocation_figure(sparsities, {n: state.sparsity_of(k, sizes[n])
                                                           for n, k in reference.items()}, order=names),
                     width="stretch", key="allocation_chart")  # fmt: skip
-budgeted, budgeted_dense = (flops, dense_flops) if budget.kind == "flops" else (params, dense_params)
+axis = "params" if budget.kind == "params" else "flops"  # a latency budget's front is drawn against FLOPs
+budgeted, budgeted_dense = (flops, dense_flops) if axis == "flops" else (params, dense_params)
 if problem.metric:
     with state.user_errors(stop=False):  # the sliders above stay usable without the front
-        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), budget.kind, state.problem_tag(problem), problem)
+        front = state.pareto(ws.spec, frame.attrs.get("run_id", ""), axis, state.problem_tag(problem), problem)
         st.plotly_chart(
             charts.pareto_figure(front, problem.metric, current=(budgeted, predicted.get(problem.metric, float("nan"))),
-                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=budget.kind,
-                                 measured=[(f if budget.kind == "flops" else p, m[problem.metric])
+                                 dense=(budgeted_dense, problem.dense[problem.metric]), cost=axis,
+                                 measured=[(f if axis == "flops" else p, m[problem.metric])
                                            for spec, run, p, f, m in points.values()
                                            if (spec, run) == (ws.spec, run_id) and problem.metric in m]),
             width="stretch", key="pareto_chart",
         )  # fmt: skip
+    if budget.kind == "latency":
+        st.caption("The front is drawn against FLOPs: its budgets are fractions, and a latency budget is milliseconds.")
