@@ -280,7 +280,10 @@ class SuffixEngine:
         picks: list[torch.Tensor] = []
         if chain is not None:  # each point starts after the chain, from the dense chain output's kept channels
             producer = self.nodes[start].target
-            picks = [keep[(producer, "weight", 0)].nonzero().flatten().to(self.device) for keep in masks.keeps]
+            width = self.modules[producer].weight.shape[0]
+            # a point rounded to the whole group (round_to) prunes nothing: its plan names no positions
+            picks = [keep.get((producer, "weight", 0), torch.ones(width, dtype=torch.bool)).nonzero().flatten()
+                     .to(self.device) for keep in masks.keeps]  # fmt: skip
             start = chain[0] + 1
         after = [m for m in self.bns if m in self._modules_from(max(start, 0))]
         return _GroupRun(group, points, start, masks, after, chain, picks, nodes=self.nodes)

@@ -16,14 +16,15 @@ from prunecore.store import fingerprint_data, fingerprint_model, run_id
 from prunecore.surgery import apply_plan
 
 
-def naive(model, data, example, levels, metrics, bn_batches=0, calibration=None, groups=None, criterion="l1"):
+def naive(model, data, example, levels, metrics, bn_batches=0, calibration=None, groups=None, criterion="l1",
+          round_to=1):  # fmt: skip
     """The reference loop the sweep must reproduce: copy, prune, (recalibrate), evaluate."""
     graph = trace(model, example)
     needs_ref = any(m in ("kl", "agreement") for m in metrics)
     rows = []
     for g in groups or [g.name for g in graph.prunable]:
         for s in levels:
-            plan = make_plan(model, graph, {g: s}, criterion=criterion, data=data)
+            plan = make_plan(model, graph, {g: s}, criterion=criterion, data=data, round_to=round_to)
             pruned = apply_plan(model, plan, graph=graph)
             if bn_batches:
                 recalibrate_bn_(pruned, calibration if calibration is not None else data, batches=bn_batches)
@@ -66,6 +67,20 @@ def test_sweep_with_bn_recalibration_equals_naive(resnet20):
     fast = sweep(model, data, example, bn_recalibration=2, calibration=calibration, progress=False, **kwargs)
     slow = naive(model, data, example, kwargs["levels"], kwargs["metric"], 2, calibration, groups)
     assert_matches(fast, slow, kwargs["metric"])
+
+
+def test_a_level_that_rounds_to_the_whole_group_is_the_dense_model(resnet20):
+    """round_to=8: 10 % of stem.0's 16 channels rounds to keeping all 16, a point that prunes nothing."""
+    model, data, calibration, example = resnet20
+    kwargs = dict(levels=[0.1, 0.5], metric=["accuracy", "loss"], groups=["stem.0", "layer2.0.conv1"], round_to=8)
+    for bn in (0, 2):
+        fast = sweep(model, data, example, bn_recalibration=bn, calibration=calibration, progress=False, **kwargs)
+        slow = naive(model, data, example, kwargs["levels"], kwargs["metric"], bn, calibration, kwargs["groups"],
+                     round_to=8)  # fmt: skip
+        assert_matches(fast, slow, kwargs["metric"])
+        dense = fast[fast.group == DENSE].iloc[0]
+        first = fast[(fast.group == "stem.0") & (fast.sparsity == 0.1)].iloc[0]
+        assert (first.params, first.flops) == (dense.params, dense.flops)
 
 
 @pytest.mark.parametrize("cls", [toys.Concat, toys.SqueezeExcite, toys.LooseParameter, toys.Depthwise, toys.Reused,
