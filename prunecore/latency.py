@@ -77,6 +77,11 @@ FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 """Kept fractions of a layer's width at which its table is timed (per axis: 25 points for a conv)."""
 CALIBRATION = (0.3, 0.5, 0.7)
 """Uniform sparsities of the calibration plans, timed whole beside the dense model and random plans."""
+GROUP_LEVELS = (0.25, 0.5, 0.75)
+"""Sparsities at which each group alone is applied and timed whole, where that is affordable (in context)."""
+CHUNK = 8  # plans timed beside the dense model at once (each a pruned copy in memory)
+IN_CONTEXT_SECONDS = 120.0
+"""`in_context=None` times every group alone when that should take at most this long."""
 
 
 class LatencyError(UserError, ValueError):
@@ -151,12 +156,23 @@ def _onnx_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def _onnx_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) -> list[float]:
-    """Each model exported as `deploy.export_onnx` exports it for deployment, then timed in ONNX Runtime."""
-    from prunecore.deploy import OnnxModule, export_onnx
+    """Each model exported (TorchScript's exporter, else `deploy.export_onnx`'s), then timed in ONNX Runtime."""
+    from prunecore.deploy import DeployError, OnnxModule, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = [OnnxModule(export_onnx(m, inputs, Path(tmp) / f"{i}.onnx", check=False).path)
-                 for i, m in enumerate(models)]  # fmt: skip
+        files = []
+        for i, m in enumerate(models):
+            path = Path(tmp) / f"{i}.onnx"
+            try:
+                with warnings.catch_warnings(), eval_mode(m), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(m, inputs, str(path), dynamo=False)
+            except Exception as exc:  # noqa: BLE001  # any failure of the old exporter: the deployment one
+                if isinstance(exc, DeployError):
+                    raise
+                with eval_mode(m):
+                    export_onnx(m, inputs, path, check=False)
+            files.append(OnnxModule(path))
         return [t.median_s for t in measure_latencies(files, inputs, rounds=5, warmup=1, min_seconds=0.05)]
 
 
@@ -205,6 +221,14 @@ class LayerTable:
     block: int = 1
     align: int = 1
     penalty: tuple[float, float] = (1.0, 1.0)
+    cross: bool = False  # its out and in widths are set by different groups (they interact here)
+
+    def interaction(self, o: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """What pruning out and in together costs beyond pruning each alone (0 unless `cross`)."""
+        if not self.cross:
+            return np.zeros(len(o))
+        od, id_ = np.full(len(o), self.out[-1]), np.full(len(i), self.in_[-1])
+        return self.at(o, i) - self.at(o, id_) - self.at(od, i) + self.at(od, id_)
 
     def widths(self, dim_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Kept (out, in) widths, each `(N,)`, from the cost model's kept dim sizes `(D, N)`."""
@@ -235,10 +259,27 @@ def _axis(grid: np.ndarray, q: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray
     return (j, j + 1), w
 
 
-FEATURES = ("fixed", "tables", "outputs", "other MACs", "misaligned inputs")
+@dataclass(frozen=True, eq=False)
+class GroupEffect:
+    """One group pruned alone, timed in the whole model: milliseconds against dense at some kept counts.
+
+    `kept` ascends to the group's size, where `change` is 0; linear in between, held below.
+    """
+
+    group: int  # index in the cost model's groups
+    kept: np.ndarray  # (K,) kept units, ascending, the last the group's size
+    change: np.ndarray  # (K,) measured ms minus dense ms, non-decreasing in kept
+
+    def at(self, k: np.ndarray) -> np.ndarray:
+        return np.interp(k, self.kept, self.change)
+
+
+FEATURES = ("fixed", "tables", "outputs", "other MACs", "misaligned inputs", "in-context changes", "interactions")
 """What the calibration weighs: 1, Σ tables (ms), Σ layer outputs (millions), other MACs (billions), and the
 inputs (millions of elements) of layers whose input width breaks the runtime's alignment: a runtime that
-keeps activations in a blocked layout converts them in and out around such a layer."""
+keeps activations in a blocked layout converts them in and out around such a layer. In context, instead:
+1, the sum of every group's change timed alone in the whole model (ms), and the tables' interactions (ms)
+between groups that meet in one layer."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -258,6 +299,12 @@ class LatencyModel:
     coef: np.ndarray  # (F,) weights of FEATURES
     calibration: tuple[tuple[str, float, float], ...]
     threads: int = 1  # torch's thread count when it was timed (the runtimes use as many)
+    effects: tuple[GroupEffect, ...] = ()  # in context: each group timed alone in the whole model
+
+    @property
+    def in_context(self) -> bool:
+        """Whether groups' own effects were timed in the whole model (else only layers alone)."""
+        return bool(self.effects)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -283,17 +330,21 @@ class LatencyModel:
         """`(N, F)` values of `FEATURES` for kept vectors `(G,)` or `(G, N)`."""
         dims = self.cost.dim_sizes(kept)  # (D, N)
         n = dims.shape[1]
-        tables, outputs, macs, misaligned = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+        tables, outputs, macs, misaligned, cross = (np.zeros(n) for _ in range(5))
         for layer in self.layers:
             o, i = layer.widths(dims)
             tables += layer.at(o, i)
+            if self.effects:
+                cross += layer.interaction(o, i)
             outputs += layer.positions * o
             if layer.dims[1] >= 0 and layer.align > 1:
                 misaligned += np.where(i % layer.align != 0, layer.positions * i, 0.0)
             macs += layer.positions * layer.kernel * o * i
         _, flops = self.cost.evaluate(np.asarray(kept))
         other = np.maximum(flops * self.batch - macs, 0.0)
-        return np.stack([np.ones(n), tables, outputs / 1e6, other / 1e9, misaligned / 1e6], axis=1)
+        k = np.asarray(kept).reshape(len(self.cost.sizes), -1)  # (G, N)
+        changes = sum((e.at(k[e.group]) for e in self.effects), np.zeros(n))
+        return np.stack([np.ones(n), tables, outputs / 1e6, other / 1e9, misaligned / 1e6, changes, cross], axis=1)
 
     def evaluate(self, kept: np.ndarray) -> np.ndarray:
         """Predicted milliseconds `(N,)` for kept vectors `(G,)` or `(G, N)`."""
@@ -335,14 +386,21 @@ def latency_model(
     random_plans: int = 3,
     seed: int = 0,
     progress: bool = True,
+    in_context: bool | None = None,
 ) -> LatencyModel:
     """Measure (or read from the store) the layer tables of `model` and calibrate them on whole models.
 
     `batch` replaces the examples' batch size (default: theirs). `store` is the run store that keeps
     tables and calibrations (default: `RunStore()`; a read-only store is read, never written).
     Calibration times the dense model, uniform plans at `CALIBRATION` sparsities and `random_plans`
-    plans with random per-group sparsities (below 0.8), kept counts rounded to `round_to`. The model
-    is not changed. Timing runs on the CPU with torch's thread count.
+    plans with random per-group sparsities (below 0.8), kept counts rounded to `round_to`.
+
+    `in_context`: also time every group pruned alone (at `GROUP_LEVELS`) in the whole model, and
+    predict from those changes plus the tables' interactions between groups. Small models at small
+    batches need it: their layers timed alone are mostly per-call overhead, and which group saves
+    how much is then misjudged (whole plans are still predicted well). None decides by the tables'
+    estimate of the time it takes (`IN_CONTEXT_SECONDS`). The model is not changed. Timing runs on
+    the CPU with torch's thread count.
     """
     rt = get_runtime(runtime)
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
@@ -353,14 +411,15 @@ def latency_model(
     opened = None if isinstance(store, RunStore) else RunStore(store)
     try:
         return _build(model, inputs, graph, rt, store if opened is None else opened, round_to, random_plans, seed,
-                      progress)
+                      progress, in_context)
     finally:
         if opened is not None:
             opened.close()
 
 
 def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: ChannelGraph, rt: Runtime, store: RunStore,
-           round_to: int, random_plans: int, seed: int, progress: bool) -> LatencyModel:  # fmt: skip
+           round_to: int, random_plans: int, seed: int, progress: bool, in_context: bool | None) -> LatencyModel:
+    # fmt: skip
     """`latency_model` once its arguments are checked and the store is open."""
     batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
     machine = _machine(rt)
@@ -368,6 +427,9 @@ def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: ChannelGra
     calls = _layer_calls(model, inputs)
     owners = _owners(model)
     varying = set(cm.pair_dim.tolist())
+    owners_of: dict[int, set[int]] = {}
+    for d, g in zip(cm.pair_dim.tolist(), cm.pair_group.tolist()):
+        owners_of.setdefault(d, set()).add(g)
     layers = []
     todo = []
     for name, module, x_shape, out_shape in calls:
@@ -388,12 +450,19 @@ def _build(model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: ChannelGra
         if table.shape != (len(axes[0]), len(axes[1])) or len(penalty) != 2:
             todo.append((len(layers), module, x_shape, axes, key))
             table, penalty = np.zeros((len(axes[0]), len(axes[1]))), (1.0, 1.0)
+        cross = min(used) >= 0 and owners_of[used[0]].isdisjoint(owners_of[used[1]])
         layers.append(LayerTable(name, used, axes[0].astype(np.float64), axes[1].astype(np.float64), table,
                                  positions, float(math.prod(shape[2:])), rt.block, rt.align,
-                                 (float(penalty[0]), float(penalty[1]))))  # fmt: skip
+                                 (float(penalty[0]), float(penalty[1])), cross))  # fmt: skip
     layers = _measure_tables(layers, todo, rt, store, progress)
-    points = _calibrate(model, inputs, graph, cm, layers, rt, store, machine, round_to, random_plans, seed, progress)
-    return _fit(rt.name, batch, machine, cm, tuple(layers), points)
+    plans = _calibration_plans(cm, round_to, random_plans, seed)
+    if in_context is None:
+        dense_s = sum(float(t.ms[-1, -1]) for t in layers) / 1e3  # the tables' estimate of one dense pass
+        in_context = len(GROUP_LEVELS) * len(cm.groups) * max(0.3, 7 * dense_s) <= IN_CONTEXT_SECONDS
+    alone = _group_plans(cm, round_to) if in_context else []
+    points = _time_plans(model, inputs, graph, cm, rt, store, machine, plans + alone, progress)
+    effects = _effects(cm, points[len(plans):], points[0][2])
+    return _fit(rt.name, batch, machine, cm, tuple(layers), points[: len(plans)], effects, points[len(plans):])
 
 
 def measure_plans_ms(
@@ -519,28 +588,64 @@ def _time_calls(calls: Sequence[Callable[[], Any]], rounds: int = 5, min_seconds
     return [statistics.median(t) for t in times]
 
 
-def _calibrate(model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: ChannelGraph, cm: CostModel,
-               layers: list[LayerTable], rt: Runtime, store: RunStore, machine: str, round_to: int,
-               random_plans: int, seed: int, progress: bool) -> list[tuple[str, np.ndarray, float]]:  # fmt: skip
-    """(what, kept vector, measured ms) of the dense model and the calibration plans (stored, or timed now)."""
-    plans = _calibration_plans(cm, round_to, random_plans, seed)
+def _time_plans(model: nn.Module, inputs: tuple[torch.Tensor, ...], graph: ChannelGraph, cm: CostModel,
+                rt: Runtime, store: RunStore, machine: str, plans: list[tuple[str, np.ndarray]],
+                progress: bool) -> list[tuple[str, np.ndarray, float]]:  # fmt: skip
+    """(what, kept vector, measured ms) of each plan, applied and timed whole (stored, or timed now).
+
+    Plans are timed `CHUNK` at a time beside the dense model, in alternating rounds, and each chunk's
+    times are scaled by the first chunk's dense time over its own: only a few pruned copies are held
+    at once, and a slow spell between chunks does not pass for an effect of pruning.
+    """
     shapes = [tuple(x.shape) for x in inputs]
     key = _key("calibration", machine, rt.version(), fingerprint_model(model), shapes,
                [(w, k.tolist()) for w, k in plans])  # fmt: skip
     entry = store.get_latency(key)
     if entry is not None and len(entry.get("ms", [])) == len(plans):
         return [(w, k, float(ms)) for (w, k), ms in zip(plans, entry["ms"])]
-    models = []
-    bar = tqdm(total=len(plans), desc=f"latency calibration ({rt.name})", unit="model", disable=not progress)
-    for what, kept in plans:
-        sparsity = {g: 1.0 - int(k) / int(n) for g, k, n in zip(cm.groups, kept, cm.sizes) if k < n}
-        models.append(model if not sparsity else apply_plan(model, make_plan(model, graph, sparsity), graph=graph))
-    seconds = rt.time_models(models, inputs)
-    bar.update(len(plans))
+    bar = tqdm(total=len(plans), desc=f"timing whole models ({rt.name})", unit="model", disable=not progress)
+    ms: list[float] = []
+    reference = None
+    for start in range(0, len(plans), CHUNK):
+        models = [model]
+        for _, kept in plans[start : start + CHUNK]:
+            sparsity = {g: 1.0 - int(k) / int(n) for g, k, n in zip(cm.groups, kept, cm.sizes) if k < n}
+            models.append(model if not sparsity else apply_plan(model, make_plan(model, graph, sparsity), graph=graph))
+        dense, *seconds = rt.time_models(models, inputs)
+        reference = dense if reference is None else reference
+        ms += [t * reference / dense * 1e3 for t in seconds]
+        bar.update(len(seconds))
     bar.close()
     if not store.read_only:
-        store.put_latency(key, {"format": FORMAT, "ms": [s * 1e3 for s in seconds]})
-    return [(w, k, s * 1e3) for (w, k), s in zip(plans, seconds)]
+        store.put_latency(key, {"format": FORMAT, "ms": ms})
+    return [(w, k, t) for (w, k), t in zip(plans, ms)]
+
+
+def _group_plans(cm: CostModel, round_to: int) -> list[tuple[str, np.ndarray]]:
+    """Kept vectors of each group pruned alone at `GROUP_LEVELS` (levels that prune nothing left out)."""
+    out = []
+    for g, (name, size) in enumerate(zip(cm.groups, cm.sizes.tolist())):
+        for k in sorted({kept_units(size, s, round_to) for s in GROUP_LEVELS} - {size}):
+            kept = cm.sizes.copy()
+            kept[g] = k
+            out.append((f"{name} at {k}", kept))
+    return out
+
+
+def _effects(cm: CostModel, points: list[tuple[str, np.ndarray, float]], dense_ms: float) -> tuple[GroupEffect, ...]:
+    """Each group's timed changes against dense, made non-decreasing in kept units (noise never has a
+    narrower group run slower)."""
+    by_group: dict[int, list[tuple[int, float]]] = {}
+    for _, kept, ms in points:
+        g = int(np.flatnonzero(kept != cm.sizes)[0])
+        by_group.setdefault(g, []).append((int(kept[g]), ms - dense_ms))
+    effects = []
+    for g, timed in sorted(by_group.items()):
+        timed = sorted(timed) + [(int(cm.sizes[g]), 0.0)]
+        kept = np.array([k for k, _ in timed], dtype=np.float64)
+        change = np.minimum.accumulate(np.array([c for _, c in timed])[::-1])[::-1]  # non-decreasing in kept
+        effects.append(GroupEffect(g, kept, np.minimum(change, 0.0)))
+    return tuple(effects)
 
 
 def _calibration_plans(cm: CostModel, round_to: int, random_plans: int, seed: int) -> list[tuple[str, np.ndarray]]:
@@ -560,14 +665,21 @@ def _calibration_plans(cm: CostModel, round_to: int, random_plans: int, seed: in
 
 
 def _fit(runtime: str, batch: int, machine: str, cm: CostModel, layers: tuple[LayerTable, ...],
-         points: list[tuple[str, np.ndarray, float]]) -> LatencyModel:  # fmt: skip
-    """Least squares on relative error over the calibration timings, every weight but the constant's
-    non-negative: the subset of features whose unconstrained fit obeys that and fits best (2^4 solves)."""
-    model = LatencyModel(runtime, batch, machine, cm, layers, np.zeros(len(FEATURES)), (), torch.get_num_threads())
-    kept = np.stack([k for _, k, _ in points], axis=1)  # (G, P)
-    x = model.features(kept)  # (P, 4)
-    y = np.array([ms for _, _, ms in points])  # (P,)
-    usable = [f for f in range(1, len(FEATURES)) if np.ptp(x[:, f]) > 0]
+         points: list[tuple[str, np.ndarray, float]], effects: tuple[GroupEffect, ...] = (),
+         alone: list[tuple[str, np.ndarray, float]] = ()) -> LatencyModel:  # fmt: skip
+    """Least squares on relative error over the timings, every weight but the constant's non-negative:
+    the subset of features whose unconstrained fit obeys that and fits best (at most 2^4 solves).
+
+    Layers alone weigh tables, outputs, other MACs and misaligned inputs; in context (`effects`), the
+    groups' timed changes and the tables' interactions, fitted to the groups' timings too.
+    """
+    threads = torch.get_num_threads()
+    model = LatencyModel(runtime, batch, machine, cm, layers, np.zeros(len(FEATURES)), (), threads, effects)
+    every = list(points) + list(alone)
+    x = model.features(np.stack([k for _, k, _ in every], axis=1))  # (P, F)
+    y = np.array([ms for _, _, ms in every])  # (P,)
+    candidates = (5, 6) if effects else (1, 2, 3, 4)
+    usable = [f for f in candidates if np.ptp(x[:, f]) > 0]
     best: tuple[float, np.ndarray] | None = None
     for r in range(len(usable) + 1):
         for chosen in itertools.combinations(usable, r):
@@ -583,8 +695,8 @@ def _fit(runtime: str, batch: int, machine: str, cm: CostModel, layers: tuple[La
                 best = (residual, full)
     assert best is not None  # the constant alone always fits
     coef = best[1]
-    calibration = tuple((w, ms, float(p)) for (w, _, ms), p in zip(points, x @ coef))
-    return LatencyModel(runtime, batch, machine, cm, layers, coef, calibration, torch.get_num_threads())
+    calibration = tuple((w, ms, float(p)) for (w, _, ms), p in zip(points, x[: len(points)] @ coef))
+    return LatencyModel(runtime, batch, machine, cm, layers, coef, calibration, threads, effects)
 
 
 def _machine(rt: Runtime) -> str:

@@ -8,6 +8,7 @@ PyTorch and ONNX Runtime and assert only what timing cannot break.
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,17 +107,24 @@ def test_measured_tables_are_made_monotone():
 # -- a runtime affine in MACs is predicted exactly ---------------------------------------------------------
 @pytest.mark.parametrize("cls", [toys.TwoResiduals, toys.Depthwise, toys.Grouped, toys.Concat, toys.TinyTransformer,
                                  toys.Transposed, toys.Reused, toys.FlattenLinear])  # fmt: skip
-def test_predictions_equal_a_runtime_whose_time_is_affine_in_macs(cls, clock, tmp_path):
+@pytest.mark.parametrize("in_context", [False, True])
+def test_predictions_equal_a_runtime_whose_time_is_affine_in_macs(cls, in_context, clock, tmp_path):
     model, x, graph = _toy(cls)
-    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False,
+                           in_context=in_context)  # fmt: skip
+    assert lm.in_context == (in_context and bool(graph.prunable))
     rng = np.random.default_rng(3)
     plans = [make_plan(model, graph, {g.name: float(rng.uniform(0, 0.8)) for g in graph.prunable}, seed=s)
              for s in range(4)]  # fmt: skip
     plans.append(make_plan(model, graph, 0.5))
     measured = lat.measure_plans_ms(model, x, graph, [None, *plans], runtime="macs")
     predicted = [lm.dense_ms, *(lm.predict(p) for p in plans)]
-    np.testing.assert_allclose(predicted, measured, rtol=1e-6)
-    assert lm.error < 1e-6
+    # in context, ops without a table (nn.MultiheadAttention's packed projection, transposed convs) have their
+    # groups' interaction in them unmodelled, and a group that is both a layer's input and output (Reused) costs
+    # the square of its width, which its timed levels interpolate linearly: under 1 % here; the rest is exact
+    rtol = 0.01 if in_context and cls in (toys.TinyTransformer, toys.Transposed, toys.Reused) else 1e-6
+    np.testing.assert_allclose(predicted, measured, rtol=rtol)
+    assert lm.error < rtol
 
 
 MISALIGNED_S = 3e-8  # what each input element of a layer whose input width is not a multiple of 4 costs
@@ -151,7 +159,8 @@ def test_layout_conversions_around_misaligned_widths_are_predicted(clock, tmp_pa
                                      lambda: "aligned 1", align=4))  # fmt: skip
     try:
         model, x, graph = _toy(toys.TwoResiduals)
-        lm = lat.latency_model(model, x, graph, runtime="aligned", store=tmp_path / "s.sqlite", progress=False)
+        lm = lat.latency_model(model, x, graph, runtime="aligned", store=tmp_path / "s.sqlite", progress=False,
+                               in_context=False)  # fmt: skip
         plans = [make_plan(model, graph, s) for s in (0.25, 0.4, 0.6)]  # 8 and 6 channels -> 6/5/4 and 3/3/2
         measured = lat.measure_plans_ms(model, x, graph, [None, *plans], runtime="aligned")
         np.testing.assert_allclose([lm.dense_ms, *(lm.predict(p) for p in plans)], measured, rtol=1e-6)
@@ -190,7 +199,8 @@ def test_tables_and_calibration_come_from_the_store_the_second_time(clock, tmp_p
     store = RunStore(tmp_path / "s.sqlite")
     first = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False)
     timed = (clock.points, clock.models)
-    assert timed[0] > 0 and timed[1] == 1 + len(lat.CALIBRATION) + 3
+    plans = 1 + len(lat.CALIBRATION) + 3 + len(lat._group_plans(first.cost, 1))  # dense, uniform, random, alone
+    assert first.in_context and timed[0] > 0 and timed[1] == plans + math.ceil(plans / lat.CHUNK)  # + dense each
     again = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False)
     assert (clock.points, clock.models) == timed  # nothing timed again
     np.testing.assert_array_equal(again.coef, first.coef)
