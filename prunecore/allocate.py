@@ -202,6 +202,15 @@ class AllocationProblem:
         return PlanReport(kept, params, flops, dense_params, dense_flops, self._predict(kept),
                           self._band(kept), self.predicted_by, over, beyond, ms, dense_ms)  # fmt: skip
 
+    def floor(self, kind: str, method: str = "dp", min_sparsity: Bound = 0.0, max_sparsity: Bound = 0.9,
+              locked: Mapping[str, float] | None = None, exclude: Sequence[str] = ()) -> float:  # fmt: skip
+        """The least "flops", "params" or "latency" (ms) `method` can reach within these bounds: every free
+        group at its largest allowed sparsity (for a curve-driven method, also within its curve)."""
+        budget = Budget(**{kind: 1.0})
+        search = _Search.build(self, budget, get_method(method).needs_curves, min_sparsity, max_sparsity,
+                               locked or {}, exclude)  # fmt: skip
+        return search.cost(search.lo)
+
     def by_sensitivity(self, names: Iterable[str]) -> list[str]:
         """`names`, the groups most harmed by losing half their units first; groups without a curve last."""
         def harm(name: str) -> float:

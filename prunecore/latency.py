@@ -263,7 +263,9 @@ def _axis(grid: np.ndarray, q: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray
 class GroupEffect:
     """One group pruned alone, timed in the whole model: milliseconds against dense at some kept counts.
 
-    `kept` ascends to the group's size, where `change` is 0; linear in between, held below.
+    `kept` ascends to the group's size, where `change` is 0; linear in between and, below the lowest
+    timed count, along the first segment's slope (holding the value there would make the narrowest
+    widths look no faster than it while the tables' interactions still grow: not monotone).
     """
 
     group: int  # index in the cost model's groups
@@ -271,7 +273,11 @@ class GroupEffect:
     change: np.ndarray  # (K,) measured ms minus dense ms, non-decreasing in kept
 
     def at(self, k: np.ndarray) -> np.ndarray:
-        return np.interp(k, self.kept, self.change)
+        inside = np.interp(k, self.kept, self.change)
+        if len(self.kept) < 2:
+            return inside
+        slope = (self.change[1] - self.change[0]) / (self.kept[1] - self.kept[0])
+        return np.where(k < self.kept[0], self.change[0] + slope * (k - self.kept[0]), inside)
 
 
 FEATURES = ("fixed", "tables", "outputs", "other MACs", "misaligned inputs", "in-context changes", "interactions")

@@ -245,6 +245,10 @@ def test_an_unreachable_latency_budget_names_the_smallest_reachable_latency(cloc
         solve(problem, Budget(latency=lm.dense_ms * 0.01), "greedy", max_sparsity=0.9)
     assert float(info.value.args[0].split("smallest reachable latency is ")[1].split(" ms")[0]) == pytest.approx(
         floor, rel=1e-3)  # fmt: skip
+    assert problem.floor("latency", "greedy", max_sparsity=0.9) == pytest.approx(floor)
+    reachable = solve(problem, Budget(latency=problem.floor("latency", "greedy", max_sparsity=0.9)), "greedy",
+                      max_sparsity=0.9)  # fmt: skip
+    assert lm.predict(reachable) == pytest.approx(floor)
 
 
 def test_a_latency_budget_without_a_latency_model_is_refused(tmp_path):
