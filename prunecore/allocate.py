@@ -440,14 +440,29 @@ def solve(
     max_sparsity: Bound = 0.9,
     locked: Mapping[str, float] | None = None,
     exclude: Sequence[str] = (),
+    guide: str = "flops",
 ) -> Plan:
-    """`allocate` on a prepared problem: no model pass, no scoring, milliseconds for small models."""
+    """`allocate` on a prepared problem: no model pass, no scoring, milliseconds for small models.
+
+    A latency budget is met, as the problem's latency model predicts, one of two ways (`guide`):
+    "flops" (default) takes the method's plan for the largest FLOPs budget whose predicted latency
+    fits; "latency" lets the method trade damage against predicted milliseconds directly. The
+    second can only be as good as the model's errors are small and unstructured: searching for the
+    plans it predicts cheapest also finds where it errs, and in `bench/bench_latency.py` it chose
+    less accurate plans than the first at equal measured latency on most samples.
+    """
     m = get_method(method)
     if m.needs_curves and not problem.curves:
         raise AllocationError(
             f"method {method!r} needs sensitivity curves; run a sweep first, or use uniform or global"
         )
-    search = _Search.build(problem, budget, m.needs_curves, min_sparsity, max_sparsity, locked or {}, exclude)
+    if guide not in ("flops", "latency"):
+        raise AllocationError(f"guide must be 'flops' or 'latency', got {guide!r}")
+    bounds = (min_sparsity, max_sparsity, locked or {}, exclude)
+    if budget.kind == "latency" and guide == "flops":
+        kept = _latency_by_flops(problem, budget, m, *bounds)
+        return _plan(problem, kept, Allocation(method, budget, problem.metric))
+    search = _Search.build(problem, budget, m.needs_curves, *bounds)
     if search.needs_pruning():
         search.check_feasible(budget)
         kept = m.fn(search)
@@ -456,6 +471,38 @@ def solve(
     if search.cost(kept) > search.target + search.slack:  # a method bug, never the user's fault
         raise AssertionError(f"method {method!r} returned a plan over budget")
     return _plan(problem, kept, Allocation(method, budget, problem.metric))
+
+
+def _latency_by_flops(problem: AllocationProblem, budget: Budget, m: Method, *bounds: Any) -> np.ndarray:
+    """The method's kept units for the largest FLOPs budget whose predicted latency meets `budget`.
+
+    Bisection on the FLOPs fraction between the deepest plan the bounds allow and the dense model;
+    every plan tried is priced by the latency model, and the best one that fits is kept (so a
+    latency that is not monotone in the FLOPs fraction still yields a plan within the budget).
+    """
+    if problem.latency is None:
+        raise AllocationError(_NO_LATENCY_MODEL)
+    ms = problem.latency.evaluate
+
+    def kept_at(fraction: float) -> np.ndarray:
+        search = _Search.build(problem, Budget(flops=fraction), m.needs_curves, *bounds)
+        return m.fn(search) if search.needs_pruning() else search.hi.copy()
+
+    deepest = _Search.build(problem, budget, m.needs_curves, *bounds)
+    if not deepest.needs_pruning():
+        return deepest.hi.copy()
+    deepest.check_feasible(budget)  # the floor: every free group at its largest sparsity
+    dense_flops = problem.cost.dense[1]
+    low = float(problem.cost.evaluate(deepest.lo)[1][0]) / dense_flops
+    best, high = deepest.lo.copy(), 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        kept = kept_at(middle)
+        if float(ms(kept)[0]) <= budget.value:
+            best, low = kept, middle
+        else:
+            high = middle
+    return best
 
 
 def pareto(

@@ -36,6 +36,7 @@ layer, so allocation can honour `Budget(latency=ms)` and the dashboard can price
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -50,7 +51,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -147,8 +148,7 @@ def _onnx_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     from prunecore.deploy import onnx_session
 
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_export():
         torch.onnx.export(layer.eval(), (x,), buffer, dynamo=False, input_names=["x"])
     session = onnx_session(buffer.getvalue())
     feed = {"x": x.numpy()}
@@ -164,8 +164,7 @@ def _onnx_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) 
         for i, m in enumerate(models):
             path = Path(tmp) / f"{i}.onnx"
             try:
-                with warnings.catch_warnings(), eval_mode(m), torch.no_grad():
-                    warnings.simplefilter("ignore")
+                with _quiet_export(), eval_mode(m), torch.no_grad():  # it prints the graph when it fails
                     torch.onnx.export(m, inputs, str(path), dynamo=False)
             except Exception as exc:  # noqa: BLE001  # any failure of the old exporter: the deployment one
                 if isinstance(exc, DeployError):
@@ -174,6 +173,14 @@ def _onnx_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) 
                     export_onnx(m, inputs, path, check=False)
             files.append(OnnxModule(path))
         return [t.median_s for t in measure_latencies(files, inputs, rounds=5, warmup=1, min_seconds=0.05)]
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """TorchScript's ONNX exporter warns that it is deprecated, and prints the whole graph when it fails."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _nchwc_block() -> int:

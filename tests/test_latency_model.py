@@ -219,14 +219,15 @@ def test_repeated_layers_share_one_table(clock, tmp_path):
 
 
 # -- budgets --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guide", ["flops", "latency"])
 @pytest.mark.parametrize("method", list_methods())
-def test_every_method_meets_a_latency_budget_as_measured(method, clock, tmp_path):
+def test_every_method_meets_a_latency_budget_as_measured(method, guide, clock, tmp_path):
     model, x, graph = _toy(toys.TwoResiduals)
     lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
     curves = _curves(graph)
     problem = allocation_problem(curves, graph, model, latency=lm)
     budget = Budget(latency=0.7 * lm.dense_ms)
-    plan = solve(problem, budget, method, max_sparsity=0.9)
+    plan = solve(problem, budget, method, max_sparsity=0.9, guide=guide)
     assert plan.allocation.budget == budget
     assert lm.predict(plan) <= budget.value * (1 + 1e-9)
     measured = lat.measure_plans_ms(model, x, graph, [plan], runtime="macs")[0]
@@ -249,6 +250,21 @@ def test_an_unreachable_latency_budget_names_the_smallest_reachable_latency(cloc
     reachable = solve(problem, Budget(latency=problem.floor("latency", "greedy", max_sparsity=0.9)), "greedy",
                       max_sparsity=0.9)  # fmt: skip
     assert lm.predict(reachable) == pytest.approx(floor)
+
+
+def test_a_flops_guided_latency_plan_is_the_methods_plan_at_a_flops_budget(clock, tmp_path):
+    """guide="flops": the plan is the method's plan for some FLOPs budget, the largest that fits the latency."""
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    problem = allocation_problem(_curves(graph), graph, model, latency=lm)
+    plan = solve(problem, Budget(latency=0.8 * lm.dense_ms), "dp")
+    flops = plan.totals.flops_after / plan.totals.flops_before
+    twin = solve(problem, Budget(flops=flops), "dp")
+    assert {n: g.keep for n, g in twin.groups.items()} == {n: g.keep for n, g in plan.groups.items()}
+    wider = solve(problem, Budget(flops=min(1.0, flops + 0.05)), "dp")
+    assert lm.predict(wider) > 0.8 * lm.dense_ms or wider.totals == plan.totals  # the next plan up does not fit
+    with pytest.raises(AllocationError, match="guide must be 'flops' or 'latency'"):
+        solve(problem, Budget(latency=lm.dense_ms), "dp", guide="params")
 
 
 def test_a_latency_budget_without_a_latency_model_is_refused(tmp_path):
