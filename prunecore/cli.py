@@ -232,6 +232,9 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
                    "and predicted (torch: PyTorch eager on the CPU; onnxruntime: ONNX Runtime's CPU provider)")
     p.add_argument("--batch", type=_positive, help="with a latency budget: the batch size timed (default: the "
                    "--input's)")  # fmt: skip
+    p.add_argument("--guide", choices=("flops", "latency"), default="flops",
+                   help="with a latency budget: flops (the method's plan for the largest FLOPs budget whose predicted "
+                        "latency fits) or latency (trade damage against predicted ms directly)")  # fmt: skip
     p.add_argument("--method", default="dp", help="allocation method (see `prunecore methods`)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--run", dest="run_id", metavar="RUN_ID",
@@ -582,8 +585,8 @@ def _allocate(args: argparse.Namespace) -> int:
     timed = budget.kind == "latency"
     if timed:
         get_runtime(args.runtime)
-    elif args.batch is not None or args.runtime != "torch":
-        raise ArgumentError("--runtime and --batch go with a latency budget: --budget latency=MS")
+    elif args.batch is not None or args.runtime != "torch" or args.guide != "flops":
+        raise ArgumentError("--runtime, --batch and --guide go with a latency budget: --budget latency=MS")
     if args.evaluate != (args.data is not None):
         raise ArgumentError("--evaluate and --data go together: --evaluate --data SPEC measures the plan")
     model, example, graph = _load(args)
@@ -594,7 +597,7 @@ def _allocate(args: argparse.Namespace) -> int:
         lm = latency_model(model, example, graph, runtime=args.runtime, batch=args.batch, store=args.store,
                            round_to=problem.round_to)  # fmt: skip
         problem = with_latency(problem, lm)
-    plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude)
+    plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude, args.guide)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
     print(f"curves     {source}")
     print(f"predicted  {how}")

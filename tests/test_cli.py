@@ -296,7 +296,7 @@ def test_allocate_meets_a_latency_budget_and_names_the_smallest_reachable_one(tm
     report = capsys.readouterr().out
     dense = float(re.search(r"dense ([0-9.e+-]+) ms", report).group(1))
     assert "whole-model timings (median error" in report
-    assert main([*args, "--budget", f"latency={0.9 * dense}ms"]) == 0  # tables and calibration: from the store
+    assert main([*args, "--budget", f"latency={0.9 * dense}ms", "--guide", "latency"]) == 0  # timings: the store's
     report = capsys.readouterr().out
     plan = Plan.from_json(out.read_text())
     assert plan.allocation.budget.kind == "latency" and plan.allocation.budget.value == pytest.approx(0.9 * dense)
@@ -310,7 +310,8 @@ def test_allocate_meets_a_latency_budget_and_names_the_smallest_reachable_one(tm
 
 @pytest.mark.parametrize("extra, message", [
     (["--budget", "latency=5", "--runtime", "tensorrt"], "unknown latency runtime 'tensorrt'; choose from"),
-    (["--budget", "flops=0.5", "--batch", "8"], "--runtime and --batch go with a latency budget"),
+    (["--budget", "flops=0.5", "--batch", "8"], "--runtime, --batch and --guide go with a latency budget"),
+    (["--budget", "flops=0.5", "--guide", "latency"], "--runtime, --batch and --guide go with a latency budget"),
     (["--budget", "latency=fast"], "budget value must be a number, got 'fast'"),
 ])  # fmt: skip
 def test_allocate_latency_bad_input(tmp_path, run, extra, message, capsys):
