@@ -121,8 +121,8 @@ def test_predictions_equal_a_runtime_whose_time_is_affine_in_macs(cls, in_contex
     predicted = [lm.dense_ms, *(lm.predict(p) for p in plans)]
     # in context, ops without a table (nn.MultiheadAttention's packed projection, transposed convs) have their
     # groups' interaction in them unmodelled, and a group that is both a layer's input and output (Reused) costs
-    # the square of its width, which its timed levels interpolate linearly: under 1 % here; the rest is exact
-    rtol = 0.01 if in_context and cls in (toys.TinyTransformer, toys.Transposed, toys.Reused) else 1e-6
+    # the square of its width, which its timed levels interpolate linearly: a few % here; the rest is exact
+    rtol = 0.05 if in_context and cls in (toys.TinyTransformer, toys.Transposed, toys.Reused) else 1e-6
     np.testing.assert_allclose(predicted, measured, rtol=rtol)
     assert lm.error < rtol
 
@@ -197,16 +197,26 @@ def test_batch_scales_the_inputs_and_the_prediction(clock, tmp_path):
 def test_tables_and_calibration_come_from_the_store_the_second_time(clock, tmp_path):
     model, x, graph = _toy(toys.TwoResiduals)
     store = RunStore(tmp_path / "s.sqlite")
-    first = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False)
+    first = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False, in_context=True)
     timed = (clock.points, clock.models)
     plans = 1 + len(lat.CALIBRATION) + 3 + len(lat._group_plans(first.cost, 1))  # dense, uniform, random, alone
     assert first.in_context and timed[0] > 0 and timed[1] == plans + math.ceil(plans / lat.CHUNK)  # + dense each
-    again = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False)
+    again = lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False, in_context=True)
     assert (clock.points, clock.models) == timed  # nothing timed again
     np.testing.assert_array_equal(again.coef, first.coef)
-    assert again.calibration == first.calibration
-    lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False, seed=1)
+    assert again.calibration == first.calibration and len(again.effects) == len(first.effects) > 0
+    lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False, in_context=True, seed=1)
     assert clock.points == timed[0] and clock.models > timed[1]  # other plans: calibrated anew, tables reused
+
+
+def test_in_context_none_times_groups_alone_only_when_the_tables_say_it_is_quick(clock, tmp_path, monkeypatch):
+    model, x, graph = _toy(toys.TwoResiduals)
+    store = tmp_path / "s.sqlite"
+    assert not lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False).in_context  # default
+    assert lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False, in_context=None).in_context
+    monkeypatch.setattr(lat, "IN_CONTEXT_SECONDS", 0.0)
+    assert not lat.latency_model(model, x, graph, runtime="macs", store=store, progress=False,
+                                 in_context=None).in_context  # fmt: skip
 
 
 def test_repeated_layers_share_one_table(clock, tmp_path):
