@@ -45,7 +45,7 @@ from prunecore.evaluate import get_metric, list_metrics
 from prunecore.graph import ChannelGraph
 from prunecore.importance import score
 from prunecore.latency import LatencyModel
-from prunecore.plan import Allocation, Budget, Plan, PredictedBy, Totals, kept_units
+from prunecore.plan import BUDGET_KINDS, Allocation, Budget, Plan, PredictedBy, Totals, kept_units
 from prunecore.predict import Prediction, Predictor
 from prunecore.prune import keep_top
 from prunecore.sensitivity import DENSE
@@ -207,7 +207,8 @@ class AllocationProblem:
         """The least "flops", "params" or "latency" (ms) `method` can reach within these bounds: every free
         group at its largest allowed sparsity (for a curve-driven method, also within its curve)."""
         budget = Budget(**{kind: 1.0})
-        search = _Search.build(self, budget, get_method(method).needs_curves, min_sparsity, max_sparsity,
+        problem = _aligned(self) if kind == "latency" else self
+        search = _Search.build(problem, budget, get_method(method).needs_curves, min_sparsity, max_sparsity,
                                locked or {}, exclude)  # fmt: skip
         return search.cost(search.lo)
 
@@ -459,6 +460,8 @@ def solve(
     if guide not in ("flops", "latency"):
         raise AllocationError(f"guide must be 'flops' or 'latency', got {guide!r}")
     bounds = (min_sparsity, max_sparsity, locked or {}, exclude)
+    if budget.kind == "latency":
+        problem = _aligned(problem)
     if budget.kind == "latency" and guide == "flops":
         kept = _latency_by_flops(problem, budget, m, *bounds)
         return _plan(problem, kept, Allocation(method, budget, problem.metric))
@@ -471,6 +474,17 @@ def solve(
     if search.cost(kept) > search.target + search.slack:  # a method bug, never the user's fault
         raise AssertionError(f"method {method!r} returned a plan over budget")
     return _plan(problem, kept, Allocation(method, budget, problem.metric))
+
+
+def _aligned(problem: AllocationProblem) -> AllocationProblem:
+    """`problem` keeping widths the latency model's runtime runs on its fast path: `round_to` becomes a
+    multiple of its alignment. On ONNX Runtime a width not divisible by 4 leaves its blocked convolutions,
+    so a plan of odd widths can run slower than the dense model; allowed them, a search under a latency
+    budget escapes that cost only by cutting far deeper (sample ResNet-20, 0.45 ms: to 9 % of the MACs,
+    against 24 % with 4-aligned widths). Aligned widths are a subset of the curves', so the curves apply."""
+    align = problem.latency.align if problem.latency is not None else 1
+    round_to = math.lcm(problem.round_to, align)
+    return problem if round_to == problem.round_to else dataclasses.replace(problem, round_to=round_to)
 
 
 def _latency_by_flops(problem: AllocationProblem, budget: Budget, m: Method, *bounds: Any) -> np.ndarray:
@@ -514,9 +528,19 @@ def pareto(
 ) -> pd.DataFrame:
     """Predicted metric against cost over a range of budget fractions, per method.
 
-    One row per (method, budget) that could be met: method, budget, params, flops, and the
-    predicted value of each curve metric. Feeds the dashboard's Pareto chart and the CLI.
+    `budgets` are what `Budget` takes for flops and params (a fraction, or a count above 1), and
+    fractions of the latency model's dense ms for "latency", so one range sweeps any kind. One row
+    per (method, budget) that could be met: method, budget, params, flops, latency_ms (with a
+    latency model) and the predicted value of each curve metric. Feeds the dashboard's Pareto chart and the CLI.
     """
+    if kind not in BUDGET_KINDS:
+        raise AllocationError(f"unknown budget kind {kind!r}; expected one of {', '.join(BUDGET_KINDS)}")
+    if kind == "latency" and problem.latency is None:
+        raise AllocationError(_NO_LATENCY_MODEL)
+    bad = [b for b in budgets if kind == "latency" and not 0 < b <= 1]
+    if bad:
+        raise AllocationError(f"latency budgets for pareto are fractions of the dense ms in (0, 1]; got {bad}")
+    scale = problem.latency.dense_ms if kind == "latency" else 1.0  # type: ignore[union-attr]
     methods = list(methods) if methods is not None else [
         n for n in list_methods() if problem.curves or not get_method(n).needs_curves
     ]  # fmt: skip
@@ -524,12 +548,13 @@ def pareto(
     for name in methods:
         for b in budgets:
             try:
-                plan = solve(problem, Budget(**{kind: b}), name, **bounds)
+                plan = solve(problem, Budget(**{kind: b * scale}), name, **bounds)
             except AllocationError:
                 continue
             assert plan.totals is not None
+            ms = {} if problem.latency is None else {"latency_ms": problem.latency.predict(plan)}
             rows.append({"method": name, "budget": b, "params": plan.totals.params_after,
-                         "flops": plan.totals.flops_after, **plan.predicted})  # fmt: skip
+                         "flops": plan.totals.flops_after, **ms, **plan.predicted})  # fmt: skip
     return pd.DataFrame(rows)
 
 

@@ -605,6 +605,9 @@ def _allocate(args: argparse.Namespace) -> int:
         print(f"latency    batch {lm.batch} on {lm.machine}: tables of {len(lm.layers)} layers calibrated on "
               f"{len(lm.calibration)} whole-model timings (median error {lm.error:.1%})")  # fmt: skip
         print(f"           dense {lm.dense_ms:.3g} ms, the plan {lm.predict(plan):.3g} ms (predicted)")
+        if plan.round_to != problem.round_to:
+            print(f"           widths kept to multiples of {plan.round_to}: {lm.runtime} runs other widths on a "
+                  "slower path")  # fmt: skip
     print(f"plan       {args.method}, budget {budget}, protecting {problem.metric or 'nothing (no curves)'}")
     print(_group_table(plan, problem.metric))
     assert plan.totals is not None  # solve always prices its plan

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunecore._modes import working_copy
 from prunecore.errors import UserError
 from prunecore.evaluate import split_batch
 from prunecore.files import check_output_path, write_atomic
@@ -117,7 +118,7 @@ def export_onnx(
     path = check_output_path(path, "ONNX file")
     _exporter()  # a missing package is said once, not again by the retry with fixed shapes
     example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    model = model.eval()
+    model = working_copy(model).eval()  # the caller's model keeps its training flags (shared tensors, no copy)
     inputs, shapes = dynamic_batch(example)
     with tempfile.TemporaryDirectory() as tmp:
         written = Path(tmp) / "model.onnx"

@@ -37,6 +37,7 @@ layer, so allocation can honour `Budget(latency=ms)` and the dashboard can price
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -46,6 +47,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -177,10 +179,29 @@ def _onnx_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) 
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """TorchScript's ONNX exporter warns that it is deprecated, and prints the whole graph when it fails."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """TorchScript's ONNX exporter warns that it is deprecated, and prints the whole graph when it fails.
+
+    The graph is written by C++ straight to file descriptor 1 (its exporter leaves ONNX logging on), so
+    `sys.stdout` alone cannot catch it: the descriptor points at /dev/null for the export.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        _flush_c_stdio()  # what C++ buffered goes to /dev/null too, not to the restored descriptor later
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to ask (Windows): nothing buffered there to lose
+        pass
 
 
 def _nchwc_block() -> int:
@@ -322,6 +343,12 @@ class LatencyModel:
     @property
     def groups(self) -> tuple[str, ...]:
         return self.cost.groups
+
+    @property
+    def align(self) -> int:
+        """The width multiple this runtime runs on its fast path (1: any width is as fast); a latency budget
+        keeps widths to it (ONNX Runtime: 4)."""
+        return max((t.align for t in self.layers if t.dims[1] >= 0), default=1)
 
     @property
     def dense_ms(self) -> float:

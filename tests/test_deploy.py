@@ -78,6 +78,19 @@ def test_a_model_that_fixes_its_batch_exports_for_the_example_only(tmp_path):
     np.testing.assert_allclose(run(exported.path, x), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_export_runs_the_model_in_eval_mode_and_leaves_its_training_flags(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 3))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 8))  # running statistics away from their defaults
+    exported = export_onnx(model, torch.randn(4, 8), tmp_path / "m.onnx")
+    assert all(m.training for m in model.modules())
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()  # eval mode: running statistics, no dropout
+    np.testing.assert_allclose(run(exported.path, x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_int8_keeps_the_pruned_models_accuracy(tmp_path):
     sample, pruned = pruned_sample("resnet20", 0.2)
     exported = export_onnx(pruned, sample.example, tmp_path / "m.onnx")

@@ -8,7 +8,9 @@ PyTorch and ONNX Runtime and assert only what timing cannot break.
 
 from __future__ import annotations
 
+import io
 import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from torch import nn
 
 import toy_models as toys
 from prunecore import latency as lat
-from prunecore.allocate import AllocationError, allocation_problem, list_methods, solve, with_latency
+from prunecore.allocate import AllocationError, allocation_problem, list_methods, pareto, solve, with_latency
 from prunecore.cost import count
 from prunecore.errors import ArgumentError
 from prunecore.graph import trace
@@ -148,8 +150,9 @@ def _misaligned_inputs(model: nn.Module, x: torch.Tensor) -> float:
     return total
 
 
-def test_layout_conversions_around_misaligned_widths_are_predicted(clock, tmp_path):
-    """A runtime that also pays per input element of every layer whose input width breaks its alignment."""
+@pytest.fixture
+def aligned(clock):
+    """A runtime that also pays per input element of every layer whose input width breaks its alignment (4)."""
 
     def time_models(models, inputs):
         return [s + MISALIGNED_S * _misaligned_inputs(m, inputs[0]) for s, m in
@@ -157,16 +160,35 @@ def test_layout_conversions_around_misaligned_widths_are_predicted(clock, tmp_pa
 
     lat.register_runtime(lat.Runtime("aligned", "fake: MACs and layout conversions", _Call, time_models,
                                      lambda: "aligned 1", align=4))  # fmt: skip
-    try:
-        model, x, graph = _toy(toys.TwoResiduals)
-        lm = lat.latency_model(model, x, graph, runtime="aligned", store=tmp_path / "s.sqlite", progress=False,
-                               in_context=False)  # fmt: skip
-        plans = [make_plan(model, graph, s) for s in (0.25, 0.4, 0.6)]  # 8 and 6 channels -> 6/5/4 and 3/3/2
-        measured = lat.measure_plans_ms(model, x, graph, [None, *plans], runtime="aligned")
-        np.testing.assert_allclose([lm.dense_ms, *(lm.predict(p) for p in plans)], measured, rtol=1e-6)
-        assert lm.coef[lat.FEATURES.index("misaligned inputs")] == pytest.approx(MISALIGNED_S * 1e9)
-    finally:
-        lat._RUNTIMES.pop("aligned", None)
+    yield "aligned"
+    lat._RUNTIMES.pop("aligned", None)
+
+
+def test_layout_conversions_around_misaligned_widths_are_predicted(aligned, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime=aligned, store=tmp_path / "s.sqlite", progress=False,
+                           in_context=False)  # fmt: skip
+    plans = [make_plan(model, graph, s) for s in (0.25, 0.4, 0.6)]  # 8 and 6 channels -> 6/5/4 and 3/3/2
+    measured = lat.measure_plans_ms(model, x, graph, [None, *plans], runtime=aligned)
+    np.testing.assert_allclose([lm.dense_ms, *(lm.predict(p) for p in plans)], measured, rtol=1e-6)
+    assert lm.coef[lat.FEATURES.index("misaligned inputs")] == pytest.approx(MISALIGNED_S * 1e9)
+
+
+def test_a_latency_budget_keeps_widths_to_the_runtimes_alignment(aligned, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime=aligned, store=tmp_path / "s.sqlite", progress=False)
+    assert lm.align == 4
+    problem = allocation_problem(_curves(graph), graph, model, latency=lm)
+    assert problem.round_to == 1  # the curves'
+    for guide in ("flops", "latency"):
+        plan = solve(problem, Budget(latency=0.8 * lm.dense_ms), "dp", max_sparsity=0.9, guide=guide)
+        assert plan.round_to == 4 and any(g.sparsity > 0 for g in plan.groups.values())
+        assert all(len(g.keep) % 4 == 0 or len(g.keep) == g.size for g in plan.groups.values())
+        assert lm.predict(plan) <= 0.8 * lm.dense_ms * (1 + 1e-9)
+    floor = problem.floor("latency", "dp", max_sparsity=0.9)  # every group at 4 units: 8, 6 and 5 wide
+    assert floor == pytest.approx(lm.predict(make_plan(model, graph, {g.name: 0.5 for g in graph.prunable},
+                                                       round_to=4)))  # fmt: skip
+    assert solve(problem, Budget(flops=0.6), "dp").round_to == 1  # FLOPs and params budgets keep the curves' widths
 
 
 def test_measuring_with_another_thread_count_is_refused(clock, tmp_path):
@@ -277,6 +299,22 @@ def test_a_flops_guided_latency_plan_is_the_methods_plan_at_a_flops_budget(clock
         solve(problem, Budget(latency=lm.dense_ms), "dp", guide="params")
 
 
+def test_pareto_sweeps_latency_as_fractions_of_the_dense_ms(clock, tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    lm = lat.latency_model(model, x, graph, runtime="macs", store=tmp_path / "s.sqlite", progress=False)
+    problem = allocation_problem(_curves(graph), graph, model, latency=lm)
+    front = pareto(problem, budgets=(0.9, 0.7), methods=["dp", "uniform"], kind="latency", max_sparsity=0.9)
+    assert set(front.method) == {"dp", "uniform"} and len(front) == 4
+    assert (front.latency_ms <= front.budget * lm.dense_ms * (1 + 1e-9)).all()
+    row = front[(front.method == "dp") & (front.budget == 0.7)].iloc[0]
+    plan = solve(problem, Budget(latency=0.7 * lm.dense_ms), "dp", max_sparsity=0.9)
+    assert row.latency_ms == pytest.approx(lm.predict(plan)) and row.flops == plan.totals.flops_after
+    with pytest.raises(AllocationError, match=r"fractions of the dense ms in \(0, 1\]; got \[12.0\]"):
+        pareto(problem, budgets=(12.0,), kind="latency")
+    with pytest.raises(AllocationError, match="a latency budget needs a latency model"):
+        pareto(allocation_problem(_curves(graph), graph, model), kind="latency")
+
+
 def test_a_latency_budget_without_a_latency_model_is_refused(tmp_path):
     model, x, graph = _toy(toys.TwoResiduals)
     problem = allocation_problem(_curves(graph), graph, model)
@@ -357,3 +395,18 @@ def test_apply_plan_is_what_the_calibration_times(clock, tmp_path):
     assert what == "uniform 0.5"
     pruned = apply_plan(model, make_plan(model, graph, 0.5), graph=graph)
     assert measured == pytest.approx((OVERHEAD_S + count(pruned, x).flops * x.shape[0] * SECONDS_PER_MAC) * 1e3)
+
+
+class _Untranslatable(nn.Module):
+    """TorchScript's exporter has no translation for cummax: it fails and prints the graph from C++."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(x, dim=1)[0]
+
+
+def test_a_failed_torchscript_export_prints_nothing(capfd):
+    with pytest.raises(Exception):
+        with lat._quiet_export():
+            torch.onnx.export(_Untranslatable(), (torch.randn(2, 8),), io.BytesIO(), dynamo=False)
+    out, _ = capfd.readouterr()
+    assert out == ""
