@@ -49,6 +49,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -177,24 +178,29 @@ def _onnx_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) 
         return [t.median_s for t in measure_latencies(files, inputs, rounds=5, warmup=1, min_seconds=0.05)]
 
 
+_STDOUT_SWAP = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """TorchScript's ONNX exporter warns that it is deprecated, and prints the whole graph when it fails.
 
     The graph is written by C++ straight to file descriptor 1 (its exporter leaves ONNX logging on), so
-    `sys.stdout` alone cannot catch it: the descriptor points at /dev/null for the export.
+    `sys.stdout` alone cannot catch it: the descriptor points at /dev/null for the export. One export
+    at a time: two threads interleaving the swap could leave the process's stdout at /dev/null.
     """
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        _flush_c_stdio()  # what C++ buffered goes to /dev/null too, not to the restored descriptor later
-        os.dup2(saved, 1)
-        os.close(saved)
+    with _STDOUT_SWAP:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                os.dup2(null.fileno(), 1)
+                yield
+        finally:
+            _flush_c_stdio()  # what C++ buffered goes to /dev/null too, not to the restored descriptor later
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _flush_c_stdio() -> None:
