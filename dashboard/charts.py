@@ -1,8 +1,10 @@
-"""Plotly figures for the dashboard: pure functions from prunecore's plain values to figures.
+"""What the dashboard shows, as pure functions from prunecore's plain values: plotly figures, and the
+tables, cards and texts around them (metric and latency formatting, the deployment and calibration
+tables).
 
-No Streamlit here, so every chart is testable on its own; pages pass the result to
-`st.plotly_chart`. Each figure sets `uirevision`, so zoom and legend clicks survive reruns
-(a new metric resets them).
+No Streamlit here, so every chart and table is testable on its own; pages pass the result to
+`st.plotly_chart`, `st.dataframe` or `st.metric`. Each figure sets `uirevision`, so zoom and legend
+clicks survive reruns (a new metric resets them).
 
     >>> fig = curves_figure(sweep(model, data, example, metric="accuracy"), "accuracy")
 """
