@@ -65,7 +65,9 @@ if st.session_state[state.BUDGET_KIND] == "latency":
     c2.number_input("Latency at most (ms)", min_value=state.LATENCY_MIN_MS, step=state.latency_step(lm.dense_ms),
                     format="%.4g", key=state.LATENCY_MS,
                     help=f"Predicted milliseconds per forward pass at batch size {lm.batch} on {lm.runtime}; the "
-                         f"dense model: {charts.format_ms(lm.dense_ms)}.")  # fmt: skip
+                         f"dense model: {charts.format_ms(lm.dense_ms)}."
+                         + (f" Allocation keeps widths to multiples of {lm.align}, which {lm.runtime} runs on its "
+                            "fast path." if lm.align > 1 else ""))  # fmt: skip
 else:
     c2.slider("Keep this fraction", 0.05, 1.0, step=0.05, key=state.BUDGET_VALUE)
 methods = [m for m in pc.list_methods() if problem.curves or not get_method(m).needs_curves]
