@@ -22,8 +22,8 @@ Options for the best pipeline prunecore offers, still selecting nothing on the h
 `--objective calibrated` allocates on the predictor `sweep --calibrate` fits (`predict.calibrate`,
 24 plans measured on the calibration images) instead of adding up the curves; `--lrs 0.01,0.02`
 picks the fine-tuning rate per row by a 5-epoch fine-tune on 3,500 of the training digits, scored
-on the other 500 (a seeded random split), then fine-tunes on all 4,000 at that rate (every fine-tuning column, iterative
-included).
+on the other 500 (a seeded random split), then fine-tunes on all 4,000 at that rate (every
+fine-tuning column, iterative included).
 
 Run: `OMP_NUM_THREADS=2 .venv/bin/python bench/bench_recover.py [--models resnet20,vit] [--budgets 0.5,0.3]
 [--objective calibrated] [--lrs 0.01,0.02]`.
