@@ -531,16 +531,19 @@ def pareto(
     `budgets` are what `Budget` takes for flops and params (a fraction, or a count above 1), and
     fractions of the latency model's dense ms for "latency", so one range sweeps any kind. One row
     per (method, budget) that could be met: method, budget, params, flops, latency_ms (with a
-    latency model) and the predicted value of each curve metric. Feeds the dashboard's Pareto chart and the CLI.
+    latency model) and the predicted value of each curve metric. Feeds the dashboard's Pareto chart
+    and the CLI.
     """
     if kind not in BUDGET_KINDS:
         raise AllocationError(f"unknown budget kind {kind!r}; expected one of {', '.join(BUDGET_KINDS)}")
-    if kind == "latency" and problem.latency is None:
-        raise AllocationError(_NO_LATENCY_MODEL)
-    bad = [b for b in budgets if kind == "latency" and not 0 < b <= 1]
-    if bad:
-        raise AllocationError(f"latency budgets for pareto are fractions of the dense ms in (0, 1]; got {bad}")
-    scale = problem.latency.dense_ms if kind == "latency" else 1.0  # type: ignore[union-attr]
+    scale = 1.0
+    if kind == "latency":
+        if problem.latency is None:
+            raise AllocationError(_NO_LATENCY_MODEL)
+        bad = [b for b in budgets if not 0 < b <= 1]
+        if bad:
+            raise AllocationError(f"latency budgets for pareto are fractions of the dense ms in (0, 1]; got {bad}")
+        scale = problem.latency.dense_ms
     methods = list(methods) if methods is not None else [
         n for n in list_methods() if problem.curves or not get_method(n).needs_curves
     ]  # fmt: skip
