@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         solve,
         with_latency,
         with_predictor,
+        with_ties,
     )
     from prunecore.attention import PrunedMultiheadAttention
     from prunecore.cost import Cost, CostModel, FlopTerm, ModuleCost, cost_model, count, register_flops
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from prunecore.errors import ModelRunError, UserError
     from prunecore.evaluate import evaluate, evaluate_plan, list_metrics, recalibrate_bn_
     from prunecore.graph import ChannelGraph, ChannelGroup, InputSpec, Member, TraceError, trace
-    from prunecore.hf import HFError, save_pretrained
+    from prunecore.hf import HFError, Statable, save_pretrained, statable
     from prunecore.importance import list_criteria, register_criterion, score
     from prunecore.latency import LatencyError, LatencyModel, latency_model, list_runtimes, measure_plans_ms
     from prunecore.models import (
@@ -58,7 +59,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
 _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("allocate", n) for n in ("AllocationError", "AllocationProblem", "allocate", "allocation_problem",
                                     "list_methods", "pareto", "register_method", "solve", "with_latency",
-                                    "with_predictor")},
+                                    "with_predictor", "with_ties")},
     "PrunedMultiheadAttention": ("attention", "PrunedMultiheadAttention"),
     **{n: ("cost", n) for n in ("Cost", "CostModel", "FlopTerm", "ModuleCost", "cost_model", "count",
                                 "register_flops")},
@@ -68,7 +69,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("errors", n) for n in ("ModelRunError", "UserError")},
     **{n: ("evaluate", n) for n in ("evaluate", "evaluate_plan", "list_metrics", "recalibrate_bn_")},
     **{n: ("graph", n) for n in ("ChannelGraph", "ChannelGroup", "InputSpec", "Member", "TraceError", "trace")},
-    **{n: ("hf", n) for n in ("HFError", "save_pretrained")},
+    **{n: ("hf", n) for n in ("HFError", "Statable", "save_pretrained", "statable")},
     **{n: ("importance", n) for n in ("list_criteria", "register_criterion", "score")},
     **{n: ("latency", n) for n in ("LatencyError", "LatencyModel", "latency_model", "list_runtimes",
                                    "measure_plans_ms")},
@@ -161,6 +162,7 @@ __all__ = [
     "RunStore",
     "Sample",
     "SampleError",
+    "Statable",
     "StoreError",
     "Totals",
     "TraceError",
@@ -206,8 +208,10 @@ __all__ = [
     "register_method",
     "score",
     "solve",
+    "statable",
     "sweep",
     "trace",
     "with_latency",
     "with_predictor",
+    "with_ties",
 ]

@@ -63,6 +63,7 @@ __all__ = [
     "solve",
     "with_latency",
     "with_predictor",
+    "with_ties",
 ]
 
 _GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate sparsities of the curve-driven methods
@@ -127,7 +128,9 @@ class AllocationProblem:
     are the predictor's, which knows that damage compounds, and the curve-driven methods minimise its
     separable score: every predicted metric is monotone in it, so the least score within a budget is
     the best predicted plan. Without one, each group's change from its own curve is added up.
-    `latency` (`with_latency`) prices latency budgets and reports.
+    `latency` (`with_latency`) prices latency budgets and reports. `ties` (`with_ties`) are sets of
+    equal-size groups that every method keeps at one count, e.g. the MLP of every layer of a
+    transformer whose config states one MLP width.
     """
 
     graph: ChannelGraph
@@ -141,6 +144,7 @@ class AllocationProblem:
     model_name: str = ""
     predictor: Predictor | None = None
     latency: LatencyModel | None = None
+    ties: tuple[tuple[str, ...], ...] = ()
 
     def kept(self, sparsities: Mapping[str, float]) -> dict[str, int]:
         """Kept units per named group, by the one rounding rule."""
@@ -279,13 +283,15 @@ def allocation_problem(
     model_name: str = "",
     device: str | torch.device | None = None,
     latency: LatencyModel | None = None,
+    ties: Sequence[Sequence[str]] = (),
 ) -> AllocationProblem:
     """Build the `AllocationProblem` of `model` from its sweep (`curves`, as `sweep` returns them).
 
     The criterion and `round_to` default to the ones the curves were measured with (from
     `curves.attrs["config"]`), so the units a plan keeps are the units the curves measured;
     `metric` defaults to the first of loss, kl, accuracy, agreement the curves have. `latency`
-    (`prunecore.latency.latency_model` of this model) lets plans meet `Budget(latency=ms)`.
+    (`prunecore.latency.latency_model` of this model) lets plans meet `Budget(latency=ms)`; `ties`
+    (see `with_ties`) keep sets of groups at one count.
     """
     config = dict(curves.attrs.get("config", {})) if curves is not None else {}
     criterion = _consistent("criterion", criterion, config.get("criterion"), "l1")
@@ -303,7 +309,30 @@ def allocation_problem(
     problem = AllocationProblem(
         graph, cost_model(model, example, graph, scores), scores, parsed, metric, dense, criterion, round_to, name
     )
+    problem = with_ties(problem, ties) if ties else problem
     return with_latency(problem, latency) if latency is not None else problem
+
+
+def with_ties(problem: AllocationProblem, ties: Sequence[Sequence[str]]) -> AllocationProblem:
+    """`problem` keeping each set of `ties` at one kept count: every method moves a set as one group.
+
+    What a model's format can state decides this, not the curves: a HuggingFace config states one
+    MLP width and one head count for all layers (`prunecore.hf.statable`). A set's predicted damage is
+    the sum of its groups' (each still read off its own curve), so allocation weighs the whole set.
+    The groups of a set must be prunable, of one size, and in no other set.
+    """
+    seen: set[str] = set()
+    for tie in ties:
+        for name in tie:
+            if name not in problem.cost.groups:
+                raise AllocationError(f"a tie names {name!r}, not a prunable group of {problem.graph.model_type}")
+            if name in seen:
+                raise AllocationError(f"group {name!r} is in more than one tie")
+            seen.add(name)
+        sizes = {problem.graph[n].size for n in tie}
+        if len(sizes) > 1:
+            raise AllocationError(f"tied groups must have one size; {', '.join(tie)} have {sorted(sizes)} units")
+    return dataclasses.replace(problem, ties=tuple(tuple(t) for t in ties if len(t) > 1))
 
 
 def with_latency(problem: AllocationProblem, latency: LatencyModel | None) -> AllocationProblem:
@@ -419,6 +448,7 @@ def allocate(
     model_name: str = "",
     device: str | torch.device | None = None,
     latency: LatencyModel | None = None,
+    ties: Sequence[Sequence[str]] = (),
 ) -> Plan:
     """The plan of `method` that keeps at most `budget` of the model's FLOPs or params, or its latency.
 
@@ -427,9 +457,10 @@ def allocate(
     (a number) or the named ones (a mapping); `locked` pins groups to a sparsity and `exclude`
     keeps groups dense. Raises `AllocationError` when no plan within the bounds meets the budget.
     `device` is where a data-driven criterion (Taylor) scores the units; default, where the model is.
-    `latency` prices a `Budget(latency=ms)`.
+    `latency` prices a `Budget(latency=ms)`; `ties` keep sets of groups at one count (`with_ties`).
     """
-    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name, device, latency)
+    problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name, device, latency,
+                                 ties)  # fmt: skip
     return solve(problem, budget, method, min_sparsity, max_sparsity, locked, exclude)
 
 
@@ -468,7 +499,7 @@ def solve(
     search = _Search.build(problem, budget, m.needs_curves, *bounds)
     if search.needs_pruning():
         search.check_feasible(budget)
-        kept = m.fn(search)
+        kept = search.expand(m.fn(search))
     else:
         kept = search.hi.copy()
     if search.cost(kept) > search.target + search.slack:  # a method bug, never the user's fault
@@ -500,7 +531,7 @@ def _latency_by_flops(problem: AllocationProblem, budget: Budget, m: Method, *bo
 
     def kept_at(fraction: float) -> np.ndarray:
         search = _Search.build(problem, Budget(flops=fraction), m.needs_curves, *bounds)
-        return m.fn(search) if search.needs_pruning() else search.hi.copy()
+        return search.expand(m.fn(search)) if search.needs_pruning() else search.hi.copy()
 
     deepest = _Search.build(problem, budget, m.needs_curves, *bounds)
     if not deepest.needs_pruning():
@@ -568,6 +599,8 @@ class _Search:
     `free` groups are allocated between `lo` and `hi` kept units (their max and min sparsity);
     every other group stays at `hi` (dense, or where it is locked). `options[g]` are the kept
     counts a curve-driven method may choose, `hi` first, and `harm[g]` their predicted damage.
+    A tie (`problem.ties`) is one free group, its first (`tied[g]`: all its groups); its other groups
+    follow it in every cost (`expand`), and its harm is the sum of theirs, so methods need not know.
     """
 
     problem: AllocationProblem
@@ -578,6 +611,7 @@ class _Search:
     hi: np.ndarray
     options: dict[int, np.ndarray] = field(default_factory=dict)
     harm: dict[int, np.ndarray] = field(default_factory=dict)
+    tied: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, problem: AllocationProblem, budget: Budget, curve_driven: bool, min_s: Bound, max_s: Bound,
@@ -612,17 +646,37 @@ class _Search:
                 lo[g] = max(lo[g], math.ceil(size * (1 - measured) - 1e-9))
             if lo[g] < hi[g]:
                 free.append(g)
+        tied = _tie(problem, free, lo, hi, pinned)
         if budget.kind == "latency" and problem.latency is None:
             raise AllocationError(_NO_LATENCY_MODEL)
-        search = cls(problem, budget.kind, budget.target(cls._dense(problem, budget.kind)), free, lo, hi)
+        search = cls(problem, budget.kind, budget.target(cls._dense(problem, budget.kind)), free, lo, hi, tied=tied)
         if curve_driven:
             for g in free:
                 size = int(cm.sizes[g])
                 grid = {kept_units(size, float(s), r) for s in _GRID}
                 kept = sorted({k for k in grid if lo[g] <= k <= hi[g]} | {int(lo[g]), int(hi[g])}, reverse=True)
                 search.options[g] = np.array(kept, dtype=np.int64)
-                search.harm[g] = problem.damage(cm.groups[g], search.options[g])
+                search.harm[g] = sum(problem.damage(cm.groups[t], search.options[g]) for t in tied.get(g, [g]))
         return search
+
+    def expand(self, kept: np.ndarray) -> np.ndarray:
+        """`kept` (`(G,)` or `(G, N)`) with every tied group at its tie's first group's count."""
+        if not self.tied:
+            return kept
+        kept = kept.copy()
+        for g, members in self.tied.items():
+            kept[members] = kept[g]
+        return kept
+
+    def coupled(self) -> dict[int, set[int]]:
+        """Per free group, the free groups whose cost changes with it (through any group of its tie)."""
+        pairs = self.problem.cost.coupled()
+        leader = {t: g for g, members in self.tied.items() for t in members}
+        out = {}
+        for g in self.free:
+            near = set().union(*(pairs[t] for t in self.tied.get(g, [g])))
+            out[g] = {leader.get(h, h) for h in near} - {g}
+        return out
 
     @staticmethod
     def _dense(problem: AllocationProblem, kind: str) -> float:
@@ -637,6 +691,7 @@ class _Search:
 
     def costs(self, kept: np.ndarray) -> np.ndarray:
         """The budgeted quantity for kept vectors `(G,)` or `(G, N)`: `(N,)`."""
+        kept = self.expand(kept)
         if self.kind == "latency":
             return self.problem.latency.evaluate(kept)  # type: ignore[union-attr]
         params, flops = self.problem.cost.evaluate(kept)
@@ -671,6 +726,33 @@ class _Search:
         out = np.repeat(kept[:, None], len(values), axis=1)
         out[g] = values
         return out
+
+
+def _tie(problem: AllocationProblem, free: list[int], lo: np.ndarray, hi: np.ndarray,
+         pinned: Mapping[str, float]) -> dict[int, list[int]]:  # fmt: skip
+    """Fold each tie of `problem` into its first group, in place: the tie is free only if every group is,
+    between the tightest of their bounds; a pinned group pins the tie. Returns first group -> all groups."""
+    index = {name: g for g, name in enumerate(problem.cost.groups)}
+    tied: dict[int, list[int]] = {}
+    for tie in problem.ties:
+        members = [index[n] for n in tie]
+        pins = {pinned[n] for n in tie if n in pinned}
+        if len(pins) > 1:
+            raise AllocationError(f"tied groups {', '.join(tie)} are pinned to different sparsities {sorted(pins)}")
+        low, high = int(lo[members].max()), int(hi[members].min())
+        if pins:  # every group of the tie where the pinned one is
+            low = high = int(next(hi[index[n]] for n in tie if n in pinned))
+        elif any(g not in free for g in members) or low > high:  # one group cannot move: none can
+            low = high = int(hi[members].max())
+        lo[members], hi[members] = low, high
+        for g in members:
+            if g in free:
+                free.remove(g)
+        if low < high:
+            free.append(members[0])
+            tied[members[0]] = members
+    free.sort()
+    return tied
 
 
 def _bound(bound: Bound, name: str, what: str) -> float:
@@ -758,7 +840,7 @@ def _greedy_from(search: _Search, kept: np.ndarray, at: dict[int, int]) -> np.nd
     coupled to it (sharing a weight) need their moves re-priced after a step. The last step takes
     the least harmful move that reaches the budget, so the plan does not overshoot it needlessly.
     """
-    coupled = search.problem.cost.coupled()
+    coupled = search.coupled()
     kept = kept.copy()
     current = search.cost(kept)
     moves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # g -> (option idx, harm, saving)
@@ -874,15 +956,19 @@ def _global(search: _Search) -> np.ndarray:
     cm, r = search.problem.cost, search.problem.round_to
     normalised = {}
     for g in search.free:
-        s = search.problem.scores[cm.groups[g]].double()
-        mean = float(s.mean())
-        normalised[g] = np.sort((s / mean if mean > 0 else torch.ones_like(s)).numpy())  # ascending
+        pooled = []  # a tie ranks the units of all its groups together
+        for t in search.tied.get(g, [g]):
+            s = search.problem.scores[cm.groups[t]].double()
+            mean = float(s.mean())
+            pooled.append((s / mean if mean > 0 else torch.ones_like(s)).numpy())
+        normalised[g] = np.sort(np.concatenate(pooled))  # ascending
 
     def kept_at(threshold: float) -> np.ndarray:
         kept = search.hi.copy()
         for g, s in normalised.items():
-            survivors = len(s) - int(np.searchsorted(s, threshold, side="right"))  # scores above threshold
-            size = len(s)
+            size = int(cm.sizes[g])
+            above = len(s) - int(np.searchsorted(s, threshold, side="right"))  # scores above threshold
+            survivors = round(above * size / len(s))  # per group of a tie
             k = kept_units(size, 1.0 - max(survivors, 1) / size, r)
             kept[g] = min(max(k, search.lo[g]), search.hi[g])
         return kept

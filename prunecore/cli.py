@@ -246,6 +246,9 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sparsity", type=float, default=0.9, help="no group prunes more than this fraction")
     p.add_argument("--lock", default="", help="pin groups to sparsities, e.g. stem.0=0.25,layer1.0.conv1=0")
     p.add_argument("--exclude", type=_names, default=[], help="keep these groups dense (comma-separated)")
+    p.add_argument("--statable", action="store_true",
+                   help="a transformers model: allocate only what its config can state (one head count and one MLP "
+                        "width for every layer), so that apply --save-pretrained always reloads")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="write the plan JSON here")
     p.add_argument("--data", help="with --evaluate: measure the plan on this data ('sample' or imagefolder:PATH)")
     p.add_argument("--evaluate", action="store_true", help="measure the plan on --data and record it in the plan")
@@ -593,14 +596,28 @@ def _allocate(args: argparse.Namespace) -> int:
     curves, source = _curves(args, model, graph)
     problem = allocation_problem(curves, graph, model, metric=args.metric, model_name=args.model)
     problem, how = _with_stored_predictor(args, problem, curves)
+    exclude = list(args.exclude)
+    if args.statable:
+        from prunecore.allocate import with_ties
+        from prunecore.hf import statable
+
+        limits = statable(model, graph)
+        problem = with_ties(problem, limits.ties)
+        exclude += [g for g in limits.keep if g not in exclude]
     if timed:
         lm = latency_model(model, example, graph, runtime=args.runtime, batch=args.batch, store=args.store,
                            round_to=problem.round_to)  # fmt: skip
         problem = with_latency(problem, lm)
-    plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, args.exclude, args.guide)
+    plan = solve(problem, budget, args.method, args.min_sparsity, args.max_sparsity, locked, exclude, args.guide)
     print(f"model      {args.model} ({graph.model_type}), input {'x'.join(map(str, args.input))}")
     print(f"curves     {source}")
     print(f"predicted  {how}")
+    if args.statable:
+        print(f"statable   {len(limits.ties)} set(s) of groups kept at one count ("
+              f"{', '.join(f'{len(t)} x {graph[t[0]].size} units' for t in limits.ties) or 'none'}); "
+              f"{len(limits.keep)} group(s) kept dense")  # fmt: skip
+        for reason in sorted(set(limits.keep.values())):
+            print(f"           {reason}")
     if timed:
         print(f"latency    batch {lm.batch} on {lm.machine}: tables of {len(lm.layers)} layers calibrated on "
               f"{len(lm.calibration)} whole-model timings (median error {lm.error:.1%})")  # fmt: skip

@@ -16,7 +16,12 @@ a transformers class name such as `T5EncoderModel`), else from the config's `arc
 A pruned model saved with `save_pretrained` reloads
 with plain `from_pretrained`: pruning writes the new sizes into its config (`prunecore.ops.transformers`),
 and `save_pretrained` refuses a model whose config cannot state them, rather than write a folder
-that transformers cannot load (save it with `save_pruned` instead).
+that transformers cannot load (save it with `save_pruned` instead). A config states one head count
+and one MLP width for all layers, so a plan allocated freely seldom fits it; `statable` gives the
+ties and kept groups under which every plan does:
+
+    >>> s = statable(model, graph)
+    >>> plan = allocate(curves, graph, Budget(flops=0.7), model=model, ties=s.ties, exclude=list(s.keep))
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from prunecore.errors import UserError
-from prunecore.ops.transformers import UNSTATED
+from prunecore.graph import ChannelGraph
+from prunecore.ops.transformers import ATTENTION, CONFIG, MLP, UNSTATED, qualname
 
-__all__ = ["HFError", "TASKS", "example_shape", "load_hf", "save_pretrained", "tokenizer_for"]
+__all__ = ["HFError", "Statable", "TASKS", "example_shape", "load_hf", "save_pretrained", "statable", "tokenizer_for"]
 
 TASKS = {
     "base": "AutoModel",
@@ -181,8 +188,8 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     unstated = getattr(model.config, UNSTATED, None)
     if unstated:
         raise HFError(f"{type(model).__name__}'s config cannot state this pruned model, so transformers could not "
-                      f"load it: {'; '.join(unstated)}. Save it with prunecore.save_pruned, or prune with the same "
-                      "count in every layer")  # fmt: skip
+                      f"load it: {'; '.join(unstated)}. Save it with prunecore.save_pruned, or allocate what the "
+                      "config can state: prunecore.statable(model, graph) (CLI: allocate --statable)")  # fmt: skip
     validate = getattr(model.config, "validate", None)  # transformers' own checks of a config (v5)
     if callable(validate):
         try:
@@ -215,6 +222,75 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class Statable:
+    """How to allocate so that the model's config can state the plan: `ties` (sets of groups that keep
+    one count, e.g. every layer's MLP) and `keep` (group -> why it stays dense)."""
+
+    ties: tuple[tuple[str, ...], ...]
+    keep: Mapping[str, str]
+
+
+def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
+    """The ties and kept groups under which any allocation of `model` saves with `save_pretrained`.
+
+    Heads (or KV groups) of every layer are tied where the config states a head count and the head
+    size apart from the width (Llama, Mistral, Qwen2, T5, ViT); where it derives the head size as
+    hidden_size / heads (BERT, RoBERTa, DistilBERT, GPT-2, CLIP) heads stay. MLP neurons of every
+    layer are tied where the config states an MLP width. Every other group (the model width, which
+    transformers also wants a multiple of the head count; a config prunecore has no knowledge of)
+    stays, with its reason. Plans allocated this way still leave the head dim and the layer count.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise HFError(f"statable allocation is for transformers models, whose config states their sizes; "
+                      f"{type(model).__name__} has no config (save it with save_pruned)")  # fmt: skip
+    keys = CONFIG.get(config.model_type)
+    prunable = [g.name for g in graph.groups if g.prunable]
+    owner = {(m.module, m.tensor, m.dim): g for g in prunable for m in graph[g].members}
+    kind = type(config).__name__
+    if keys is None or (keys.heads is None and keys.mlp is None):
+        return Statable((), {g: f"{kind} states no pruned size prunecore knows of" for g in prunable})
+    heads, mlp = [], []
+    for path, m in model.named_modules():
+        name = qualname(type(m))
+        if name in ATTENTION:
+            heads += _output_groups(model, f"{path}.{ATTENTION[name].query}", owner)
+        elif name in MLP:
+            mlp += _output_groups(model, f"{path}.{MLP[name]}", owner)
+    if keys.heads is None:
+        heads_key, heads_why = None, f"{kind} states no head count"
+    elif keys.head_dim is None:
+        heads_key, heads_why = None, (f"{kind} derives the head size from hidden_size / {keys.heads}, so the width "
+                                      "would have to shrink with the heads")  # fmt: skip
+    else:
+        heads_key, heads_why = keys.heads, ""
+    keep: dict[str, str] = {}
+    ties: list[tuple[str, ...]] = []
+    for what, groups, key, why in (("attention heads", heads, heads_key, heads_why),
+                                   ("MLP neurons", mlp, keys.mlp, f"{kind} states no MLP width")):  # fmt: skip
+        groups = list(dict.fromkeys(groups))  # T5's layers share one heads group
+        if key is None:
+            keep.update({g: f"{what}: {why}" for g in groups})
+        elif len({graph[g].size for g in groups}) > 1:
+            keep.update({g: f"{what}: the layers already differ in size, which one {key} cannot state" for g in groups})
+        elif groups:
+            ties.append(tuple(groups))
+    tied = {g for t in ties for g in t}
+    for g in prunable:
+        if g not in tied and g not in keep:
+            keep[g] = (f"{kind} states one model width for every layer (transformers also wants it a multiple of "
+                       "the head count): the width and other groups stay")  # fmt: skip
+    return Statable(tuple(ties), keep)
+
+
+def _output_groups(model: nn.Module, layer: str, owner: Mapping[tuple[str, str, int], str]) -> list[str]:
+    """The groups that cut the outputs of projection `layer` (a Linear, or GPT-2's Conv1D stored (in, out))."""
+    dim = 0 if isinstance(model.get_submodule(layer), nn.Linear) else 1
+    group = owner.get((layer, "weight", dim))
+    return [group] if group is not None else []
 
 
 def _mismatched(model: nn.Module) -> list[tuple[str, torch.Size, torch.Size]]:

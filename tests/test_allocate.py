@@ -195,6 +195,77 @@ def test_bounds_locks_and_exclusions_hold(method):
         assert pc.kept_units(size, 0.7) <= len(g[name].keep) <= pc.kept_units(size, 0.1)
 
 
+# -- ties ------------------------------------------------------------------------------------------
+class Chain(torch.nn.Module):
+    """Four hidden layers of 16: four coupled groups of one size, for ties."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = (8, 16, 16, 16, 16, 4)
+        self.body = torch.nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (torch.nn.Linear(a, b),
+                                                                                         torch.nn.ReLU())][:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def chain_problem(seed: int = 0) -> tuple[torch.nn.Module, pc.ChannelGraph, pc.AllocationProblem, list[str]]:
+    torch.manual_seed(seed)
+    model = Chain()
+    graph = pc.trace(model, torch.randn(2, 8))
+    names = [g.name for g in graph.prunable]
+    assert len(names) == 4
+    return model, graph, pc.allocation_problem(synthetic_curves(graph, seed), graph, model), names
+
+
+@pytest.mark.parametrize("method", pc.list_methods())
+def test_tied_groups_keep_one_count_and_the_budget_holds(method):
+    model, graph, problem, names = chain_problem()
+    tied = pc.with_ties(problem, [(names[0], names[2])])
+    for fraction in (0.8, 0.3):  # 0.3 cannot be met without the tie
+        plan = pc.solve(tied, pc.Budget(flops=fraction), method)
+        kept = {n: len(plan.groups[n].keep) for n in names}
+        assert kept[names[0]] == kept[names[2]], kept
+        assert fraction > 0.5 or kept[names[0]] < 16
+        pruned = pc.count(pc.apply_plan(model, plan, graph=graph), torch.randn(1, 8))
+        assert pruned.flops == plan.totals.flops_after <= fraction * problem.cost.dense[1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dp_finds_the_brute_force_optimum_under_ties(seed):
+    """A tie is one choice whose damage is its groups' sum: dp's optimum over those choices."""
+    _, _, problem, names = chain_problem(seed)
+    tied = pc.with_ties(problem, [(names[0], names[3]), (names[1], names[2])])
+    for fraction in (0.7, 0.4):
+        budget = pc.Budget(flops=fraction)
+        search = _Search.build(tied, budget, True, 0.0, 0.9, {}, ())
+        assert len(search.free) == 2
+        plan = pc.solve(tied, budget, "dp")
+        assert harm(problem, plan) == pytest.approx(brute_force_harm(search), abs=1e-9)
+
+
+def test_a_pinned_group_pins_its_tie_and_bad_ties_are_refused():
+    _, graph, problem, names = chain_problem()
+    tied = pc.with_ties(problem, [(names[0], names[1])])
+    plan = pc.solve(tied, pc.Budget(flops=0.7), "dp", locked={names[1]: 0.25})
+    assert len(plan.groups[names[0]].keep) == len(plan.groups[names[1]].keep) == 12
+    plan = pc.solve(tied, pc.Budget(flops=0.7), "dp", exclude=[names[0]])
+    assert len(plan.groups[names[0]].keep) == len(plan.groups[names[1]].keep) == 16
+    with pytest.raises(AllocationError, match="pinned to different sparsities"):
+        pc.solve(tied, pc.Budget(flops=0.7), "dp", locked={names[0]: 0.25, names[1]: 0.5})
+    with pytest.raises(AllocationError, match="more than one tie"):
+        pc.with_ties(problem, [(names[0], names[1]), (names[1], names[2])])
+    with pytest.raises(AllocationError, match="not a prunable group"):
+        pc.with_ties(problem, [(names[0], "nope")])
+    model, graph, other = toy_problem(TwoResiduals)
+    sizes = {}
+    for g in graph.prunable:
+        sizes.setdefault(g.size, g.name)
+    if len(sizes) > 1:
+        with pytest.raises(AllocationError, match="must have one size"):
+            pc.with_ties(other, [tuple(sizes.values())[:2]])
+
+
 def test_curve_methods_stay_within_the_measured_range_and_leave_unswept_groups_dense():
     torch.manual_seed(0)
     model = TwoResiduals()

@@ -101,6 +101,53 @@ def test_uniform_plan_round_trips_through_from_pretrained(tmp_path: Path) -> Non
         assert torch.equal(again(x).logits, pruned(x).logits)
 
 
+# per architecture: the sizes of its tied sets under `statable` (one count per layer), or () when its
+# config states no pruned size prunecore knows (Swin's per-stage heads and MLP ratio, ConvNeXt)
+STATABLE = {"bert": (2,), "roberta": (2,), "distilbert": (2,), "gpt2": (2,), "clip-vision": (2,),  # MLPs only
+            "llama": (2, 2), "mistral": (2, 2), "qwen2": (2, 2), "vit": (2, 2),  # heads (KV groups) and MLPs
+            "t5-encoder": (1, 2), "swin": (), "convnext": ()}  # T5's heads are one group already  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(hf_zoo.MODELS))
+def test_statable_allocation_always_reloads_with_from_pretrained(name: str, tmp_path: Path) -> None:
+    """dp and global plans under `statable` keep one count per tied set, and transformers reloads them."""
+    from test_allocate import synthetic_curves
+
+    model, x = hf_zoo.build(name)
+    graph = pc.trace(model, x)
+    limits = pc.statable(model, graph)
+    tied = {g for t in limits.ties for g in t}
+    assert tuple(len(t) for t in limits.ties) == STATABLE[name]
+    assert tied | set(limits.keep) == {g.name for g in graph.prunable} and not tied & set(limits.keep)
+    problem = pc.with_ties(pc.allocation_problem(synthetic_curves(graph), graph, model), limits.ties)
+    if not limits.ties:
+        with pytest.raises(pc.AllocationError, match="cannot be met"):
+            pc.solve(problem, pc.Budget(flops=0.9), "dp", exclude=list(limits.keep))
+        return
+    floor = problem.floor("flops", exclude=list(limits.keep)) / problem.cost.dense[1]
+    for method in ("dp", "global"):
+        plan = pc.solve(problem, pc.Budget(flops=(1 + floor) / 2), method, exclude=list(limits.keep))
+        for tie in limits.ties:
+            assert len({len(plan.groups[g].keep) for g in tie}) == 1, (method, tie)
+        assert any(len(plan.groups[g].keep) < graph[g].size for g in tied)
+        pruned = pc.apply_plan(model, plan, graph=graph)
+        folder = pc.save_pretrained(pruned, tmp_path / method)
+        again = type(pruned).from_pretrained(folder).eval()
+        with torch.no_grad():
+            assert (hf_zoo.output(again(x)) - hf_zoo.output(pruned(x))).abs().max().item() == 0.0
+
+
+def test_statable_names_why_groups_stay() -> None:
+    model, x = hf_zoo.build("bert")
+    keep = pc.statable(model, pc.trace(model, x)).keep
+    heads = keep["bert.encoder.layer.0.attention.self.query"]
+    assert "derives the head size from hidden_size / num_attention_heads" in heads
+    assert "one model width" in keep["bert.embeddings.word_embeddings"]
+    with pytest.raises(HFError, match="has no config"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        pc.statable(model, pc.trace(model, torch.randn(1, 4)))
+
+
 def test_save_pretrained_refuses_what_transformers_could_not_load(tmp_path: Path) -> None:
     model, x = hf_zoo.build("bert")
     pruned = pc.prune(model, x, 0.3)  # 3 heads of 16 at width 45

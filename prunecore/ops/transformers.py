@@ -151,7 +151,8 @@ def _in_features(layer: nn.Module) -> int:
     return layer.weight.shape[1] if isinstance(layer, nn.Linear) else layer.weight.shape[0]
 
 
-def _qualname(cls: type) -> str:
+def qualname(cls: type) -> str:
+    """A class's import path, the key of the tables above."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -181,7 +182,7 @@ def _conv1d_flops(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tenso
 # -- attention ---------------------------------------------------------------------------------------
 def _fix_attention(m: nn.Module) -> None:
     """Re-derive the head count attributes from the sliced query projection."""
-    spec = ATTENTION[_qualname(type(m))]
+    spec = ATTENTION[qualname(type(m))]
     heads = spec.heads(m)
     for attr in spec.heads_attrs:
         setattr(m, attr, heads)
@@ -206,7 +207,7 @@ def _fix_config(model: nn.Module) -> None:
         return
     heads, kv_heads, head_dims, mlp, widths = [], [], set(), [], set()
     for m in model.modules():
-        name = _qualname(type(m))
+        name = qualname(type(m))
         if name in ATTENTION:
             spec = ATTENTION[name]
             widths.add(_in_features(m.get_submodule(spec.query)))
