@@ -9,8 +9,10 @@
    and each alone. Rounds of the models alternate (`prunecore.cost.compare_latency`), so a busy
    moment slows all of them. Efficiency is speed-up / FLOPs reduction, as in the README's tables.
 3. **Sensitivity against uniform** on the `tinylm` sample: a sweep of every group on its held-out
-   text (perplexity and loss), then `dp` and `uniform` plans at 70 % and 50 % of the FLOPs,
-   applied and measured on the same held-out blocks.
+   text (perplexity and loss), then `dp`, `dp` under `pc.statable` (one head count and one MLP
+   width for every layer, the width kept: what the Llama config can state) and `uniform` plans at
+   70 % and 50 % of the FLOPs, applied and measured on the same held-out blocks, and whether
+   `save_pretrained` writes each (so that transformers' `from_pretrained` reloads it).
 
 On a shared 2-core CPU only ratios from one run mean anything.
 Run: `.venv/bin/python bench/bench_llm.py [--quick] [--json PATH]` (`--quick`: a 4-layer model and
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -88,16 +91,30 @@ def sensitivity(blocks: int | None, levels: tuple[float, ...]) -> dict[str, Any]
     sweep_s = time.perf_counter() - began
     dense = pc.evaluate(model, held, ["perplexity", "loss", "accuracy"])
     out: dict[str, Any] = {"dense": dense, "sweep_s": sweep_s, "groups": len(graph.prunable), "plans": []}
+    problem = pc.allocation_problem(curves, graph, model, metric="loss")
+    limits = pc.statable(model, graph)  # one head count and one MLP width for every layer; the width stays
+    statable = pc.with_ties(problem, limits.ties)
     for budget in (0.7, 0.5):
-        for method in ("dp", "uniform"):
-            plan = pc.allocate(curves, graph, pc.Budget(flops=budget), method=method, model=model, metric="loss")
+        for method, solved in (("dp", problem), ("dp, statable", statable), ("uniform", problem)):
+            exclude = list(limits.keep) if solved is statable else []
+            plan = pc.solve(solved, pc.Budget(flops=budget), method.split(",")[0], exclude=exclude)
             pruned = pc.apply_plan(model, plan, graph=graph)
             measured = pc.evaluate(pruned, held, ["perplexity", "loss", "accuracy"])
             kept = pc.count(pruned, x).flops / pc.count(model, x).flops
             out["plans"].append({"budget": budget, "method": method, "flops_kept": kept, **measured,
-                                 "predicted_loss": plan.predicted.get("loss"),
+                                 "predicted_loss": plan.predicted.get("loss"), "reloads": reloads(pruned),
                                  "sparsities": {g: round(p.sparsity, 3) for g, p in plan.groups.items()}})  # fmt: skip
     return out
+
+
+def reloads(pruned: nn.Module) -> bool:
+    """Whether `pc.save_pretrained` writes the pruned model, i.e. transformers' `from_pretrained` can rebuild it."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            pc.save_pretrained(pruned, Path(folder) / "model")
+        except pc.HFError:
+            return False
+    return True
 
 
 def markdown(info: dict[str, Any], eng: dict[str, Any], rows: list[dict[str, Any]], lm: dict[str, Any]) -> str:
@@ -124,12 +141,13 @@ def markdown(info: dict[str, Any], eng: dict[str, Any], rows: list[dict[str, Any
         f"`tinylm` on {info['blocks']} held-out blocks of 128 bytes: dense perplexity {d['perplexity']:.3f} "
         f"(next-byte accuracy {d['accuracy']:.1%}); sweep of {lm['groups']} groups at {len(info['levels'])} levels "
         f"in {lm['sweep_s']:.0f} s.\n",
-        "| FLOPs budget | method | FLOPs kept | perplexity | loss (nats/byte) | next-byte accuracy |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| FLOPs budget | method | FLOPs kept | perplexity | loss (nats/byte) | next-byte accuracy | "
+        "`save_pretrained` |",
+        "|---:|---|---:|---:|---:|---:|---|",
     ]
     for p in lm["plans"]:
         lines.append(f"| {p['budget']:.0%} | {p['method']} | {p['flops_kept']:.1%} | {p['perplexity']:.3f} | "
-                     f"{p['loss']:.4f} | {p['accuracy']:.1%} |")
+                     f"{p['loss']:.4f} | {p['accuracy']:.1%} | {'yes' if p['reloads'] else 'refused'} |")
     return "\n".join(lines)
 
 

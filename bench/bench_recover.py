@@ -1,28 +1,30 @@
 """Recovery: how much of a pruned sample's accuracy do a few epochs of fine-tuning win back, and how best?
 
 For every sample model, at `dp` plans keeping 50 % and 30 % of the FLOPs, held-out accuracy (the
-1,000 digits no model trained on):
+1,000 digits no model trained on; for `tinylm`, perplexity on its 528 held-out blocks of text):
 
 - one-shot: the plan applied, BatchNorm re-estimated on the calibration images, no training;
-- fine-tuned for 1, 2 and 5 epochs on the 4,000 training digits (each its own cosine schedule),
-  with distillation from the dense model (`distill=0.5`, T=4) and without (cross-entropy only);
+- fine-tuned for 1, 2 and 5 epochs on the training split (the 4,000 training digits, or tinylm's
+  2,934 training blocks of 128 bytes; each its own cosine schedule), with distillation from the
+  dense model (`distill=0.5`, T=4) and without (cross-entropy only, next-byte for tinylm);
 - iterative: `prune_iteratively` in 3 steps of 1 epoch, against one-shot with 3 epochs (same total);
 - from scratch: the pruned architecture re-initialised and trained for 5 epochs (cross-entropy),
   the classic baseline (Liu et al. 2019, "Rethinking the value of network pruning");
 - seconds per epoch of `finetune` against a plain PyTorch loop (same model, data, optimiser and
   loss, no prunecore), alternated, median of 2 each.
 
-Protocol: curves from an exact sweep over the 500 calibration images with BatchNorm re-estimated
-per point (as `bench_allocate.py`; cached in the run store), `dp` protecting the loss, so nothing
-is selected on the held-out set. SGD (momentum 0.9, Nesterov, weight decay 5e-4), lr 0.01 for
-fine-tuning and 0.05 from scratch, batch 128. Results are cached per (model, budget, options) in
+Protocol: curves from an exact sweep over the 500 calibration images (tinylm: its 179 calibration
+blocks) with BatchNorm re-estimated per point (as `bench_allocate.py`; cached in the run store),
+`dp` protecting the loss, so nothing is selected on the held-out set. SGD (momentum 0.9, Nesterov,
+weight decay 5e-4), lr 0.01 for fine-tuning and 0.05 from scratch, the batch each sample trained
+with (128 digits, 32 blocks). Results are cached per (model, budget, options) in
 --json, so an interrupted run continues.
 
 Options for the best pipeline prunecore offers, still selecting nothing on the held-out set:
 `--objective calibrated` allocates on the predictor `sweep --calibrate` fits (`predict.calibrate`,
 24 plans measured on the calibration images) instead of adding up the curves; `--lrs 0.01,0.02`
-picks the fine-tuning rate per row by a 5-epoch fine-tune on 3,500 of the training digits, scored
-on the other 500 (a seeded random split), then fine-tunes on all 4,000 at that rate (every
+picks the fine-tuning rate per row by a 5-epoch fine-tune on all but 500 training examples, scored
+on those 500 (a seeded random split), then fine-tunes on the whole split at that rate (every
 fine-tuning column, iterative included).
 
 Run: `OMP_NUM_THREADS=2 .venv/bin/python bench/bench_recover.py [--models resnet20,vit] [--budgets 0.5,0.3]
@@ -37,6 +39,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,6 @@ from torch.utils.data import DataLoader, Subset
 import prunecore as pc
 from prunecore.datasets import load_data
 from prunecore.predict import calibrate, objective_problem
-from prunecore.samples import TRAIN_BATCH
 
 EPOCHS = (1, 2, 5)
 LR, SCRATCH_LR = 0.01, 0.05
@@ -59,74 +61,102 @@ VALIDATION = 500  # training digits held back while a learning rate is chosen
 def one_budget(name: str, budget: float, store: Path, objective: str = "additive",
                lrs: tuple[float, ...] = (LR,)) -> dict[str, Any]:  # fmt: skip
     sample = pc.load_sample(name)
-    data = load_data("sample")
+    calibration, held = splits(sample)
+    score = scorer(sample)
     graph = pc.trace(sample.model, sample.example)
-    curves = pc.sweep(sample.model, data.calibration, sample.example, metric=["accuracy", "loss"], graph=graph,
-                      bn_recalibration=4, calibration=data.calibration, store=store, model_name=f"sample:{name}",
+    curves = pc.sweep(sample.model, calibration, sample.example, metric=["accuracy", "loss"], graph=graph,
+                      bn_recalibration=4, calibration=calibration, store=store, model_name=f"sample:{name}",
                       progress=False)  # fmt: skip
     problem = pc.allocation_problem(curves, graph, sample.model, model_name=f"sample:{name}")
     if objective == "calibrated":
-        problem = objective_problem(problem, calibrate(sample.model, problem, data.calibration, 4, graph=graph,
+        problem = objective_problem(problem, calibrate(sample.model, problem, calibration, 4, graph=graph,
                                                        seed=1))  # fmt: skip
     plan = pc.solve(problem, pc.Budget(flops=budget), "dp")
-    pruned = pc.recalibrate_bn_(pc.apply_plan(sample.model, plan, graph=graph), data.calibration, BN_BATCHES)
-    held = data.evaluation
+    pruned = pc.recalibrate_bn_(pc.apply_plan(sample.model, plan, graph=graph), calibration, BN_BATCHES)
     lr, scores = chosen_lr(pruned, sample, lrs)
     row: dict[str, Any] = {
         "model": name, "budget": budget, "flops_kept": plan.totals.flops_after / plan.totals.flops_before,
-        "dense": accuracy(sample.model, held), "one_shot": accuracy(pruned, held), "objective": objective,
-        "lr": lr, "lr_validation": scores,
+        "metric": score.metric, "dense": score(sample.model, held), "one_shot": score(pruned, held),
+        "objective": objective, "lr": lr, "lr_validation": scores,
     }  # fmt: skip
     for epochs in EPOCHS:
         for label, teacher in (("distill", sample.model), ("ce", None)):
             began = time.perf_counter()
             tuned = pc.finetune(pruned, sample.train, teacher=teacher, epochs=epochs, lr=lr, device="cpu").model
-            row[f"{label}_{epochs}"] = accuracy(tuned, held)
+            row[f"{label}_{epochs}"] = score(tuned, held)
             row[f"{label}_{epochs}_s"] = time.perf_counter() - began
-    row["distill_3"] = accuracy(pc.finetune(pruned, sample.train, teacher=sample.model, epochs=3, lr=lr,
+    row["distill_3"] = score(pc.finetune(pruned, sample.train, teacher=sample.model, epochs=3, lr=lr,
                                             device="cpu").model, held)  # fmt: skip
     began = time.perf_counter()
-    iterative = pc.prune_iteratively(sample.model, sample.example, pc.Budget(flops=budget), data=data.calibration,
-                                     train=sample.train, calibration=data.calibration, steps=3, epochs=1, lr=lr,
+    iterative = pc.prune_iteratively(sample.model, sample.example, pc.Budget(flops=budget), data=calibration,
+                                     train=sample.train, calibration=calibration, steps=3, epochs=1, lr=lr,
                                      device="cpu")  # fmt: skip
-    row["iterative_3"] = accuracy(iterative.model, held)
+    row["iterative_3"] = score(iterative.model, held)
     row["iterative_flops_kept"] = iterative.steps[-1].flops_kept
     row["iterative_s"] = time.perf_counter() - began
     scratch = reinitialised(pc.apply_plan(sample.model, plan, graph=graph))
-    row["scratch_5"] = accuracy(pc.finetune(scratch, sample.train, epochs=5, lr=SCRATCH_LR, device="cpu").model,
-                                held)  # fmt: skip
+    row["scratch_5"] = score(pc.finetune(scratch, sample.train, epochs=5, lr=SCRATCH_LR, device="cpu").model,
+                             held)  # fmt: skip
     row.update(epoch_seconds(pruned, sample.train))
     return row
 
 
+def splits(sample: pc.Sample) -> tuple[Any, Any]:
+    """(calibration, held-out) data: the image samples' 500 calibration and 1,000 held-out digits, the
+    language model's calibration and held-out text blocks (no split shares a document)."""
+    if pc.samples.get_spec(sample.name).data == "text":
+        return sample.calibration, sample.heldout
+    data = load_data("sample")
+    return data.calibration, data.evaluation
+
+
+@dataclass(frozen=True)
+class Score:
+    """A sample's held-out figure: accuracy (digits, higher is better) or perplexity (text, lower is better)."""
+
+    metric: str
+
+    def __call__(self, model: nn.Module, data: Any) -> float:
+        return pc.evaluate(model, data, self.metric)[self.metric]
+
+    def best(self, values: dict[str, float]) -> float:
+        return min(values.values()) if self.metric == "perplexity" else max(values.values())
+
+
+def scorer(sample: pc.Sample) -> Score:
+    return Score("perplexity" if pc.samples.get_spec(sample.name).data == "text" else "accuracy")
+
+
 def chosen_lr(pruned: nn.Module, sample: pc.Sample, lrs: tuple[float, ...]) -> tuple[float, dict[str, float]]:
-    """The rate of `lrs` whose 5-epoch distilled fine-tune on all but `VALIDATION` random training digits
-    scores best on those (the first of equals); one rate is taken as given. Never the held-out set."""
+    """The rate of `lrs` whose 5-epoch distilled fine-tune on all but `VALIDATION` random training examples
+    (digits or text blocks) scores best on those (the first of equals); one rate is taken as given. Never the
+    held-out set."""
     if len(lrs) == 1:
         return lrs[0], {}
-    digits = sample.train.dataset  # sorted by class: the split is a seeded permutation
-    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0)).tolist()
-    fit = DataLoader(Subset(digits, order[VALIDATION:]), TRAIN_BATCH, shuffle=True,
+    examples = sample.train.dataset  # the digits are sorted by class: the split is a seeded permutation
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    fit = DataLoader(Subset(examples, order[VALIDATION:]), sample.train.batch_size, shuffle=True,
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
-    validation = DataLoader(Subset(digits, order[:VALIDATION]), 250)
-    scores = {str(lr): accuracy(pc.finetune(pruned, fit, teacher=sample.model, epochs=5, lr=lr, device="cpu").model,
-                                validation) for lr in lrs}  # fmt: skip
-    best = max(scores.values())
+    validation = DataLoader(Subset(examples, order[:VALIDATION]), 250)
+    score = scorer(sample)
+    scores = {str(lr): score(pc.finetune(pruned, fit, teacher=sample.model, epochs=5, lr=lr, device="cpu").model,
+                             validation) for lr in lrs}  # fmt: skip
+    best = score.best(scores)
     return next(lr for lr in lrs if scores[str(lr)] == best), scores
 
 
-def accuracy(model: nn.Module, data: Any) -> float:
-    return pc.evaluate(model, data, "accuracy")["accuracy"]
-
-
 def reinitialised(model: nn.Module) -> nn.Module:
-    """Every layer re-drawn as at construction; parameters a module owns without a reset (ViT's position
-    embedding, class token) drawn from N(0, 0.02), as ViTs initialise them."""
+    """Every layer re-drawn as at construction. Parameters a module owns without a reset: a norm's
+    (RMSNorm) weight 1 and bias 0, anything else (ViT's position embedding, class token) N(0, 0.02),
+    as ViTs initialise them."""
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
         elif hasattr(module, "reset_running_stats"):
             module.reset_running_stats()
+        elif type(module).__name__.endswith("Norm"):
+            for name, p in module.named_parameters(recurse=False):
+                nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
         else:
             for p in module.parameters(recurse=False):
                 nn.init.trunc_normal_(p, std=0.02)
@@ -142,7 +172,9 @@ def plain_epoch(model: nn.Module, train: Any) -> float:
     began = time.perf_counter()
     model.train()
     for x, y in train:
-        loss = F.cross_entropy(model(x), y)
+        out = model(x)
+        logits = getattr(out, "logits", out)  # (N, C) or a language model's (N, T, V)
+        loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -161,19 +193,27 @@ def epoch_seconds(model: nn.Module, train: Any) -> dict[str, float]:
 
 
 def report(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model, FLOPs kept | dense | one-shot | +1 ep | +2 ep | +5 ep | no distill 1 / 2 / 5 ep | "
-             "3 ep one-shot | 3 steps x 1 ep | scratch 5 ep | s/epoch (plain loop) |",
-             "| --- |" + " ---: |" * 10]  # fmt: skip
-    for r in rows:
-        pct = lambda v: f"{v:.1%}"  # noqa: E731
-        lines.append(
-            f"| {r['model']}, {r['flops_kept']:.0%}{_options(r)} | {pct(r['dense'])} | {pct(r['one_shot'])} | "
-            f"{pct(r['distill_1'])} | {pct(r['distill_2'])} | {pct(r['distill_5'])} | "
-            f"{pct(r['ce_1'])} / {pct(r['ce_2'])} / {pct(r['ce_5'])} | {pct(r['distill_3'])} | "
-            f"{pct(r['iterative_3'])} ({r['iterative_flops_kept']:.0%}) | {pct(r['scratch_5'])} | "
-            f"{r['epoch_s']:.1f} ({r['plain_epoch_s']:.1f}, {r['epoch_s'] / r['plain_epoch_s']:.2f}x) |"
-        )  # fmt: skip
-    return "\n".join(lines)
+    """One markdown table per figure: held-out accuracy (the digit samples), perplexity (the language model)."""
+    tables = []
+    for metric in ("accuracy", "perplexity"):
+        chosen = [r for r in rows if r.get("metric", "accuracy") == metric]
+        if not chosen:
+            continue
+        fmt = (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:.2f}")
+        lines = [f"held-out {metric}:", "",
+                 "| model, FLOPs kept | dense | one-shot | +1 ep | +2 ep | +5 ep | no distill 1 / 2 / 5 ep | "
+                 "3 ep one-shot | 3 steps x 1 ep | scratch 5 ep | s/epoch (plain loop) |",
+                 "| --- |" + " ---: |" * 10]  # fmt: skip
+        for r in chosen:
+            lines.append(
+                f"| {r['model']}, {r['flops_kept']:.0%}{_options(r)} | {fmt(r['dense'])} | {fmt(r['one_shot'])} | "
+                f"{fmt(r['distill_1'])} | {fmt(r['distill_2'])} | {fmt(r['distill_5'])} | "
+                f"{fmt(r['ce_1'])} / {fmt(r['ce_2'])} / {fmt(r['ce_5'])} | {fmt(r['distill_3'])} | "
+                f"{fmt(r['iterative_3'])} ({r['iterative_flops_kept']:.0%}) | {fmt(r['scratch_5'])} | "
+                f"{r['epoch_s']:.1f} ({r['plain_epoch_s']:.1f}, {r['epoch_s'] / r['plain_epoch_s']:.2f}x) |"
+            )  # fmt: skip
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def _options(row: dict[str, Any]) -> str:

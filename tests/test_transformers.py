@@ -110,7 +110,8 @@ STATABLE = {"bert": (2,), "roberta": (2,), "distilbert": (2,), "gpt2": (2,), "cl
 
 @pytest.mark.parametrize("name", sorted(hf_zoo.MODELS))
 def test_statable_allocation_always_reloads_with_from_pretrained(name: str, tmp_path: Path) -> None:
-    """dp and global plans under `statable` keep one count per tied set, and transformers reloads them."""
+    """dp and global plans under `statable`, and 30 % and 50 % of every statable group, keep one count per tied
+    set, and transformers reloads them with equal outputs."""
     from test_allocate import synthetic_curves
 
     model, x = hf_zoo.build(name)
@@ -125,16 +126,19 @@ def test_statable_allocation_always_reloads_with_from_pretrained(name: str, tmp_
             pc.solve(problem, pc.Budget(flops=0.9), "dp", exclude=list(limits.keep))
         return
     floor = problem.floor("flops", exclude=list(limits.keep)) / problem.cost.dense[1]
-    for method in ("dp", "global"):
-        plan = pc.solve(problem, pc.Budget(flops=(1 + floor) / 2), method, exclude=list(limits.keep))
+    plans = {method: pc.solve(problem, pc.Budget(flops=(1 + floor) / 2), method, exclude=list(limits.keep))
+             for method in ("dp", "global")}  # fmt: skip
+    for sparsity in (0.3, 0.5):  # every statable group at once, as the issue's round-trip asks
+        plans[f"all {sparsity}"] = pc.make_plan(model, graph, {g: sparsity for g in tied})
+    for label, plan in plans.items():
         for tie in limits.ties:
-            assert len({len(plan.groups[g].keep) for g in tie}) == 1, (method, tie)
-        assert any(len(plan.groups[g].keep) < graph[g].size for g in tied)
+            assert len({len(plan.groups[g].keep) for g in tie if g in plan.groups}) == 1, (label, tie)
+        assert any(len(plan.groups[g].keep) < graph[g].size for g in tied if g in plan.groups)
         pruned = pc.apply_plan(model, plan, graph=graph)
-        folder = pc.save_pretrained(pruned, tmp_path / method)
+        folder = pc.save_pretrained(pruned, tmp_path / label)
         again = type(pruned).from_pretrained(folder).eval()
         with torch.no_grad():
-            assert (hf_zoo.output(again(x)) - hf_zoo.output(pruned(x))).abs().max().item() == 0.0
+            assert (hf_zoo.output(again(x)) - hf_zoo.output(pruned(x))).abs().max().item() == 0.0, label
 
 
 def test_statable_names_why_groups_stay() -> None:
