@@ -129,8 +129,8 @@ class AllocationProblem:
     separable score: every predicted metric is monotone in it, so the least score within a budget is
     the best predicted plan. Without one, each group's change from its own curve is added up.
     `latency` (`with_latency`) prices latency budgets and reports. `ties` (`with_ties`) are sets of
-    equal-size groups that every method keeps at one count, e.g. the MLP of every layer of a
-    transformer whose config states one MLP width.
+    groups that every method keeps at one fraction, e.g. the MLP of every layer of a transformer
+    whose config states one MLP width.
     """
 
     graph: ChannelGraph
@@ -291,7 +291,7 @@ def allocation_problem(
     `curves.attrs["config"]`), so the units a plan keeps are the units the curves measured;
     `metric` defaults to the first of loss, kl, accuracy, agreement the curves have. `latency`
     (`prunecore.latency.latency_model` of this model) lets plans meet `Budget(latency=ms)`; `ties`
-    (see `with_ties`) keep sets of groups at one count.
+    (see `with_ties`) keep sets of groups at one fraction.
     """
     config = dict(curves.attrs.get("config", {})) if curves is not None else {}
     criterion = _consistent("criterion", criterion, config.get("criterion"), "l1")
@@ -314,14 +314,18 @@ def allocation_problem(
 
 
 def with_ties(problem: AllocationProblem, ties: Sequence[Sequence[str]]) -> AllocationProblem:
-    """`problem` keeping each set of `ties` at one kept count: every method moves a set as one group.
+    """`problem` keeping each set of `ties` at one kept fraction: every method moves a set as one group.
 
     What a model's format can state decides this, not the curves: a HuggingFace config states one
-    MLP width and one head count for all layers (`prunecore.hf.statable`). A set's predicted damage is
-    the sum of its groups' (each still read off its own curve), so allocation weighs the whole set.
-    The groups of a set must be prunable, of one size, and in no other set.
+    MLP width and one head count for all layers, and BERT-style configs a width that is the head
+    count times the head size (`prunecore.hf.statable`). The set's smallest group decides, and each
+    other group keeps its size over the smallest's times as many units (the groups' sizes must be
+    multiples of the smallest), so the counts stay in proportion. A set's predicted damage is the sum
+    of its groups' (each read off its own curve), so allocation weighs the whole set. The groups of
+    a set must be prunable and in no other set.
     """
     seen: set[str] = set()
+    ordered = []
     for tie in ties:
         for name in tie:
             if name not in problem.cost.groups:
@@ -329,10 +333,15 @@ def with_ties(problem: AllocationProblem, ties: Sequence[Sequence[str]]) -> Allo
             if name in seen:
                 raise AllocationError(f"group {name!r} is in more than one tie")
             seen.add(name)
-        sizes = {problem.graph[n].size for n in tie}
-        if len(sizes) > 1:
-            raise AllocationError(f"tied groups must have one size; {', '.join(tie)} have {sorted(sizes)} units")
-    return dataclasses.replace(problem, ties=tuple(tuple(t) for t in ties if len(t) > 1))
+        tie = sorted(tie, key=lambda n: problem.graph[n].size)  # the smallest first: it decides
+        smallest = problem.graph[tie[0]].size
+        if any(problem.graph[n].size % smallest for n in tie):
+            sizes = [problem.graph[n].size for n in tie]
+            raise AllocationError(f"tied groups must have sizes that are multiples of the smallest; {', '.join(tie)} "
+                                  f"have {sizes} units")  # fmt: skip
+        if len(tie) > 1:
+            ordered.append(tuple(tie))
+    return dataclasses.replace(problem, ties=tuple(ordered))
 
 
 def with_latency(problem: AllocationProblem, latency: LatencyModel | None) -> AllocationProblem:
@@ -457,7 +466,7 @@ def allocate(
     (a number) or the named ones (a mapping); `locked` pins groups to a sparsity and `exclude`
     keeps groups dense. Raises `AllocationError` when no plan within the bounds meets the budget.
     `device` is where a data-driven criterion (Taylor) scores the units; default, where the model is.
-    `latency` prices a `Budget(latency=ms)`; `ties` keep sets of groups at one count (`with_ties`).
+    `latency` prices a `Budget(latency=ms)`; `ties` keep sets of groups at one fraction (`with_ties`).
     """
     problem = allocation_problem(curves, graph, model, metric, criterion, round_to, data, model_name, device, latency,
                                  ties)  # fmt: skip
@@ -600,7 +609,8 @@ class _Search:
     every other group stays at `hi` (dense, or where it is locked). `options[g]` are the kept
     counts a curve-driven method may choose, `hi` first, and `harm[g]` their predicted damage.
     A tie (`problem.ties`) is one free group, its first (`tied[g]`: all its groups); its other groups
-    follow it in every cost (`expand`), and its harm is the sum of theirs, so methods need not know.
+    follow it in every cost (`expand`, `scale[t]` units per unit of the first), and its harm is the
+    sum of theirs, so methods need not know.
     """
 
     problem: AllocationProblem
@@ -612,6 +622,7 @@ class _Search:
     options: dict[int, np.ndarray] = field(default_factory=dict)
     harm: dict[int, np.ndarray] = field(default_factory=dict)
     tied: dict[int, list[int]] = field(default_factory=dict)
+    scale: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, problem: AllocationProblem, budget: Budget, curve_driven: bool, min_s: Bound, max_s: Bound,
@@ -646,26 +657,29 @@ class _Search:
                 lo[g] = max(lo[g], math.ceil(size * (1 - measured) - 1e-9))
             if lo[g] < hi[g]:
                 free.append(g)
-        tied = _tie(problem, free, lo, hi, pinned)
+        tied, scale = _tie(problem, free, lo, hi, pinned)
         if budget.kind == "latency" and problem.latency is None:
             raise AllocationError(_NO_LATENCY_MODEL)
-        search = cls(problem, budget.kind, budget.target(cls._dense(problem, budget.kind)), free, lo, hi, tied=tied)
+        search = cls(problem, budget.kind, budget.target(cls._dense(problem, budget.kind)), free, lo, hi, tied=tied,
+                     scale=scale)  # fmt: skip
         if curve_driven:
             for g in free:
                 size = int(cm.sizes[g])
                 grid = {kept_units(size, float(s), r) for s in _GRID}
                 kept = sorted({k for k in grid if lo[g] <= k <= hi[g]} | {int(lo[g]), int(hi[g])}, reverse=True)
                 search.options[g] = np.array(kept, dtype=np.int64)
-                search.harm[g] = sum(problem.damage(cm.groups[t], search.options[g]) for t in tied.get(g, [g]))
+                search.harm[g] = sum(problem.damage(cm.groups[t], search.options[g] * scale.get(t, 1))
+                                     for t in tied.get(g, [g]))  # fmt: skip
         return search
 
     def expand(self, kept: np.ndarray) -> np.ndarray:
-        """`kept` (`(G,)` or `(G, N)`) with every tied group at its tie's first group's count."""
+        """`kept` (`(G,)` or `(G, N)`) with every tied group at its tie's first group's count, in proportion."""
         if not self.tied:
             return kept
         kept = kept.copy()
         for g, members in self.tied.items():
-            kept[members] = kept[g]
+            for t in members[1:]:
+                kept[t] = kept[g] * self.scale[t]
         return kept
 
     def coupled(self) -> dict[int, set[int]]:
@@ -729,30 +743,44 @@ class _Search:
 
 
 def _tie(problem: AllocationProblem, free: list[int], lo: np.ndarray, hi: np.ndarray,
-         pinned: Mapping[str, float]) -> dict[int, list[int]]:  # fmt: skip
-    """Fold each tie of `problem` into its first group, in place: the tie is free only if every group is,
-    between the tightest of their bounds; a pinned group pins the tie. Returns first group -> all groups."""
+         pinned: Mapping[str, float]) -> tuple[dict[int, list[int]], dict[int, int]]:  # fmt: skip
+    """Fold each tie of `problem` into its first (smallest) group, in place: the tie is free only if every
+    group is, between the tightest of their bounds; a pinned group pins the tie. Returns (first group ->
+    all its groups, group -> its size over the first's)."""
     index = {name: g for g, name in enumerate(problem.cost.groups)}
+    sizes = problem.cost.sizes
     tied: dict[int, list[int]] = {}
+    scale: dict[int, int] = {}
     for tie in problem.ties:
         members = [index[n] for n in tie]
+        k = {g: int(sizes[g]) // int(sizes[members[0]]) for g in members}
         pins = {pinned[n] for n in tie if n in pinned}
         if len(pins) > 1:
             raise AllocationError(f"tied groups {', '.join(tie)} are pinned to different sparsities {sorted(pins)}")
-        low, high = int(lo[members].max()), int(hi[members].min())
+        low = max(-(-int(lo[g]) // k[g]) for g in members)  # in units of the first group
+        high = min(int(hi[g]) // k[g] for g in members)
         if pins:  # every group of the tie where the pinned one is
-            low = high = int(next(hi[index[n]] for n in tie if n in pinned))
+            g = index[next(n for n in tie if n in pinned)]
+            if hi[g] % k[g]:
+                raise AllocationError(f"group {problem.cost.groups[g]!r} is pinned to keep {int(hi[g])} units, not a "
+                                      f"multiple of {k[g]} as its tie needs")  # fmt: skip
+            low = high = int(hi[g]) // k[g]
         elif any(g not in free for g in members) or low > high:  # one group cannot move: none can
-            low = high = int(hi[members].max())
-        lo[members], hi[members] = low, high
+            lo[members] = hi[members]
+            for g in members:
+                if g in free:
+                    free.remove(g)
+            continue
         for g in members:
+            lo[g], hi[g] = low * k[g], high * k[g]
             if g in free:
                 free.remove(g)
+        scale.update(k)
         if low < high:
             free.append(members[0])
             tied[members[0]] = members
     free.sort()
-    return tied
+    return tied, scale
 
 
 def _bound(bound: Bound, name: str, what: str) -> float:

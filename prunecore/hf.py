@@ -236,12 +236,15 @@ class Statable:
 def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
     """The ties and kept groups under which any allocation of `model` saves with `save_pretrained`.
 
-    Heads (or KV groups) of every layer are tied where the config states a head count and the head
-    size apart from the width (Llama, Mistral, Qwen2, T5, ViT); where it derives the head size as
-    hidden_size / heads (BERT, RoBERTa, DistilBERT, GPT-2, CLIP) heads stay. MLP neurons of every
-    layer are tied where the config states an MLP width. Every other group (the model width, which
-    transformers also wants a multiple of the head count; a config prunecore has no knowledge of)
-    stays, with its reason. Plans allocated this way still leave the head dim and the layer count.
+    A config states one head count and one MLP width for every layer, so the heads (or KV groups)
+    of all layers are one tie, and so are their MLP neurons. Where the config states the head size
+    apart from the width (Llama, Mistral, Qwen2, T5, ViT), the width stays: transformers wants it a
+    multiple of the head count. Where it derives the head size as hidden_size / heads (BERT,
+    RoBERTa, GPT-2), the width joins the heads' tie in proportion (head size units of width per
+    head), so the quotient stays the head size, and so does every other group of the width's size
+    (hidden -> hidden layers such as BERT's pooler, which the config sizes by hidden_size too); where
+    the width cannot be pruned (DistilBERT's and CLIP's outputs) the heads stay. Every other group stays, with
+    its reason; so does every group of a config prunecore has no knowledge of (Swin, ConvNeXt).
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
@@ -253,43 +256,53 @@ def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
     kind = type(config).__name__
     if keys is None or (keys.heads is None and keys.mlp is None):
         return Statable((), {g: f"{kind} states no pruned size prunecore knows of" for g in prunable})
-    heads, mlp = [], []
+    heads, widths, mlp, head_sizes = [], [], [], set()
     for path, m in model.named_modules():
         name = qualname(type(m))
         if name in ATTENTION:
-            heads += _output_groups(model, f"{path}.{ATTENTION[name].query}", owner)
+            query = f"{path}.{ATTENTION[name].query}"
+            heads += _groups_of(model, query, owner, output=True)
+            widths += _groups_of(model, query, owner, output=False)
+            head_sizes.add(ATTENTION[name].head_size(m))
         elif name in MLP:
-            mlp += _output_groups(model, f"{path}.{MLP[name]}", owner)
-    if keys.heads is None:
-        heads_key, heads_why = None, f"{kind} states no head count"
-    elif keys.head_dim is None:
-        heads_key, heads_why = None, (f"{kind} derives the head size from hidden_size / {keys.heads}, so the width "
-                                      "would have to shrink with the heads")  # fmt: skip
-    else:
-        heads_key, heads_why = keys.heads, ""
+            mlp += _groups_of(model, f"{path}.{MLP[name]}", owner, output=True)
+    heads, widths, mlp = (list(dict.fromkeys(g)) for g in (heads, widths, mlp))  # T5's layers share one heads group
     keep: dict[str, str] = {}
     ties: list[tuple[str, ...]] = []
-    for what, groups, key, why in (("attention heads", heads, heads_key, heads_why),
-                                   ("MLP neurons", mlp, keys.mlp, f"{kind} states no MLP width")):  # fmt: skip
-        groups = list(dict.fromkeys(groups))  # T5's layers share one heads group
+    for what, groups, key in (("attention heads", heads, keys.heads), ("MLP neurons", mlp, keys.mlp)):
         if key is None:
-            keep.update({g: f"{what}: {why}" for g in groups})
+            keep.update({g: f"{what}: {kind} states no such count" for g in groups})
         elif len({graph[g].size for g in groups}) > 1:
             keep.update({g: f"{what}: the layers already differ in size, which one {key} cannot state" for g in groups})
         elif groups:
             ties.append(tuple(groups))
+    if keys.head_dim is None and heads and heads[0] not in keep:  # the head size is hidden_size / heads
+        size = graph[heads[0]].size
+        if len(widths) == 1 and len(head_sizes) == 1 and graph[widths[0]].size == size * next(iter(head_sizes)):
+            width = graph[widths[0]].size  # hidden -> hidden layers (BERT's pooler) are hidden_size too
+            taken = {g for t in ties for g in t} | set(keep)
+            ties[0] += tuple(g for g in prunable if graph[g].size == width and g not in taken)
+        else:
+            del ties[0]
+            keep.update({g: f"attention heads: {kind} derives the head size from hidden_size / {keys.heads}, and the "
+                            "width cannot shrink with them (it is not one prunable group feeding every attention)"
+                         for g in heads})  # fmt: skip
     tied = {g for t in ties for g in t}
     for g in prunable:
-        if g not in tied and g not in keep:
-            keep[g] = (f"{kind} states one model width for every layer (transformers also wants it a multiple of "
-                       "the head count): the width and other groups stay")  # fmt: skip
+        if g in tied or g in keep:
+            continue
+        if g in widths:
+            keep[g] = f"the model width: {kind} wants it a multiple of the head count, which allocation cannot promise"
+        else:
+            keep[g] = f"{kind} states no size for this group alone"
     return Statable(tuple(ties), keep)
 
 
-def _output_groups(model: nn.Module, layer: str, owner: Mapping[tuple[str, str, int], str]) -> list[str]:
-    """The groups that cut the outputs of projection `layer` (a Linear, or GPT-2's Conv1D stored (in, out))."""
-    dim = 0 if isinstance(model.get_submodule(layer), nn.Linear) else 1
-    group = owner.get((layer, "weight", dim))
+def _groups_of(model: nn.Module, layer: str, owner: Mapping[tuple[str, str, int], str], output: bool) -> list[str]:
+    """The group that cuts the outputs (or inputs) of projection `layer`, if any: a Linear, or GPT-2's
+    Conv1D (weight stored (in, out))."""
+    linear = isinstance(model.get_submodule(layer), nn.Linear)
+    group = owner.get((layer, "weight", (0 if linear else 1) if output else (1 if linear else 0)))
     return [group] if group is not None else []
 
 

@@ -220,6 +220,7 @@ def chain_problem(seed: int = 0) -> tuple[torch.nn.Module, pc.ChannelGraph, pc.A
 
 @pytest.mark.parametrize("method", pc.list_methods())
 def test_tied_groups_keep_one_count_and_the_budget_holds(method):
+    """Equal sizes: one count. (Proportional ties: `test_a_tie_keeps_one_fraction_of_groups_of_multiple_sizes`.)"""
     model, graph, problem, names = chain_problem()
     tied = pc.with_ties(problem, [(names[0], names[2])])
     for fraction in (0.8, 0.3):  # 0.3 cannot be met without the tie
@@ -244,6 +245,33 @@ def test_dp_finds_the_brute_force_optimum_under_ties(seed):
         assert harm(problem, plan) == pytest.approx(brute_force_harm(search), abs=1e-9)
 
 
+class Widths(torch.nn.Module):
+    """Hidden layers of 4, 8 and 16: a tie of all three keeps one fraction, as BERT's heads and width do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(8, 4), torch.nn.Linear(4, 8), torch.nn.Linear(8, 16),
+                                          torch.nn.Linear(16, 2))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("method", pc.list_methods())
+def test_a_tie_keeps_one_fraction_of_groups_of_multiple_sizes(method):
+    torch.manual_seed(0)
+    model = Widths()
+    graph = pc.trace(model, torch.randn(2, 8))
+    names = sorted((g.name for g in graph.prunable), key=lambda n: graph[n].size)
+    assert [graph[n].size for n in names] == [4, 8, 16]
+    problem = pc.with_ties(pc.allocation_problem(synthetic_curves(graph), graph, model), [names[::-1]])
+    assert problem.ties == (tuple(names),)  # the smallest first: it decides
+    plan = pc.solve(problem, pc.Budget(flops=0.5), method)
+    kept = [len(plan.groups[n].keep) for n in names]
+    assert kept[0] < 4 and kept == [kept[0], 2 * kept[0], 4 * kept[0]]
+    assert pc.count(pc.apply_plan(model, plan, graph=graph), torch.randn(1, 8)).flops <= 0.5 * problem.cost.dense[1]
+
+
 def test_a_pinned_group_pins_its_tie_and_bad_ties_are_refused():
     _, graph, problem, names = chain_problem()
     tied = pc.with_ties(problem, [(names[0], names[1])])
@@ -258,12 +286,10 @@ def test_a_pinned_group_pins_its_tie_and_bad_ties_are_refused():
     with pytest.raises(AllocationError, match="not a prunable group"):
         pc.with_ties(problem, [(names[0], "nope")])
     model, graph, other = toy_problem(TwoResiduals)
-    sizes = {}
-    for g in graph.prunable:
-        sizes.setdefault(g.size, g.name)
-    if len(sizes) > 1:
-        with pytest.raises(AllocationError, match="must have one size"):
-            pc.with_ties(other, [tuple(sizes.values())[:2]])
+    sizes = {g.size: g.name for g in graph.prunable}
+    assert {6, 8} <= set(sizes)
+    with pytest.raises(AllocationError, match="multiples of the smallest"):
+        pc.with_ties(other, [(sizes[6], sizes[8])])
 
 
 def test_curve_methods_stay_within_the_measured_range_and_leave_unswept_groups_dense():

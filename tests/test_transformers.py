@@ -101,10 +101,13 @@ def test_uniform_plan_round_trips_through_from_pretrained(tmp_path: Path) -> Non
         assert torch.equal(again(x).logits, pruned(x).logits)
 
 
-# per architecture: the sizes of its tied sets under `statable` (one count per layer), or () when its
-# config states no pruned size prunecore knows (Swin's per-stage heads and MLP ratio, ConvNeXt)
-STATABLE = {"bert": (2,), "roberta": (2,), "distilbert": (2,), "gpt2": (2,), "clip-vision": (2,),  # MLPs only
-            "llama": (2, 2), "mistral": (2, 2), "qwen2": (2, 2), "vit": (2, 2),  # heads (KV groups) and MLPs
+# per architecture: the sizes of its tied sets under `statable`, or () when its config states no
+# pruned size prunecore knows (Swin's per-stage heads and MLP ratio, ConvNeXt). Where the config
+# derives the head size from the width, the width joins the heads' tie, with the hidden -> hidden
+# layers the config also sizes by hidden_size (BERT's pooler); where the width is
+# the model's output (DistilBERT, CLIP vision: not prunable), their heads stay.
+STATABLE = {"bert": (4, 2), "roberta": (3, 2), "gpt2": (3, 2), "distilbert": (2,), "clip-vision": (2,),
+            "llama": (2, 2), "mistral": (2, 2), "qwen2": (2, 2), "vit": (2, 2),  # heads (KV groups), MLPs
             "t5-encoder": (1, 2), "swin": (), "convnext": ()}  # T5's heads are one group already  # fmt: skip
 
 
@@ -129,10 +132,12 @@ def test_statable_allocation_always_reloads_with_from_pretrained(name: str, tmp_
     plans = {method: pc.solve(problem, pc.Budget(flops=(1 + floor) / 2), method, exclude=list(limits.keep))
              for method in ("dp", "global")}  # fmt: skip
     for sparsity in (0.3, 0.5):  # every statable group at once, as the issue's round-trip asks
-        plans[f"all {sparsity}"] = pc.make_plan(model, graph, {g: sparsity for g in tied})
+        fractions = {g: 1 - pc.kept_units(graph[t[0]].size, sparsity) / graph[t[0]].size
+                     for t in limits.ties for g in t}  # fmt: skip
+        plans[f"all {sparsity}"] = pc.make_plan(model, graph, fractions)
     for label, plan in plans.items():
-        for tie in limits.ties:
-            assert len({len(plan.groups[g].keep) for g in tie if g in plan.groups}) == 1, (label, tie)
+        for tie in limits.ties:  # one kept fraction per tie
+            assert len({len(plan.groups[g].keep) / graph[g].size for g in tie if g in plan.groups}) == 1, (label, tie)
         assert any(len(plan.groups[g].keep) < graph[g].size for g in tied if g in plan.groups)
         pruned = pc.apply_plan(model, plan, graph=graph)
         folder = pc.save_pretrained(pruned, tmp_path / label)
@@ -143,10 +148,16 @@ def test_statable_allocation_always_reloads_with_from_pretrained(name: str, tmp_
 
 def test_statable_names_why_groups_stay() -> None:
     model, x = hf_zoo.build("bert")
-    keep = pc.statable(model, pc.trace(model, x)).keep
-    heads = keep["bert.encoder.layer.0.attention.self.query"]
-    assert "derives the head size from hidden_size / num_attention_heads" in heads
-    assert "one model width" in keep["bert.embeddings.word_embeddings"]
+    graph = pc.trace(model, x)
+    limits = pc.statable(model, graph)
+    width = "bert.embeddings.word_embeddings"
+    assert {width, "bert.pooler.dense", "bert.encoder.layer.0.attention.self.query"} <= set(limits.ties[0])
+    distilbert, x = hf_zoo.build("distilbert")
+    keep = pc.statable(distilbert, pc.trace(distilbert, x)).keep
+    assert "the width cannot shrink with them" in keep["transformer.layer.0.attention.q_lin"]
+    llama, x = hf_zoo.build("llama")
+    keep = pc.statable(llama, pc.trace(llama, x)).keep
+    assert "a multiple of the head count" in keep["model.embed_tokens"]
     with pytest.raises(HFError, match="has no config"):
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         pc.statable(model, pc.trace(model, torch.randn(1, 4)))
