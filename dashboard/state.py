@@ -24,11 +24,12 @@ import ipaddress
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -106,6 +107,7 @@ LATENCY_BATCH = "latency_batch"  # the batch size its latency is predicted at
 MEASURE_LATENCY = "latency_measure"  # its "Measure latency tables" button
 LATENCY = "latency_built"  # what the Plan page predicts latency with: (workspace key, runtime, batch), or None
 LATENCY_MS = "latency_budget_ms"  # the latency budget in milliseconds, when the budget is on latency
+STATABLE = "statable"  # the Plan page allocates only what a transformers config can state (`prunecore.statable`)
 PLAN_PAGE_WIDGETS = (LATENCY_MS,)  # kept across pages without a default (it is set when latency is measured)
 
 DEFAULTS: dict[str, Any] = {
@@ -128,6 +130,7 @@ DEFAULTS: dict[str, Any] = {
     LATENCY_RUNTIME: "torch",
     LATENCY_BATCH: 1,
     LIVE_ON: True,
+    STATABLE: False,
     FT_EPOCHS: 3,
     FT_LR: 0.01,
     FT_DISTILL_ON: True,
@@ -951,6 +954,21 @@ def chosen_budget() -> pc.Budget:
     return pc.Budget(**{kind: st.session_state[BUDGET_VALUE]})
 
 
+def statable_limits(ws: Workspace) -> pc.Statable | None:
+    """How to allocate so that transformers' `from_pretrained` loads the plan; None for a model without a config."""
+    if getattr(getattr(ws.model, "config", None), "model_type", None) is None:
+        return None
+    return pc.statable(ws.model, ws.graph)
+
+
+def pretrained_zip(ws: Workspace, plan: pc.Plan) -> bytes:
+    """The plan applied and saved with `prunecore.save_pretrained`, as a zip of the folder (HFError if it cannot)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pc.save_pretrained(pc.apply_plan(ws.model, plan, graph=ws.graph), Path(tmp) / "pruned")
+        archive = shutil.make_archive(str(Path(tmp) / "pruned"), "zip", root_dir=folder)
+        return Path(archive).read_bytes()
+
+
 def _budget_target(made: pc.AllocationProblem, spent: pc.Budget) -> str:
     """What an allocation was for, in `sync_sliders`' target: the budget, and for milliseconds what predicts them."""
     if spent.kind == "latency" and made.latency is not None:
@@ -1171,17 +1189,18 @@ def locked_groups(names: Iterable[str]) -> list[str]:
 
 
 def sync_sliders(problem: pc.AllocationProblem, budget: pc.Budget, method: str, run: str,
-                 reallocate: bool) -> tuple[dict[str, int], str | None]:  # fmt: skip
+                 reallocate: bool, exclude: Sequence[str] = ()) -> tuple[dict[str, int], str | None]:  # fmt: skip
     """Apply the method to the unlocked sliders when it should (see above); its allocation and a note.
 
     A new model (or an allocation for other groups) starts over: every slider at the method's
     value, no locks. An uploaded plan (`load_sliders`) is the reference until re-allocated. A
     re-allocation passes every locked group's kept count to `prunecore.solve` as its locked
-    sparsity, so locked groups keep exactly their counts. When `solve` fails (a budget the locks
-    make impossible) its message shows and the sliders stay as they are.
+    sparsity, so locked groups keep exactly their counts; `exclude` (and the problem's ties) go to
+    `solve` as they are. When `solve` fails (a budget the locks make impossible) its message shows
+    and the sliders stay as they are.
     """
     names = list(problem.cost.groups)
-    target = (problem.model_name, run, _budget_target(problem, budget), method)
+    target = (problem.model_name, run, _budget_target(problem, budget), method, problem.ties, tuple(exclude))
     loaded = st.session_state.pop(LOADED, None)
     if loaded is not None:  # the plan's groups are on the sliders; the groups it leaves out are dense
         for name in set(names) - set(loaded):
@@ -1206,7 +1225,8 @@ def sync_sliders(problem: pc.AllocationProblem, budget: pc.Budget, method: str, 
             return allocated["kept"], note
     with user_errors(stop=False):
         sizes = {n: problem.graph[n].size for n in locked}
-        plan = pc.solve(problem, budget, method, locked={n: sparsity_of(k, sizes[n]) for n, k in locked.items()})
+        plan = pc.solve(problem, budget, method, locked={n: sparsity_of(k, sizes[n]) for n, k in locked.items()},
+                        exclude=[n for n in exclude if n not in locked])  # fmt: skip
         kept = {n: len(g.keep) for n, g in plan.groups.items()}
         for name in names:
             if name not in locked:

@@ -208,3 +208,35 @@ def test_the_export_page_is_a_summary_a_download_and_a_collapsed_fixed_height_js
     assert 0 < box.proto.height_config.pixel_height <= 600
     assert [n.type for n in nodes(box) if n.type == "code"] == ["code"] and len(at.code) == 1
     assert pc.Plan.from_json(at.code[0].value) == pc.Plan.from_json(plan.to_json())
+
+
+def test_a_transformers_model_allocates_what_its_config_states_and_exports_a_folder_from_pretrained_reads(tmp_path):
+    """tinylm: the Only-what-transformers-can-load toggle ties each layer's MLP and KV groups and keeps the width;
+    the Export page's zip reloads with from_pretrained and equals the plan applied."""
+    import io
+    import zipfile
+
+    import torch
+    import transformers
+
+    run_sweep(app("sensitivity", model_spec="sample:tinylm"))
+    at = app("plan", model_spec="sample:tinylm")
+    assert not at.session_state[state.STATABLE]
+    at.toggle(key=state.STATABLE).set_value(True).run()
+    ok(at)
+    plan = at.session_state["edited_plan"]
+    for part in ("mlp.gate_proj", "self_attn.q_proj"):
+        assert len({len(plan.groups[f"model.layers.{i}.{part}"].keep) for i in range(6)}) == 1, part
+    assert len(plan.groups["model.embed_tokens"].keep) == 128
+    assert plan.totals.flops_after <= 0.5 * plan.totals.flops_before
+    assert any("stay dense" in c.value for c in at.caption)
+    at.switch_page("views/export.py").run()
+    at.button(key="build_pretrained").click().run()
+    ok(at)
+    assert not at.error and "download_pretrained" in [b.key for b in at.get("download_button")]
+    zipfile.ZipFile(io.BytesIO(at.session_state["pretrained_zip"][1])).extractall(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    sample = pc.load_sample("tinylm")
+    pruned = pc.apply_plan(sample.model, plan)
+    with torch.no_grad():
+        assert torch.equal(again(sample.example).logits, pruned(sample.example).logits)

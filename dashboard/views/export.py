@@ -1,5 +1,6 @@
-"""Export page: download the plan JSON, the pruned model and, once the Recover page has fine-tuned this plan, the
-recovered model; upload a plan to continue editing it."""
+"""Export page: download the plan JSON, the pruned model (and for a transformers model a folder `from_pretrained`
+reads) and, once the Recover page has fine-tuned this plan, the recovered model; upload a plan to continue editing
+it."""
 
 import tempfile
 from pathlib import Path
@@ -49,6 +50,18 @@ else:
         right.download_button("Download the pruned model (.pt)", built[1], file_name="pruned.pt",
                               mime="application/octet-stream", key="download_pruned")  # fmt: skip
         right.caption("Rebuild it with `model, plan = prunecore.load_pruned('pruned.pt')`.")
+    if state.statable_limits(ws) is not None:  # a transformers model: a folder its from_pretrained reads
+        if right.button("Build a transformers folder (.zip)", key="build_pretrained",
+                        help="The plan applied and saved with prunecore.save_pretrained; refused, with the reason, "
+                             "when the model's config cannot state the pruned sizes (allocate with Only what "
+                             "transformers can load on the Plan page)."):  # fmt: skip
+            with state.user_errors(stop=False), st.spinner("Applying the plan and saving the folder ..."):
+                st.session_state["pretrained_zip"] = (state.plan_key(plan), state.pretrained_zip(ws, plan))
+        folder = st.session_state.get("pretrained_zip")
+        if folder is not None and folder[0] == state.plan_key(plan):
+            right.download_button("Download the transformers folder (.zip)", folder[1], file_name="pruned-hf.zip",
+                                  mime="application/zip", key="download_pretrained")  # fmt: skip
+            right.caption("Unzip it and load it with `from_pretrained(folder)`: its config states the pruned sizes.")
     recovery = state.recovered(ws, plan)
     if recovery is not None:
         name = charts.recovery_metric(recovery)

@@ -77,7 +77,19 @@ reallocate = c4.button("Re-allocate unlocked groups", key="reallocate",
                             "Until you press it, your edits stay.")  # fmt: skip
 budget = state.chosen_budget()
 method = st.session_state[state.METHOD]
-reference, note = state.sync_sliders(problem, budget, method, frame.attrs.get("run_id", ""), reallocate)
+limits, allocating, exclude = state.statable_limits(ws), problem, []
+if limits is not None:  # a transformers model: offer plans its config can state
+    st.toggle("Only what transformers can load", key=state.STATABLE,
+              help="Allocate one head count and one MLP width for every layer (and, where the config derives the "
+                   "head size from the width, the width with the heads), keeping the groups the config cannot "
+                   "size dense, so that the Export page can save the pruned model for transformers' "
+                   "from_pretrained. Sliders you edit afterwards may leave that.")  # fmt: skip
+    if st.session_state[state.STATABLE]:
+        allocating, exclude = pc.with_ties(problem, limits.ties), list(limits.keep)
+        kept_dense = sorted(set(limits.keep.values()))
+        st.caption(f"{len(limits.ties)} set(s) of groups move together; {len(limits.keep)} group(s) stay dense"
+                   + (": " + "; ".join(kept_dense) if kept_dense else "") + ".")  # fmt: skip
+reference, note = state.sync_sliders(allocating, budget, method, frame.attrs.get("run_id", ""), reallocate, exclude)
 if note:
     st.info(note)
 current = state.slider_kept(problem)
