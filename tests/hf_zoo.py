@@ -39,6 +39,8 @@ MODELS: dict[str, Entry] = {
     "llama": Entry(lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_TOKENS, **_GQA)), True),
     "mistral": Entry(lambda: tf.MistralForCausalLM(tf.MistralConfig(**_TOKENS, **_GQA)), True),
     "qwen2": Entry(lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_TOKENS, **_GQA)), True),
+    "qwen3": Entry(lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_TOKENS, **_GQA, head_dim=16)), True),
+    "gemma": Entry(lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_TOKENS, **_GQA, head_dim=16)), True),
     "t5-encoder": Entry(lambda: tf.T5EncoderModel(tf.T5Config(
         **_TOKENS, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2)), True),
     "vit": Entry(lambda: tf.ViTForImageClassification(tf.ViTConfig(image_size=32, patch_size=8, **_H)), False),

@@ -11,7 +11,7 @@ Rotary embeddings act inside a head, so the head dim is never cut. What needs kn
   `inner_dim`, ...) that `fix` re-derives from the sliced query projection, so that the pruned
   module describes itself and GPT-2's `split(self.split_size)` follows pruned heads.
 - Swin's relative position bias table has a column per head, cut with its head.
-- RMSNorm (Llama, Mistral, Qwen2, T5) computes its statistics in the forward; followed whole, the
+- RMSNorm (Llama, Mistral, Qwen2, Qwen3, Gemma, T5) computes its statistics in the forward; followed whole, the
   model width goes through it like through a LayerNorm (statistics over the kept channels).
 - The model's `config`: `fix` on the `PreTrainedModel` writes the pruned sizes (heads, KV heads,
   head dim, MLP width) where the architecture's config can state them, so `save_pretrained` →
@@ -100,6 +100,8 @@ ATTENTION: dict[str, Attention] = {
     "transformers.models.llama.modeling_llama.LlamaAttention": _LLAMA,
     "transformers.models.mistral.modeling_mistral.MistralAttention": _LLAMA,
     "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": _LLAMA,
+    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": _LLAMA,
+    "transformers.models.gemma.modeling_gemma.GemmaAttention": _LLAMA,
 }  # fmt: skip
 
 MLP: dict[str, str] = {  # MLP class -> its projection whose outputs are the neurons
@@ -115,12 +117,16 @@ MLP: dict[str, str] = {  # MLP class -> its projection whose outputs are the neu
     "transformers.models.llama.modeling_llama.LlamaMLP": "up_proj",
     "transformers.models.mistral.modeling_mistral.MistralMLP": "up_proj",
     "transformers.models.qwen2.modeling_qwen2.Qwen2MLP": "up_proj",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3MLP": "up_proj",
+    "transformers.models.gemma.modeling_gemma.GemmaMLP": "up_proj",
 }
 
 NORMS = (  # RMSNorms with a weight per channel of the last dim (`_rules.rms_norm`)
     "transformers.models.llama.modeling_llama.LlamaRMSNorm",
     "transformers.models.mistral.modeling_mistral.MistralRMSNorm",
     "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm",  # also q_norm / k_norm, over the head dim (never cut)
+    "transformers.models.gemma.modeling_gemma.GemmaRMSNorm",  # x / rms * (1 + w): the weight is still per channel
     "transformers.models.t5.modeling_t5.T5LayerNorm",
 )
 
@@ -139,6 +145,8 @@ CONFIG: dict[str, ConfigKeys] = {  # config.model_type -> keys
     "llama": _LLAMA_KEYS,
     "mistral": _LLAMA_KEYS,
     "qwen2": _LLAMA_KEYS,
+    "qwen3": _LLAMA_KEYS,
+    "gemma": _LLAMA_KEYS,
 }
 
 
