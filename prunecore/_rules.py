@@ -659,6 +659,17 @@ def functional_linear(c: Call) -> Label:
     return along(ids_out, c.out.dim() - 1, c.out.dim())
 
 
+def functional_embedding(c: Call) -> Label:
+    """F.embedding with a module's own table (an Embedding subclass with its own forward: Gemma's scaled one)."""
+    weight = c.arg(1, "weight")
+    w = _owner(c, weight)
+    if w is None or weight.dim() != 2:
+        return unsupported(c)
+    ids_out = c.st.origin(w[0], weight.shape[1])
+    c.st.record((w[0], w[1], 1), ids_out, output=True)
+    return along(ids_out, c.out.dim() - 1, c.out.dim())
+
+
 def functional_batch_norm(c: Call) -> Label:
     """F.batch_norm with a module's own statistics and affine parameters (timm's `BatchNormAct2d`)."""
     x, lab = c.args[0], c.labels[0]
@@ -985,9 +996,9 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.roll: apply_same, torch.repeat_interleave: apply_same, torch.tile: apply_same,
     torch.conv1d: functional_conv, torch.conv2d: functional_conv, torch.conv3d: functional_conv,
     F.linear: functional_linear, F.batch_norm: functional_batch_norm, F.normalize: normalize,
-    F.scaled_dot_product_attention: scaled_dot_product_attention,
+    F.embedding: functional_embedding, F.scaled_dot_product_attention: scaled_dot_product_attention,
 }  # fmt: skip
-for _rule in (functional_conv, functional_linear, functional_batch_norm):
+for _rule in (functional_conv, functional_linear, functional_batch_norm, functional_embedding):
     _rule.params_by_name = True  # type: ignore[attr-defined]  # parameters are recognised by name
 METHOD_RULES: dict[str, Rule] = {
     **{m: elementwise for m in _ELEMENTWISE_METHODS},

@@ -178,8 +178,8 @@ class Recorder:
             if lab is not None:
                 return lab
             target = self.tensor_names.get(id(value))
-            if target is not None and not by_name and value.numel() <= 1 << 22:
-                return self.st.param(target, value)  # a loose parameter: one id per element
+            if target is not None and not by_name and value.dim() > 0 and value.numel() <= 1 << 22:
+                return self.st.param(target, value)  # a loose parameter: one id per element (a 0-d one has none)
             return _rules.fixed_like(value)
         if isinstance(value, (tuple, list)):
             return tuple(self._label_of(v, by_name) for v in value)

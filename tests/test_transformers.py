@@ -28,10 +28,9 @@ DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"}
 FAST = {"bert": (6, True), "gpt2": (5, True), "llama": (5, True), "t5-encoder": (3, True), "swin": (6, False)}
 # every architecture: prunable groups as traced: heads and MLP neurons per layer, the width where
 # nothing fixes it (an output in DistilBERT, CLIP and the T5 encoder),
-# BERT's pooler; T5's layers share one position bias per head, so their heads are one group;
-# Gemma's width stays (its embedding subclass scales by a 0-d buffer the tracer does not follow)
+# BERT's pooler; T5's layers share one position bias per head, so their heads are one group
 GROUPS = {**{k: v[0] for k, v in FAST.items()}, "roberta": 5, "distilbert": 4, "mistral": 5, "qwen2": 5, "vit": 5,
-          "convnext": 4, "clip-vision": 4, "qwen3": 5, "gemma": 4}  # fmt: skip
+          "convnext": 4, "clip-vision": 4, "qwen3": 5, "gemma": 5}  # fmt: skip
 
 
 def _assert_pruned_equals_masked(name: str, sparsity: float) -> hf_zoo.Result:
@@ -79,6 +78,18 @@ def test_grouped_query_attention_prunes_whole_kv_groups() -> None:
     assert model.config.num_attention_heads == 4  # the original's config is untouched
     # layer 1 kept both KV groups, so the config cannot state one count for every layer
     assert any("differ between layers" in reason for reason in pruned.config.prunecore_unstated)
+
+
+def test_gemma_width_prunes_through_its_scaled_embedding_but_is_not_saved_for_transformers(tmp_path: Path) -> None:
+    """Gemma's embedding (an Embedding subclass) scales by sqrt(dense width), a 0-d buffer; its config would
+    rebuild that scale from the pruned width, so save_pretrained refuses a narrower Gemma and says why."""
+    model, x = hf_zoo.build("gemma")
+    graph = pc.trace(model, x)
+    assert graph["model.embed_tokens"].prunable
+    pruned = pc.apply_plan(model, pc.make_plan(model, graph, {"model.embed_tokens": 0.25}), graph=graph)
+    assert pruned.model.embed_tokens.embedding_dim == 48
+    with pytest.raises(HFError, match="square root of the dense width"):
+        pc.save_pretrained(pruned, tmp_path / "out")
 
 
 def test_gated_mlp_prunes_gate_and_up_together() -> None:

@@ -26,6 +26,7 @@ prunecore never imports transformers' model code.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -239,6 +240,13 @@ def _fix_config(model: nn.Module) -> None:
                             f"{keys.heads}, which {heads[0]} heads of {sorted(head_dims)[0]} do not fit")  # fmt: skip
     if mlp:
         _state(config, keys.mlp, "MLP neurons", mlp, unstated)
+    hidden = getattr(config, "hidden_size", None)
+    for m in model.modules():  # Gemma scales embeddings by sqrt(hidden_size), fixed at construction
+        scale = getattr(m, "scalar_embed_scale", None)
+        if isinstance(scale, float) and hidden and not math.isclose(scale, hidden**0.5, rel_tol=1e-6):
+            unstated.append(f"{type(m).__name__} scales by {scale:.6g}, the square root of the dense width, and a "
+                            f"config of width {hidden} would rebuild it as {hidden**0.5:.6g}")  # fmt: skip
+            break
     if unstated:
         setattr(config, UNSTATED, unstated)
     elif hasattr(config, UNSTATED):
