@@ -238,9 +238,9 @@ def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
 
     A config states one head count and one MLP width for every layer, so the heads (or KV groups)
     of all layers are one tie, and so are their MLP neurons. Where the config states the head size
-    apart from the width (Llama, Mistral, Qwen2, T5, ViT), the width stays: transformers wants it a
-    multiple of the head count. Where it derives the head size as hidden_size / heads (BERT,
-    RoBERTa, GPT-2), the width joins the heads' tie in proportion (head size units of width per
+    apart from the width (Llama, Mistral, Qwen2, Qwen3, Gemma, T5, ViT), the width stays: transformers
+    wants it a multiple of the head count. Where it derives the head size as hidden_size / heads
+    (BERT, RoBERTa, GPT-2, OPT), the width joins the heads' tie in proportion (head size units of width per
     head), so the quotient stays the head size, and so does every other group of the width's size
     (hidden -> hidden layers such as BERT's pooler, which the config sizes by hidden_size too); where
     the width cannot be pruned (DistilBERT's and CLIP's outputs) the heads stay. Every other group stays, with

@@ -40,6 +40,9 @@ MODELS: dict[str, Entry] = {
     "mistral": Entry(lambda: tf.MistralForCausalLM(tf.MistralConfig(**_TOKENS, **_GQA)), True),
     "qwen2": Entry(lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_TOKENS, **_GQA)), True),
     "qwen3": Entry(lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_TOKENS, **_GQA, head_dim=16)), True),
+    "opt": Entry(lambda: tf.OPTForCausalLM(tf.OPTConfig(
+        **_TOKENS, hidden_size=64, num_attention_heads=4, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64,
+        max_position_embeddings=64)), True),
     "gemma": Entry(lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_TOKENS, **_GQA, head_dim=16)), True),
     "t5-encoder": Entry(lambda: tf.T5EncoderModel(tf.T5Config(
         **_TOKENS, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2)), True),

@@ -23,14 +23,14 @@ import prunecore as pc  # noqa: E402
 from prunecore.hf import HFError, example_shape, load_hf  # noqa: E402
 
 # name -> (prunable groups, whether the pruned config states every size)
-DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"}
+DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "opt"}
 # (at 50 % every stated architecture keeps 2 of 4 heads of 16 at width 32, which BERT-style configs can state)
 FAST = {"bert": (6, True), "gpt2": (5, True), "llama": (5, True), "t5-encoder": (3, True), "swin": (6, False)}
 # every architecture: prunable groups as traced: heads and MLP neurons per layer, the width where
 # nothing fixes it (an output in DistilBERT, CLIP and the T5 encoder),
 # BERT's pooler; T5's layers share one position bias per head, so their heads are one group
 GROUPS = {**{k: v[0] for k, v in FAST.items()}, "roberta": 5, "distilbert": 4, "mistral": 5, "qwen2": 5, "vit": 5,
-          "convnext": 4, "clip-vision": 4, "qwen3": 5, "gemma": 5}  # fmt: skip
+          "convnext": 4, "clip-vision": 4, "qwen3": 5, "gemma": 5, "opt": 5}  # fmt: skip
 
 
 def _assert_pruned_equals_masked(name: str, sparsity: float) -> hf_zoo.Result:
@@ -118,7 +118,7 @@ def test_uniform_plan_round_trips_through_from_pretrained(tmp_path: Path) -> Non
 # derives the head size from the width, the width joins the heads' tie, with the hidden -> hidden
 # layers the config also sizes by hidden_size (BERT's pooler); where the width is
 # the model's output (DistilBERT, CLIP vision: not prunable), their heads stay.
-STATABLE = {"bert": (4, 2), "roberta": (3, 2), "gpt2": (3, 2), "distilbert": (2,), "clip-vision": (2,),
+STATABLE = {"bert": (4, 2), "roberta": (3, 2), "gpt2": (3, 2), "opt": (3, 2), "distilbert": (2,), "clip-vision": (2,),
             "llama": (2, 2), "mistral": (2, 2), "qwen2": (2, 2), "qwen3": (2, 2), "gemma": (2, 2), "vit": (2, 2),
             "t5-encoder": (1, 2), "swin": (), "convnext": ()}  # T5's heads are one group already  # fmt: skip
 

@@ -79,6 +79,7 @@ class ConfigKeys:
     mlp: str | None
     head_dim: str | None = None
     kv_heads: str | None = None
+    width_too: tuple[str, ...] = ()  # other sizes that equal hidden_size in the dense model and follow it
 
 
 _LLAMA = Attention("q_proj", "head_dim", key="k_proj")
@@ -103,6 +104,7 @@ ATTENTION: dict[str, Attention] = {
     "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": _LLAMA,
     "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": _LLAMA,
     "transformers.models.gemma.modeling_gemma.GemmaAttention": _LLAMA,
+    "transformers.models.opt.modeling_opt.OPTAttention": Attention("q_proj", "head_dim", heads_attrs=("num_heads",)),
 }  # fmt: skip
 
 MLP: dict[str, str] = {  # MLP class -> its projection whose outputs are the neurons
@@ -120,6 +122,7 @@ MLP: dict[str, str] = {  # MLP class -> its projection whose outputs are the neu
     "transformers.models.qwen2.modeling_qwen2.Qwen2MLP": "up_proj",
     "transformers.models.qwen3.modeling_qwen3.Qwen3MLP": "up_proj",
     "transformers.models.gemma.modeling_gemma.GemmaMLP": "up_proj",
+    "transformers.models.opt.modeling_opt.OPTDecoderLayer": "fc1",  # OPT's MLP has no module of its own
 }
 
 NORMS = (  # RMSNorms with a weight per channel of the last dim (`_rules.rms_norm`)
@@ -148,6 +151,7 @@ CONFIG: dict[str, ConfigKeys] = {  # config.model_type -> keys
     "qwen2": _LLAMA_KEYS,
     "qwen3": _LLAMA_KEYS,
     "gemma": _LLAMA_KEYS,
+    "opt": ConfigKeys("num_attention_heads", "ffn_dim", width_too=("word_embed_proj_dim",)),  # head size derived
 }
 
 
@@ -228,7 +232,11 @@ def _fix_config(model: nn.Module) -> None:
             mlp.append(_out_features(m.get_submodule(MLP[name])))
     unstated: list[str] = []
     if len(widths) == 1 and keys.heads is not None:  # the width every attention reads: the model's
-        config.hidden_size = widths.pop()
+        width = widths.pop()
+        for key in keys.width_too:  # (OPT's word_embed_proj_dim: no projection while it equals the width)
+            if getattr(config, key, None) == config.hidden_size:
+                setattr(config, key, width)
+        config.hidden_size = width
     if heads:
         _state(config, keys.heads, "attention heads", heads, unstated)
         if kv_heads:
