@@ -16,13 +16,17 @@
 2. `mode="estimate"` (a Taylor prediction of the loss curve) vs the exact sweep on the three sample
    models: speed-up (aim >= 20x) and Spearman rank correlation of the predicted loss with the exact
    loss and with the exact accuracy drop, over all points: how far users may trust the estimate.
+3. Memory layout: the exact sweep with `channels_last=True` against the default, on the sample
+   ResNet-20 and MobileNetV2 and resnet18, in interleaved rounds: speed-up and how far the points
+   move (`--layout-only` runs this part alone).
 
 Each measurement runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own; `load` is a
 subprocess that only loads the model and data and evaluates once, the baseline of the others. On a
 shared 2-core CPU only ratios from one run mean anything, and even those drift by 15 %: naive and
 sweep are timed in 3 interleaved rounds and each keeps its median round (BN rows: one round);
 the estimate, which takes seconds, is the median of 3 calls.
-Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH]` (`--quick`: smoke test).
+Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH] [--layout-only]` (`--quick`: smoke
+test).
 """
 
 from __future__ import annotations
@@ -123,6 +127,8 @@ def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
                 "workers": frame.attrs.get("workers") or []}  # fmt: skip
     extra = dict(bn_recalibration=BN_BATCHES, calibration=calibration) if bn else {}  # sweep, sweep_bn
+    if kind == "sweep_cl":
+        extra = dict(channels_last=True)
     frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False, **extra)
     return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
             "suffix_s": frame.attrs.get("suffix_seconds")}  # the sweep's own suffix time, if it reports it
@@ -206,6 +212,35 @@ def parallel_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_MODELS = ("resnet20", "mobilenet_v2", "resnet18")
+
+
+def layout_rows(rounds: int, quick: bool) -> list[dict[str, Any]]:
+    """The exact sweep with contiguous and with channels-last images and weights, interleaved rounds: median
+    seconds of each, speed-up, and how far the points move (the kernels sum in another order)."""
+    out = []
+    for name in LAYOUT_MODELS:
+        timed: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(1 if quick else rounds):
+            for kind in ("sweep", "sweep_cl"):
+                timed.setdefault(kind, []).append(spawn(name, kind, quick))
+        plain, last = median_round(timed["sweep"]), median_round(timed["sweep_cl"])
+        a, b = points(plain), points(last)
+        out.append(dict(model=name, points=len(a), contiguous_s=plain["seconds"], channels_last_s=last["seconds"],
+                        speedup=plain["seconds"] / last["seconds"],
+                        max_diff_accuracy=float((a.accuracy - b.accuracy).abs().max()),
+                        max_diff_loss=float((a.loss - b.loss).abs().max())))  # fmt: skip
+    return out
+
+
+def layout_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | points | contiguous s | channels_last s | speed-up | max abs diff accuracy "
+             "| max abs diff loss |", "|---|" + "---:|" * 6]  # fmt: skip
+    lines += [f"| {r['model']} | {r['points']} | {r['contiguous_s']:.1f} | {r['channels_last_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['max_diff_accuracy']:.1e} | {r['max_diff_loss']:.1e} |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[str, Any]]) -> str:
     opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     quick = " (quick smoke run: the numbers mean nothing)" if info["quick"] else ""
@@ -235,6 +270,8 @@ def main() -> None:
     parser.add_argument("--parallel-only", action="store_true",
                         help="only the workers section: 1 worker vs 2 local workers vs 2 Ray actors, 1 thread each")
     parser.add_argument("--no-parallel", action="store_true", help="skip the workers section")
+    parser.add_argument("--layout-only", action="store_true",
+                        help="only the memory-layout section: the exact sweep with and without channels_last")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: MODEL:KIND, run in a subprocess
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,6 +279,12 @@ def main() -> None:
         result = job(*args.job.split(":"), quick=args.quick)
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         args.out.write_text(json.dumps(result, default=str))
+        return
+    if args.layout_only:
+        rows = layout_rows(args.rounds, args.quick)
+        print("Memory layout:\n\n" + layout_markdown(rows))
+        if args.json:
+            args.json.write_text(json.dumps({"layout": rows}, indent=2, default=str))
         return
     cases = [(n, bn) for n in EXACT_MODELS for bn in ("", "_bn")] + [("mobilenet_v2", "")]  # a longer sweep
     cases = [] if args.no_parallel else cases
@@ -268,10 +311,11 @@ def main() -> None:
     info = dict(torch=torch.__version__, torchvision=torchvision.__version__, threads=torch.get_num_threads(),
                 quick=args.quick, rounds=1 if args.quick else args.rounds, levels=list(LEVELS), metrics=METRICS,
                 bn_batches=BN_BATCHES)  # fmt: skip
-    print(markdown(info, exact, est))
+    layout = layout_rows(args.rounds, args.quick)
+    print(markdown(info, exact, est) + "\n\nMemory layout:\n\n" + layout_markdown(layout))
     if args.json:
-        args.json.write_text(json.dumps({**info, "exact": exact, "estimate": est, "parallel": parallel, "runs": runs},
-                                        indent=2, default=str))  # fmt: skip
+        args.json.write_text(json.dumps({**info, "exact": exact, "estimate": est, "parallel": parallel, "runs": runs,
+                                         "layout": layout}, indent=2, default=str))  # fmt: skip
         print(f"\nJSON written to {args.json}")
 
 

@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     sweep.add_argument("--autocast", choices=["bf16", "fp16"],
                        help="evaluate in mixed precision (faster on GPUs; recorded in the run, a separate run id)")
+    sweep.add_argument("--channels-last", action="store_true",
+                       help="evaluate on channels-last images and weights: faster for some CNNs (MobileNets) on "
+                            "CPUs and GPUs, slower for others; recorded in the run, a separate run id")  # fmt: skip
     sweep.add_argument("--workers", type=_positive, default=1, metavar="N",
                        help="measure groups in N local processes (with --ray: N Ray actors); same points")
     sweep.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -399,7 +402,8 @@ def _sweep(args: argparse.Namespace) -> int:
           f"{len(args.levels or DEFAULT_LEVELS)} levels")  # fmt: skip
     config = SweepConfig(levels=tuple(args.levels or DEFAULT_LEVELS), criterion=args.criterion, metric=tuple(metrics),
                          groups=None if args.groups is None else tuple(args.groups),
-                         bn_recalibration=args.bn_recalibration, mode=args.mode, autocast=args.autocast)  # fmt: skip
+                         bn_recalibration=args.bn_recalibration, mode=args.mode, autocast=args.autocast,
+                         channels_last=args.channels_last)  # fmt: skip
     curves = sweep(
         model, data.evaluation, example, config, calibration=data.calibration, store=store, graph=graph,
         model_name=args.model, device=args.device, workers=args.workers, threads=args.threads,

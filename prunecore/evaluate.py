@@ -24,7 +24,7 @@ from torch import nn
 
 from prunecore.datasets import DataSpecError
 from prunecore.devices import autocast as autocast_ctx
-from prunecore.devices import model_device, on_device, resolve_device
+from prunecore.devices import channels_last_batch, channels_last_copy, model_device, on_device, resolve_device
 from prunecore.errors import ArgumentError, ModelRunError, running_model
 from prunecore._modes import training_flags
 from prunecore.graph import ChannelGraph
@@ -174,13 +174,15 @@ def evaluate(
     batches: int | None = None,
     device: str | torch.device | None = None,
     autocast: str | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Mean of each requested metric over the samples of `data`, in one pass.
 
     The model (and reference) run in eval mode under no_grad; their training flags are restored
     afterwards, so evaluating never changes them. `batches` caps the batches used (None = all).
     `device` runs the pass there (on a copy when the model lives elsewhere: evaluating never moves
-    your model); default, where the model is. `autocast` ("bf16"/"fp16") runs it in mixed precision.
+    your model); default, where the model is. `autocast` ("bf16"/"fp16") runs it in mixed precision;
+    `channels_last` runs a channels-last copy on channels-last images (`prunecore.devices`).
     """
     names = list(dict.fromkeys([metric] if isinstance(metric, str) else metric))
     unknown = [n for n in names if n not in _METRICS]
@@ -196,6 +198,9 @@ def evaluate(
     if device is not None:
         model = on_device(model, resolve_device(device))
         reference = model if same_ref else on_device(reference, resolve_device(device)) if use_ref else reference
+    if channels_last:
+        model = channels_last_copy(model)
+        reference = model if same_ref else channels_last_copy(reference) if use_ref else reference
     device = model_device(model)
     sums = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
     samples = 0
@@ -203,6 +208,7 @@ def evaluate(
     with torch.no_grad(), training_flags(model, lambda m: False), ref_eval:
         for batch in _limit(data, batches):
             inputs, targets = split_batch(batch)
+            inputs = channels_last_batch(inputs) if channels_last else inputs
             if targets is None and any(s.needs_labels for s in specs):
                 needy = [s.name for s in specs if s.needs_labels]
                 raise ArgumentError(f"metric(s) {needy} need labels but the data has no targets; "

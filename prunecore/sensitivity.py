@@ -67,7 +67,8 @@ class SweepConfig:
     `levels` are sparsities in [0, 1); `metric` one name or several; `groups` None for every
     prunable group; `bn_recalibration=N` re-estimates BatchNorm on N calibration batches per
     point; `round_to` rounds kept units to a multiple; `mode` "exact" (measured) or "estimate"
-    (a Taylor prediction of the loss); `autocast` "bf16"/"fp16" evaluates in mixed precision.
+    (a Taylor prediction of the loss); `autocast` "bf16"/"fp16" evaluates in mixed precision;
+    `channels_last` evaluates on channels-last images and weights (exact mode; faster for some CNNs).
     Values are normalised on construction (levels sorted and de-duplicated, one metric made a
     tuple), and invalid ones raise `ArgumentError` at once, before any model work.
     """
@@ -80,6 +81,7 @@ class SweepConfig:
     round_to: int = 1
     mode: str = "exact"
     autocast: str | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "estimate"):
@@ -99,7 +101,8 @@ class SweepConfig:
         fields = {"levels": tuple(_check_levels(self.levels)), "metric": metrics,
                   "groups": None if self.groups is None else tuple(dict.fromkeys(self.groups)),
                   "bn_recalibration": int(self.bn_recalibration) if self.mode == "exact" else 0,
-                  "round_to": int(self.round_to), "autocast": check_autocast(self.autocast)}  # fmt: skip
+                  "round_to": int(self.round_to), "autocast": check_autocast(self.autocast),
+                  "channels_last": bool(self.channels_last) and self.mode == "exact"}  # fmt: skip
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
@@ -111,13 +114,15 @@ class SweepConfig:
         """The dict a run id digests (and the store records), with the group names resolved on the graph.
 
         It has the same shape as before this class existed, so runs stored then are still found;
-        `autocast` joins it only when set.
+        `autocast` and `channels_last` join it only when set.
         """
         key = {"levels": list(self.levels), "criterion": self.criterion, "metrics": self.metrics,
                "groups": list(groups), "bn_recalibration": self.bn_recalibration, "round_to": self.round_to,
                "mode": self.mode}  # fmt: skip
         if self.autocast is not None:
             key["autocast"] = self.autocast
+        if self.channels_last:
+            key["channels_last"] = True
         return key
 
 
@@ -161,7 +166,7 @@ def sweep(
     """Sensitivity curves of every prunable group (or of `groups`), as a tidy DataFrame.
 
     The settings are a `SweepConfig` (`config=`) or its fields by keyword (`levels=`, `metric=`,
-    `criterion=`, `groups=`, `bn_recalibration=`, `round_to=`, `mode=`, `autocast=`).
+    `criterion=`, `groups=`, `bn_recalibration=`, `round_to=`, `mode=`, `autocast=`, `channels_last=`).
 
     `data` yields `(inputs, targets)` batches, or bare inputs for the label-free metrics (`kl`,
     `agreement`, measured against the dense model); it must iterate in the same order each time.
@@ -209,7 +214,7 @@ def sweep(
             by_group.setdefault(p.group, []).append(p)
         engine_args = dict(metrics=config.metrics, data=data, calibration=calibration,
                            bn_batches=config.bn_recalibration, leaf_modules=tuple(leaf_modules), device=device,
-                           autocast=config.autocast)  # fmt: skip
+                           autocast=config.autocast, channels_last=config.channels_last)  # fmt: skip
         if workers == 1 and executor == "local":
             floor = _measure_here(model, graph, engine_args, by_group, run, progress, on_group)
         else:
@@ -364,7 +369,7 @@ def _dense_row(model: nn.Module, data: Iterable, example: Any, config: SweepConf
                device: torch.device) -> dict[str, Any]:  # fmt: skip
     needs_ref = any(get_metric(m).needs_reference for m in config.metrics)
     values = evaluate(model, data, config.metrics, reference=model if needs_ref else None, device=device,
-                      autocast=config.autocast)  # fmt: skip
+                      autocast=config.autocast, channels_last=config.channels_last)  # fmt: skip
     cost = count(model, example)
     return {"group": DENSE, "sparsity": 0.0, "kept": None, "size": None, **values,
             "params": cost.params, "flops": cost.flops}  # fmt: skip

@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from prunecore import ops
 from prunecore._concurrency import forward_pass, fx_tracing
-from prunecore.devices import autocast, model_device, resolve_device, to_device
+from prunecore.devices import autocast, channels_last_batch, model_device, resolve_device, to_device
 from prunecore.errors import ArgumentError
 from prunecore.evaluate import _tracked_bn, as_rows, get_metric, output_logits, recalibrate_bn_, split_batch
 from prunecore.graph import ChannelGraph, TraceError, failing_frame
@@ -147,8 +147,10 @@ class SuffixEngine:
 
     Where fx cannot trace the model (shape-dependent control flow), every point runs the copy's own
     forward instead (`WHOLE`): slower, never different. `device` is where the copy runs (default:
-    the model's own); `autocast` ("bf16"/"fp16") runs every pass in mixed precision. `copy_model=False`
-    lets a worker process that owns its model use it in place.
+    the model's own); `autocast` ("bf16"/"fp16") runs every pass in mixed precision, `channels_last` on
+    channels-last images and weights (sliced weights and activations too, so each point runs the
+    kernels the pruned model run that way does). `copy_model=False` lets a worker process that owns
+    its model use it in place.
     """
 
     def __init__(
@@ -163,10 +165,14 @@ class SuffixEngine:
         leaf_modules: Sequence[type] = (),
         device: str | torch.device | None = None,
         autocast: str | None = None,
+        channels_last: bool = False,
         copy_model: bool = True,
     ) -> None:
         self.device = resolve_device(device) if device is not None else model_device(model)
         self.model = (copy.deepcopy(model) if copy_model else model).to(self.device).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         try:
             self.gm: fx.GraphModule | None = symbolic_trace(self.model, tuple(leaf_modules))
         except TraceError:
@@ -200,7 +206,9 @@ class SuffixEngine:
     def inputs_env(self, inputs: torch.Tensor) -> dict[fx.Node | None, Any]:
         """The activations before the first node: the batch's inputs, on the engine's device."""
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        return {placeholders[0] if placeholders else None: to_device(inputs, self.device)}
+        inputs = to_device(inputs, self.device)
+        inputs = channels_last_batch(inputs) if self.channels_last else inputs
+        return {placeholders[0] if placeholders else None: inputs}
 
     def suffix(self, env: dict[fx.Node | None, Any], start: int) -> Any:
         """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in."""
@@ -216,7 +224,7 @@ class SuffixEngine:
     def variants(self, group: str, plans: Sequence[Plan]) -> Variants:
         """Each plan's pruned tensors, ready to swap into the part of the copy a group's suffix runs."""
         target = self.model if self.start_of(group) == WHOLE else self.gm
-        return Variants(target, self.graph, plans)
+        return Variants(target, self.graph, plans, self.channels_last)
 
     def _advance(self, env: dict, start: int, stop: int) -> Any:
         """Run nodes [start, stop) in `env`, freeing values after their last use."""
@@ -286,7 +294,8 @@ class SuffixEngine:
                      .to(self.device) for keep in masks.keeps]  # fmt: skip
             start = chain[0] + 1
         after = [m for m in self.bns if m in self._modules_from(max(start, 0))]
-        return _GroupRun(group, points, start, masks, after, chain, picks, nodes=self.nodes)
+        return _GroupRun(group, points, start, masks, after, chain, picks, nodes=self.nodes,
+                         channels_last=self.channels_last)  # fmt: skip
 
     def _sliced_chain(self, group: str, start: int) -> tuple[int, int] | None:
         """(index of the last node, channel dim) of the chain whose pruned outputs are dense outputs' kept channels.
@@ -465,13 +474,15 @@ class _GroupRun:
     picks: list[torch.Tensor] = field(default_factory=list)  # per point: the kept channels of that chain
     states: dict[int, dict] = field(default_factory=dict)  # id(point) -> its re-estimated BatchNorm statistics
     nodes: list[fx.Node] = field(default_factory=list)
+    channels_last: bool = False  # slices go back to channels-last order, as the pruned layer would output them
 
     def env(self, dense: dict, i: int) -> dict:
         """Point i's activations at `start`: the dense ones, with the chain's output cut to its kept channels."""
         if self.chain is None:
             return dense
         node = self.nodes[self.chain[0]]
-        return {**dense, node: dense[node].index_select(self.chain[1], self.picks[i])}
+        cut = dense[node].index_select(self.chain[1], self.picks[i])
+        return {**dense, node: channels_last_batch(cut) if self.channels_last else cut}
 
 
 class Variants:
@@ -486,8 +497,8 @@ class Variants:
 
     CACHE_BYTES = 512 * 2**20
 
-    def __init__(self, gm: nn.Module, graph: ChannelGraph, plans: Sequence[Plan]):
-        self.gm = gm
+    def __init__(self, gm: nn.Module, graph: ChannelGraph, plans: Sequence[Plan], channels_last: bool = False):
+        self.gm, self.channels_last = gm, channels_last
         self.keeps = [kept_positions(graph, plan) for plan in plans]
         self.cache: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
         self.cached_bytes = 0
@@ -497,6 +508,8 @@ class Variants:
         if i in self.cache:
             return self.cache[i]
         tensors = sliced_tensors(self.gm, self.keeps[i])
+        if self.channels_last:  # as `.to(memory_format=torch.channels_last)` leaves the pruned model's weights
+            tensors = _channels_last_weights(tensors)
         size = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
         if self.cached_bytes + size <= self.CACHE_BYTES:
             self.cache[i] = tensors
@@ -518,6 +531,18 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Ha
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
                           torch.sigmoid, torch.tanh, F.mish, F.elu}  # fmt: skip
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+
+
+def _channels_last_weights(tensors: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """Sliced tensors with the 4-D ones in channels-last order: Parameters stay Parameters, tied ones stay one."""
+    made: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, t in tensors.items():
+        if t.dim() == 4 and id(t) not in made:
+            data = t.data.contiguous(memory_format=torch.channels_last)
+            made[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+        out[key] = made.get(id(t), t)
+    return out
 
 
 def _touches(node: fx.Node, modules: set[str]) -> bool:

@@ -68,12 +68,14 @@ class EngineSpec:
     leaf_modules: tuple[type, ...]
     device: torch.device
     autocast: str | None
+    channels_last: bool = False
 
     def build(self, device: torch.device | None = None) -> SuffixEngine:
         """The worker's engine, on its own (unpickled) copy of the model: no second copy."""
         return SuffixEngine(self.model, self.graph, self.metrics, self.data, calibration=self.calibration,
                             bn_batches=self.bn_batches, leaf_modules=self.leaf_modules,
-                            device=device or self.device, autocast=self.autocast, copy_model=False)  # fmt: skip
+                            device=device or self.device, autocast=self.autocast, channels_last=self.channels_last,
+                            copy_model=False)  # fmt: skip
 
     def work_per_group(self) -> int | None:
         """Batches one group takes (progress totals), as the engine counts them."""

@@ -17,7 +17,7 @@ from prunecore.surgery import apply_plan
 
 
 def naive(model, data, example, levels, metrics, bn_batches=0, calibration=None, groups=None, criterion="l1",
-          round_to=1):  # fmt: skip
+          round_to=1, channels_last=False):  # fmt: skip
     """The reference loop the sweep must reproduce: copy, prune, (recalibrate), evaluate."""
     graph = trace(model, example)
     needs_ref = any(m in ("kl", "agreement") for m in metrics)
@@ -28,7 +28,8 @@ def naive(model, data, example, levels, metrics, bn_batches=0, calibration=None,
             pruned = apply_plan(model, plan, graph=graph)
             if bn_batches:
                 recalibrate_bn_(pruned, calibration if calibration is not None else data, batches=bn_batches)
-            values = evaluate(pruned, data, metrics, reference=model if needs_ref else None)
+            values = evaluate(pruned, data, metrics, reference=model if needs_ref else None,
+                              channels_last=channels_last)  # fmt: skip
             cost = count(pruned, example)
             rows.append({"group": g, "sparsity": s, **values, "params": cost.params, "flops": cost.flops})
     return pd.DataFrame(rows)
@@ -67,6 +68,26 @@ def test_sweep_with_bn_recalibration_equals_naive(resnet20):
     fast = sweep(model, data, example, bn_recalibration=2, calibration=calibration, progress=False, **kwargs)
     slow = naive(model, data, example, kwargs["levels"], kwargs["metric"], 2, calibration, groups)
     assert_matches(fast, slow, kwargs["metric"])
+
+
+def test_a_channels_last_sweep_equals_the_naive_loop_run_channels_last(resnet20):
+    """Channels-last images and weights: every point as the pruned copy evaluated that way; another run id."""
+    model, data, calibration, example = resnet20
+    before = [p.clone() for p in model.parameters()]
+    groups = ["stem.0", "layer2.0.conv1", "layer3.1.conv1"]
+    kwargs = dict(levels=[0.3, 0.6], metric=["accuracy", "loss", "kl"], groups=groups)
+    for bn in (0, 2):
+        fast = sweep(model, data, example, bn_recalibration=bn, calibration=calibration, channels_last=True,
+                     progress=False, **kwargs)  # fmt: skip
+        slow = naive(model, data, example, kwargs["levels"], kwargs["metric"], bn, calibration, groups,
+                     channels_last=True)  # fmt: skip
+        assert_matches(fast, slow, kwargs["metric"])
+        assert fast.attrs["config"]["channels_last"] is True
+    plain = sweep_run_id(model, data, trace(model, example), **kwargs)
+    assert sweep_run_id(model, data, trace(model, example), channels_last=True, **kwargs) != plain
+    assert "channels_last" not in SweepConfig(mode="estimate", channels_last=True).key([])  # exact mode only
+    conv = model.stem[0].weight
+    assert conv.is_contiguous() and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_a_level_that_rounds_to_the_whole_group_is_the_dense_model(resnet20):
