@@ -135,6 +135,12 @@ def test_sweep_and_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["runs", "--store", str(store)]) == 0
     assert "no stored sweeps" in capsys.readouterr().out
+    assert main([*args, "--channels-last"]) == 0  # another layout: its own run, the same points to 1e-5
+    capsys.readouterr()
+    (stored,) = RunStore(store).runs()
+    assert stored.config["channels_last"] is True
+    again = pd.read_csv(out)
+    assert (again.accuracy - curves.accuracy).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize(
