@@ -238,13 +238,14 @@ def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
 
     A config states one head count and one MLP width for every layer, so the heads (or KV groups)
     of all layers are one tie, and so are their MLP neurons. Where the config states the head size
-    apart from the width (Llama, Mistral, Qwen2, Qwen3, Gemma, T5, ViT), the width stays: transformers
-    wants it a multiple of the head count. Where it derives the head size as hidden_size / heads
-    (BERT, RoBERTa, GPT-2, OPT), the width joins the heads' tie in proportion (head size units of width per
-    head), so the quotient stays the head size, and so does every other group of the width's size
-    (hidden -> hidden layers such as BERT's pooler, which the config sizes by hidden_size too); where
-    the width cannot be pruned (DistilBERT's and CLIP's outputs) the heads stay. Every other group stays, with
-    its reason; so does every group of a config prunecore has no knowledge of (Swin, ConvNeXt).
+    apart from the width (Llama, Mistral, Qwen2, Qwen3, Gemma, T5, ViT), the width stays:
+    transformers wants it a multiple of the head count. Where it derives the head size as
+    hidden_size / heads (BERT, RoBERTa, GPT-2, OPT), the width joins the heads' tie in proportion
+    (head-size units of width per head, so the quotient stays the head size), and so does every
+    other group of the width's size (hidden -> hidden layers such as BERT's pooler, which the
+    config sizes by hidden_size too); where that width cannot be pruned (DistilBERT's and CLIP's
+    outputs), the heads stay. Every other group stays, with its reason; so does every group of a
+    config prunecore has no knowledge of (Swin, ConvNeXt).
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
@@ -268,25 +269,21 @@ def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
             mlp += _groups_of(model, f"{path}.{MLP[name]}", owner, output=True)
     heads, widths, mlp = (list(dict.fromkeys(g)) for g in (heads, widths, mlp))  # T5's layers share one heads group
     keep: dict[str, str] = {}
-    ties: list[tuple[str, ...]] = []
-    for what, groups, key in (("attention heads", heads, keys.heads), ("MLP neurons", mlp, keys.mlp)):
-        if key is None:
-            keep.update({g: f"{what}: {kind} states no such count" for g in groups})
-        elif len({graph[g].size for g in groups}) > 1:
-            keep.update({g: f"{what}: the layers already differ in size, which one {key} cannot state" for g in groups})
-        elif groups:
-            ties.append(tuple(groups))
-    if keys.head_dim is None and heads and heads[0] not in keep:  # the head size is hidden_size / heads
+    tied_heads, tied_mlp = (_one_count(graph, what, groups, key, kind, keep)
+                            for what, groups, key in (("attention heads", heads, keys.heads),
+                                                      ("MLP neurons", mlp, keys.mlp)))  # fmt: skip
+    if keys.head_dim is None and tied_heads:  # the head size is hidden_size / heads: the width goes with them
         size = graph[heads[0]].size
         if len(widths) == 1 and len(head_sizes) == 1 and graph[widths[0]].size == size * next(iter(head_sizes)):
             width = graph[widths[0]].size  # hidden -> hidden layers (BERT's pooler) are hidden_size too
-            taken = {g for t in ties for g in t} | set(keep)
-            ties[0] += tuple(g for g in prunable if graph[g].size == width and g not in taken)
+            taken = set(tied_heads) | set(tied_mlp) | set(keep)
+            tied_heads += tuple(g for g in prunable if graph[g].size == width and g not in taken)
         else:
-            del ties[0]
             keep.update({g: f"attention heads: {kind} derives the head size from hidden_size / {keys.heads}, and the "
                             "width cannot shrink with them (it is not one prunable group feeding every attention)"
-                         for g in heads})  # fmt: skip
+                         for g in tied_heads})  # fmt: skip
+            tied_heads = ()
+    ties = tuple(t for t in (tied_heads, tied_mlp) if t)
     tied = {g for t in ties for g in t}
     for g in prunable:
         if g in tied or g in keep:
@@ -295,7 +292,19 @@ def statable(model: nn.Module, graph: ChannelGraph) -> Statable:
             keep[g] = f"the model width: {kind} wants it a multiple of the head count, which allocation cannot promise"
         else:
             keep[g] = f"{kind} states no size for this group alone"
-    return Statable(tuple(ties), keep)
+    return Statable(ties, keep)
+
+
+def _one_count(graph: ChannelGraph, what: str, groups: list[str], key: str | None, kind: str,
+               keep: dict[str, str]) -> tuple[str, ...]:  # fmt: skip
+    """`groups` as one tie when the config states their count (`key`); else () and each kept, with why."""
+    if key is None:
+        keep.update({g: f"{what}: {kind} states no such count" for g in groups})
+    elif len({graph[g].size for g in groups}) > 1:
+        keep.update({g: f"{what}: the layers already differ in size, which one {key} cannot state" for g in groups})
+    else:
+        return tuple(groups)
+    return ()
 
 
 def _groups_of(model: nn.Module, layer: str, owner: Mapping[tuple[str, str, int], str], output: bool) -> list[str]:
