@@ -206,6 +206,9 @@ def _recover_parsers(sub: argparse._SubParsersAction) -> None:
     it.add_argument("--bn-recalibration", type=_non_negative, default=4, metavar="N",
                     help="re-estimate BatchNorm on N calibration batches per sweep point")  # fmt: skip
     _training_args(it)
+    it.add_argument("--statable", action="store_true",
+                    help="a transformers model: every step allocates only what its config can state (see allocate "
+                         "--statable), so the final model saves with save_pretrained")  # fmt: skip
     it.add_argument("--workdir", type=Path, help="each step's model and checkpoints (default: OUT with .steps)")
     it.add_argument("--out", type=Path, required=True, help="write the final model here; its plan beside, as JSON")
     it.set_defaults(run=_prune_iterative)
@@ -960,7 +963,7 @@ def _prune_iterative(args: argparse.Namespace) -> int:
         model, example, budget, data=data.evaluation, train=train.loader, calibration=data.calibration,
         steps=args.steps, epochs=args.epochs, method=args.method, mode=args.mode, levels=args.levels or DEFAULT_LEVELS,
         bn_recalibration=args.bn_recalibration, distill=args.distill, lr=args.lr, device=args.device,
-        workdir=workdir, resume=args.resume, progress=lambda line: print(line, flush=True),
+        workdir=workdir, resume=args.resume, progress=lambda line: print(line, flush=True), statable=args.statable,
     )  # fmt: skip
     save_pruned(args.out, result.model.cpu(), result.plan, args.model)
     plan_path = write_atomic(args.out.with_suffix(".plan.json"), result.plan.to_json())

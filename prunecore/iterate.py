@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from prunecore.allocate import allocation_problem, solve
+from prunecore import hf
+from prunecore.allocate import allocation_problem, solve, with_ties
 from prunecore.cost import count
 from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
@@ -99,6 +100,7 @@ def prune_iteratively(
     workdir: str | Path | None = None,
     resume: bool = False,
     progress: bool | Callable[[str], None] = False,
+    statable: bool = False,
 ) -> IterativeResult:
     """Prune `model` (not changed) to `budget` in `steps` steps, fine-tuning `epochs` after each.
 
@@ -109,6 +111,8 @@ def prune_iteratively(
     step's model and the fine-tuning checkpoints; with `resume=True` a killed run continues there.
     `bn_recalibration` batches re-estimate BatchNorm at every sweep point, and `BN_BATCHES` the
     step's pruned model. `progress` is True for bars, or a function given one line per stage.
+    `statable=True` (a transformers model) allocates every step under `prunecore.hf.statable`, so
+    each step, and so the final model, keeps one count per layer that `save_pretrained` can state.
     """
     targets = step_budgets(budget, steps)
     say = progress if callable(progress) else (print if progress else (lambda _line: None))
@@ -136,8 +140,12 @@ def prune_iteratively(
                        metric=names if mode == "exact" else ["loss"], bn_recalibration=bn_recalibration,
                        calibration=calibration, round_to=round_to, progress=bars, graph=graph, mode=mode)  # fmt: skip
         problem = allocation_problem(curves, graph, current, criterion=criterion, round_to=round_to)
+        exclude: list[str] = []
+        if statable:
+            limits = hf.statable(current, graph)
+            problem, exclude = with_ties(problem, limits.ties), list(limits.keep)
         absolute = Budget(**{kind: max(target * dense_cost[kind], 1.0 + 1e-9)})  # of the original model
-        step_plan = solve(problem, absolute, method)
+        step_plan = solve(problem, absolute, method, exclude=exclude)
         say(f"step {step}/{steps}: {method} to {target:.1%} of the original {kind}")
         pruned = apply_plan(current, step_plan, graph=graph)
         if bn_recalibration:
