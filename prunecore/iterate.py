@@ -34,7 +34,7 @@ from prunecore.allocate import allocation_problem, solve, with_ties
 from prunecore.cost import count
 from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
-from prunecore.graph import trace
+from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Budget, Plan, compose
 from prunecore.devices import model_device, resolve_device
 from prunecore.recover import EpochRecord, FinetuneError, default_metrics, finetune
@@ -145,7 +145,13 @@ def prune_iteratively(
             limits = hf.statable(current, graph)
             problem, exclude = with_ties(problem, limits.ties), list(limits.keep)
         absolute = Budget(**{kind: max(target * dense_cost[kind], 1.0 + 1e-9)})  # of the original model
-        step_plan = solve(problem, absolute, method, exclude=exclude)
+        renumbered = _renumbered(plan, graph)
+        if renumbered:
+            say(f"step {step}/{steps}: {len(renumbered)} group(s) keep their channels from here on: traced again, "
+                f"their units are not the ones the earlier steps kept ({', '.join(renumbered[:3])})")  # fmt: skip
+        step_plan = solve(problem, absolute, method, exclude=exclude + renumbered)
+        step_plan = dataclasses.replace(step_plan, groups={n: g for n, g in step_plan.groups.items()
+                                                           if n not in renumbered})  # fmt: skip
         say(f"step {step}/{steps}: {method} to {target:.1%} of the original {kind}")
         pruned = apply_plan(current, step_plan, graph=graph)
         if bn_recalibration:
@@ -170,6 +176,18 @@ def prune_iteratively(
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _renumbered(plan: Plan | None, graph: ChannelGraph) -> list[str]:
+    """Groups of the current model whose units are not the ones `plan` (the steps so far) kept.
+
+    Tracing a pruned model again can find other units: a Llama layer cut to its last KV group has
+    no KV dim left to group its query heads by, so its heads group counts query heads. Such a group
+    cannot be numbered in the original model's units, so it stays whole from then on.
+    """
+    if plan is None:
+        return []
+    return [g.name for g in graph.prunable if g.name in plan.groups and len(plan.groups[g.name].keep) != g.size]
+
+
 def _cost(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     c = count(model, example)
     return {"flops": c.flops, "params": c.params}

@@ -93,18 +93,22 @@ def test_iterative_pruning_meets_each_step_budget_and_its_plan_rebuilds_the_fina
 
 def test_statable_steps_end_in_a_model_transformers_reloads(tmp_path):
     """A transformers decoder pruned in 2 steps with statable=True: one count per layer at every step, so the
-    final model saves with save_pretrained and from_pretrained rebuilds it exactly. (Swept at 25 % only, so
-    no layer is cut to its last KV group: re-traced, such a layer's query heads become the units, and the
-    steps' plans no longer compose.)"""
+    final model saves with save_pretrained and from_pretrained rebuilds it exactly. The first step cuts
+    every layer to its last KV group; traced again, those layers' heads count query heads, which the
+    second step leaves whole (it cannot number them in the original units) instead of failing."""
     pytest.importorskip("transformers")
     import hf_zoo
 
     model, x = hf_zoo.build("llama")
     tokens = torch.randint(3, 100, (32, 13), generator=torch.Generator().manual_seed(0))
     data = [(tokens[i : i + 8, :-1], tokens[i : i + 8, 1:]) for i in range(0, 32, 8)]  # (8, 12) ids, next ids
-    result = prune_iteratively(model, x[:1], pc.Budget(flops=0.8), data=data, train=data, steps=2, epochs=1,
-                               levels=(0.25,), metrics=["loss"], statable=True, device="cpu")  # fmt: skip
-    assert result.steps[-1].flops_kept <= 0.8
+    lines: list[str] = []
+    result = prune_iteratively(model, x[:1], pc.Budget(flops=0.6), data=data, train=data, steps=2, epochs=1,
+                               levels=(0.25, 0.5), metrics=["loss"], statable=True, device="cpu",
+                               progress=lines.append)  # fmt: skip
+    assert result.steps[-1].flops_kept <= 0.6
+    assert {len(result.plan.groups[f"model.layers.{i}.self_attn.q_proj"].keep) for i in range(2)} == {1}
+    assert any("keep their channels from here on" in line for line in lines)
     mlps = {len(result.plan.groups[f"model.layers.{i}.mlp.gate_proj"].keep) for i in range(2)}
     assert len(mlps) == 1 and mlps.pop() < 128
     assert len(result.plan.groups["model.embed_tokens"].keep) == 64  # the width stays
