@@ -7,9 +7,10 @@ fallback, because a user who asked for the GPU would otherwise wait hours on the
 
 Autocast (`"bf16"` / `"fp16"`) trades exactness for speed in evaluation passes only. It changes
 the numbers, so a sweep records it in its config and its run id. So does `channels_last`: convolutions
-on (N, H, W, C)-ordered images and weights take other kernels, which on this repository's 2-core CPU
-ran the sample MobileNetV2 about 1.5x and ResNet-20 about 1.15x faster, and torchvision's resnet18
-slower (`bench/bench_sweep.py`); the sums come out in another order, so the last bits can differ.
+on (N, H, W, C)-ordered images and weights take other kernels, which on the 2-core CPU of
+`bench/bench_sweep.py --layout-only` swept the sample MobileNetV2 1.35x and ResNet-20 1.14x faster,
+and torchvision's resnet18 at 32 px 0.84x (slower); the sums come out in another order, so the last
+bits can differ.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ class SuffixEngine:
     forward instead (`WHOLE`): slower, never different. `device` is where the copy runs (default:
     the model's own); `autocast` ("bf16"/"fp16") runs every pass in mixed precision, `channels_last` on
     channels-last images and weights (sliced weights and activations too, so each point runs the
-    kernels the pruned model run that way does). `copy_model=False` lets a worker process that owns
+    kernels that the pruned model, run that way, would). `copy_model=False` lets a worker process that owns
     its model use it in place.
     """
 
