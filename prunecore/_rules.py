@@ -665,9 +665,7 @@ def functional_embedding(c: Call) -> Label:
     w = _owner(c, weight)
     if w is None or weight.dim() != 2:
         return unsupported(c)
-    ids_out = c.st.origin(w[0], weight.shape[1])
-    c.st.record((w[0], w[1], 1), ids_out, output=True)
-    return along(ids_out, c.out.dim() - 1, c.out.dim())
+    return _embedding_labels(c, w[0], w[1], weight.shape[1])
 
 
 def functional_batch_norm(c: Call) -> Label:
@@ -764,9 +762,13 @@ def linear(c: Call) -> Label:
 
 
 def embedding(c: Call) -> Label:
-    m, name = c.module, c.name
-    ids_out = c.st.origin(name, m.embedding_dim)
-    c.st.record((name, "weight", 1), ids_out, output=True)
+    return _embedding_labels(c, c.name, "weight", c.module.embedding_dim)
+
+
+def _embedding_labels(c: Call, name: str, weight: str, width: int) -> Label:
+    """A lookup table's rows: its `width` columns are fresh output channels, the output's last dim."""
+    ids_out = c.st.origin(name, width)
+    c.st.record((name, weight, 1), ids_out, output=True)
     return along(ids_out, c.out.dim() - 1, c.out.dim())
 
 

@@ -620,8 +620,9 @@ def _allocate(args: argparse.Namespace) -> int:
     print(f"curves     {source}")
     print(f"predicted  {how}")
     if args.statable:
-        print(f"statable   {len(limits.ties)} set(s) of groups kept at one count ("
-              f"{', '.join(f'{len(t)} x {graph[t[0]].size} units' for t in limits.ties) or 'none'}); "
+        sets = ", ".join(f"{len(t)} groups of {'/'.join(str(n) for n in sorted({graph[g].size for g in t}))} units"
+                         for t in limits.ties)  # fmt: skip
+        print(f"statable   {len(limits.ties)} set(s) of groups kept at one fraction ({sets or 'none'}); "
               f"{len(limits.keep)} group(s) kept dense")  # fmt: skip
         for reason in sorted(set(limits.keep.values())):
             print(f"           {reason}")

@@ -219,7 +219,10 @@ def _fix_config(model: nn.Module) -> None:
     if keys is None:
         return
     heads, kv_heads, head_dims, mlp, widths = [], [], set(), [], set()
+    scales = []  # Gemma scales embeddings by sqrt(hidden_size), fixed at construction
     for m in model.modules():
+        if isinstance(getattr(m, "scalar_embed_scale", None), float):
+            scales.append((type(m).__name__, m.scalar_embed_scale))
         name = qualname(type(m))
         if name in ATTENTION:
             spec = ATTENTION[name]
@@ -249,12 +252,10 @@ def _fix_config(model: nn.Module) -> None:
     if mlp:
         _state(config, keys.mlp, "MLP neurons", mlp, unstated)
     hidden = getattr(config, "hidden_size", None)
-    for m in model.modules():  # Gemma scales embeddings by sqrt(hidden_size), fixed at construction
-        scale = getattr(m, "scalar_embed_scale", None)
-        if isinstance(scale, float) and hidden and not math.isclose(scale, hidden**0.5, rel_tol=1e-6):
-            unstated.append(f"{type(m).__name__} scales by {scale:.6g}, the square root of the dense width, and a "
-                            f"config of width {hidden} would rebuild it as {hidden**0.5:.6g}")  # fmt: skip
-            break
+    if scales and hidden and not math.isclose(scales[0][1], hidden**0.5, rel_tol=1e-6):
+        kind, scale = scales[0]
+        unstated.append(f"{kind} scales by {scale:.6g}, the square root of the dense width, and a config of width "
+                        f"{hidden} would rebuild it as {hidden**0.5:.6g}")  # fmt: skip
     if unstated:
         setattr(config, UNSTATED, unstated)
     elif hasattr(config, UNSTATED):
