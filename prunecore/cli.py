@@ -235,7 +235,8 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", required=True, help="flops=0.5 or params=0.3 (fractions of dense), flops=2e7 "
                    "(absolute), or latency=12.5 (milliseconds per forward pass, measured: see --runtime)")  # fmt: skip
     p.add_argument("--runtime", default="torch", help="with a latency budget: the runtime whose latency is measured "
-                   "and predicted (torch: PyTorch eager on the CPU; onnxruntime: ONNX Runtime's CPU provider)")
+                   "and predicted (torch: PyTorch eager on the CPU; torch-cuda: PyTorch eager on a CUDA GPU; "
+                   "onnxruntime: ONNX Runtime's CPU provider)")  # fmt: skip
     p.add_argument("--batch", type=_positive, help="with a latency budget: the batch size timed (default: the "
                    "--input's)")  # fmt: skip
     p.add_argument("--guide", choices=("flops", "latency"), default="flops",
@@ -594,7 +595,7 @@ def _allocate(args: argparse.Namespace) -> int:
     budget, locked = Budget.parse(args.budget), _locks(args.lock)
     timed = budget.kind == "latency"
     if timed:
-        get_runtime(args.runtime)
+        get_runtime(args.runtime).check()
     elif args.batch is not None or args.runtime != "torch" or args.guide != "flops":
         raise ArgumentError("--runtime, --batch and --guide go with a latency budget: --budget latency=MS")
     if args.evaluate != (args.data is not None):

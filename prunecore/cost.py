@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunecore.devices import synchronizer
 from prunecore.errors import ArgumentError, running_model
 from prunecore._labels import Slot
 from prunecore import ops
@@ -599,7 +600,9 @@ def _measure(
     """Latency of each model, their rounds alternating; timed on working copies in eval mode.
 
     The copies share the models' tensors, so they run as fast; the models' own flags never change,
-    which leaves them usable by other threads meanwhile (a dashboard's shared model).
+    which leaves them usable by other threads meanwhile (a dashboard's shared model). On CUDA inputs
+    the clock stops only after the device has finished: kernels launch asynchronously, so without a
+    synchronisation a round would time the launches.
     """
     if rounds < 1 or warmup < 0 or min_seconds < 0:
         raise ArgumentError(f"latency needs rounds >= 1, warmup >= 0, min_seconds >= 0; got {rounds}, {warmup}, "
@@ -609,29 +612,35 @@ def _measure(
     with contextlib.ExitStack() as modes, torch.inference_mode():
         for model in models:
             modes.enter_context(eval_mode(model))
+        sync = synchronizer(inputs)
         reps = []
         for model in models:
             with running_model(model, inputs, "timing"):
-                reps.append(_repetitions(model, inputs, warmup, min_seconds))
+                reps.append(_repetitions(model, inputs, warmup, min_seconds, sync))
         order = list(zip(models, reps, times))
         for i in range(rounds):  # ABBA...: neither model always runs first, on caches the other left
             for model, n, record in order if i % 2 == 0 else reversed(order):
                 with running_model(model, inputs, "timing"):
+                    sync()
                     start = time.perf_counter()
                     for _ in range(n):
                         model(*inputs)
+                    sync()
                     record.append((time.perf_counter() - start) / n)
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 1
     threads = torch.get_num_threads()
     return [Latency(statistics.median(t), _spread(t), rounds, threads, batch) for t in times]
 
 
-def _repetitions(model: nn.Module, inputs: tuple[torch.Tensor, ...], warmup: int, min_seconds: float) -> int:
+def _repetitions(model: nn.Module, inputs: tuple[torch.Tensor, ...], warmup: int, min_seconds: float,
+                 sync: Callable[[], None]) -> int:  # fmt: skip
     """Run the warm-up passes (one at least when calibrating); how many passes last `min_seconds`."""
     fastest = math.inf
     for _ in range(max(warmup, 1 if min_seconds > 0 else 0)):
+        sync()
         start = time.perf_counter()
         model(*inputs)
+        sync()
         fastest = min(fastest, time.perf_counter() - start)
     if min_seconds <= 0:
         return 1

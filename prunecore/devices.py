@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch import nn
 from prunecore.errors import ArgumentError
 
 __all__ = ["AUTOCAST", "autocast", "channels_last_batch", "channels_last_copy", "check_autocast", "model_device",
-           "on_device", "resolve_device"]
+           "on_device", "resolve_device", "synchronizer"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """The mixed-precision modes evaluation accepts (`autocast=` / `--autocast`)."""
@@ -55,6 +55,21 @@ def model_device(model: nn.Module) -> torch.device:
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """`model` if it is on `device`, else a copy there: the caller's model never moves."""
     return model if model_device(model) == device else copy.deepcopy(model).to(device)
+
+
+def synchronizer(tensors: Iterable[Any]) -> Callable[[], None]:
+    """A call that waits until the CUDA devices of `tensors` have finished their queued work; a no-op on the CPU.
+
+    CUDA kernels launch asynchronously, so a clock read after a forward pass times the launches,
+    not the work: every timer stops the clock after this call.
+    """
+    devices = sorted({x.device for x in tensors if isinstance(x, torch.Tensor) and x.device.type == "cuda"}, key=str)
+
+    def sync() -> None:
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    return sync
 
 
 def check_autocast(mode: str | None) -> str | None:

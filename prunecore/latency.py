@@ -2,7 +2,7 @@
 
 FLOPs mislead as a latency budget: depthwise convs and memory-bound layers convert MACs into time
 at very different rates, and so do odd channel counts. `latency_model` measures instead, on this
-machine and runtime (PyTorch eager on the CPU, or ONNX Runtime's CPU provider):
+machine and runtime (PyTorch eager on the CPU or a CUDA GPU, or ONNX Runtime's CPU provider):
 
 1. **Layer tables** (NetAdapt's lookup tables). Every conv and Linear whose width a plan can change
    is built alone (`ops.layer`: a fresh layer of the pruned weight shape, fed the input shape it
@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from prunecore import ops
 from prunecore._modes import eval_mode, working_copy
 from prunecore.cost import CostModel, cost_model, measure_latencies
+from prunecore.devices import on_device, synchronizer
 from prunecore.errors import ArgumentError, UserError, running_model
 from prunecore.graph import ChannelGraph
 from prunecore.plan import Plan, kept_units
@@ -102,7 +103,8 @@ class Runtime:
     pass, timed in alternating rounds; `version()` goes into every store key. `block`: the runtime
     pads channels up to a multiple of it (tables are timed on multiples and read at padded widths);
     `align`: a width that is not a multiple of it may take a slower path, whose ratio each table
-    measures.
+    measures. `device`: where it runs ("cpu" or "cuda"); a CUDA runtime is listed everywhere but
+    usable only where torch sees a GPU (`usable`).
     """
 
     name: str
@@ -112,6 +114,17 @@ class Runtime:
     version: Callable[[], str]
     block: int = 1
     align: int = 1
+    device: str = "cpu"
+
+    @property
+    def usable(self) -> bool:
+        return self.device == "cpu" or torch.cuda.is_available()
+
+    def check(self) -> None:
+        """A `LatencyError` when this runtime cannot run here (a CUDA runtime on a machine without a GPU)."""
+        if not self.usable:
+            raise LatencyError(f"latency runtime {self.name!r} times on a CUDA GPU, and torch sees none on this "
+                               f"machine; choose one of {', '.join(list_runtimes(usable=True))}")  # fmt: skip
 
 
 _RUNTIMES: dict[str, Runtime] = {}
@@ -123,8 +136,9 @@ def register_runtime(runtime: Runtime) -> Runtime:
     return runtime
 
 
-def list_runtimes() -> list[str]:
-    return sorted(_RUNTIMES)
+def list_runtimes(usable: bool = False) -> list[str]:
+    """Every registered runtime's name, or only those that can run on this machine."""
+    return sorted(n for n, rt in _RUNTIMES.items() if rt.usable or not usable)
 
 
 def get_runtime(name: str) -> Runtime:
@@ -134,16 +148,44 @@ def get_runtime(name: str) -> Runtime:
         raise ArgumentError(f"unknown latency runtime {name!r}; choose from {', '.join(list_runtimes())}") from None
 
 
-def _torch_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    def call() -> Any:
-        with torch.inference_mode():
-            return layer(x)
+def _torch_call(device: str) -> Callable[[nn.Module, torch.Tensor], Callable[[], Any]]:
+    """Runs a stand-alone layer on `device` in PyTorch eager, waiting for the device before returning."""
 
-    return call
+    def layer_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+        place = torch.device(device)
+        layer, x = on_device(layer, place), x.to(place)
+        sync = synchronizer((x,))
+
+        def call() -> Any:
+            with torch.inference_mode():
+                out = layer(x)
+            sync()
+            return out
+
+        return call
+
+    return layer_call
 
 
-def _torch_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) -> list[float]:
-    return [t.median_s for t in measure_latencies(models, inputs, rounds=5, warmup=1, min_seconds=0.05)]
+def _torch_models(device: str) -> Callable[[Sequence[nn.Module], tuple[torch.Tensor, ...]], list[float]]:
+    """Times whole models on `device` (copies there where they live elsewhere; the callers' models never move)."""
+
+    def time_models(models: Sequence[nn.Module], inputs: tuple[torch.Tensor, ...]) -> list[float]:
+        place = torch.device(device)
+        placed = [on_device(m, place) for m in models]
+        xs = tuple(x.to(place) for x in inputs)
+        return [t.median_s for t in measure_latencies(placed, xs, rounds=5, warmup=1, min_seconds=0.05)]
+
+    return time_models
+
+
+def _torch_version(device: str) -> Callable[[], str]:
+    def version() -> str:
+        if device == "cpu":
+            return f"torch {torch.__version__}"
+        return f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+
+    return version
 
 
 def _onnx_call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -225,8 +267,10 @@ def _onnx_version() -> str:
     return f"onnxruntime {onnxruntime().__version__}"
 
 
-register_runtime(Runtime("torch", "PyTorch eager, CPU", _torch_call, _torch_models,
-                         lambda: f"torch {torch.__version__}"))  # fmt: skip
+register_runtime(Runtime("torch", "PyTorch eager, CPU", _torch_call("cpu"), _torch_models("cpu"),
+                         _torch_version("cpu")))  # fmt: skip
+register_runtime(Runtime("torch-cuda", "PyTorch eager, CUDA GPU", _torch_call("cuda"), _torch_models("cuda"),
+                         _torch_version("cuda"), device="cuda"))  # fmt: skip
 # ONNX Runtime's CPU convs pad channels to a block and need input widths divisible by 4 for it
 register_runtime(Runtime("onnxruntime", "ONNX Runtime, CPU execution provider", _onnx_call, _onnx_models,
                          _onnx_version, block=_nchwc_block(), align=4))  # fmt: skip
@@ -447,10 +491,12 @@ def latency_model(
     whose layers timed alone are mostly call overhead, so that which group saves how much is
     judged in place. Off by default: in `bench/bench_latency.py` it predicted whole plans no better
     than the tables (worse on resnet50 at batch 1: 20.5 % median error against 7.2 %), and did not
-    make latency-guided allocation competitive. The model is not changed. Timing runs on the CPU
-    with torch's thread count.
+    make latency-guided allocation competitive. The model is not changed (nor moved). Timing runs on
+    the runtime's device: the CPU with torch's thread count, or the GPU (`torch-cuda`), where the
+    layers and copies of the model are placed and every timed call waits for the device.
     """
     rt = get_runtime(runtime)
+    rt.check()
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ArgumentError(f"batch must be a positive integer, got {batch!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -522,9 +568,11 @@ def measure_plans_ms(
     batch: int | None = None,
 ) -> list[float]:
     """Milliseconds of the models `plans` make (None: the dense model), timed whole in alternating rounds."""
+    rt = get_runtime(runtime)
+    rt.check()
     inputs = _batched(example_inputs, batch)
     models = [model if p is None else apply_plan(model, p, graph=graph) for p in plans]
-    return [s * 1e3 for s in get_runtime(runtime).time_models(models, inputs)]
+    return [s * 1e3 for s in rt.time_models(models, inputs)]
 
 
 # -- building ------------------------------------------------------------------------------------------------
@@ -757,6 +805,8 @@ def _machine(rt: Runtime) -> str:
                 break
     except OSError:
         pass
+    if rt.device != "cpu":  # the GPU does the work; the host's CPU and threads still launch it
+        cpu = f"{torch.cuda.get_device_name(torch.device(rt.device))} on {cpu}"
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, {rt.name}"
 
 

@@ -319,6 +319,9 @@ def test_allocate_meets_a_latency_budget_and_names_the_smallest_reachable_one(tm
     (["--budget", "flops=0.5", "--batch", "8"], "--runtime, --batch and --guide go with a latency budget"),
     (["--budget", "flops=0.5", "--guide", "latency"], "--runtime, --batch and --guide go with a latency budget"),
     (["--budget", "latency=fast"], "budget value must be a number, got 'fast'"),
+    pytest.param(["--budget", "latency=5", "--runtime", "torch-cuda"], "runtime 'torch-cuda' times on a CUDA GPU, "
+                 "and torch sees none on this machine", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                               reason="checks a machine without GPU")),
 ])  # fmt: skip
 def test_allocate_latency_bad_input(tmp_path, run, extra, message, capsys):
     out = tmp_path / "p.json"

@@ -347,6 +347,18 @@ def test_bad_arguments_are_refused_before_any_timing(kwargs, message, tmp_path):
         lat.latency_model(model, x, graph, store=tmp_path / "s.sqlite", progress=False, **kwargs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_cuda_runtime_without_a_gpu_is_refused_naming_the_runtimes_that_run_here(tmp_path):
+    model, x, graph = _toy(toys.TwoResiduals)
+    assert "torch-cuda" in lat.list_runtimes() and "torch-cuda" not in lat.list_runtimes(usable=True)
+    message = r"runtime 'torch-cuda' times on a CUDA GPU, and torch sees none on this machine; choose one of .*torch"
+    with pytest.raises(lat.LatencyError, match=message):
+        lat.latency_model(model, x, graph, runtime="torch-cuda", store=tmp_path / "s.sqlite", progress=False)
+    with pytest.raises(lat.LatencyError, match=message):
+        lat.measure_plans_ms(model, x, graph, [None], runtime="torch-cuda")
+    assert not (tmp_path / "s.sqlite").exists()  # refused before the store is opened
+
+
 def test_a_read_only_store_is_read_and_never_written(clock, tmp_path):
     model, x, graph = _toy(toys.TwoResiduals)
     path = tmp_path / "s.sqlite"
@@ -362,7 +374,10 @@ def test_a_read_only_store_is_read_and_never_written(clock, tmp_path):
 
 
 # -- the real runtimes (what timing cannot break) -----------------------------------------------------------
-@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", pytest.param("torch-cuda", marks=_GPU)])
 def test_real_runtimes_build_tables_and_predict_positive_latencies(runtime, tmp_path, monkeypatch):
     monkeypatch.setattr(lat, "FRACTIONS", (0.5, 1.0))  # four points per table: a smoke test, not a benchmark
     model, x, graph = _toy(toys.Depthwise)

@@ -36,7 +36,7 @@ sizes = {n: ws.graph[n].size for n in names}
 
 panel = st.expander("Latency", icon=":material/timer:")
 l1, l2, l3 = panel.columns([3, 1, 2], vertical_alignment="bottom")
-l1.selectbox("Runtime", list_runtimes(), key=state.LATENCY_RUNTIME, format_func=lambda r: f"{r}: "
+l1.selectbox("Runtime", list_runtimes(usable=True), key=state.LATENCY_RUNTIME, format_func=lambda r: f"{r}: "
              f"{get_runtime(r).description}", help="What runs the model whose latency is predicted.")  # fmt: skip
 l2.number_input("Batch size", min_value=1, max_value=4096, step=1, key=state.LATENCY_BATCH)
 if l3.button("Measure latency tables", key=state.MEASURE_LATENCY,
