@@ -41,6 +41,7 @@ from prunecore import jobs
 from prunecore.allocate import with_latency
 from prunecore.cost import cost_model
 from prunecore.datasets import EvalData, load_data
+from prunecore.devices import check_autocast, resolve_device
 from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
@@ -91,6 +92,8 @@ BN_BATCHES = "sweep_bn_batches"
 CALIBRATE = "sweep_calibrate"  # random plans the sweep job measures afterwards to fit the predictor (0: none)
 SWEEP_DEVICE = "sweep_device"  # where the sweep job's points run: "auto" (CUDA when present), "cpu", "cuda:N"
 SWEEP_WORKERS = "sweep_workers"  # local worker processes the sweep job spreads its groups over
+SWEEP_AUTOCAST = "sweep_autocast"  # the sweep job's mixed-precision evaluation: "off", "bf16" or "fp16"
+SWEEP_CHANNELS_LAST = "sweep_channels_last"  # whether the sweep job evaluates channels-last (CNNs)
 MODE = "sweep_mode"
 BUDGET_KIND = "budget_kind"
 BUDGET_VALUE = "budget_value"
@@ -121,6 +124,8 @@ DEFAULTS: dict[str, Any] = {
     CALIBRATE: 24,
     SWEEP_DEVICE: "auto",
     SWEEP_WORKERS: 1,
+    SWEEP_AUTOCAST: "off",
+    SWEEP_CHANNELS_LAST: False,
     MODE: "exact",
     BUDGET_KIND: "flops",
     BUDGET_VALUE: 0.5,
@@ -333,7 +338,8 @@ def sweep_settings() -> dict[str, Any]:
         "metric": list(st.session_state[METRICS]), "bn_recalibration": int(st.session_state[BN_BATCHES]),
         "calibrate": int(st.session_state[CALIBRATE]),
         "mode": st.session_state[MODE], "device": st.session_state[SWEEP_DEVICE],
-        "workers": int(st.session_state[SWEEP_WORKERS]),
+        "workers": int(st.session_state[SWEEP_WORKERS]), "autocast": st.session_state[SWEEP_AUTOCAST],
+        "channels_last": bool(st.session_state[SWEEP_CHANNELS_LAST]),
     }  # fmt: skip
 
 
@@ -379,13 +385,17 @@ def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
         metrics = [m for m in metrics if not get_metric(m).needs_labels] or ["kl", "agreement"]
     if settings["calibrate"] and not {"loss", "kl"} & set(metrics):  # the predictor is fitted on one of them
         metrics = [*metrics, "loss" if data(ws).labelled else "kl"]
+    device = None if settings["device"] == "auto" else settings["device"]
+    autocast = None if settings["autocast"] == "off" else settings["autocast"]
+    with user_errors():  # fp16 on the CPU: said here, not by a job that fails
+        check_autocast(autocast, resolve_device(device))
     shape = st.session_state.get(INPUT_SHAPE)
     job = SweepJob(
         ws.spec, st.session_state[DATA_SPEC], str(store_path()), tuple(settings["levels"]),
         input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
         criterion=settings["criterion"], metrics=tuple(metrics), bn_recalibration=settings["bn_recalibration"],
-        mode=settings["mode"], calibrate=settings["calibrate"],
-        device=None if settings["device"] == "auto" else settings["device"], workers=settings["workers"],
+        mode=settings["mode"], calibrate=settings["calibrate"], device=device, workers=settings["workers"],
+        autocast=autocast, channels_last=settings["channels_last"],
     )  # fmt: skip
     key = _keyed(job, JOB_CACHE)
     st.session_state[JOB] = key
@@ -567,12 +577,18 @@ def describe_job(job: SweepJob) -> str:
     >>> describe_job(SweepJob("sample:resnet20", "sample", "runs.sqlite", (0.3, 0.6), limit=64, metrics=("kl",)))
     'Every prunable group at levels 0.3, 0.6 (criterion l1, exact), measuring kl on sample (first 64 images).'
     """
-    bn = f", BatchNorm re-estimated on {job.bn_recalibration} batches" if job.bn_recalibration else ""
+    how = [job.mode]
+    if job.bn_recalibration:
+        how.append(f"BatchNorm re-estimated on {job.bn_recalibration} batches")
+    if job.autocast:
+        how.append(f"{job.autocast} mixed precision")
+    if job.channels_last:
+        how.append("channels-last")
     data_ = job.data + (f" (first {job.limit:,} images)" if job.limit else "")
     then = (f" Then {job.calibrate} random plans and each method's plans at a few budgets are measured to fit "
             "the predictor that knows damage compounds." if job.calibrate else "")  # fmt: skip
     return (f"Every prunable group at levels {', '.join(f'{v:g}' for v in job.levels)} (criterion {job.criterion}, "
-            f"{job.mode}{bn}), measuring {', '.join(job.metrics)} on {data_}.{then}")
+            f"{', '.join(how)}), measuring {', '.join(job.metrics)} on {data_}.{then}")
 
 
 def _finished(job: Job, key: str, status: JobStatus | None) -> bool:

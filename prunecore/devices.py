@@ -72,21 +72,22 @@ def synchronizer(tensors: Iterable[Any]) -> Callable[[], None]:
     return sync
 
 
-def check_autocast(mode: str | None) -> str | None:
-    """`mode` if it names a mixed-precision mode (or is None); an `ArgumentError` naming the valid ones."""
+def check_autocast(mode: str | None, device: torch.device | None = None) -> str | None:
+    """`mode` if it names a mixed-precision mode (or is None) that runs on `device` (when given); else an
+    `ArgumentError` naming the valid ones."""
     if mode is not None and mode not in AUTOCAST:
         raise ArgumentError(f"autocast must be one of {sorted(AUTOCAST)} or None, got {mode!r}")
+    if mode == "fp16" and device is not None and device.type == "cpu":
+        raise ArgumentError("autocast 'fp16' runs on CUDA only; on the CPU use 'bf16'")
     return mode
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, mode: str | None) -> Iterator[None]:
     """Mixed precision for the forward passes inside, or nothing when `mode` is None."""
-    if check_autocast(mode) is None:
+    if check_autocast(mode, device) is None:
         yield
         return
-    if mode == "fp16" and device.type == "cpu":
-        raise ArgumentError("autocast 'fp16' runs on CUDA only; on the CPU use 'bf16'")
     with torch.autocast(device_type=device.type, dtype=AUTOCAST[mode]):
         yield
 

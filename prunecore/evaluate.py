@@ -292,6 +292,7 @@ def evaluate_plan(
     graph: ChannelGraph | None = None,
     device: str | torch.device | None = None,
     autocast: str | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Measured metrics of `apply_plan(model, plan)`: the numbers a plan's prediction is checked against.
 
@@ -299,7 +300,8 @@ def evaluate_plan(
     batches, an int: that many) on `calibration` (default: `data`), because pruning shifts the
     statistics every following BatchNorm saw. Label-free metrics compare with the dense `model`.
     `model` is not changed. The pruned copy runs on `device` (default CUDA when present, else the
-    CPU), in mixed precision with `autocast`.
+    CPU), in mixed precision with `autocast`, channels-last with `channels_last` (as `evaluate`), so a plan
+    can be measured the way a sweep with those settings measured its points.
     """
     names = [metric] if isinstance(metric, str) else list(metric)
     target = resolve_device(device)
@@ -309,4 +311,4 @@ def evaluate_plan(
         recalibrate_bn_(pruned, data if calibration is None else calibration, batches=batches)
     needs_reference = any(get_metric(m).needs_reference for m in names)
     return evaluate(pruned, data, names, reference=model if needs_reference else None, device=target,
-                    autocast=autocast)  # fmt: skip
+                    autocast=autocast, channels_last=channels_last)  # fmt: skip

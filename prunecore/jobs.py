@@ -105,6 +105,8 @@ class SweepJob:
     calibrate: int = 0  # then fit a predictor on about this many random plans + 20 method plans (0: no)
     device: str | None = None  # where points run (None: CUDA when present, else the CPU)
     workers: int = 1  # local worker processes measuring groups
+    autocast: str | None = None  # "bf16"/"fp16": evaluate in mixed precision (changes the numbers: in the run id)
+    channels_last: bool = False  # evaluate on channels-last images and weights (in the run id)
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -127,7 +129,8 @@ class SweepJob:
         from prunecore.sensitivity import SweepConfig
 
         return SweepConfig(levels=self.levels, criterion=self.criterion, metric=self.metrics, groups=self.groups,
-                           bn_recalibration=self.bn_recalibration, round_to=self.round_to, mode=self.mode)
+                           bn_recalibration=self.bn_recalibration, round_to=self.round_to, mode=self.mode,
+                           autocast=self.autocast, channels_last=self.channels_last)  # fmt: skip
 
     def to_json(self) -> str:
         """The job as a JSON object, one key per field, and its kind."""
@@ -332,7 +335,8 @@ def job_key(job: Job) -> str:
         if isinstance(job, MeasureJob) and not job.int8:
             del fields["int8"]  # measurements keep the keys they had before INT8 existed
     else:  # sweeps keep the keys they had before these fields existed, while they hold their defaults
-        for name, default in (("calibrate", 0), ("device", None), ("workers", 1)):
+        for name, default in (("calibrate", 0), ("device", None), ("workers", 1), ("autocast", None),
+                              ("channels_last", False)):  # fmt: skip
             if fields[name] == default:
                 del fields[name]
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))

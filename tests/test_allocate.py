@@ -358,6 +358,8 @@ def test_evaluate_plan_measures_the_applied_plan_after_bn_re_estimation():
     assert measured == pc.evaluate(by_hand, data.evaluation, ["accuracy", "loss"])
     raw = pc.evaluate_plan(s.model, plan, data.evaluation, "accuracy", bn_recalibration=False)
     assert raw == pc.evaluate(pc.apply_plan(s.model, plan), data.evaluation, "accuracy")
+    last = pc.evaluate_plan(s.model, plan, data.evaluation, "accuracy", bn_recalibration=False, channels_last=True)
+    assert last == pc.evaluate(pc.apply_plan(s.model, plan), data.evaluation, "accuracy", channels_last=True)
 
 
 def test_pareto_lists_each_method_within_its_budgets():

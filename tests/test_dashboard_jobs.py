@@ -266,3 +266,28 @@ def test_a_sweep_over_two_worker_processes_shows_each_worker_and_finds_the_run_o
     assert done.state == "done" and sum(w["groups_done"] for w in done.workers) == 12  # resnet20's groups
     later = app()  # one worker, the same settings otherwise: the run id is the same, so nothing to press
     assert state.RUN_SWEEP not in buttons(later) and later.session_state[state.RUN_ID] == done.run_id
+
+
+def test_mixed_precision_and_channels_last_sweep_as_a_run_of_their_own(store):
+    plain = run_sweep(app())
+    plain_run = plain.session_state[state.RUN_ID]
+    at = app(sweep_autocast="bf16", sweep_channels_last=True)
+    assert "(criterion l1, exact, bf16 mixed precision, channels-last)" in " ".join(c.value for c in at.caption)
+    at = run_sweep(at)
+    job = jobs.read_job(at.session_state[state.JOB], store)
+    assert (job.autocast, job.channels_last) == ("bf16", True)
+    run = pc.RunStore(store).get(at.session_state[state.RUN_ID])
+    assert run.run_id != plain_run and run.complete
+    assert (run.config["autocast"], run.config["channels_last"]) == ("bf16", True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_fp16_on_the_cpu_is_refused_on_the_page_before_any_job(store):
+    at = AppTest.from_file(APP, default_timeout=600)
+    for key, value in {**TINY, "sweep_autocast": "fp16", "sweep_device": "cpu"}.items():
+        at.session_state[key] = value
+    at.run()
+    at.switch_page("views/sensitivity.py")
+    at.run()
+    assert "autocast 'fp16' runs on CUDA only; on the CPU use 'bf16'" in " ".join(e.value for e in at.error)
+    assert state.RUN_SWEEP not in buttons(at) and jobs.list_jobs(store) == []

@@ -71,6 +71,10 @@ def test_job_json_round_trips_and_key_follows_weights_content(tmp_path):
                                             levels=(0.25, 0.5)))  # fmt: skip
     assert job_key(job) != job_key(make_job(tmp_path / "runs.sqlite", weights=str(first), input_shape=(1, 1, 28, 28),
                                             levels=(0.25, 0.5), criterion="l2"))  # fmt: skip
+    tuned = make_job(tmp_path / "runs.sqlite", weights=str(first), input_shape=(1, 1, 28, 28), levels=(0.25, 0.5),
+                     autocast="bf16", channels_last=True)  # fmt: skip
+    assert SweepJob.from_json(tuned.to_json()) == tuned and job_key(tuned) != job_key(job)
+    assert (tuned.config().autocast, tuned.config().channels_last) == ("bf16", True)
     with pytest.raises(JobError, match="cannot be read"):
         job_key(make_job(tmp_path / "runs.sqlite", weights=str(tmp_path / "missing.pt")))
     with pytest.raises(JobError, match="not a sweep job"):
