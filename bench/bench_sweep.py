@@ -26,7 +26,8 @@ shared 2-core CPU only ratios from one run mean anything, and even those drift b
 sweep are timed in 3 interleaved rounds and each keeps its median round (BN rows: one round);
 the estimate, which takes seconds, is the median of 3 calls.
 Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH] [--layout-only]` (`--quick`: smoke
-test).
+test). `--device cuda [--autocast bf16]` runs every sweep and naive point on the GPU (GPU figures; the
+workers section is skipped there).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,6 +51,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import prunecore
+from prunecore.devices import autocast, resolve_device
 from prunecore.sensitivity import DENSE
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -58,6 +61,16 @@ SAMPLES = ("resnet20", "mobilenet_v2", "vit")  # estimate vs exact
 BN_BATCHES = 4
 PARALLEL = ("seq1", "local2", "ray2")  # the sweep on 1 worker, 2 local workers, 2 Ray actors; 1 thread each
 ESTIMATE_REPS = 3
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where every job of one benchmark run evaluates: the device, and the mixed-precision mode (or None)."""
+
+    device: str = "cpu"
+    autocast: str | None = None
+
+
 Setup = tuple[nn.Module, list[Any] | Iterable[Any], torch.Tensor, Iterable[Any], list[str] | None, tuple[float, ...]]
 
 
@@ -82,29 +95,33 @@ def setup(name: str, quick: bool) -> Setup:
 
 
 def naive(model: nn.Module, data: Iterable[Any], example: torch.Tensor, groups: list[str] | None,
-          levels: tuple[float, ...], calibration: Iterable[Any] | None) -> list[dict[str, Any]]:  # fmt: skip
-    """The reference loop: per point a pruned copy, optionally BN-recalibrated, evaluated."""
+          levels: tuple[float, ...], calibration: Iterable[Any] | None, run: Run) -> list[dict[str, Any]]:  # fmt: skip
+    """The reference loop: per point a pruned copy (on the run's device), optionally BN-recalibrated, evaluated."""
     graph = prunecore.trace(model, example)
+    device = resolve_device(run.device)
     rows = []
     for g in groups or [g.name for g in graph.prunable]:
         for s in levels:
             plan = prunecore.make_plan(model, graph, {g: s})
-            pruned = prunecore.apply_plan(model, plan, graph=graph)
+            pruned = prunecore.apply_plan(model, plan, graph=graph).to(device)
             if calibration is not None:
-                prunecore.recalibrate_bn_(pruned, calibration, batches=BN_BATCHES)
-            rows.append({"group": g, "sparsity": s, **prunecore.evaluate(pruned, data, METRICS)})
+                with autocast(device, run.autocast):  # as the sweep's calibration passes run
+                    prunecore.recalibrate_bn_(pruned, calibration, batches=BN_BATCHES)
+            measured = prunecore.evaluate(pruned, data, METRICS, device=device, autocast=run.autocast)
+            rows.append({"group": g, "sparsity": s, **measured})
     return rows
 
 
-def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
+def job(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
     """One measurement, run in this (fresh) process: seconds, and the points where there are any."""
     model, data, example, calibration, groups, levels = setup(name, quick)
     bn = kind.endswith("_bn")
+    on = dict(device=run.device, autocast=run.autocast)  # every sweep and evaluation runs there
     began = time.perf_counter()
     if kind == "load":
-        return {"evaluate": prunecore.evaluate(model, data, METRICS), "seconds": time.perf_counter() - began}
+        return {"evaluate": prunecore.evaluate(model, data, METRICS, **on), "seconds": time.perf_counter() - began}
     if kind.startswith("naive"):
-        rows = naive(model, data, example, groups, levels, calibration if bn else None)
+        rows = naive(model, data, example, groups, levels, calibration if bn else None, run)
         return {"seconds": time.perf_counter() - began, "rows": rows}
     if kind == "estimate":
         times, frame = [], None
@@ -112,7 +129,7 @@ def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
             torch.manual_seed(0)
             t0 = time.perf_counter()
             frame = prunecore.sweep(model, data, example, levels=levels, metric="loss", groups=groups,
-                                    progress=False, mode="estimate")  # fmt: skip
+                                    progress=False, mode="estimate", device=run.device)  # fmt: skip
             times.append(time.perf_counter() - t0)
         return {"seconds": statistics.median(times), "rounds_s": times, "rows": frame.to_dict("records")}
     if kind.removesuffix("_bn") in PARALLEL:  # 1 thread per worker: 1 process, 2 local processes, 2 Ray actors
@@ -123,23 +140,25 @@ def job(name: str, kind: str, quick: bool) -> dict[str, Any]:
             execution.update(bn_recalibration=BN_BATCHES, calibration=calibration)
         began = time.perf_counter()
         frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False,
-                                **execution)  # fmt: skip
+                                **execution, **on)  # fmt: skip
         return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
                 "workers": frame.attrs.get("workers") or []}  # fmt: skip
     extra = dict(bn_recalibration=BN_BATCHES, calibration=calibration) if bn else {}  # sweep, sweep_bn
     if kind == "sweep_cl":
         extra = dict(channels_last=True)
-    frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False, **extra)
+    frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False, **extra,
+                            **on)  # fmt: skip
     return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
             "suffix_s": frame.attrs.get("suffix_seconds")}  # the sweep's own suffix time, if it reports it
 
 
-def spawn(name: str, kind: str, quick: bool) -> dict[str, Any]:
+def spawn(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
     """Run `job` in a fresh interpreter; its result plus its peak RSS in MiB."""
     print(f"  {name}: {kind} ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "job.json"
         cmd = [sys.executable, __file__, "--job", f"{name}:{kind}", "--out", str(out)] + ["--quick"] * quick
+        cmd += ["--device", run.device] + (["--autocast", run.autocast] if run.autocast else [])
         subprocess.run(cmd, check=True)
         return json.loads(out.read_text())
 
@@ -215,7 +234,7 @@ def parallel_markdown(rows: list[dict[str, Any]]) -> str:
 LAYOUT_MODELS = ("resnet20", "mobilenet_v2", "resnet18")
 
 
-def layout_rows(rounds: int, quick: bool) -> list[dict[str, Any]]:
+def layout_rows(rounds: int, quick: bool, run: Run) -> list[dict[str, Any]]:
     """The exact sweep with contiguous and with channels-last images and weights, interleaved rounds: median
     seconds of each, speed-up, and how far the points move (the kernels sum in another order)."""
     out = []
@@ -223,7 +242,7 @@ def layout_rows(rounds: int, quick: bool) -> list[dict[str, Any]]:
         timed: dict[str, list[dict[str, Any]]] = {}
         for _ in range(1 if quick else rounds):
             for kind in ("sweep", "sweep_cl"):
-                timed.setdefault(kind, []).append(spawn(name, kind, quick))
+                timed.setdefault(kind, []).append(spawn(name, kind, quick, run))
         plain, last = median_round(timed["sweep"]), median_round(timed["sweep_cl"])
         a, b = points(plain), points(last)
         out.append(dict(model=name, points=len(a), contiguous_s=plain["seconds"], channels_last_s=last["seconds"],
@@ -244,7 +263,8 @@ def layout_markdown(rows: list[dict[str, Any]]) -> str:
 def markdown(info: dict[str, Any], exact: list[dict[str, Any]], est: list[dict[str, Any]]) -> str:
     opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     quick = " (quick smoke run: the numbers mean nothing)" if info["quick"] else ""
-    lines = [f"torch {info['torch']}, torchvision {info['torchvision']}, {info['threads']} threads, "
+    where = f"{info['gpu'] or info['device']}" + (f", {info['autocast']} autocast" if info["autocast"] else "")
+    lines = [f"torch {info['torch']}, torchvision {info['torchvision']}, {where}, {info['threads']} threads, "
              f"{info['rounds']} round(s) of naive / sweep{quick}", "",
              "| model | groups | points | naive s | sweep s | speed-up | suffix share "
              "| max abs diff accuracy | max abs diff loss |", "|---|" + "---:|" * 8]  # fmt: skip
@@ -272,23 +292,27 @@ def main() -> None:
     parser.add_argument("--no-parallel", action="store_true", help="skip the workers section")
     parser.add_argument("--layout-only", action="store_true",
                         help="only the memory-layout section: the exact sweep with and without channels_last")
+    parser.add_argument("--device", default="cpu", help="where every sweep and naive-loop point runs (default cpu; "
+                        "cuda: GPU figures, without the workers section)")  # fmt: skip
+    parser.add_argument("--autocast", choices=("bf16", "fp16"), help="mixed-precision evaluation, sweep and naive")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: MODEL:KIND, run in a subprocess
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    run = Run(str(resolve_device(args.device)), args.autocast)
     if args.job:
-        result = job(*args.job.split(":"), quick=args.quick)
+        result = job(*args.job.split(":"), quick=args.quick, run=run)
         result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         args.out.write_text(json.dumps(result, default=str))
         return
     if args.layout_only:
-        rows = layout_rows(args.rounds, args.quick)
+        rows = layout_rows(args.rounds, args.quick, run)
         print("Memory layout:\n\n" + layout_markdown(rows))
         if args.json:
             args.json.write_text(json.dumps({"layout": rows}, indent=2, default=str))
         return
     cases = [(n, bn) for n in EXACT_MODELS for bn in ("", "_bn")] + [("mobilenet_v2", "")]  # a longer sweep
-    cases = [] if args.no_parallel else cases
-    parallel = [parallel_row(n, {k + bn: spawn(n, k + bn, args.quick) for k in PARALLEL}, bool(bn))
+    cases = [] if args.no_parallel or run.device != "cpu" else cases  # workers are CPU processes here
+    parallel = [parallel_row(n, {k + bn: spawn(n, k + bn, args.quick, run) for k in PARALLEL}, bool(bn))
                 for n, bn in cases]  # fmt: skip
     if parallel:
         print("Workers (1 thread each):\n\n" + parallel_markdown(parallel) + "\n")
@@ -300,18 +324,20 @@ def main() -> None:
     for _ in range(1 if args.quick else args.rounds):  # interleaved, so drift spoils no single ratio
         for name in EXACT_MODELS:
             for kind in ("naive", "sweep"):
-                timed.setdefault((name, kind), []).append(spawn(name, kind, args.quick))
+                timed.setdefault((name, kind), []).append(spawn(name, kind, args.quick, run))
     runs = {n: {k: median_round(timed[n, k]) for k in ("naive", "sweep")} for n in EXACT_MODELS}
     for name in dict.fromkeys(EXACT_MODELS + SAMPLES):
         kinds = ["load", "naive_bn", "sweep_bn"] if name in EXACT_MODELS else ["sweep"]
         kinds += ["estimate"] if name in SAMPLES else []
-        runs.setdefault(name, {}).update({kind: spawn(name, kind, args.quick) for kind in kinds})
+        runs.setdefault(name, {}).update({kind: spawn(name, kind, args.quick, run) for kind in kinds})
     exact = [exact_row(n, runs[n], s) for n in EXACT_MODELS for s in ("", "_bn")]
     est = [estimate_row(n, runs[n]["sweep"], runs[n]["estimate"]) for n in SAMPLES]
     info = dict(torch=torch.__version__, torchvision=torchvision.__version__, threads=torch.get_num_threads(),
+                device=run.device, gpu=torch.cuda.get_device_name(run.device) if run.device != "cpu" else None,
+                autocast=run.autocast,
                 quick=args.quick, rounds=1 if args.quick else args.rounds, levels=list(LEVELS), metrics=METRICS,
                 bn_batches=BN_BATCHES)  # fmt: skip
-    layout = layout_rows(args.rounds, args.quick)
+    layout = layout_rows(args.rounds, args.quick, run)
     print(markdown(info, exact, est) + "\n\nMemory layout:\n\n" + layout_markdown(layout))
     if args.json:
         args.json.write_text(json.dumps({**info, "exact": exact, "estimate": est, "parallel": parallel, "runs": runs,
