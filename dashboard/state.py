@@ -83,6 +83,7 @@ FT_LR = "recover_lr"
 FT_DISTILL_ON = "recover_distill_on"  # distil from the dense model (else labels only)
 FT_DISTILL = "recover_distill"  # the distillation weight against cross-entropy, when on
 FT_BN = "recover_bn"  # BatchNorm re-estimation batches before training
+FT_DEVICE = "recover_device"  # where the fine-tuning job trains: a `device_choices()` entry
 FT_TRAIN_LIMIT = "recover_train_limit"  # training images (0: all)
 LR_CHOICES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 CRITERION = "sweep_criterion"
@@ -141,6 +142,7 @@ DEFAULTS: dict[str, Any] = {
     FT_DISTILL_ON: True,
     FT_DISTILL: 0.5,
     FT_BN: 50,
+    FT_DEVICE: "auto",
     FT_TRAIN_LIMIT: 0,
 }
 MODEL_PAGE_WIDGETS = ("model_source", "sample_name", "tv_name", "timm_name", "arg_num_classes", "arg_in_chans",
@@ -344,10 +346,13 @@ def sweep_settings() -> dict[str, Any]:
 
 
 def device_choices() -> list[str]:
-    """The devices a sweep can run on here: "auto" (CUDA when present, else the CPU), the CPU, each GPU."""
-    import torch
-
+    """The devices a job can run on here: "auto" (CUDA when present, else the CPU), the CPU, each GPU."""
     return ["auto", "cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+
+
+def job_device(choice: str) -> str | None:
+    """A `device_choices()` entry as a job's `device` field: None for "auto" (the job resolves it where it runs)."""
+    return None if choice == "auto" else choice
 
 
 def store_path() -> Path:
@@ -385,7 +390,7 @@ def sweep_job(ws: Workspace) -> tuple[SweepJob, str]:
         metrics = [m for m in metrics if not get_metric(m).needs_labels] or ["kl", "agreement"]
     if settings["calibrate"] and not {"loss", "kl"} & set(metrics):  # the predictor is fitted on one of them
         metrics = [*metrics, "loss" if data(ws).labelled else "kl"]
-    device = None if settings["device"] == "auto" else settings["device"]
+    device = job_device(settings["device"])
     autocast = None if settings["autocast"] == "off" else settings["autocast"]
     with user_errors():  # fp16 on the CPU: said here, not by a job that fails
         check_autocast(autocast, resolve_device(device))
@@ -676,10 +681,12 @@ def curves(ws: Workspace) -> pd.DataFrame:
     return frame
 
 
-def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int, int8: bool = False) -> tuple[MeasureJob, str]:
+def measure_job(ws: Workspace, plan: pc.Plan, bn_batches: int, int8: bool = False,
+                device: str = "auto") -> tuple[MeasureJob, str]:  # fmt: skip
     """The measurement job of `plan` on the current model, weights and data, and its key (also under `MEASURE_JOB`);
-    `int8` also measures the pruned model as INT8 in ONNX Runtime (another job, another key)."""
-    job = _measure_job(ws, plan, bn_recalibration=int(bn_batches), int8=bool(int8))
+    `int8` also measures the pruned model as INT8 in ONNX Runtime (another job, another key); `device`, a
+    `device_choices()` entry, is where its metrics are measured."""
+    job = _measure_job(ws, plan, bn_recalibration=int(bn_batches), int8=bool(int8), device=job_device(device))
     key = st.session_state[MEASURE_JOB] = _keyed(job, MEASURE_CACHE)
     return job, key
 
@@ -697,7 +704,7 @@ def live_job(ws: Workspace, plan: pc.Plan, metrics: Iterable[str]) -> tuple[Meas
     """The measurement of the Plan page's current plan on the sweep's data, BatchNorm re-estimated as the
     sweep did, without timing: what its predictions are checked against, number for number."""
     job = _measure_job(ws, plan, metrics=tuple(metrics), bn_recalibration=int(st.session_state[BN_BATCHES]),
-                       latency=False)
+                       latency=False, device=job_device(st.session_state[SWEEP_DEVICE]))  # fmt: skip
     return job, _keyed(job, LIVE_CACHE)
 
 
@@ -775,7 +782,8 @@ def _finetune_job(ws: Workspace, plan: pc.Plan) -> FinetuneJob:
                        input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
                        train_limit=int(st.session_state[FT_TRAIN_LIMIT]) or None,
                        epochs=int(st.session_state[FT_EPOCHS]), lr=float(st.session_state[FT_LR]), distill=distill,
-                       bn_recalibration=int(st.session_state[FT_BN]))  # fmt: skip
+                       bn_recalibration=int(st.session_state[FT_BN]),
+                       device=job_device(st.session_state[FT_DEVICE]))  # fmt: skip
 
 
 def train_note(data_spec: str) -> str:

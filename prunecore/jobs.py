@@ -163,6 +163,7 @@ class MeasureJob:
     bn_recalibration: int = 0
     latency: bool = True
     int8: bool = False
+    device: str | None = None  # where the metrics are measured (None: CUDA when present, else the CPU)
 
     kind = "measure"
 
@@ -207,6 +208,7 @@ class FinetuneJob:
     temperature: float = 4.0
     bn_recalibration: int = 0
     metrics: tuple[str, ...] = ()
+    device: str | None = None  # where it trains and is measured (None: CUDA when present, else the CPU)
 
     kind = "finetune"
 
@@ -334,6 +336,8 @@ def job_key(job: Job) -> str:
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
         if isinstance(job, MeasureJob) and not job.int8:
             del fields["int8"]  # measurements keep the keys they had before INT8 existed
+        if job.device is None:
+            del fields["device"]  # and the keys they had before the device choice
     else:  # sweeps keep the keys they had before these fields existed, while they hold their defaults
         for name, default in (("calibrate", 0), ("device", None), ("workers", 1), ("autocast", None),
                               ("channels_last", False)):  # fmt: skip
@@ -700,6 +704,7 @@ _STEP_TEXT = {"apply": "applying the plan", "bn": "re-estimating BatchNorm", "ev
 def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
     """Load the model and the data, measure the plan, and write `result.json`."""
     from prunecore.datasets import load_data
+    from prunecore.devices import resolve_device
     from prunecore.measure import STEPS, measure_plan
     from prunecore.models import load_model
     from prunecore.plan import Plan
@@ -718,13 +723,15 @@ def _measure(job: MeasureJob, folder: Path, worker: _Worker) -> None:
         worker.progress(steps.index(name) + 1, len(steps) + 1)
 
     measured = measure_plan(model, plan, data, list(job.metrics) or None, job.bn_recalibration,
-                            latency=job.latency, progress=step, int8=job.int8)  # fmt: skip
+                            latency=job.latency, progress=step, int8=job.int8,
+                            device=resolve_device(job.device))  # fmt: skip
     write_atomic(folder / "result.json", json.dumps(measured.to_dict()), what="measurement")
 
 
 def _one_shot(job: FinetuneJob, plan: Any, worker: _Worker) -> tuple[Any, Any, Any, Any]:
     """The dense model, the plan applied to it with BatchNorm re-estimated, the held-out and the training data."""
     from prunecore.datasets import load_data, load_train
+    from prunecore.devices import resolve_device
     from prunecore.evaluate import recalibrate_bn_
     from prunecore.graph import trace
     from prunecore.models import load_model
@@ -742,7 +749,7 @@ def _one_shot(job: FinetuneJob, plan: Any, worker: _Worker) -> tuple[Any, Any, A
     pruned = apply_plan(dense, plan, graph=graph)
     if job.bn_recalibration:
         worker.write(group="re-estimating BatchNorm")
-        recalibrate_bn_(pruned, data.calibration, batches=job.bn_recalibration)
+        recalibrate_bn_(pruned, data.calibration, batches=job.bn_recalibration, device=resolve_device(job.device))
     worker.check()
     return dense, pruned, data, train
 
@@ -753,6 +760,7 @@ def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
     `history.json` starts from the checkpoint's epochs (none on a first run) and gains each finished
     epoch, so it always lists what a resumed run does not train again.
     """
+    from prunecore.devices import resolve_device
     from prunecore.evaluate import evaluate, get_metric
     from prunecore.measure import default_metrics
     from prunecore.models import save_pruned
@@ -767,8 +775,9 @@ def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
     names = list(job.metrics) or default_metrics(None, data)
     reference = dense if any(get_metric(m).needs_reference for m in names) else None
     worker.write(group="evaluating the one-shot and the dense model")
-    record = Recovery(evaluate(pruned, data.evaluation, names, reference=reference),
-                      evaluate(dense, data.evaluation, names, reference=reference), done, job.epochs,
+    device = resolve_device(job.device)
+    record = Recovery(evaluate(pruned, data.evaluation, names, reference=reference, device=device),
+                      evaluate(dense, data.evaluation, names, reference=reference, device=device), done, job.epochs,
                       data.description, train.description)  # fmt: skip
     write_atomic(folder / "history.json", json.dumps(record.to_dict()), what="fine-tuning history")
 
@@ -790,7 +799,7 @@ def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
     result = finetune(pruned, train.loader, teacher=dense if job.distill > 0 else None, epochs=job.epochs, lr=job.lr,
                       distill=job.distill, temperature=job.temperature, eval_data=data.evaluation, metrics=names,
                       checkpoint=checkpoint, resume=True, progress=on_batch, on_epoch=on_epoch,
-                      accelerator=None)  # fmt: skip
+                      accelerator=None, device=device)  # fmt: skip
     tuned = dataclasses.replace(plan, measured=dict(record.metrics), measured_on=MeasuredOn(data.description, 0))
     save_pruned(folder / "recovered.pt", result.model.cpu(), tuned, job.model)
     write_atomic(folder / "result.json", json.dumps(record.to_dict()), what="fine-tuning result")

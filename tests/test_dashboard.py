@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
 from dashboard import charts, state
+from prunecore import jobs
 from dashboard_sweeps import open_app, run_sweep, store, wait_for_job  # noqa: F401 (store: the module's run store)
 from prunecore.cost import Latency, format_latency
 from prunecore.measure import Int8Measurement, PlanMeasurement
@@ -125,6 +126,13 @@ def test_validate_page_measures_the_plan_in_a_job_next_to_its_prediction(swept):
     assert "validate_run" not in [b.key for b in again.button]
     assert again.dataframe[0].value.set_index("metric").loc["accuracy", "measured"] == table.loc["accuracy", "measured"]
     assert pc.Plan.from_json(again.session_state["edited_plan"].to_json()).groups == plan.groups
+    assert again.selectbox(key="validate_device").options == state.device_choices()
+    again.selectbox(key="validate_device").set_value("cpu").run()  # a device named: another job, measured there
+    again.button(key="validate_run").click().run()
+    assert wait_for_job(again.session_state["measure_job"]).state == "done"
+    assert jobs.read_job(again.session_state["measure_job"], state.store_path()).device == "cpu"
+    assert again.run().dataframe[0].value.set_index("metric").loc["accuracy", "measured"] == pytest.approx(
+        table.loc["accuracy", "measured"])  # fmt: skip
 
 
 def _with_int8(int8: Int8Measurement | None = None, error: str | None = None) -> PlanMeasurement:

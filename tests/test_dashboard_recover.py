@@ -89,6 +89,7 @@ def test_run_starts_one_job_whose_curve_and_model_the_page_validate_and_export_s
     assert "Trains on the sample's 4,000 training digits (none of the held-out ones), the first 64;" in \
         at.caption[0].value  # fmt: skip
     at.slider(key=state.FT_DISTILL).set_value(0.7).run()  # a settings change starts nothing
+    at.selectbox(key=state.FT_DEVICE).set_value("cpu").run()
     assert jobs.list_jobs(store, kind="finetune") == [] and buttons(ok(at)) == [state.RUN_FINETUNE]
 
     at.button(key=state.RUN_FINETUNE).click().run()
@@ -96,6 +97,7 @@ def test_run_starts_one_job_whose_curve_and_model_the_page_validate_and_export_s
     assert [j.key for j in jobs.list_jobs(store, kind="finetune")] == [key]
     job = jobs.read_job(key, store)
     assert (job.epochs, job.distill, job.train_limit, job.limit, job.bn_recalibration) == (1, 0.7, 64, 16, 1)
+    assert job.device == "cpu"
     assert pc.Plan.from_json(job.plan).groups == at.session_state[state.EDITED_PLAN].groups
     assert wait_for_job(key).state == "done"
 

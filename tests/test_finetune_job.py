@@ -59,7 +59,7 @@ def test_job_json_round_trips_and_the_key_follows_what_is_pruned_and_the_recipe(
     assert jobs.job_key(dataclasses.replace(job, plan=later)) == key  # when a plan was made is not what it prunes
     other = pc.make_plan(model, pc.trace(model, torch.randn(1, 1, 28, 28)), 0.5).to_json()
     changes = [{"plan": other}, {"epochs": 3}, {"lr": 0.03}, {"distill": 0.0}, {"train_limit": 128},
-               {"bn_recalibration": 2}, {"limit": 32}]  # fmt: skip
+               {"bn_recalibration": 2}, {"limit": 32}, {"device": "cpu"}]  # fmt: skip
     assert len({key, *(jobs.job_key(dataclasses.replace(job, **c)) for c in changes)}) == 1 + len(changes)
     measure = jobs.MeasureJob("sample:resnet20", "sample", str(tmp_path / "runs.sqlite"), plan.to_json())
     assert jobs.job_key(measure) != key

@@ -217,7 +217,7 @@ def test_a_measurement_job_stores_what_measure_plan_gives_and_the_same_plan_is_n
                                                                                                   resnet_plan):
     model, plan = resnet_plan
     job = jobs.MeasureJob("sample:resnet20", "sample", str(store), plan.to_json(), limit=32, bn_recalibration=1,
-                          latency=False)  # fmt: skip
+                          latency=False, device="cpu")  # fmt: skip
     key = jobs.submit(job)
     _wait(key, store)
     stored = jobs.result(key, store)
@@ -261,10 +261,12 @@ def test_a_measurement_without_int8_keeps_its_key_and_one_with_int8_is_another_j
     tuned = dataclasses.replace(job, limit=32, bn_recalibration=1)
     assert jobs.job_key(tuned) == jobs.job_key(dataclasses.replace(tuned, int8=False)) == "daaed914068fec95"
     with_int8 = dataclasses.replace(job, int8=True)
-    assert jobs.job_key(with_int8) not in {"c1cc1f918db42815", "daaed914068fec95"}
+    on_cpu = dataclasses.replace(job, device="cpu")
+    assert len({jobs.job_key(j) for j in (with_int8, on_cpu)} | {"c1cc1f918db42815", "daaed914068fec95"}) == 4
     assert jobs.MeasureJob.from_json(with_int8.to_json()) == with_int8
+    assert jobs.MeasureJob.from_json(on_cpu.to_json()) == on_cpu
     fields = json.loads(job.to_json())
-    del fields["int8"]  # a job file written before INT8
+    del fields["int8"], fields["device"]  # a job file written before INT8 and the device choice
     assert jobs.MeasureJob.from_json(json.dumps(fields)) == job
     with pytest.raises(jobs.JobError, match="needs latency=True"):
         jobs.MeasureJob("sample:resnet20", "sample", "/pinned/runs.sqlite", PINNED_PLAN, latency=False, int8=True)

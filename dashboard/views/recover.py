@@ -29,11 +29,13 @@ c4.slider("Distillation weight", 0.1, 1.0, step=0.1, key=state.FT_DISTILL,
           disabled=not st.session_state[state.FT_DISTILL_ON],
           help="The share of distillation in the loss; 1.0: distillation only, the labels unused.")  # fmt: skip
 with st.expander("More settings"):
-    e1, e2 = st.columns(2)
+    e1, e2, e3 = st.columns(3)
     e1.number_input("BatchNorm re-estimation batches before training (0: off)", 0, 200, key=state.FT_BN,
                     help=state.BN_HELP)  # fmt: skip
     e2.number_input("Training images (0: all)", 0, None, step=100, key=state.FT_TRAIN_LIMIT,
                     help="Train on the first N images of the training data only: a quick try.")  # fmt: skip
+    e3.selectbox("Device", state.device_choices(), key=state.FT_DEVICE,
+                 help="where it trains and is measured; auto: CUDA when present, else the CPU")  # fmt: skip
 if not data.labelled and not st.session_state[state.FT_DISTILL_ON]:
     st.warning("This data has no labels: only distillation from the dense model can train on it. Turn it on.")
     st.stop()

@@ -22,14 +22,18 @@ state.page("Validate")
 plan = state.edited_plan()
 ws = state.workspace()
 data = state.data(ws)
-bn = st.number_input("BatchNorm re-estimation batches (0: off)", 0, 200, 50, key="validate_bn", help=state.BN_HELP)
+v1, v2 = st.columns([3, 1])
+bn = v1.number_input("BatchNorm re-estimation batches (0: off)", 0, 200, 50, key="validate_bn", help=state.BN_HELP)
+device = v2.selectbox("Device", state.device_choices(), key="validate_device",
+                      help="where the metrics are measured; auto: CUDA when present, else the CPU. Latency is "
+                           "timed on the CPU.")  # fmt: skip
 int8 = st.checkbox("Also INT8 (ONNX Runtime)", value=False, key="validate_int8",
                    help="Also exports the pruned model to ONNX, quantises it to INT8 (static, calibrated on the "
                         "calibration images; dynamic for language models) and measures and times it in ONNX Runtime "
                         "beside the dense and pruned models. Needs onnx, onnxscript and onnxruntime.")  # fmt: skip
 st.caption(f"Measured on {data.description}; BatchNorm statistics re-estimated on its calibration images.")
 
-job, key = state.measure_job(ws, plan, bn, int8)
+job, key = state.measure_job(ws, plan, bn, int8, device)
 measured = state.measure_panel(job, key, state.job_status(key))
 if measured is None:
     state.sidebar()
