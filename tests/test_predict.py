@@ -299,3 +299,26 @@ def test_by_sensitivity_puts_the_groups_half_a_cut_harms_most_first(problem):
     ranked = problem.by_sensitivity(reversed(names))
     harm = [problem.change(n, 0.5, "loss") for n in ranked if n in problem.curves]
     assert sorted(ranked) == sorted(names) and harm == sorted(harm, reverse=True)
+
+
+def test_accuracy_map_follows_the_predicted_loss_where_measured_loss_is_noisy(problem, monkeypatch):
+    """Accuracy follows the plan's true damage, the measured loss is that plus noise: the map on fitted loss wins."""
+    rng = np.random.default_rng(21)
+
+    def noisy(s: dict[str, float]) -> dict[str, float]:
+        exact = truth(problem, s)
+        return {"loss": exact["loss"] * float(np.exp(rng.normal(0.0, 0.15))), "accuracy": exact["accuracy"]}
+
+    plans = [Measurement(s, noisy(s)) for s in calibration_plans(problem, 40, seed=2)]
+    fresh = calibration_plans(problem, 30, seed=12, methods={})
+
+    def error(predictor: Predictor) -> float:
+        errors = [abs(predictor.predict(s)["accuracy"].value - truth(problem, s)["accuracy"]) for s in fresh]
+        return float(np.mean(errors))
+
+    chosen = fit(problem, plans)
+    monkeypatch.setattr("prunecore.predict._MAP_ON_FIT", (False,))
+    on_measured = fit(problem, plans)
+    assert error(chosen) < 0.8 * error(on_measured)
+    assert chosen.maps["accuracy"] != on_measured.maps["accuracy"]
+
