@@ -445,7 +445,8 @@ def _calibrate(args: argparse.Namespace, model: torch.nn.Module, graph: ChannelG
             bar.update(done - bar.n)
 
         predictor = calibrate(model, problem, data.evaluation, args.bn_recalibration, graph, n=args.calibrate,
-                              progress=step, bn_data=data.calibration)  # fmt: skip
+                              progress=step, bn_data=data.calibration, device=args.device, autocast=args.autocast,
+                              channels_last=args.channels_last)  # fmt: skip
     store.put_predictor(curves.attrs["run_id"], predictor.to_dict())
     print(f"calibrated on {predictor.plans} plans measured in {time.perf_counter() - began:.0f} s; the predictor is "
           f"stored with run {curves.attrs['run_id']}, and allocate predicts and allocates with it")  # fmt: skip

@@ -688,7 +688,8 @@ def _calibrate(job: SweepJob, worker: _Worker, model: Any, graph: Any, curves: A
     worker.write(force=True, group="measuring plans to calibrate the predictions", unit="plans", done=0, total=0,
                  eta_s=None)  # fmt: skip
     predictor = calibrate(model, problem, data.evaluation, job.bn_recalibration, graph, n=job.calibrate,
-                          progress=worker.progress, bn_data=data.calibration)  # fmt: skip
+                          progress=worker.progress, bn_data=data.calibration, device=job.device,
+                          autocast=job.autocast, channels_last=job.channels_last)  # fmt: skip
     runs = RunStore(job.store)
     try:
         runs.put_predictor(curves.attrs["run_id"], predictor.to_dict())

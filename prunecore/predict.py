@@ -53,6 +53,7 @@ from prunecore.evaluate import get_metric
 from prunecore.plan import kept_units
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from prunecore.allocate import AllocationProblem
@@ -569,6 +570,9 @@ def calibrate(
     progress: Callable[[int, int], None] | None = None,
     measure: Callable[[Mapping[str, float]], Mapping[str, float]] | None = None,
     bn_data: Iterable[Any] | None = None,
+    device: str | torch.device | None = None,
+    autocast: str | None = None,
+    channels_last: bool = False,
 ) -> Predictor:
     """Pick calibration plans, measure them on `calibration_data` (the data the curves were swept on), fit.
 
@@ -578,7 +582,8 @@ def calibrate(
     (BatchNorm re-estimated as `bn_recalibration` says on `bn_data`, default `calibration_data`: as
     the sweep did, so plans are measured the way the curves were), or with `measure`
     (sparsities -> metrics) where given, e.g. a cache. `progress(done, total)` is called after each
-    measured plan; `reference` is as in `fit`.
+    measured plan; `reference` is as in `fit`. `device`, `autocast` and `channels_last` are passed to
+    `evaluate_plan`: give the sweep's, so the plans are measured as its points were.
     """
     if measure is None:
         from prunecore.evaluate import evaluate_plan
@@ -588,8 +593,8 @@ def calibrate(
         def measure(sparsities: Mapping[str, float]) -> Mapping[str, float]:
             plan = problem.plan(dict(sparsities))
             return evaluate_plan(model, plan, calibration_data, metrics, bn_recalibration=bn_recalibration,
-                                 calibration=calibration_data if bn_data is None else bn_data,
-                                 graph=graph)  # fmt: skip
+                                 calibration=calibration_data if bn_data is None else bn_data, graph=graph,
+                                 device=device, autocast=autocast, channels_last=channels_last)  # fmt: skip
 
     curve_methods = {m: b for m, b in CALIBRATION_METHODS.items() if m not in _SHAPE_METHODS}
     first = calibration_plans(problem, n, seed)

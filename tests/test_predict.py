@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -322,3 +323,16 @@ def test_accuracy_map_follows_the_predicted_loss_where_measured_loss_is_noisy(pr
     assert error(chosen) < 0.8 * error(on_measured)
     assert chosen.maps["accuracy"] != on_measured.maps["accuracy"]
 
+
+
+def test_calibrate_measures_plans_the_way_the_sweep_measured_its_points(problem, monkeypatch):
+    """The sweep's device, autocast and layout reach every `evaluate_plan` of the calibration."""
+    seen = []
+
+    def evaluate_plan(model, plan, data, metrics, **how):
+        seen.append({k: how[k] for k in ("device", "autocast", "channels_last")})
+        return truth(problem, {n: g.sparsity for n, g in plan.groups.items()})
+
+    monkeypatch.setattr(importlib.import_module("prunecore.evaluate"), "evaluate_plan", evaluate_plan)
+    calibrate(None, problem, [], n=12, device="cpu", autocast="bf16", channels_last=True)
+    assert len(seen) > 12 and all(s == {"device": "cpu", "autocast": "bf16", "channels_last": True} for s in seen)
