@@ -41,6 +41,8 @@ over (loss additively, bounded metrics by their ratio).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -287,9 +289,15 @@ def fit(
     split = np.arange(len(measured)) % max(2, min(folds, len(measured)))  # (N,) fold of each plan
     data = _Folds.of(y, dense, base, linked, split)
 
-    grid = [(q, _Params(p, ridge, c, on_fit)) for q in _EXPONENTS for p in _POWERS for ridge in _RIDGES
-            for c in _CEILINGS for on_fit in _MAP_ON_FIT]  # fmt: skip
-    q, params = min(grid, key=lambda g: _cv_error(features[g[0]], data, g[1]))
+    best: tuple[float, float, _Params] | None = None  # (error, q, params): the first of the least errors
+    for q in _EXPONENTS:
+        for p, ridge, c in itertools.product(_POWERS, _RIDGES, _CEILINGS):
+            shared = _Params(p, ridge, c, False)
+            for on_fit, error in _cv_errors(features[q], data, shared, _MAP_ON_FIT).items():
+                if best is None or error < best[0]:
+                    best = (error, q, dataclasses.replace(shared, map_on_fit=on_fit))
+    assert best is not None  # the grids are not empty
+    _, q, params = best
     oof = _out_of_fold(features[q], data, params)  # metric -> (N,)
     p, ceiling = params.power, params.ceiling * _deepest(y[base] - dense[base])
     weights = _weights(features[q], y[base] - dense[base], p, params.ridge, ceiling)  # (G,)
@@ -474,27 +482,41 @@ def _out_of_fold(x: np.ndarray, folds: _Folds, params: _Params) -> dict[str, np.
     With `map_on_fit` each fold's maps are fitted to what that fold's fit says of its own plans
     (the accuracy expected at a predicted loss), not to their measured loss.
     """
+    return _out_of_fold_by_map(x, folds, params, (params.map_on_fit,))[params.map_on_fit]
+
+
+def _out_of_fold_by_map(x: np.ndarray, folds: _Folds, params: _Params,
+                        choices: Sequence[bool]) -> dict[bool, dict[str, np.ndarray]]:  # fmt: skip
+    """`_out_of_fold` for each `map_on_fit` in `choices` (`params.map_on_fit` unused): the choices share
+    each fold's fit of the base metric and differ only in the maps, so the fit is done once."""
     base, y, l0 = folds.base, folds.y, folds.dense[folds.base]
-    out = {k: np.zeros(len(folds.split)) for k in (base, *folds.linked)}
-    for fold, maps in folds.maps.items():
+    out = {c: {k: np.zeros(len(folds.split)) for k in (base, *folds.linked)} for c in choices}
+    for fold, measured_maps in folds.maps.items():
         train, test = folds.split != fold, folds.split == fold
         rise = y[base][train] - l0  # (T,)
         ceiling = params.ceiling * _deepest(rise)
         u = _weights(x[train], rise, params.power, params.ridge, ceiling)  # (G,)
-        out[base][test] = l0 + _link(x[test] @ u, params.power, ceiling)
-        if params.map_on_fit:
-            fitted = l0 + _link(x[train] @ u, params.power, ceiling)  # (T,)
-            maps = {k: _map_of(k, fitted, y[k][train], l0, folds.dense[k]) for k in folds.linked}
-        for k in folds.linked:
-            out[k][test] = np.interp(out[base][test], *maps[k])
+        predicted = l0 + _link(x[test] @ u, params.power, ceiling)  # (F,)
+        for on_fit in choices:
+            maps = measured_maps
+            if on_fit:
+                fitted = l0 + _link(x[train] @ u, params.power, ceiling)  # (T,)
+                maps = {k: _map_of(k, fitted, y[k][train], l0, folds.dense[k]) for k in folds.linked}
+            out[on_fit][base][test] = predicted
+            for k in folds.linked:
+                out[on_fit][k][test] = np.interp(predicted, *maps[k])
     return out
 
 
-def _cv_error(x: np.ndarray, folds: _Folds, params: _Params) -> float:
-    """Out-of-fold error: mean |log ratio| of the base metric, plus accuracy-like metrics' mean error."""
-    oof, y = _out_of_fold(x, folds, params), folds.y
-    error = float(np.mean(np.abs(np.log(np.maximum(y[folds.base], 1e-12) / np.maximum(oof[folds.base], 1e-12)))))
-    return error + sum(_ACCURACY_POINT * float(np.mean(np.abs(y[k] - oof[k]))) for k in folds.linked)
+def _cv_errors(x: np.ndarray, folds: _Folds, params: _Params, choices: Sequence[bool]) -> dict[bool, float]:
+    """Out-of-fold error of each map choice: mean |log ratio| of the base metric, plus accuracy-like metrics'
+    mean error."""
+    y = folds.y
+    errors = {}
+    for on_fit, oof in _out_of_fold_by_map(x, folds, params, choices).items():
+        error = float(np.mean(np.abs(np.log(np.maximum(y[folds.base], 1e-12) / np.maximum(oof[folds.base], 1e-12)))))
+        errors[on_fit] = error + sum(_ACCURACY_POINT * float(np.mean(np.abs(y[k] - oof[k]))) for k in folds.linked)
+    return errors
 
 
 def _quantile(residuals: np.ndarray) -> float:
