@@ -51,7 +51,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import prunecore
-from prunecore.devices import autocast, resolve_device
+from prunecore.devices import resolve_device
 from prunecore.sensitivity import DENSE
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -104,9 +104,8 @@ def naive(model: nn.Module, data: Iterable[Any], example: torch.Tensor, groups: 
         for s in levels:
             plan = prunecore.make_plan(model, graph, {g: s})
             pruned = prunecore.apply_plan(model, plan, graph=graph).to(device)
-            if calibration is not None:
-                with autocast(device, run.autocast):  # as the sweep's calibration passes run
-                    prunecore.recalibrate_bn_(pruned, calibration, batches=BN_BATCHES)
+            if calibration is not None:  # in full precision, as `evaluate_plan` re-estimates before it evaluates
+                prunecore.recalibrate_bn_(pruned, calibration, batches=BN_BATCHES)
             measured = prunecore.evaluate(pruned, data, METRICS, device=device, autocast=run.autocast)
             rows.append({"group": g, "sparsity": s, **measured})
     return rows

@@ -511,12 +511,11 @@ def _out_of_fold_by_map(x: np.ndarray, folds: _Folds, params: _Params,
 def _cv_errors(x: np.ndarray, folds: _Folds, params: _Params, choices: Sequence[bool]) -> dict[bool, float]:
     """Out-of-fold error of each map choice: mean |log ratio| of the base metric, plus accuracy-like metrics'
     mean error."""
-    y = folds.y
-    errors = {}
-    for on_fit, oof in _out_of_fold_by_map(x, folds, params, choices).items():
-        error = float(np.mean(np.abs(np.log(np.maximum(y[folds.base], 1e-12) / np.maximum(oof[folds.base], 1e-12)))))
-        errors[on_fit] = error + sum(_ACCURACY_POINT * float(np.mean(np.abs(y[k] - oof[k]))) for k in folds.linked)
-    return errors
+    y, by_map = folds.y, _out_of_fold_by_map(x, folds, params, choices)
+    predicted = next(iter(by_map.values()))[folds.base]  # (N,) the same for every map choice
+    error = float(np.mean(np.abs(np.log(np.maximum(y[folds.base], 1e-12) / np.maximum(predicted, 1e-12)))))
+    return {on_fit: error + sum(_ACCURACY_POINT * float(np.mean(np.abs(y[k] - oof[k]))) for k in folds.linked)
+            for on_fit, oof in by_map.items()}  # fmt: skip
 
 
 def _quantile(residuals: np.ndarray) -> float:
