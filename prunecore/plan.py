@@ -23,6 +23,7 @@ import json
 import math
 import numbers
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata, resources
@@ -263,7 +264,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@functools.cache
 def _version() -> str:
+    """The installed prunecore version; cached, as every Plan asks and a metadata lookup reads files (~2 ms)."""
     try:
         return metadata.version("prunecore")
     except metadata.PackageNotFoundError:

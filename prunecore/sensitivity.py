@@ -196,34 +196,44 @@ def sweep(
     calibration = data if calibration is None else calibration
     key = config.key(names)
     began = time.perf_counter()
-    dense, run = _open(store, model, data, calibration if config.bn_recalibration else None, key, model_name,
-                       example_inputs, config, device)  # fmt: skip
-    pending = [(g, s) for g in names for s in config.levels if (g, s) not in run.done]
-    if (DENSE, 0.0) not in run.done:
-        run.add([dense])
-    floor, worker_stats = 0.0, []
-    if pending and config.mode == "estimate":
-        _estimate(model, graph, data, example_inputs, pending, config, run)
-    elif pending:
-        scores = score(model, graph, config.criterion, data=data, device=device)
-        points = [Point(g, s, select_units(scores[g], graph[g].size, s, config.round_to)) for g, s in pending]
-        costs = plan_costs(model, example_inputs, [p.plan(graph) for p in points], graph)
-        by_group: dict[str, list[Point]] = {}
-        for p, cost in zip(points, costs):
-            p.row.update(params=cost.params, flops=cost.flops)
-            by_group.setdefault(p.group, []).append(p)
-        engine_args = dict(metrics=config.metrics, data=data, calibration=calibration,
-                           bn_batches=config.bn_recalibration, leaf_modules=tuple(leaf_modules), device=device,
-                           autocast=config.autocast, channels_last=config.channels_last)  # fmt: skip
-        if workers == 1 and executor == "local":
-            floor = _measure_here(model, graph, engine_args, by_group, run, progress, on_group)
-        else:
-            from prunecore.workers import EngineSpec, measure_groups
+    engine_args = dict(metrics=config.metrics, data=data, calibration=calibration,
+                       bn_batches=config.bn_recalibration, leaf_modules=tuple(leaf_modules), device=device,
+                       autocast=config.autocast, channels_last=config.channels_last)  # fmt: skip
+    spec, pool = None, None
+    if config.mode == "exact" and (workers > 1 or executor != "local"):
+        from prunecore.workers import EngineSpec, start_ray
 
-            spec = EngineSpec(model=model, graph=graph, **engine_args)
-            worker_stats = measure_groups(spec, by_group, on_rows=run.add, workers=workers, executor=executor,
-                                          address=address, threads=threads, progress=progress, on_group=on_group,
-                                          on_worker=on_worker)
+        spec = EngineSpec(model=model, graph=graph, **engine_args)
+        # Ray actors start (seconds: torch imports, dense passes) while this process evaluates and scores
+        pool = start_ray(spec, workers, threads, address) if executor == "ray" else None
+    try:
+        dense, run = _open(store, model, data, calibration if config.bn_recalibration else None, key, model_name,
+                           example_inputs, config, device)  # fmt: skip
+        pending = [(g, s) for g in names for s in config.levels if (g, s) not in run.done]
+        if (DENSE, 0.0) not in run.done:
+            run.add([dense])
+        floor, worker_stats = 0.0, []
+        if pending and config.mode == "estimate":
+            _estimate(model, graph, data, example_inputs, pending, config, run)
+        elif pending:
+            scores = score(model, graph, config.criterion, data=data, device=device)
+            points = [Point(g, s, select_units(scores[g], graph[g].size, s, config.round_to)) for g, s in pending]
+            costs = plan_costs(model, example_inputs, [p.plan(graph) for p in points], graph)
+            by_group: dict[str, list[Point]] = {}
+            for p, cost in zip(points, costs):
+                p.row.update(params=cost.params, flops=cost.flops)
+                by_group.setdefault(p.group, []).append(p)
+            if spec is None:
+                floor = _measure_here(model, graph, engine_args, by_group, run, progress, on_group)
+            else:
+                from prunecore.workers import measure_groups
+
+                worker_stats = measure_groups(spec, by_group, on_rows=run.add, workers=workers, executor=executor,
+                                              address=address, threads=threads, progress=progress,
+                                              on_group=on_group, on_worker=on_worker, pool=pool)  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.close()
     run.complete()
     frame = _in_order(run.frame(), names)
     frame.attrs.update(seconds=time.perf_counter() - began, suffix_seconds=floor, mode=config.mode, config=key,

@@ -187,6 +187,10 @@ class SuffixEngine:
         self.data, self.calibration = data, data if calibration is None else calibration
         self.autocast = autocast
         self.bns = _tracked_bn(self.model)
+        tracked = {id(m) for m in self.bns}
+        # calibration passes stop after the last BatchNorm: nothing later changes a statistic
+        at_bn = [i for i, n in enumerate(self.nodes) if n.op == "call_module" and id(self.modules[n.target]) in tracked]
+        self.bn_end = 1 + max(at_bn, default=-1)
         self.bn_batches = bn_batches if self.bns else 0
         self.reference: list[torch.Tensor] = []
         self.batch_keys: list[float] = []  # a checksum per batch: the data must come in the same order
@@ -210,14 +214,17 @@ class SuffixEngine:
         inputs = channels_last_batch(inputs) if self.channels_last else inputs
         return {placeholders[0] if placeholders else None: inputs}
 
-    def suffix(self, env: dict[fx.Node | None, Any], start: int) -> Any:
-        """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in."""
+    def suffix(self, env: dict[fx.Node | None, Any], start: int, stop: int | None = None) -> Any:
+        """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in.
+
+        `stop` ends the pass before that node instead (returning None); a `WHOLE` pass always runs to the end.
+        """
         began = time.perf_counter()
         with forward_pass(), autocast(self.device, self.autocast):
             if start == WHOLE:
                 out = self.model(*env.values())
             else:
-                out = self._advance(dict(env), start, len(self.nodes))
+                out = self._advance(dict(env), start, len(self.nodes) if stop is None else stop)
         self.floor_seconds += time.perf_counter() - began
         return out
 
@@ -392,7 +399,7 @@ class SuffixEngine:
                         with run.masks.applied(i):  # the point's BatchNorms have the pruned shapes here
                             state = run.states.get(id(p))
                             _load_state(run.after, state if state is not None else _fresh_state(run.after))
-                            self.suffix(run.env(env, i), run.start)
+                            self.suffix(run.env(env, i), run.start, stop=self.bn_end)
                             run.states[id(p)] = _bn_state(run.after)
                     for m in run.after:
                         m.momentum = 0.0

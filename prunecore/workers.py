@@ -43,7 +43,7 @@ from prunecore.errors import UserError
 from prunecore.graph import ChannelGraph
 from prunecore.suffix import Point, SuffixEngine, batches_per_group
 
-__all__ = ["MAX_RETRIES", "EngineSpec", "WorkerError", "WorkerStatus", "measure_groups"]
+__all__ = ["MAX_RETRIES", "EngineSpec", "RayPool", "WorkerError", "WorkerStatus", "measure_groups", "start_ray"]
 
 MAX_RETRIES = 2
 """How many times a task is measured again after the worker measuring it died."""
@@ -113,26 +113,32 @@ def measure_groups(
     progress: Any = True,
     on_group: Callable[[str], None] | None = None,
     on_worker: Callable[[WorkerStatus], None] | None = None,
+    pool: RayPool | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every group on `workers` workers, calling `on_rows` with each group's rows as it finishes.
 
-    Returns one summary per worker slot (pid, groups measured, peak RSS in MiB, restarts).
+    Returns one summary per worker slot (pid, groups measured, peak RSS in MiB, restarts). With
+    `executor="ray"`, `pool` is actors already started (`start_ray`); the caller closes it.
     """
     from prunecore.sensitivity import progress_bar
 
-    threads = threads or max(1, torch.get_num_threads() // workers)
+    threads = default_threads(threads, workers)
     per_group = spec.work_per_group()
     total = len(by_group) * per_group if per_group is not None else None
     tasks = worker_tasks(by_group, workers)
     # the bar opens once the workers are started: tqdm's monitor thread would stop them being forked
     hooks = _Hooks(on_rows, lambda: progress_bar(progress, total), on_group, on_worker, per_group, tasks)
     points = {label: [p for g in groups for p in by_group[g]] for label, groups in tasks.items()}
+    own_pool = executor == "ray" and pool is None
     try:
         if executor == "ray":
-            return _run_ray(spec, points, workers, threads, address, hooks)
+            pool = pool or RayPool(spec, workers, threads, address)
+            return pool.measure(points, hooks)
         return _run_local(spec, points, workers, threads, hooks)
     finally:
         hooks.close()
+        if own_pool and pool is not None:
+            pool.close()
 
 
 def worker_tasks(by_group: dict[str, list[Point]], workers: int) -> dict[str, list[str]]:
@@ -373,6 +379,9 @@ class _SweepActor:
         torch.set_num_threads(threads)
         self.engine = spec.build(device=_ray_device(spec.device))
 
+    def prepare(self) -> None:
+        self.engine.prepare()  # the dense passes every group starts from, before the first task arrives
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -385,52 +394,83 @@ def _ray_device(device: torch.device) -> torch.device:
     return torch.device("cuda", 0) if device.type == "cuda" else device
 
 
-def _run_ray(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int, threads: int, address: str | None,
-             hooks: _Hooks) -> list[dict[str, Any]]:  # fmt: skip
-    try:
-        import ray
-        from ray.exceptions import RayActorError
-    except ImportError:
-        raise WorkerError("executor='ray' needs Ray: pip install 'prunecore[ray]'") from None
-    if not ray.is_initialized():  # it stays up for later sweeps of this process; Ray shuts it down at exit
-        local = address is None and not os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=workers * threads if local else None, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)  # fmt: skip
-    gpus = 1 if spec.device.type == "cuda" else 0
-    actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_SweepActor)
-    spec_ref = ray.put(spec)  # one copy in the object store, read by every actor
-    queue = collections.deque(by_group)
-    retries = _Retries()
-    slots = [WorkerStatus(i) for i in range(min(workers, len(queue)))]
-    actors = {s.index: actor_class.remote(spec_ref, threads) for s in slots}
-    hooks.tick(0)  # the progress bar
-    running: dict[Any, WorkerStatus] = {}
-    try:
-        while queue or running:
+class RayPool:
+    """Ray sweep actors, started before the driver knows which points remain (`start_ray`).
+
+    Starting them is seconds of work that runs outside the driver: Ray's own processes, then each
+    actor importing torch, reading the spec from the object store and running the engine's dense
+    passes. `sweep` starts the pool before it evaluates the dense model and scores the channels, so
+    those seconds overlap instead of adding up; `close` kills the actors, also when nothing was left
+    to measure. The cluster itself stays up for later sweeps of this process (Ray stops it at exit).
+    """
+
+    def __init__(self, spec: EngineSpec, workers: int, threads: int, address: str | None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise WorkerError("executor='ray' needs Ray: pip install 'prunecore[ray]'") from None
+        self.ray, self.threads = ray, threads
+        if not ray.is_initialized():
+            local = address is None and not os.environ.get("RAY_ADDRESS")
+            ray.init(address=address, num_cpus=workers * threads if local else None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)  # fmt: skip
+        gpus = 1 if spec.device.type == "cuda" else 0
+        self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_SweepActor)
+        self.spec_ref = ray.put(spec)  # one copy in the object store, read by every actor
+        self.actors = [self._start() for _ in range(workers)]
+
+    def _start(self) -> Any:
+        actor = self.actor_class.remote(self.spec_ref, self.threads)
+        actor.prepare.remote()  # queued first; a failure surfaces again, as itself, in the first task
+        return actor
+
+    def measure(self, by_group: dict[str, list[Point]], hooks: _Hooks) -> list[dict[str, Any]]:
+        """Every task on the pool's actors (a lost actor is replaced and its task re-run); per-slot summaries."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = collections.deque(by_group)
+        retries = _Retries()
+        slots = [WorkerStatus(i) for i in range(min(len(self.actors), len(queue)))]
+        hooks.tick(0)  # the progress bar
+        running: dict[Any, WorkerStatus] = {}
+        try:
+            while queue or running:
+                for s in slots:
+                    if s.group is None and queue:
+                        group = queue.popleft()
+                        running[self.actors[s.index].measure.remote(by_group[group])] = s
+                        hooks.started(s, group)
+                ready, _ = self.ray.wait(list(running), num_returns=1)
+                s = running.pop(ready[0])
+                try:
+                    rows, rss = self.ray.get(ready[0])
+                except RayActorError as exc:
+                    retries.lost_worker(s.group, f"Ray actor died: {str(exc).splitlines()[0]}")
+                    queue.appendleft(s.group)
+                    s.group, s.restarts = None, s.restarts + 1
+                    self.actors[s.index] = self._start()
+                    continue
+                hooks.finished(s, rows, rss)
             for s in slots:
-                if s.group is None and queue:
-                    group = queue.popleft()
-                    running[actors[s.index].measure.remote(by_group[group])] = s
-                    hooks.started(s, group)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            s = running.pop(ready[0])
-            try:
-                rows, rss = ray.get(ready[0])
-            except RayActorError as exc:
-                retries.lost_worker(s.group, f"Ray actor died: {str(exc).splitlines()[0]}")
-                queue.appendleft(s.group)
-                s.group, s.restarts = None, s.restarts + 1
-                actors[s.index] = actor_class.remote(spec_ref, threads)
-                continue
-            hooks.finished(s, rows, rss)
-        for s in slots:
-            try:
-                s.pid = ray.get(actors[s.index].pid.remote())
-            except RayActorError:  # it died after its last task: every row is in, only its pid is lost
-                s.pid = None
-    except ray.exceptions.RayTaskError as exc:
-        raise exc.as_instanceof_cause() from None  # the measurement's own error, as in one process
-    finally:
-        for actor in actors.values():
-            ray.kill(actor)
-    return [s.summary() for s in slots]
+                try:
+                    s.pid = self.ray.get(self.actors[s.index].pid.remote())
+                except RayActorError:  # it died after its last task: every row is in, only its pid is lost
+                    s.pid = None
+        except RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None  # the measurement's own error, as in one process
+        return [s.summary() for s in slots]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+
+def start_ray(spec: EngineSpec, workers: int, threads: int | None = None, address: str | None = None) -> RayPool:
+    """`workers` Ray actors measuring with `spec` (a local cluster unless `address` or RAY_ADDRESS names one)."""
+    return RayPool(spec, workers, default_threads(threads, workers), address)
+
+
+def default_threads(threads: int | None, workers: int) -> int:
+    """Threads per worker: `threads`, else this process's threads divided among the workers."""
+    return threads or max(1, torch.get_num_threads() // workers)

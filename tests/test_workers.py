@@ -62,6 +62,30 @@ def test_ray_sweep_equals_the_sequential_sweep_and_survives_a_killed_worker(resn
     assert sum(w["restarts"] for w in parallel.attrs["workers"]) == 1
 
 
+def test_a_ray_sweep_raises_the_error_of_the_measurement_itself(resnet20):
+    pytest.importorskip("ray")
+    model, data, example, _ = resnet20
+    x = torch.cat([b[0] for b in data])
+    shuffled = DataLoader(TensorDataset(x), batch_size=30, shuffle=True)
+    with pytest.raises(ArgumentError, match="same order every time"):
+        sweep(model, shuffled, example, levels=[0.5], groups=["stem.0"], metric="kl", progress=False, workers=2,
+              threads=1, executor="ray")  # fmt: skip
+
+
+def test_a_ray_sweep_with_nothing_left_to_measure_stops_its_actors(resnet20, tmp_path):
+    pytest.importorskip("ray")
+    model, data, example, sequential = resnet20
+    store = tmp_path / "runs.db"
+    sweep(model, data, example, CONFIG, calibration=data, progress=False, store=store)
+    resumed = sweep(model, data, example, CONFIG, calibration=data, progress=False, store=store, workers=2,
+                    threads=1, executor="ray")  # fmt: skip
+    _same_points(sequential, resumed)
+    assert resumed.attrs["workers"] == []  # the actors started early, and measured nothing
+    actors = [p for p in psutil.process_iter(["cmdline"]) if "_SweepActor" in " ".join(p.info["cmdline"] or [])]
+    _, alive = psutil.wait_procs(actors, timeout=60)
+    assert not alive
+
+
 def test_a_killed_local_worker_is_replaced(resnet20):
     model, data, example, sequential = resnet20
     killed = []
