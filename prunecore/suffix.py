@@ -90,8 +90,10 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # modules that `trace` follows whole (norms, Swin attention) stay single calls here too
-        leaf = isinstance(m, self.extra_leaves + ops.whole_types())
+        # modules that `trace` follows whole (norms, Swin attention) stay single calls here too; so does every
+        # BatchNorm (timm's BatchNormAct2d too): traced through, its `self.training` test would be frozen at
+        # eval, and BatchNorm re-estimation, which runs it in train mode, would never update its statistics
+        leaf = isinstance(m, self.extra_leaves + ops.whole_types() + (nn.modules.batchnorm._BatchNorm,))
         return leaf or super().is_leaf_module(m, qualname)
 
 
@@ -119,8 +121,41 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, opera
                  operator.itruediv: operator.truediv}  # fmt: skip
 
 
-def _out_of_place_(gm: fx.GraphModule) -> None:
-    """In-place ops would overwrite activations that other points reuse: make them out of place."""
+@dataclass(frozen=True)
+class _InPlace:
+    """How `SuffixEngine` may run a node in place: on a value no one else holds, the values do not change.
+
+    `kind` is "module" (an activation module with an `inplace` flag), "kwarg" (a function with an
+    `inplace` argument), or "call" (`target` is the in-place form: `operator.iadd` for `+`,
+    `Tensor.relu_` for `relu`). `binary` ops take a second operand, which must leave the first one's
+    shape and dtype as they are.
+    """
+
+    kind: str
+    target: Any = None
+    binary: bool = False
+
+
+_IN_PLACE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
+                     nn.ELU, nn.CELU, nn.SELU)  # fmt: skip
+_INPLACE_ARG = {F.relu: 1, F.relu6: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1, F.selu: 1, F.elu: 2,
+                F.leaky_relu: 2, F.celu: 2, F.hardtanh: 3}  # fmt: skip  # function -> position of `inplace`
+_IN_PLACE_FUNCTIONS = {operator.add: operator.iadd, operator.sub: operator.isub, operator.mul: operator.imul,
+                       operator.truediv: operator.itruediv, torch.add: torch.Tensor.add_,
+                       torch.sub: torch.Tensor.sub_, torch.mul: torch.Tensor.mul_, torch.relu: torch.relu_,
+                       torch.sigmoid: torch.sigmoid_, torch.tanh: torch.tanh_}  # fmt: skip
+_UNARY_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh}
+_IN_PLACE_METHODS = {"relu": False, "sigmoid": False, "tanh": False, "add": True, "sub": True, "mul": True,
+                     "div": True}  # fmt: skip  # method -> binary
+
+
+def _out_of_place_(gm: fx.GraphModule) -> dict[fx.Node, _InPlace]:
+    """In-place ops would overwrite activations that other points reuse: make them out of place.
+
+    Returns the elementwise nodes that a pass may still run in place on values it made itself
+    (`SuffixEngine._overwritable`): an out-of-place ReLU or add allocates and fills a fresh tensor,
+    which costs about twice the in-place op on a CPU, and in place the values are the same.
+    """
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _OUT_OF_PLACE:
             node.target = _OUT_OF_PLACE[node.target]
@@ -132,6 +167,20 @@ def _out_of_place_(gm: fx.GraphModule) -> None:
         if getattr(module, "inplace", False) is True:
             module.inplace = False
     gm.recompile()
+    modules = dict(gm.named_modules())
+    in_place: dict[fx.Node, _InPlace] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(modules[node.target]) in _IN_PLACE_MODULES:
+            in_place[node] = _InPlace("module")
+        elif node.op == "call_function" and node.target in _INPLACE_ARG:
+            if len(node.args) <= _INPLACE_ARG[node.target]:  # `inplace` is not passed by position
+                in_place[node] = _InPlace("kwarg")
+        elif node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS:
+            in_place[node] = _InPlace("call", _IN_PLACE_FUNCTIONS[node.target], node.target not in _UNARY_FUNCTIONS)
+        elif node.op == "call_method" and node.target in _IN_PLACE_METHODS:
+            target = getattr(torch.Tensor, node.target + "_")
+            in_place[node] = _InPlace("call", target, _IN_PLACE_METHODS[node.target])
+    return in_place
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -177,8 +226,7 @@ class SuffixEngine:
             self.gm: fx.GraphModule | None = symbolic_trace(self.model, tuple(leaf_modules))
         except TraceError:
             self.gm = None  # fx cannot follow this model: every point runs the copy's own forward
-        if self.gm is not None:
-            _out_of_place_(self.gm)
+        self.in_place = _out_of_place_(self.gm) if self.gm is not None else {}
         self.nodes = list(self.gm.graph.nodes) if self.gm is not None else []
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((self.index[u] for u in n.users), default=len(self.nodes)) for n in self.nodes}
@@ -208,11 +256,17 @@ class SuffixEngine:
         return WHOLE if self._changes_constants(group) else self._first_node(group)
 
     def inputs_env(self, inputs: torch.Tensor) -> dict[fx.Node | None, Any]:
-        """The activations before the first node: the batch's inputs, on the engine's device."""
+        """The activations before the first node: the batch's inputs, on the engine's device.
+
+        Further forward arguments with defaults (timm's `attn_mask=None`) take their defaults, as
+        they do when `evaluate` calls the model with the inputs alone.
+        """
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         inputs = to_device(inputs, self.device)
         inputs = channels_last_batch(inputs) if self.channels_last else inputs
-        return {placeholders[0] if placeholders else None: inputs}
+        env: dict[fx.Node | None, Any] = {placeholders[0] if placeholders else None: inputs}
+        env.update({p: p.args[0] for p in placeholders[1:] if p.args})
+        return env
 
     def suffix(self, env: dict[fx.Node | None, Any], start: int, stop: int | None = None) -> Any:
         """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in.
@@ -222,7 +276,7 @@ class SuffixEngine:
         began = time.perf_counter()
         with forward_pass(), autocast(self.device, self.autocast):
             if start == WHOLE:
-                out = self.model(*env.values())
+                out = self.model(next(iter(env.values())))  # the inputs; other arguments keep their defaults
             else:
                 out = self._advance(dict(env), start, len(self.nodes) if stop is None else stop)
         self.floor_seconds += time.perf_counter() - began
@@ -234,7 +288,15 @@ class SuffixEngine:
         return Variants(target, self.graph, plans, self.channels_last)
 
     def _advance(self, env: dict, start: int, stop: int) -> Any:
-        """Run nodes [start, stop) in `env`, freeing values after their last use."""
+        """Run nodes [start, stop) in `env`, freeing values after their last use.
+
+        An op the model ran in place runs in place again when its input is a tensor this call made
+        and nothing live shares its memory (`_overwritable`); the values `env` came with (other
+        points and groups reuse them) and the model's own tensors are never written.
+        """
+        track = bool(self.in_place)
+        kept = _storages(env.values()) | self._state_storages() if track else set()
+        made: set[int] = set()  # storages first produced by this call: its own to overwrite
         for i in range(start, stop):
             node = self.nodes[i]
             if node.op == "placeholder":
@@ -243,11 +305,65 @@ class SuffixEngine:
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if node.op == "output":
                 return args[0]
-            env[node] = self._call(node, args, kwargs)
+            how = self.in_place.get(node)
+            if how is not None and self._overwritable(node, i, how, args, kwargs, env, made):
+                env[node] = self._call_in_place(node, how, args, kwargs)
+            else:
+                env[node] = self._call(node, args, kwargs)
+                if track:
+                    made |= _storages([env[node]]) - kept
             for inp in node.all_input_nodes:
                 if self.last_use[inp] == i:
                     del env[inp]
         return None
+
+    def _state_storages(self) -> set[int]:
+        """The storages of the working copy's parameters, buffers and other tensor attributes (swapped ones too)."""
+        tensors: list[Any] = []
+        for module in self.modules.values():
+            tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+            tensors += list(module._parameters.values()) + list(module._buffers.values())
+        return _storages(tensors)
+
+    def _overwritable(self, node: fx.Node, i: int, how: _InPlace, args: tuple, kwargs: dict, env: dict,
+                      made: set[int]) -> bool:  # fmt: skip
+        """Whether running `node` in place writes only a value this pass made, used nowhere after `node`."""
+        src = node.args[0] if node.args else None
+        x = args[0] if args else None
+        if not isinstance(src, fx.Node) or self.last_use[src] != i or not isinstance(x, torch.Tensor):
+            return False
+        if x.requires_grad or x.numel() == 0 or _storage(x) not in made:
+            return False
+        if sum(a is src for a in _leaves((node.args, node.kwargs))) != 1:
+            return False  # `x += x` and the like: the operand would change under the op
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            return False  # an expanded or strided view: not worth the care
+        live = (t for key, value in env.items() if key is not src for t in _tensor_leaves(value))
+        if any(_storage(t) == _storage(x) for t in live):
+            return False  # a live view of the same memory
+        if "out" in kwargs:
+            return False
+        if how.binary:  # in place keeps x's shape and dtype: only where out of place would give them too
+            if not x.is_floating_point():
+                return False  # int / int is a float out of place
+            other = args[1] if len(args) > 1 else None
+            if isinstance(other, torch.Tensor):
+                return (other.dtype == x.dtype and other.device == x.device and _storage(other) != _storage(x)
+                        and torch.broadcast_shapes(x.shape, other.shape) == x.shape)  # fmt: skip
+            return isinstance(other, (int, float)) and not isinstance(other, bool)
+        return True
+
+    def _call_in_place(self, node: fx.Node, how: _InPlace, args: tuple, kwargs: dict) -> Any:
+        if how.kind == "module":
+            module = self.modules[node.target]
+            module.inplace = True
+            try:
+                return module(*args, **kwargs)
+            finally:
+                module.inplace = False
+        if how.kind == "kwarg":
+            return node.target(*args, **{**kwargs, "inplace": True})
+        return how.target(*args, **kwargs)
 
     def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "call_module":
@@ -550,6 +666,27 @@ def _channels_last_weights(tensors: dict[tuple[str, str], torch.Tensor]) -> dict
             made[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
         out[key] = made.get(id(t), t)
     return out
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts (fx node arguments, or values)."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    return [value]
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    return [v for v in _leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storages(values: Iterable[Any]) -> set[int]:
+    return {_storage(t) for v in values for t in _tensor_leaves(v) if t.numel()}
 
 
 def _touches(node: fx.Node, modules: set[str]) -> bool:

@@ -13,6 +13,7 @@ from prunecore.prune import make_plan
 from prunecore.errors import ArgumentError
 from prunecore.sensitivity import DENSE, SweepConfig, sweep, sweep_run_id
 from prunecore.store import fingerprint_data, fingerprint_model, run_id
+from prunecore.suffix import SuffixEngine
 from prunecore.surgery import apply_plan
 
 
@@ -105,15 +106,45 @@ def test_a_level_that_rounds_to_the_whole_group_is_the_dense_model(resnet20):
 
 
 @pytest.mark.parametrize("cls", [toys.Concat, toys.SqueezeExcite, toys.LooseParameter, toys.Depthwise, toys.Reused,
-                                 toys.FunctionalNorm, toys.ShapeBranch])  # fmt: skip
+                                 toys.FunctionalNorm, toys.ShapeBranch, toys.InPlaceOps, toys.NormAct,
+                                 toys.DefaultArgument])  # fmt: skip
 def test_sweep_equals_naive_on_toys(cls):
-    """ShapeBranch branches on a shape, which torch.fx cannot trace: every point runs the copy's own forward."""
+    """ShapeBranch branches on a shape, which torch.fx cannot trace: every point runs the copy's own forward.
+    NormAct's BatchNorms test `self.training` in Python (traced through, re-estimation would never update them);
+    DefaultArgument's forward takes an argument with a default, which fx makes an input of its own."""
     model = toys.randomize_norms_(cls()).eval()
     gen = torch.Generator().manual_seed(3)
     data = [(torch.randn(model.input_shape, generator=gen), torch.randint(0, 3, (2,), generator=gen)) for _ in range(3)]
     metrics = ["loss", "kl"]
     fast = sweep(model, data, model.example(), levels=[0.3, 0.6], metric=metrics, progress=False, bn_recalibration=2)
     assert_matches(fast, naive(model, data, model.example(), [0.3, 0.6], metrics, bn_batches=2), metrics)
+
+
+def test_the_engine_runs_in_place_only_what_no_other_value_holds():
+    """Out-of-place ReLUs and adds cost twice as much: the engine runs them in place on values it made and
+    nothing else holds, and never on the activations it was handed (other points reuse them) or a live view."""
+    model = toys.randomize_norms_(toys.InPlaceOps()).eval()
+    engine = SuffixEngine(model, trace(model, model.example()), ["loss"], [])
+    decisions = {}
+    overwritable = engine._overwritable
+
+    def record(node, *args):
+        decisions[node.name] = overwritable(node, *args)
+        return decisions[node.name]
+
+    engine._overwritable = record
+    x = model.example()
+    with torch.no_grad():
+        expected = model(x.clone())
+        env = engine.inputs_env(x)
+        at_conv = next(i for i, n in enumerate(engine.nodes) if n.name == "conv_0")
+        engine._advance(env, 0, at_conv)  # the dense activations a group starting at `conv` is handed
+        handed = {node: value.clone() for node, value in env.items()}
+        first, second = engine.suffix(env, at_conv), engine.suffix(env, at_conv)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert all(torch.equal(env[node], value) for node, value in handed.items())
+    assert decisions == {"stem_2": True, "relu": False, "conv_2": True, "add": True, "act": True, "relu_1": True,
+                         "mul": True, "add_1": True}  # fmt: skip
 
 
 def test_sweep_does_not_touch_the_model(resnet20):

@@ -506,6 +506,66 @@ class FunctionalNorm(Toy):
         return self.head(self.conv2(self.bn(self.conv(x))).mean((2, 3)))
 
 
+class InPlaceOps(Toy):
+    """Ops run in place: on values nothing else holds (the sweep may do so too) and on a view of a live value."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                                  nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))  # fmt: skip
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)  # (2, 8, 8, 8)
+        g = torch.relu(x.flatten(1)).mean(1, keepdim=True)  # a view of x, which the residual below still needs
+        y = self.conv(x)
+        y += x
+        y = self.act(y)
+        z = F.relu(y, inplace=True).mean((2, 3)) * 2.0  # (2, 8)
+        return self.head(z + g)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm with its own forward that applies its activation too, as timm's BatchNormAct2d does."""
+
+    def forward(self, x):
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor,
+                         self.eps)  # fmt: skip
+        return F.relu(x)
+
+
+class NormAct(Toy):
+    """BatchNorm subclasses whose forward reads `self.training`: re-estimation must run them in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1, bias=False), BatchNormAct(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class DefaultArgument(Toy):
+    """forward(x, scale=1.0): evaluation passes the inputs alone, so `scale` keeps its default."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.head(self.stem(x).mean((2, 3)) * scale)
+
+
 class ForeignSize(Toy):
     """A reshape to a size read from *another* tensor: `inner` and `width` must keep their channels.
 
