@@ -9,9 +9,12 @@ import pytest
 
 timm = pytest.importorskip("timm")
 
-from timm_zoo import MODELS, build, check, prunable_share  # noqa: E402
+import torch  # noqa: E402
+from test_sensitivity import assert_matches, naive  # noqa: E402
+from timm_zoo import MODELS, NUM_CLASSES, build, check, prunable_share  # noqa: E402
 
 from prunecore.graph import trace  # noqa: E402
+from prunecore.sensitivity import sweep  # noqa: E402
 
 # name -> (least share of parameters in prunable groups, most params left at 50 %), as measured:
 # 1.00 / 0.25, 1.00 / 0.27 and 1.00 / 0.30 (heads, MLP neurons and the embedding width)
@@ -35,6 +38,21 @@ def test_small_timm_model(name):
     assert result.prunable_share >= least_share
     assert result.params_kept_at_50 <= most_kept
     assert result.prunable_groups >= 1 and result.groups >= result.prunable_groups
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_a_sweep_with_batchnorm_re_estimation_equals_the_naive_loop(name):
+    """The sweep's fx graph on timm: BatchNormAct2d must run in train mode while statistics are re-estimated,
+    and a ViT's `forward(x, attn_mask=None)` gives fx an input of its own."""
+    model, example = build(name)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn((3, *example.shape[1:]), generator=gen), torch.randint(0, NUM_CLASSES, (3,), generator=gen))
+            for _ in range(2)]  # fmt: skip
+    graph = trace(model, example)
+    groups = [g.name for g in graph.prunable][::3][:3]
+    fast = sweep(model, data, example, levels=[0.5], metric=["loss"], groups=groups, progress=False,
+                 bn_recalibration=2, graph=graph)  # fmt: skip
+    assert_matches(fast, naive(model, data, example, [0.5], ["loss"], bn_batches=2, groups=groups), ["loss"])
 
 
 def test_prunable_share_counts_each_tensor_once():
