@@ -237,8 +237,9 @@ class SuffixEngine:
         self.bns = _tracked_bn(self.model)
         tracked = {id(m) for m in self.bns}
         # calibration passes stop after the last BatchNorm: nothing later changes a statistic
-        at_bn = [i for i, n in enumerate(self.nodes) if n.op == "call_module" and id(self.modules[n.target]) in tracked]
-        self.bn_end = 1 + max(at_bn, default=-1)
+        at_bn = [i for i, n in enumerate(self.nodes)
+                 if n.op == "call_module" and any(id(m) in tracked for m in self.modules[n.target].modules())]
+        self.bn_end = 1 + max(at_bn, default=-1)  # a module called whole may hold BatchNorms of its own
         self.bn_batches = bn_batches if self.bns else 0
         self.reference: list[torch.Tensor] = []
         self.batch_keys: list[float] = []  # a checksum per batch: the data must come in the same order
@@ -581,7 +582,8 @@ class SuffixEngine:
     def _modules_from(self, start: int) -> set[nn.Module]:
         if self.gm is None:
             return set(self.model.modules())
-        return {self.modules[n.target] for n in self.nodes[start:] if n.op == "call_module"}
+        # with their submodules: a module called whole (a leaf) may hold BatchNorms of its own
+        return {m for n in self.nodes[start:] if n.op == "call_module" for m in self.modules[n.target].modules()}
 
 
 @dataclass
