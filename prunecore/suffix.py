@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import AbstractSet, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +232,8 @@ class SuffixEngine:
         self.last_use = {n: max((self.index[u] for u in n.users), default=len(self.nodes)) for n in self.nodes}
         self.modules = dict(self.gm.named_modules()) if self.gm is not None else {}
         self.graph, self.metrics = graph, [get_metric(m) for m in metrics]
+        # once: BatchNorm statistics change in place (copy_), other tensors only by `Variants.applied` swaps
+        self.state_storages = self._state_storages() if self.in_place else set()
         self.data, self.calibration = data, data if calibration is None else calibration
         self.autocast = autocast
         self.bns = _tracked_bn(self.model)
@@ -269,17 +271,19 @@ class SuffixEngine:
         env.update({p: p.args[0] for p in placeholders[1:] if p.args})
         return env
 
-    def suffix(self, env: dict[fx.Node | None, Any], start: int, stop: int | None = None) -> Any:
+    def suffix(self, env: dict[fx.Node | None, Any], start: int, stop: int | None = None,
+               swapped: AbstractSet[int] = frozenset()) -> Any:  # fmt: skip
         """The model's output from the activations in `env` (left unchanged), with the tensors now swapped in.
 
         `stop` ends the pass before that node instead (returning None); a `WHOLE` pass always runs to the end.
+        `swapped` is the storages of those tensors (`Variants.applied`), which no op may overwrite.
         """
         began = time.perf_counter()
         with forward_pass(), autocast(self.device, self.autocast):
             if start == WHOLE:
                 out = self.model(next(iter(env.values())))  # the inputs; other arguments keep their defaults
             else:
-                out = self._advance(dict(env), start, len(self.nodes) if stop is None else stop)
+                out = self._advance(dict(env), start, len(self.nodes) if stop is None else stop, swapped)
         self.floor_seconds += time.perf_counter() - began
         return out
 
@@ -288,15 +292,16 @@ class SuffixEngine:
         target = self.model if self.start_of(group) == WHOLE else self.gm
         return Variants(target, self.graph, plans, self.channels_last)
 
-    def _advance(self, env: dict, start: int, stop: int) -> Any:
+    def _advance(self, env: dict, start: int, stop: int, swapped: AbstractSet[int] = frozenset()) -> Any:
         """Run nodes [start, stop) in `env`, freeing values after their last use.
 
-        An op the model ran in place runs in place again when its input is a tensor this call made
-        and nothing live shares its memory (`_overwritable`); the values `env` came with (other
-        points and groups reuse them) and the model's own tensors are never written.
+        An elementwise op runs in place when its input is a tensor this call made and nothing live
+        shares its memory (`_overwritable`); the values `env` came with (other points and groups
+        reuse them) and the model's own tensors (`state_storages`, and the `swapped` ones) are never
+        written.
         """
         track = bool(self.in_place)
-        kept = _storages(env.values()) | self._state_storages() if track else set()
+        kept = _storages(env.values()) | self.state_storages | swapped if track else set()
         made: set[int] = set()  # storages first produced by this call: its own to overwrite
         for i in range(start, stop):
             node = self.nodes[i]
@@ -319,7 +324,7 @@ class SuffixEngine:
         return None
 
     def _state_storages(self) -> set[int]:
-        """The storages of the working copy's parameters, buffers and other tensor attributes (swapped ones too)."""
+        """The storages of the working copy's parameters, buffers and other tensor attributes."""
         tensors: list[Any] = []
         for module in self.modules.values():
             tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
@@ -513,10 +518,10 @@ class SuffixEngine:
                     for m in run.after:
                         m.momentum = None  # a cumulative average over the batches, as recalibrate_bn_
                     for i, p in enumerate(run.points):
-                        with run.masks.applied(i):  # the point's BatchNorms have the pruned shapes here
+                        with run.masks.applied(i) as swapped:  # the point's BatchNorms have the pruned shapes here
                             state = run.states.get(id(p))
                             _load_state(run.after, state if state is not None else _fresh_state(run.after))
-                            self.suffix(run.env(env, i), run.start, stop=self.bn_end)
+                            self.suffix(run.env(env, i), run.start, stop=self.bn_end, swapped=swapped)
                             run.states[id(p)] = _bn_state(run.after)
                     for m in run.after:
                         m.momentum = 0.0
@@ -542,10 +547,10 @@ class SuffixEngine:
             targets = None if targets is None else targets.to(self.device)
             for run, env in self._walk(inputs, runs):
                 for i, p in enumerate(run.points):
-                    with run.masks.applied(i):
+                    with run.masks.applied(i) as swapped:
                         if run.states:
                             _load_state(run.after, run.states[id(p)])
-                        out = self.suffix(run.env(env, i), run.start)
+                        out = self.suffix(run.env(env, i), run.start, swapped=swapped)
                         out, rows_targets = as_rows(output_logits(out), targets)  # (N, C)
                     if self.autocast is not None:
                         out = out.float()  # half-precision logits: the metrics sum in full precision
@@ -642,10 +647,12 @@ class Variants:
         return tensors
 
     @contextmanager
-    def applied(self, i: int) -> Iterator[None]:
-        old = swap_tensors_(self.gm, self.tensors(i))
+    def applied(self, i: int) -> Iterator[set[int]]:
+        """Point i's tensors in place of the originals; yields their storages (passes must not overwrite them)."""
+        tensors = self.tensors(i)
+        old = swap_tensors_(self.gm, tensors)
         try:
-            yield
+            yield _storages(tensors.values())
         finally:
             swap_tensors_(self.gm, old)
 
