@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms
 
 from prunecore.errors import UserError
 
@@ -292,6 +291,8 @@ def _is_image(path: Path, under: Path) -> bool:
 
 def _transform(input_shape: tuple[int, ...]) -> tuple[Callable, str]:
     """The eval transform for a model input shape, and the PIL mode to convert images to first."""
+    from torchvision import transforms  # here, not at the top: every evaluation imports this module
+
     if len(input_shape) < 3 or input_shape[-3] not in (1, 3):
         raise DataSpecError(f"image data needs an input shape (..., C, H, W) with C 1 or 3, got {_shape(input_shape)}")
     c, h, w = input_shape[-3:]

@@ -1,5 +1,8 @@
 """What prunecore knows about timm: fused-qkv attention heads, norm-act layers, weight-standardised convs."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -244,3 +247,22 @@ def test_a_slice_that_drops_channels_fixes_them():
 
     graph = trace(Cut(), torch.randn(1, 3, 4, 4))
     assert graph["conv"].reason.startswith("is sliced by getitem")
+
+
+def test_library_records_load_once_the_users_code_imports_the_library():
+    """prunecore imports neither torchvision nor timm itself (seconds per worker); timm's records apply once it is."""
+    code = """
+import sys, torch
+import prunecore.workers
+from prunecore.graph import trace
+mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+assert trace(mlp, torch.randn(1, 4))["0"].prunable
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm"))
+assert not loaded, loaded[:5]
+import timm
+model = timm.create_model("test_vit", pretrained=False, num_classes=10, img_size=32).eval()
+heads = trace(model, torch.randn(1, 3, 32, 32))["blocks.0.attn"]
+assert heads.prunable and heads.size == model.blocks[0].attn.num_heads, heads
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,10 +1,12 @@
 """The registry of module handlers: one `Handler` record per module type.
 
-`ops.core` knows torch.nn, `ops.torchvision` torchvision's transformer classes, `ops.timm` timm
-(only when timm is installed), `ops.transformers` HuggingFace transformers (only the classes of
-model modules already imported, so that prunecore never imports transformers' model code). Each
-declares a list of records; this module assembles them, with records registered at run time
-(`register`, `cost.register_flops`) consulted first. Lookups walk the module's MRO, nearest class
+`ops.core` knows torch.nn, `ops.torchvision` torchvision's transformer classes, `ops.timm` timm,
+`ops.transformers` HuggingFace transformers. Each declares a list of records; this module
+assembles them, with records registered at run time (`register`, `cost.register_flops`) consulted
+first. A library's records load once the user's code has imported the library (for transformers,
+the classes of the model modules imported so far): a module can only be an instance of a class
+whose library is loaded, and importing torchvision.models and timm would cost every worker process
+and CLI call about 1.5 s that a model of plain torch.nn layers never needs. Lookups walk the module's MRO, nearest class
 first, separately for each aspect (rule, fix, FLOPs, stand-alone layer).
 """
 
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from prunecore.ops import core, torchvision
+from prunecore.ops import core
 from prunecore.ops.handler import FlopRule, FlopTerm, Handler, LayerBuilder, arg
 
 __all__ = [
@@ -26,24 +28,26 @@ __all__ = [
     "rule", "whole_types",
 ]  # fmt: skip
 
+_LIBRARIES = ("torchvision", "timm")  # optional libraries whose records load once the user's code imports them
 
-def _library_handlers() -> list[Handler]:
-    handlers = list(core.HANDLERS) + list(torchvision.HANDLERS)
-    try:
-        import timm  # noqa: F401  # optional
-    except ImportError:
-        return handlers
+
+@functools.cache
+def _library_handlers(library: str) -> tuple[Handler, ...]:
+    """The records of one optional library (imported by now)."""
+    if library == "torchvision":
+        from prunecore.ops import torchvision
+
+        return tuple(torchvision.HANDLERS)
     try:
         from prunecore.ops import timm as timm_handlers
     except (ImportError, AttributeError) as exc:  # a timm too old for the classes the handlers name
         warnings.warn(f"prunecore's timm handlers need timm>=1.0 ({exc}); timm models are followed op by op only",
-                      stacklevel=2)  # fmt: skip
-        return handlers
-    return handlers + list(timm_handlers.HANDLERS)
+                      stacklevel=3)  # fmt: skip
+        return ()
+    return tuple(timm_handlers.HANDLERS)
 
 
 _REGISTERED: list[Handler] = []
-_LIBRARY: list[Handler] = _library_handlers()
 
 
 def register(handler: Handler) -> Handler:
@@ -63,13 +67,16 @@ class _Tables:
 
 
 @functools.lru_cache(maxsize=8)
-def _build(registered: tuple[Handler, ...], transformers_modules: tuple[str, ...]) -> _Tables:
+def _build(
+    registered: tuple[Handler, ...], libraries: tuple[str, ...], transformers_modules: tuple[str, ...]
+) -> _Tables:
     late: tuple[Handler, ...] = ()
     if transformers_modules:
         from prunecore.ops import transformers as hf
 
         late = hf.handlers(transformers_modules)
-    ordered = registered[::-1] + tuple(_LIBRARY) + late
+    loaded = tuple(h for lib in libraries for h in _library_handlers(lib))
+    ordered = registered[::-1] + tuple(core.HANDLERS) + loaded + late
     by_aspect: dict[str, dict[type, Handler]] = {}
     for aspect in ("rule", "fix", "flops", "layer"):
         table = by_aspect[aspect] = {}
@@ -83,7 +90,8 @@ def _build(registered: tuple[Handler, ...], transformers_modules: tuple[str, ...
 
 
 def _tables() -> _Tables:
-    return _build(tuple(_REGISTERED), _transformers_modules())
+    libraries = tuple(lib for lib in _LIBRARIES if lib in sys.modules)
+    return _build(tuple(_REGISTERED), libraries, _transformers_modules())
 
 
 def _transformers_modules() -> tuple[str, ...]:
