@@ -3,8 +3,9 @@
 0. Workers: the same sweeps on 1 worker (the sequential sweep), 2 local worker processes and a
    local 2-actor Ray cluster, each with 1 thread: speed-up over 1 worker (aim on 2 cores >= 1.6x),
    whether every point is identical, peak RSS per worker. Wall time includes starting the workers
-   (and the Ray cluster); the sample MobileNetV2 (225 points) shows how that start amortises over a
-   longer sweep. `--parallel-only` runs this part alone, `--no-parallel` skips it.
+   and, in the "2 Ray actors" column, the Ray cluster (`ray.init`, as a sweep without `address`
+   does); "cluster already up" starts it before the clock, as for a sweep on an existing cluster.
+   The sample MobileNetV2 (225 points) shows how the start amortises over a longer sweep. `--parallel-only` runs this part alone, `--no-parallel` skips it.
 1. Exact sweep vs the naive loop (trace once, then per point copy -> `make_plan({group: s})` ->
    `apply_plan` -> `evaluate`), levels 0.1..0.9, metrics accuracy and loss, same points and data, on
    the sample ResNet-20 (1,000 held-out digits, batches of 250) and torchvision resnet18 (random
@@ -23,8 +24,8 @@
 Each measurement runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own; `load` is a
 subprocess that only loads the model and data and evaluates once, the baseline of the others. On a
 shared 2-core CPU only ratios from one run mean anything, and even those drift by 15 %: naive and
-sweep are timed in 3 interleaved rounds and each keeps its median round (BN rows: one round);
-the estimate, which takes seconds, is the median of 3 calls.
+sweep (with and without BN re-estimation) are timed in 3 interleaved rounds and each keeps its
+median round; the estimate, which takes seconds, is the median of 3 calls.
 Run: `.venv/bin/python bench/bench_sweep.py [--quick] [--rounds N] [--json PATH] [--layout-only]` (`--quick`: smoke
 test). `--device cuda [--autocast bf16]` runs every sweep and naive point on the GPU (GPU figures; the
 workers section is skipped there).
@@ -59,7 +60,8 @@ METRICS = ["accuracy", "loss"]
 EXACT_MODELS = ("resnet20", "resnet18")  # sweep vs naive
 SAMPLES = ("resnet20", "mobilenet_v2", "vit")  # estimate vs exact
 BN_BATCHES = 4
-PARALLEL = ("seq1", "local2", "ray2")  # the sweep on 1 worker, 2 local workers, 2 Ray actors; 1 thread each
+PARALLEL = ("seq1", "local2", "ray2", "ray2up")  # 1 worker, 2 local workers, 2 Ray actors (+ their cluster's start)
+RAY_INIT = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)  # as `start_ray` starts one
 ESTIMATE_REPS = 3
 
 
@@ -133,10 +135,15 @@ def job(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
         return {"seconds": statistics.median(times), "rounds_s": times, "rows": frame.to_dict("records")}
     if kind.removesuffix("_bn") in PARALLEL:  # 1 thread per worker: 1 process, 2 local processes, 2 Ray actors
         torch.set_num_threads(1)
-        execution = {"seq1": {}, "local2": dict(workers=2, threads=1),
-                     "ray2": dict(workers=2, threads=1, executor="ray")}[kind.removesuffix("_bn")]
+        ray = dict(workers=2, threads=1, executor="ray")
+        execution = {"seq1": {}, "local2": dict(workers=2, threads=1), "ray2": ray,
+                     "ray2up": ray}[kind.removesuffix("_bn")]  # fmt: skip
         if bn:
             execution.update(bn_recalibration=BN_BATCHES, calibration=calibration)
+        if kind.removesuffix("_bn") == "ray2up":  # a cluster that is already running, as with `address=`
+            import ray as ray_lib
+
+            ray_lib.init(num_cpus=2, **RAY_INIT)
         began = time.perf_counter()
         frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False,
                                 **execution, **on)  # fmt: skip
@@ -207,7 +214,7 @@ def parallel_row(name: str, r: dict[str, dict[str, Any]], bn: bool) -> dict[str,
     one = points(r["seq1"])
     row: dict[str, Any] = dict(model=name + (f" + BN recalibration ({BN_BATCHES})" if bn else ""), points=len(one),
                                seq1_s=r["seq1"]["seconds"])  # fmt: skip
-    for kind in ("local2", "ray2"):
+    for kind in PARALLEL[1:]:
         other = points(r[kind])
         assert other.index.equals(one.index), f"{kind} computed other points"
         row[f"{kind}_s"] = r[kind]["seconds"]
@@ -219,13 +226,14 @@ def parallel_row(name: str, r: dict[str, dict[str, Any]], bn: bool) -> dict[str,
 
 
 def parallel_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | points | 1 worker s | 2 local workers s | speed-up | identical | 2 Ray actors s | speed-up "
-             "| identical | peak RSS per worker, local / Ray MiB |", "|---|" + "---:|" * 9]  # fmt: skip
+    lines = ["| model | points | 1 worker s | 2 local workers s | speed-up | 2 Ray actors s | speed-up "
+             "| cluster already up s | speed-up | identical | peak RSS per worker, local / Ray MiB |",
+             "|---|" + "---:|" * 10]  # fmt: skip
     rss = lambda v: " + ".join(f"{x:.0f}" for x in v)  # noqa: E731
-    yes = lambda v: "yes" if v else "NO"  # noqa: E731
+    same = lambda r: "yes" if all(r[f"{k}_identical"] for k in PARALLEL[1:]) else "NO"  # noqa: E731
     lines += [f"| {r['model']} | {r['points']} | {r['seq1_s']:.1f} | {r['local2_s']:.1f} | "
-              f"{r['local2_speedup']:.2f}x | {yes(r['local2_identical'])} | {r['ray2_s']:.1f} | "
-              f"{r['ray2_speedup']:.2f}x | {yes(r['ray2_identical'])} | {rss(r['local2_worker_rss_mib'])} / "
+              f"{r['local2_speedup']:.2f}x | {r['ray2_s']:.1f} | {r['ray2_speedup']:.2f}x | {r['ray2up_s']:.1f} | "
+              f"{r['ray2up_speedup']:.2f}x | {same(r)} | {rss(r['local2_worker_rss_mib'])} / "
               f"{rss(r['ray2_worker_rss_mib'])} |" for r in rows]  # fmt: skip
     return "\n".join(lines)
 
@@ -320,13 +328,14 @@ def main() -> None:
             args.json.write_text(json.dumps({"parallel": parallel}, indent=2, default=str))
         return
     timed: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    paired = ("naive", "sweep", "naive_bn", "sweep_bn")
     for _ in range(1 if args.quick else args.rounds):  # interleaved, so drift spoils no single ratio
         for name in EXACT_MODELS:
-            for kind in ("naive", "sweep"):
+            for kind in paired:
                 timed.setdefault((name, kind), []).append(spawn(name, kind, args.quick, run))
-    runs = {n: {k: median_round(timed[n, k]) for k in ("naive", "sweep")} for n in EXACT_MODELS}
+    runs = {n: {k: median_round(timed[n, k]) for k in paired} for n in EXACT_MODELS}
     for name in dict.fromkeys(EXACT_MODELS + SAMPLES):
-        kinds = ["load", "naive_bn", "sweep_bn"] if name in EXACT_MODELS else ["sweep"]
+        kinds = ["load"] if name in EXACT_MODELS else ["sweep"]
         kinds += ["estimate"] if name in SAMPLES else []
         runs.setdefault(name, {}).update({kind: spawn(name, kind, args.quick, run) for kind in kinds})
     exact = [exact_row(n, runs[n], s) for n in EXACT_MODELS for s in ("", "_bn")]

@@ -3,6 +3,8 @@ exactly, in the same order; a killed worker is replaced and its group measured a
 
 import os
 import signal
+import subprocess
+import sys
 
 import pandas as pd
 import psutil
@@ -133,3 +135,31 @@ def test_execution_settings_are_checked_before_any_work(resnet20):
     ]:
         with pytest.raises(ArgumentError, match=message):
             sweep(model, data, example, CONFIG, progress=False, **kwargs)
+
+
+FREED_MEMORY = """
+import resource, sys, torch
+from prunecore.workers import _keep_freed_memory
+if sys.argv[1] == "worker":
+    assert _keep_freed_memory()
+def passes(n):
+    for _ in range(n):
+        activations = [torch.ones(5 << 20) for _ in range(5)]  # 5 x 20 MiB, freed at the end of the pass
+        del activations
+passes(2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+passes(10)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_a_worker_process_reuses_freed_activations_instead_of_faulting_them_in_again():
+    """Each pass frees and re-allocates the same activations; a worker must not page them in from the OS anew."""
+
+    def faults(kind: str) -> int:
+        run = subprocess.run([sys.executable, "-c", FREED_MEMORY, kind], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    assert faults("worker") < 100  # pages: a pass's activations are 25,600
+    assert faults("driver") > 1000  # glibc's default behaviour, which a driver (the user's process) keeps
