@@ -6,8 +6,8 @@ assembles them, with records registered at run time (`register`, `cost.register_
 first. A library's records load once the user's code has imported the library (for transformers,
 the classes of the model modules imported so far): a module can only be an instance of a class
 whose library is loaded, and importing torchvision.models and timm would cost every worker process
-and CLI call about 1.5 s that a model of plain torch.nn layers never needs. Lookups walk the module's MRO, nearest class
-first, separately for each aspect (rule, fix, FLOPs, stand-alone layer).
+and CLI call about 1.5 s that a model of plain torch.nn layers never needs. Lookups walk the
+module's MRO, nearest class first, separately for each aspect (rule, fix, FLOPs, stand-alone layer).
 """
 
 from __future__ import annotations
