@@ -46,6 +46,14 @@ if TYPE_CHECKING:  # the commands import these when they run: --help stays free 
     from prunecore.store import RunInfo, RunStore
 
 
+def command() -> int:
+    """The `prunecore` console script: `main` in a process of prunecore's own, which keeps freed memory."""
+    from prunecore._memory import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every `UserError` ends as one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
@@ -1060,4 +1068,4 @@ def _num(n: float) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command())

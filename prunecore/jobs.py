@@ -864,4 +864,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
+    from prunecore._memory import keep_freed_memory
+
+    keep_freed_memory()  # a job process is prunecore's own
     sys.exit(main())

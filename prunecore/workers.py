@@ -23,7 +23,6 @@ sweeps with `workers=N` must then guard its entry point with `if __name__ == "__
 from __future__ import annotations
 
 import collections
-import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -40,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from prunecore._memory import keep_freed_memory
 from prunecore.errors import UserError
 from prunecore.graph import ChannelGraph
 from prunecore.suffix import Point, SuffixEngine, batches_per_group
@@ -298,30 +298,6 @@ def _run_local(spec: EngineSpec, by_group: dict[str, list[Point]], workers: int,
     return [w.status.summary() for w in pool]
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_KEEP_FREED = 1 << 30  # bytes free at the top of the heap before glibc hands them back to the OS
-_MMAP_ABOVE = 32 << 20  # blocks this large or larger are mmapped (glibc's largest allowed threshold on 64-bit)
-
-
-def _keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in this process for reuse; False where the C library is not glibc.
-
-    Every pass of a sweep allocates and frees the same activations, megabytes each. Where glibc
-    returns such blocks to the OS (heap trimming, or a block above its mmap threshold), the next
-    pass faults every page in again, zeroed: a Ray actor on the sample ResNet-20 took 1.1 million
-    minor page faults and 11.2 s per task, against 3,000 and 9.3 s with this setting. Only worker
-    processes, which prunecore owns, call it; a driver, the user's own process, is left as it is.
-    Peak memory is unchanged; memory freed after the peak stays with the worker until it exits.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (musl has no mallopt)
-        return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE))
-
-
 def start_method(device: torch.device) -> str:
     """"fork" for CPU workers on Linux from a driver without other threads (fast, pages shared), else "spawn"."""
     forkable = sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
@@ -335,7 +311,7 @@ def _serve(conn: Connection, spec: EngineSpec | bytes, threads: int, driver_ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes the pipe
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a forked copy of the driver's own handler
     torch.set_num_threads(threads)
-    _keep_freed_memory()
+    keep_freed_memory()
     try:
         # the driver's own pickle (never a file), or, forked, the driver's spec itself
         engine = (pickle.loads(spec) if isinstance(spec, bytes) else spec).build()
@@ -403,7 +379,7 @@ class _SweepActor:
 
     def __init__(self, spec: EngineSpec, threads: int) -> None:
         torch.set_num_threads(threads)
-        _keep_freed_memory()  # the actor's process is its own: Ray starts one per actor
+        keep_freed_memory()  # the actor's process is its own: Ray starts one per actor
         self.engine = spec.build(device=_ray_device(spec.device))
 
     def prepare(self) -> None:

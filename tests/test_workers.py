@@ -139,10 +139,10 @@ def test_execution_settings_are_checked_before_any_work(resnet20):
 
 FREED_MEMORY = """
 import ctypes, resource, sys, torch
-from prunecore.workers import _keep_freed_memory
+from prunecore._memory import keep_freed_memory
 assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # a fixed mmap threshold: every pass faults its blocks in
 if sys.argv[1] == "worker":
-    assert _keep_freed_memory()
+    assert keep_freed_memory()
 def passes(n):
     for _ in range(n):
         activations = [torch.ones(5 << 20) for _ in range(5)]  # 5 x 20 MiB, freed at the end of the pass
