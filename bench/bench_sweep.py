@@ -1,11 +1,15 @@
 """Sensitivity-sweep benchmark: is `sweep` exact, how fast is it, and how well does it spread over workers?
 
-0. Workers: the same sweeps on 1 worker (the sequential sweep), 2 local worker processes and a
-   local 2-actor Ray cluster, each with 1 thread: speed-up over 1 worker (aim on 2 cores >= 1.6x),
-   whether every point is identical, peak RSS per worker. Wall time includes starting the workers
-   and, in the "2 Ray actors" column, the Ray cluster (`ray.init`, as a sweep without `address`
-   does); "cluster already up" starts it before the clock, as for a sweep on an existing cluster.
-   The sample MobileNetV2 (225 points) shows how the start amortises over a longer sweep. `--parallel-only` runs this part alone, `--no-parallel` skips it.
+0. Workers: the same sweeps on 1 worker (the sequential sweep), 2 local worker processes and 2
+   Ray actors, each with 1 thread: speed-up over 1 worker (aim on 2 cores >= 1.6x), whether every
+   point is identical, peak RSS per worker. Wall time includes starting the workers and, in the
+   "cluster start" column, the local Ray cluster that a sweep without `address` starts. "Cluster
+   up" sweeps with `address=` on a cluster started before the clock with `ray start --head` as the
+   README says, and already used by one other driver; it also times 1 actor there, so Ray's scaling
+   shows apart from its fixed start. Interleaved rounds, median round; the sample MobileNetV2 (225
+   points, one round) shows how the start amortises over a longer sweep. `--parallel-only` runs
+   this part alone, `--no-parallel` skips it. The cluster rows run `ray stop`, which stops every
+   Ray cluster of this machine.
 1. Exact sweep vs the naive loop (trace once, then per point copy -> `make_plan({group: s})` ->
    `apply_plan` -> `evaluate`), levels 0.1..0.9, metrics accuracy and loss, same points and data, on
    the sample ResNet-20 (1,000 held-out digits, batches of 250) and torchvision resnet18 (random
@@ -34,7 +38,9 @@ workers section is skipped there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -43,7 +49,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -54,14 +60,17 @@ from torch import nn
 import prunecore
 from prunecore.devices import resolve_device
 from prunecore.sensitivity import DENSE
+from prunecore.workers import preload_modules
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 METRICS = ["accuracy", "loss"]
 EXACT_MODELS = ("resnet20", "resnet18")  # sweep vs naive
 SAMPLES = ("resnet20", "mobilenet_v2", "vit")  # estimate vs exact
 BN_BATCHES = 4
-PARALLEL = ("seq1", "local2", "ray2", "ray2up")  # 1 worker, 2 local workers, 2 Ray actors (+ their cluster's start)
-RAY_INIT = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)  # as `start_ray` starts one
+# 1 worker, 2 local workers, 2 Ray actors with their cluster's start, 1 and 2 Ray actors on a cluster already up
+PARALLEL = ("seq1", "local2", "ray2", "ray1up", "ray2up")
+LONG_SWEEP = "mobilenet_v2"  # 225 points, minutes per way: one round
+RAY_PORT = 6390  # the benchmark's own cluster (`ray start --head`), stopped after each job
 ESTIMATE_REPS = 3
 
 
@@ -133,22 +142,19 @@ def job(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
                                     progress=False, mode="estimate", device=run.device)  # fmt: skip
             times.append(time.perf_counter() - t0)
         return {"seconds": statistics.median(times), "rounds_s": times, "rows": frame.to_dict("records")}
-    if kind.removesuffix("_bn") in PARALLEL:  # 1 thread per worker: 1 process, 2 local processes, 2 Ray actors
+    if kind.removesuffix("_bn") in PARALLEL:  # 1 thread per worker: 1 process, 2 local processes, Ray actors
         torch.set_num_threads(1)
-        ray = dict(workers=2, threads=1, executor="ray")
-        execution = {"seq1": {}, "local2": dict(workers=2, threads=1), "ray2": ray,
-                     "ray2up": ray}[kind.removesuffix("_bn")]  # fmt: skip
+        base = kind.removesuffix("_bn")
+        execution = {"seq1": {}, "local2": dict(workers=2, threads=1)}.get(base) or dict(
+            workers=int(base[3]), threads=1, executor="ray")  # ray2, ray1up, ray2up
         if bn:
             execution.update(bn_recalibration=BN_BATCHES, calibration=calibration)
-        if kind.removesuffix("_bn") == "ray2up":  # a cluster that is already running, as with `address=`
-            import ray as ray_lib
-
-            ray_lib.init(num_cpus=2, **RAY_INIT)
-        began = time.perf_counter()
-        frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups, progress=False,
-                                **execution, **on)  # fmt: skip
-        return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
-                "workers": frame.attrs.get("workers") or []}  # fmt: skip
+        with ray_cluster(model) if base.endswith("up") else contextlib.nullcontext() as address:
+            began = time.perf_counter()
+            frame = prunecore.sweep(model, data, example, levels=levels, metric=METRICS, groups=groups,
+                                    progress=False, address=address, **execution, **on)  # fmt: skip
+            seconds = time.perf_counter() - began
+        return {"seconds": seconds, "rows": frame.to_dict("records"), "workers": frame.attrs.get("workers") or []}
     extra = dict(bn_recalibration=BN_BATCHES, calibration=calibration) if bn else {}  # sweep, sweep_bn
     if kind == "sweep_cl":
         extra = dict(channels_last=True)
@@ -156,6 +162,26 @@ def job(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
                             **on)  # fmt: skip
     return {"seconds": time.perf_counter() - began, "rows": frame.to_dict("records"),
             "suffix_s": frame.attrs.get("suffix_seconds")}  # the sweep's own suffix time, if it reports it
+
+
+@contextlib.contextmanager
+def ray_cluster(model: nn.Module) -> Iterator[str]:
+    """A 2-CPU Ray cluster of its own processes, started as the README says (`ray start --head` with the
+    model's preload list), already used by one driver; yields the address to sweep on, and stops it afterwards.
+
+    Ray prestarts worker processes for the first driver that connects only. The throwaway driver
+    takes them, so the timed sweep meets the cluster as every later sweep on a running cluster does.
+    """
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_preload_python_modules": ",".join(preload_modules(model))}
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(RAY_PORT),
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto')"], check=True, capture_output=True)
+        yield "auto"  # the cluster this machine runs, as on a cluster's head node (it finds its auth token too)
+    finally:
+        subprocess.run([ray_bin, "stop"], check=False, capture_output=True)
 
 
 def spawn(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
@@ -221,20 +247,22 @@ def parallel_row(name: str, r: dict[str, dict[str, Any]], bn: bool) -> dict[str,
         row[f"{kind}_speedup"] = r["seq1"]["seconds"] / r[kind]["seconds"]
         row[f"{kind}_identical"] = bool(all(other[m].equals(one[m]) for m in METRICS))
         row[f"{kind}_worker_rss_mib"] = [w["peak_rss_mib"] for w in r[kind]["workers"]]
+    row["ray_scaling"] = r["ray1up"]["seconds"] / r["ray2up"]["seconds"]  # 2 actors over 1, same kind of cluster
     row["driver_rss_mib"] = {kind: r[kind]["rss_mib"] for kind in PARALLEL}
+    row["rounds_s"] = {kind: r[kind]["rounds_s"] for kind in PARALLEL}
     return row
 
 
 def parallel_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | points | 1 worker s | 2 local workers s | speed-up | 2 Ray actors s | speed-up "
-             "| cluster already up s | speed-up | identical | peak RSS per worker, local / Ray MiB |",
-             "|---|" + "---:|" * 10]  # fmt: skip
+    lines = ["| model | points | 1 worker s | 2 local workers s | speed-up | 2 Ray actors, cluster start s | speed-up "
+             "| cluster up: 1 Ray actor s | 2 Ray actors s | speed-up | over 1 actor | identical "
+             "| peak RSS per worker, local / Ray MiB |", "|---|" + "---:|" * 10 + "---|---:|"]  # fmt: skip
     rss = lambda v: " + ".join(f"{x:.0f}" for x in v)  # noqa: E731
     same = lambda r: "yes" if all(r[f"{k}_identical"] for k in PARALLEL[1:]) else "NO"  # noqa: E731
     lines += [f"| {r['model']} | {r['points']} | {r['seq1_s']:.1f} | {r['local2_s']:.1f} | "
-              f"{r['local2_speedup']:.2f}x | {r['ray2_s']:.1f} | {r['ray2_speedup']:.2f}x | {r['ray2up_s']:.1f} | "
-              f"{r['ray2up_speedup']:.2f}x | {same(r)} | {rss(r['local2_worker_rss_mib'])} / "
-              f"{rss(r['ray2_worker_rss_mib'])} |" for r in rows]  # fmt: skip
+              f"{r['local2_speedup']:.2f}x | {r['ray2_s']:.1f} | {r['ray2_speedup']:.2f}x | {r['ray1up_s']:.1f} | "
+              f"{r['ray2up_s']:.1f} | {r['ray2up_speedup']:.2f}x | {r['ray_scaling']:.2f}x | {same(r)} | "
+              f"{rss(r['local2_worker_rss_mib'])} / {rss(r['ray2_worker_rss_mib'])} |" for r in rows]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -317,10 +345,15 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps({"layout": rows}, indent=2, default=str))
         return
-    cases = [(n, bn) for n in EXACT_MODELS for bn in ("", "_bn")] + [("mobilenet_v2", "")]  # a longer sweep
+    cases = [(n, bn) for n in EXACT_MODELS for bn in ("", "_bn")] + [(LONG_SWEEP, "")]
     cases = [] if args.no_parallel or run.device != "cpu" else cases  # workers are CPU processes here
-    parallel = [parallel_row(n, {k + bn: spawn(n, k + bn, args.quick, run) for k in PARALLEL}, bool(bn))
-                for n, bn in cases]  # fmt: skip
+    parallel = []
+    for n, bn in cases:  # the five ways in interleaved rounds, each keeping its median round
+        timed_ways: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(1 if args.quick or n == LONG_SWEEP else args.rounds):
+            for k in PARALLEL:
+                timed_ways.setdefault(k, []).append(spawn(n, k + bn, args.quick, run))
+        parallel.append(parallel_row(n, {k: median_round(v) for k, v in timed_ways.items()}, bool(bn)))
     if parallel:
         print("Workers (1 thread each):\n\n" + parallel_markdown(parallel) + "\n")
     if args.parallel_only:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from prunecore import load_sample
 from prunecore.errors import ArgumentError
 from prunecore.sensitivity import DENSE, SweepConfig, sweep
-from prunecore.workers import MAX_RETRIES, WorkerError
+from prunecore.workers import MAX_RETRIES, WorkerError, preload_modules, ray_system_config
 
 CONFIG = SweepConfig(levels=(0.3, 0.6), metric=("accuracy", "loss", "kl"), bn_recalibration=1)
 
@@ -72,6 +72,33 @@ def test_a_ray_sweep_raises_the_error_of_the_measurement_itself(resnet20):
     with pytest.raises(ArgumentError, match="same order every time"):
         sweep(model, shuffled, example, levels=[0.5], groups=["stem.0"], metric="kl", progress=False, workers=2,
               threads=1, executor="ray")  # fmt: skip
+
+
+def test_the_ray_cluster_a_sweep_starts_imports_prunecore_and_the_models_classes_in_every_worker(resnet20):
+    """Ray's workers preload them as they start, so an actor does not wait ~2 s for torch after the sweep begins."""
+    ray = pytest.importorskip("ray")
+    model, data, example, _ = resnet20
+    sweep(model, data, example, levels=[0.5], groups=["stem.0"], metric="kl", progress=False, workers=1, threads=1,
+          executor="ray")  # fmt: skip
+
+    @ray.remote(num_cpus=1)
+    def loaded() -> list[str]:  # a plain task (pickled by value): it imports nothing itself
+        import sys
+
+        return sorted(sys.modules)
+
+    modules = set(ray.get(loaded.remote()))
+    assert {"torch", "prunecore.workers", "sample_models.nets", "torchvision.models.resnet"} <= modules
+
+
+def test_the_preload_list_names_only_modules_a_worker_can_import():
+    class Script(torch.nn.Module):  # a class of the user's script: a Ray worker cannot import `__main__`
+        pass
+
+    Script.__module__ = "__main__"
+    model = torch.nn.Sequential(Script(), torch.nn.Conv2d(3, 4, 3), load_sample("vit").model)
+    assert preload_modules(model) == ["prunecore.workers", "torchvision.models.vision_transformer"]
+    assert ray_system_config(model) == {"preload_python_modules": preload_modules(model)}
 
 
 def test_a_ray_sweep_with_nothing_left_to_measure_stops_its_actors(resnet20, tmp_path):
