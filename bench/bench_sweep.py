@@ -191,7 +191,7 @@ def spawn(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
         out = Path(tmp) / "job.json"
         cmd = [sys.executable, __file__, "--job", f"{name}:{kind}", "--out", str(out)] + ["--quick"] * quick
         cmd += ["--device", run.device] + (["--autocast", run.autocast] if run.autocast else [])
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=sys.stderr)  # Ray's shutdown chatter stays off the table
         return json.loads(out.read_text())
 
 
