@@ -195,5 +195,7 @@ def test_a_worker_process_reuses_freed_activations_instead_of_faulting_them_in_a
         run = subprocess.run([sys.executable, "-c", FREED_MEMORY, kind], capture_output=True, text=True, check=True)
         return int(run.stdout)
 
-    assert faults("worker") < PAGES_PER_PASS  # a few blocks at most over 10 passes, not every pass
+    # glibc places the blocks a little differently from run to run (0 to 1.2 passes' worth of faults in 42
+    # runs here, while the heap settles); without the setting every one of the 10 passes faults them all in
+    assert faults("worker") < 3 * PAGES_PER_PASS
     assert faults("driver") >= 9 * PAGES_PER_PASS  # what the setting saves: each pass faults its activations in
