@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=_positive, default=1, metavar="N",
                        help="measure groups in N local processes (with --ray: N Ray actors); same points")
     sweep.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="measure groups on a Ray cluster: its ADDRESS (e.g. ray://head:10001), or none for a "
-                            "local one started for the sweep (pip install 'prunecore[ray]')")  # fmt: skip
+                       help="measure groups on a Ray cluster: its ADDRESS (e.g. ray://head:10001; auto: the one "
+                            "'ray start' runs on this machine), or none for a local one started for the sweep "
+                            "(pip install 'prunecore[ray]')")  # fmt: skip
     sweep.add_argument("--threads", type=_positive, metavar="N",
                        help="torch threads per worker (default: this machine's threads divided among the workers)")
     sweep.add_argument("--calibrate", type=_non_negative, default=0, metavar="N",

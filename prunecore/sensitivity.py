@@ -178,8 +178,9 @@ def sweep(
 
     Execution: `device` (default CUDA when present, else the CPU) is where points run; the dense
     row and the curves of one sweep always come from the same device. `workers=N` measures groups
-    in N local processes, `executor="ray"` in N Ray actors (`address` of an existing cluster, else
-    a local one, started by the first such sweep and up until this process exits); `threads` per
+    in N local processes, `executor="ray"` in N Ray actors (`address` of an existing cluster, "auto"
+    for the one `ray start` runs on this machine; else this process's own local cluster, started by
+    the first such sweep and up until this process exits); `threads` per
     worker (default: this process's threads divided among them). Per-worker peak memory is in
     `frame.attrs["workers"]`.
 

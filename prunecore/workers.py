@@ -415,8 +415,12 @@ class RayPool:
             raise WorkerError("executor='ray' needs Ray: pip install 'prunecore[ray]'") from None
         self.ray, self.threads = ray, threads
         if not ray.is_initialized():
-            local = address is None and not os.environ.get("RAY_ADDRESS")
-            cluster = dict(num_cpus=workers * threads, _system_config=ray_system_config(spec.model)) if local else {}
+            cluster: dict[str, Any] = {}
+            if address is None and not os.environ.get("RAY_ADDRESS"):
+                # "local": a cluster of this process's own, even where `ray start` runs one on this machine
+                # (plain ray.init() would join that one and then refuse the sizes given here)
+                address, cluster = "local", dict(num_cpus=workers * threads,
+                                                 _system_config=ray_system_config(spec.model))  # fmt: skip
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      **cluster)  # fmt: skip
         gpus = 1 if spec.device.type == "cuda" else 0

@@ -3,8 +3,12 @@ exactly, in the same order; a killed worker is replaced and its group measured a
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -113,6 +117,47 @@ def test_a_ray_sweep_with_nothing_left_to_measure_stops_its_actors(resnet20, tmp
     actors = [p for p in psutil.process_iter(["cmdline"]) if "_SweepActor" in " ".join(p.info["cmdline"] or [])]
     _, alive = psutil.wait_procs(actors, timeout=60)
     assert not alive
+
+
+BESIDE_A_CLUSTER = """
+from prunecore import load_sample
+from prunecore.sensitivity import sweep
+s = load_sample("resnet20")
+data = [(x[:20], y[:20]) for x, y in list(s.heldout)[:1]]
+frame = sweep(s.model, data, s.example, levels=[0.5], groups=["stem.0"], metric="kl", progress=False, workers=1,
+              threads=1, executor="ray")
+print(len(frame), frame.attrs["workers"][0]["groups"])
+"""
+
+
+def test_a_ray_sweep_without_an_address_starts_its_own_cluster_beside_the_one_ray_start_runs(tmp_path):
+    """Plain ray.init() joins the cluster `ray start` recorded on this machine and then refuses the sweep's sizes."""
+    pytest.importorskip("ray")
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where Ray notes the machine's cluster
+    before = record.read_text() if record.exists() else None
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "1",
+                             "--port", str(port), "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (record.exists() and record.read_text().strip().endswith(f":{port}")):
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.2)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        run = subprocess.run([sys.executable, "-c", BESIDE_A_CLUSTER], capture_output=True, text=True, env=env,
+                             timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["2", "1"]  # the dense row and the one point, measured by the one actor
+    finally:
+        head.terminate()  # --block: stopping the command stops the cluster it started, and no other
+        head.wait(60)
+        if before is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(before)
 
 
 def test_a_killed_local_worker_is_replaced(resnet20):
