@@ -8,8 +8,7 @@
    README says, and already used by one other driver; it also times 1 actor there, so Ray's scaling
    shows apart from its fixed start. Interleaved rounds, median round; the sample MobileNetV2 (225
    points, one round) shows how the start amortises over a longer sweep. `--parallel-only` runs
-   this part alone, `--no-parallel` skips it. The cluster rows run `ray stop`, which stops every
-   Ray cluster of this machine.
+   this part alone, `--no-parallel` skips it.
 1. Exact sweep vs the naive loop (trace once, then per point copy -> `make_plan({group: s})` ->
    `apply_plan` -> `evaluate`), levels 0.1..0.9, metrics accuracy and loss, same points and data, on
    the sample ResNet-20 (1,000 held-out digits, batches of 250) and torchvision resnet18 (random
@@ -70,7 +69,7 @@ BN_BATCHES = 4
 # 1 worker, 2 local workers, 2 Ray actors with their cluster's start, 1 and 2 Ray actors on a cluster already up
 PARALLEL = ("seq1", "local2", "ray2", "ray1up", "ray2up")
 LONG_SWEEP = "mobilenet_v2"  # 225 points, minutes per way: one round
-RAY_PORT = 6390  # the benchmark's own cluster (`ray start --head`), stopped after each job
+RAY_PORT = 6390  # the benchmark's own cluster (`ray start --head --block`), stopped after each job
 ESTIMATE_REPS = 3
 
 
@@ -174,14 +173,26 @@ def ray_cluster(model: nn.Module) -> Iterator[str]:
     """
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_preload_python_modules": ",".join(preload_modules(model))}
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(RAY_PORT),
-                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` notes its address
+    before = record.read_text() if record.exists() else None
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(RAY_PORT),
+                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
+        deadline = time.monotonic() + 120
+        while not (record.exists() and record.read_text().strip().endswith(f":{RAY_PORT}")):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head --port {RAY_PORT} did not come up (is the port taken?)")
+            time.sleep(0.2)
         subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto')"], check=True, capture_output=True)
         yield "auto"  # the cluster this machine runs, as on a cluster's head node (it finds its auth token too)
     finally:
-        subprocess.run([ray_bin, "stop"], check=False, capture_output=True)
+        head.terminate()  # --block: stopping the command stops this cluster, and no other
+        head.wait(60)
+        if before is None:  # a record of the stopped cluster would send a plain ray.init() to it (it waits minutes)
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(before)
 
 
 def spawn(name: str, kind: str, quick: bool, run: Run) -> dict[str, Any]:
