@@ -173,7 +173,9 @@ def ray_cluster(model: nn.Module) -> Iterator[str]:
     """
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_preload_python_modules": ",".join(preload_modules(model))}
-    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` notes its address
+    linux_tmp = os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    temp = os.environ.get("RAY_TMPDIR") or linux_tmp or "/tmp"  # Ray's own rule for its temp dir
+    record = Path(temp) / "ray" / "ray_current_cluster"  # where `ray start` notes the machine's cluster
     before = record.read_text() if record.exists() else None
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(RAY_PORT),
                              "--include-dashboard=false", "--disable-usage-stats"], env=env,

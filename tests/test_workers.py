@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -133,7 +132,9 @@ print(len(frame), frame.attrs["workers"][0]["groups"])
 def test_a_ray_sweep_without_an_address_starts_its_own_cluster_beside_the_one_ray_start_runs(tmp_path):
     """Plain ray.init() joins the cluster `ray start` recorded on this machine and then refuses the sweep's sizes."""
     pytest.importorskip("ray")
-    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where Ray notes the machine's cluster
+    linux_tmp = os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    temp = os.environ.get("RAY_TMPDIR") or linux_tmp or "/tmp"  # Ray's own rule for its temp dir
+    record = Path(temp) / "ray" / "ray_current_cluster"  # where `ray start` notes the machine's cluster
     before = record.read_text() if record.exists() else None
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
