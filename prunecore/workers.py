@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Sequence
@@ -406,7 +407,14 @@ class RayPool:
     passes. `sweep` starts the pool before it evaluates the dense model and scores the channels, so
     those seconds overlap instead of adding up; `close` kills the actors, also when nothing was left
     to measure. The cluster itself stays up for later sweeps of this process (Ray stops it at exit).
+
+    Tasks go only to actors that have started. A cluster without room for all of them (fewer free
+    CPUs than `workers` x `threads`, or an autoscaler still adding nodes) sweeps on those it has,
+    instead of waiting forever on a task queued at an actor Ray cannot place; a warning says so
+    when none has started after `STALL_WARNING_S`.
     """
+
+    STALL_WARNING_S = 60.0
 
     def __init__(self, spec: EngineSpec, workers: int, threads: int, address: str | None) -> None:
         try:
@@ -423,56 +431,96 @@ class RayPool:
                                                  _system_config=ray_system_config(spec.model))  # fmt: skip
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      **cluster)  # fmt: skip
-        gpus = 1 if spec.device.type == "cuda" else 0
-        self.actor_class = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(_SweepActor)
+        self.gpus = 1 if spec.device.type == "cuda" else 0
+        self.actor_class = ray.remote(num_cpus=threads, num_gpus=self.gpus, max_restarts=0)(_SweepActor)
         self.spec_ref = ray.put(spec)  # one copy in the object store, read by every actor
-        self.actors = [self._start() for _ in range(workers)]
+        self.actors: list[Any] = []
+        self.preparing: list[Any] = []  # per actor: its `prepare` call, None once it has returned
+        self.failed_starts = 0
+        for _ in range(workers):
+            actor, prepared = self._start()
+            self.actors.append(actor)
+            self.preparing.append(prepared)
 
-    def _start(self) -> Any:
+    def _start(self) -> tuple[Any, Any]:
         actor = self.actor_class.remote(self.spec_ref, self.threads)
-        actor.prepare.remote()  # queued first; a failure surfaces again, as itself, in the first task
-        return actor
+        return actor, actor.prepare.remote()  # an actor is ready for tasks once this returns
+
+    def _restart(self, index: int, why: str) -> None:
+        """A new actor in place of a lost one; it takes tasks once it has started in turn."""
+        self.actors[index], self.preparing[index] = self._start()
+        if why:
+            self.failed_starts += 1
+            if self.failed_starts > MAX_RETRIES * len(self.actors):
+                raise WorkerError(f"Ray actors died {self.failed_starts} times while starting ({why}); the groups "
+                                  "finished so far are stored: re-run the sweep with a store to resume")  # fmt: skip
 
     def measure(self, by_group: dict[str, list[Point]], hooks: _Hooks) -> list[dict[str, Any]]:
-        """Every task on the pool's actors (a lost actor is replaced and its task re-run); per-slot summaries."""
-        from ray.exceptions import RayActorError, RayTaskError
+        """Every task on the started actors (a lost actor is replaced and its task re-run); per-actor summaries."""
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         queue = collections.deque(by_group)
         retries = _Retries()
-        slots = [WorkerStatus(i) for i in range(min(len(self.actors), len(queue)))]
+        slots = [WorkerStatus(i) for i in range(len(self.actors))]
         hooks.tick(0)  # the progress bar
         running: dict[Any, WorkerStatus] = {}
+        warned = False
         try:
             while queue or running:
                 for s in slots:
-                    if s.group is None and queue:
+                    if s.group is None and queue and self.preparing[s.index] is None:
                         group = queue.popleft()
                         running[self.actors[s.index].measure.remote(by_group[group])] = s
                         hooks.started(s, group)
-                ready, _ = self.ray.wait(list(running), num_returns=1)
-                s = running.pop(ready[0])
+                starting = {ref: slots[i] for i, ref in enumerate(self.preparing) if ref is not None}
+                stalled = not running and not warned  # nothing measures yet: say so if it lasts
+                ready, _ = self.ray.wait([*running, *starting], num_returns=1,
+                                         timeout=self.STALL_WARNING_S if stalled else None)  # fmt: skip
+                if not ready:
+                    warnings.warn(self._stall_message(), RuntimeWarning, stacklevel=2)
+                    warned = True
+                    continue
+                ref = ready[0]
+                if ref in starting:
+                    s = starting[ref]
+                    try:
+                        self.ray.get(ref)
+                        self.preparing[s.index] = None
+                    except RayActorError as exc:
+                        self._restart(s.index, f"Ray actor died: {str(exc).splitlines()[0]}")
+                    continue
+                s = running.pop(ref)
                 try:
-                    rows, rss = self.ray.get(ready[0])
+                    rows, rss = self.ray.get(ref)
                 except RayActorError as exc:
                     retries.lost_worker(s.group, f"Ray actor died: {str(exc).splitlines()[0]}")
                     queue.appendleft(s.group)
                     s.group, s.restarts = None, s.restarts + 1
-                    self.actors[s.index] = self._start()
+                    self._restart(s.index, "")
                     continue
                 hooks.finished(s, rows, rss)
             for s in slots:
+                if self.preparing[s.index] is not None:
+                    continue  # never started (no room on the cluster): no pid, nothing measured
                 try:
-                    s.pid = self.ray.get(self.actors[s.index].pid.remote())
-                except RayActorError:  # it died after its last task: every row is in, only its pid is lost
+                    s.pid = self.ray.get(self.actors[s.index].pid.remote(), timeout=60)
+                except (RayActorError, GetTimeoutError):  # it died after its last task: every row is in
                     s.pid = None
         except RayTaskError as exc:
             raise exc.as_instanceof_cause() from None  # the measurement's own error, as in one process
         return [s.summary() for s in slots]
 
+    def _stall_message(self) -> str:
+        asks = f"{self.threads} CPU(s)" + (f" and {self.gpus} GPU" if self.gpus else "")
+        free = self.ray.available_resources()
+        return (f"no Ray sweep actor has started after {self.STALL_WARNING_S:.0f} s: each asks for {asks}, and the "
+                f"cluster has {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free; the sweep "
+                "waits for room (fewer workers or threads, or more nodes, would start it)")  # fmt: skip
+
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
-        self.actors = []
+        self.actors, self.preparing = [], []
 
 
 def preload_modules(model: nn.Module | None = None) -> list[str]:

@@ -161,6 +161,42 @@ def test_a_ray_sweep_without_an_address_starts_its_own_cluster_beside_the_one_ra
             record.write_text(before)
 
 
+SHORT_OF_ROOM = """
+import warnings
+import ray
+from prunecore import load_sample
+from prunecore.sensitivity import sweep
+from prunecore.workers import RayPool
+s = load_sample("resnet20")
+data = [(x[:20], y[:20]) for x, y in list(s.heldout)[:1]]
+how = dict(levels=[0.5], groups=["stem.0", "layer1.0.conv1", "layer2.0.conv1"], metric="kl", progress=False)
+sequential = sweep(s.model, data, s.example, **how)
+ray.init(num_cpus=1, include_dashboard=False)  # room for one of the two actors
+frame = sweep(s.model, data, s.example, workers=2, threads=1, executor="ray", **how)
+print(frame.equals(sequential), sorted((w["groups"], w["pid"] is None) for w in frame.attrs["workers"]))
+ray.shutdown()
+ray.init(num_cpus=0, include_dashboard=False)  # room for none
+RayPool.STALL_WARNING_S = 1.0
+warnings.simplefilter("error", RuntimeWarning)  # the warning ends the sweep here, so that it can be read
+try:
+    sweep(s.model, data, s.example, workers=1, threads=1, executor="ray", **how)
+except RuntimeWarning as warning:
+    print(warning)
+"""
+
+
+def test_a_ray_sweep_measures_on_the_actors_the_cluster_has_room_for_and_says_when_it_has_none():
+    """An actor Ray cannot place must not hold a task: the sweep used to wait on it forever."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", SHORT_OF_ROOM], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    placed, stalled = run.stdout.strip().splitlines()
+    assert placed == "True [(0, True), (3, False)]"  # one actor measured all 3 groups; the other never started
+    assert stalled.startswith("no Ray sweep actor has started after 1 s: each asks for 1 CPU(s), and the cluster "
+                              "has 0 CPU(s)")  # fmt: skip
+
+
 def test_a_killed_local_worker_is_replaced(resnet20):
     model, data, example, sequential = resnet20
     killed = []
