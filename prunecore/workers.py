@@ -446,14 +446,9 @@ class RayPool:
         actor = self.actor_class.remote(self.spec_ref, self.threads)
         return actor, actor.prepare.remote()  # an actor is ready for tasks once this returns
 
-    def _restart(self, index: int, why: str) -> None:
+    def _replace(self, index: int) -> None:
         """A new actor in place of a lost one; it takes tasks once it has started in turn."""
         self.actors[index], self.preparing[index] = self._start()
-        if why:
-            self.failed_starts += 1
-            if self.failed_starts > MAX_RETRIES * len(self.actors):
-                raise WorkerError(f"Ray actors died {self.failed_starts} times while starting ({why}); the groups "
-                                  "finished so far are stored: re-run the sweep with a store to resume")  # fmt: skip
 
     def measure(self, by_group: dict[str, list[Point]], hooks: _Hooks) -> list[dict[str, Any]]:
         """Every task on the started actors (a lost actor is replaced and its task re-run); per-actor summaries."""
@@ -487,7 +482,12 @@ class RayPool:
                         self.ray.get(ref)
                         self.preparing[s.index] = None
                     except RayActorError as exc:
-                        self._restart(s.index, f"Ray actor died: {str(exc).splitlines()[0]}")
+                        self.failed_starts += 1
+                        if self.failed_starts > MAX_RETRIES * len(self.actors):
+                            raise WorkerError(f"Ray actors died {self.failed_starts} times while starting (the last: "
+                                              f"{str(exc).splitlines()[0]}); the groups finished so far are stored: "
+                                              "re-run the sweep with a store to resume") from None  # fmt: skip
+                        self._replace(s.index)
                     continue
                 s = running.pop(ref)
                 try:
@@ -496,7 +496,7 @@ class RayPool:
                     retries.lost_worker(s.group, f"Ray actor died: {str(exc).splitlines()[0]}")
                     queue.appendleft(s.group)
                     s.group, s.restarts = None, s.restarts + 1
-                    self._restart(s.index, "")
+                    self._replace(s.index)
                     continue
                 hooks.finished(s, rows, rss)
             for s in slots:
@@ -513,9 +513,10 @@ class RayPool:
     def _stall_message(self) -> str:
         asks = f"{self.threads} CPU(s)" + (f" and {self.gpus} GPU" if self.gpus else "")
         free = self.ray.available_resources()
-        return (f"no Ray sweep actor has started after {self.STALL_WARNING_S:.0f} s: each asks for {asks}, and the "
-                f"cluster has {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free; the sweep "
-                "waits for room (fewer workers or threads, or more nodes, would start it)")  # fmt: skip
+        return (f"no Ray sweep actor has started after {self.STALL_WARNING_S:.0f} s (each asks for {asks}; the "
+                f"cluster has {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free): the sweep waits "
+                "until one has. Where the cluster lacks room, fewer workers or threads, or more nodes, would start "
+                "it; a large model may only be slow to load.")  # fmt: skip
 
     def close(self) -> None:
         for actor in self.actors:

@@ -193,8 +193,8 @@ def test_a_ray_sweep_measures_on_the_actors_the_cluster_has_room_for_and_says_wh
     assert run.returncode == 0, run.stderr[-2000:]
     placed, stalled = run.stdout.strip().splitlines()
     assert placed == "True [(0, True), (3, False)]"  # one actor measured all 3 groups; the other never started
-    assert stalled.startswith("no Ray sweep actor has started after 1 s: each asks for 1 CPU(s), and the cluster "
-                              "has 0 CPU(s)")  # fmt: skip
+    assert stalled.startswith("no Ray sweep actor has started after 1 s (each asks for 1 CPU(s); the cluster has "
+                              "0 CPU(s)")  # fmt: skip
 
 
 def test_a_killed_local_worker_is_replaced(resnet20):
