@@ -377,14 +377,29 @@ def peak_rss_mib() -> float:
 
 # -- Ray ------------------------------------------------------------------------------------------
 class _SweepActor:
-    """A Ray actor: one engine, built from the spec it reads once from the object store."""
+    """A Ray actor: one engine, built from the spec it reads once from the object store.
 
-    def __init__(self, spec: EngineSpec, threads: int) -> None:
+    The spec's reference comes inside a list, so Ray leaves it unread until `prepare`: a model that
+    cannot load on this node (its class's package missing there) fails in `prepare` with its own
+    error, which the driver raises as such, instead of killing the actor in its constructor.
+    """
+
+    def __init__(self, spec_ref: list[Any], threads: int) -> None:
         torch.set_num_threads(threads)
         keep_freed_memory()  # the actor's process is its own: Ray starts one per actor
-        self.engine = spec.build(device=_ray_device(spec.device))
+        self.spec_ref, self.engine = spec_ref[0], None
 
     def prepare(self) -> None:
+        import ray
+        from ray.exceptions import RaySystemError
+
+        try:
+            spec: EngineSpec = ray.get(self.spec_ref)
+        except RaySystemError as exc:  # the spec does not unpickle on this node: raise why, as itself
+            if isinstance(exc.client_exc, Exception):
+                raise exc.client_exc from None
+            raise
+        self.engine = spec.build(device=_ray_device(spec.device))
         self.engine.prepare()  # the dense passes every group starts from, before the first task arrives
 
     def pid(self) -> int:
@@ -443,7 +458,7 @@ class RayPool:
             self.preparing.append(prepared)
 
     def _start(self) -> tuple[Any, Any]:
-        actor = self.actor_class.remote(self.spec_ref, self.threads)
+        actor = self.actor_class.remote([self.spec_ref], self.threads)
         return actor, actor.prepare.remote()  # an actor is ready for tasks once this returns
 
     def _replace(self, index: int) -> None:

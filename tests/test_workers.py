@@ -197,6 +197,36 @@ def test_a_ray_sweep_measures_on_the_actors_the_cluster_has_room_for_and_says_wh
                               "0 CPU(s)")  # fmt: skip
 
 
+MISSING_ON_THE_NODE = """
+import pathlib, shutil, sys, tempfile
+import torch
+from torch import nn
+from prunecore.sensitivity import sweep
+home = tempfile.mkdtemp()
+pathlib.Path(home, "lonely_net.py").write_text("from torch import nn\\nclass LonelyNet(nn.Sequential):\\n    pass\\n")
+sys.path.insert(0, home)
+from lonely_net import LonelyNet
+shutil.rmtree(home)  # gone before any worker looks: a node without the package that defines the model
+model = LonelyNet(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3)).eval()
+x = torch.randn(2, 1, 8, 8)
+data = [(torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]))]
+try:
+    sweep(model, data, x, levels=[0.5], metric="kl", progress=False, workers=1, threads=1, executor="ray")
+except ModuleNotFoundError as error:  # Ray's subclass of it, with the worker's traceback
+    print("ModuleNotFoundError", "No module named 'lonely_net'" in str(error))
+"""
+
+
+def test_a_model_a_ray_node_cannot_load_raises_the_import_error_itself():
+    """The actor reads the spec in `prepare`, so a missing package is the user's ModuleNotFoundError, at once."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", MISSING_ON_THE_NODE], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["ModuleNotFoundError", "True"]
+
+
 def test_a_killed_local_worker_is_replaced(resnet20):
     model, data, example, sequential = resnet20
     killed = []
