@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,6 @@ BN_BATCHES = 4
 # 1 worker, 2 local workers, 2 Ray actors with their cluster's start, 1 and 2 Ray actors on a cluster already up
 PARALLEL = ("seq1", "local2", "ray2", "ray1up", "ray2up")
 LONG_SWEEP = "mobilenet_v2"  # 225 points, minutes per way: one round
-RAY_PORT = 6390  # the benchmark's own cluster (`ray start --head --block`), stopped after each job
 ESTIMATE_REPS = 3
 
 
@@ -177,14 +177,17 @@ def ray_cluster(model: nn.Module) -> Iterator[str]:
     temp = os.environ.get("RAY_TMPDIR") or linux_tmp or "/tmp"  # Ray's own rule for its temp dir
     record = Path(temp) / "ray" / "ray_current_cluster"  # where `ray start` notes the machine's cluster
     before = record.read_text() if record.exists() else None
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(RAY_PORT),
+    with socket.socket() as free:  # a port nothing listens on: the cluster is this job's own
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
                              "--include-dashboard=false", "--disable-usage-stats"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (record.exists() and record.read_text().strip().endswith(f":{RAY_PORT}")):
+        while not (record.exists() and record.read_text().strip().endswith(f":{port}")):
             if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start --head --port {RAY_PORT} did not come up (is the port taken?)")
+                raise RuntimeError(f"ray start --head --port {port} did not come up")
             time.sleep(0.2)
         subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto')"], check=True, capture_output=True)
         yield "auto"  # the cluster this machine runs, as on a cluster's head node (it finds its auth token too)

@@ -387,7 +387,8 @@ class _SweepActor:
     def __init__(self, spec_ref: list[Any], threads: int) -> None:
         torch.set_num_threads(threads)
         keep_freed_memory()  # the actor's process is its own: Ray starts one per actor
-        self.spec_ref, self.engine = spec_ref[0], None
+        self.spec_ref = spec_ref[0]
+        self.engine: SuffixEngine | None = None  # built by `prepare`, which the pool awaits before any task
 
     def prepare(self) -> None:
         import ray
