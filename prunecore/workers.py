@@ -203,15 +203,23 @@ class _Hooks:
 
 
 class _Retries:
-    """Counts a task's lost workers; past `MAX_RETRIES` the sweep stops with the reason."""
+    """Counts a task's lost workers, and workers lost while starting; past `MAX_RETRIES` (per task, per
+    worker) the sweep stops with the reason."""
 
     def __init__(self) -> None:
         self.lost: collections.Counter[str] = collections.Counter()
+        self.failed_starts = 0
 
     def lost_worker(self, task: str, why: str) -> None:
         self.lost[task] += 1
         if self.lost[task] > MAX_RETRIES:
             raise WorkerError(f"group(s) {task!r} lost their worker {self.lost[task]} times ({why}); the groups "
+                              "finished so far are stored: re-run the sweep with a store to resume")  # fmt: skip
+
+    def failed_start(self, workers: int, why: str) -> None:
+        self.failed_starts += 1
+        if self.failed_starts > MAX_RETRIES * workers:
+            raise WorkerError(f"workers died {self.failed_starts} times while starting (the last: {why}); the groups "
                               "finished so far are stored: re-run the sweep with a store to resume")  # fmt: skip
 
 
@@ -452,7 +460,6 @@ class RayPool:
         self.spec_ref = ray.put(spec)  # one copy in the object store, read by every actor
         self.actors: list[Any] = []
         self.preparing: list[Any] = []  # per actor: its `prepare` call, None once it has returned
-        self.failed_starts = 0
         for _ in range(workers):
             actor, prepared = self._start()
             self.actors.append(actor)
@@ -498,11 +505,7 @@ class RayPool:
                         self.ray.get(ref)
                         self.preparing[s.index] = None
                     except RayActorError as exc:
-                        self.failed_starts += 1
-                        if self.failed_starts > MAX_RETRIES * len(self.actors):
-                            raise WorkerError(f"Ray actors died {self.failed_starts} times while starting (the last: "
-                                              f"{str(exc).splitlines()[0]}); the groups finished so far are stored: "
-                                              "re-run the sweep with a store to resume") from None  # fmt: skip
+                        retries.failed_start(len(self.actors), f"Ray actor died: {str(exc).splitlines()[0]}")
                         self._replace(s.index)
                     continue
                 s = running.pop(ref)
