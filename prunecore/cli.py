@@ -616,12 +616,11 @@ def _allocate(args: argparse.Namespace) -> int:
     problem, how = _with_stored_predictor(args, problem, curves)
     exclude = list(args.exclude)
     if args.statable:
-        from prunecore.allocate import with_ties
         from prunecore.hf import statable
 
         limits = statable(model, graph)
-        problem = with_ties(problem, limits.ties)
-        exclude += [g for g in limits.keep if g not in exclude]
+        problem, kept_dense = limits.constrain(problem)
+        exclude += [g for g in kept_dense if g not in exclude]
     if timed:
         lm = latency_model(model, example, graph, runtime=args.runtime, batch=args.batch, store=args.store,
                            round_to=problem.round_to)  # fmt: skip

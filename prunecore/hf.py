@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from prunecore.allocate import AllocationProblem, with_ties
 from prunecore.errors import UserError
 from prunecore.graph import ChannelGraph
 from prunecore.ops.transformers import ATTENTION, CONFIG, MLP, UNSTATED, qualname
@@ -231,6 +232,10 @@ class Statable:
 
     ties: tuple[tuple[str, ...], ...]
     keep: Mapping[str, str]
+
+    def constrain(self, problem: AllocationProblem) -> tuple[AllocationProblem, list[str]]:
+        """`problem` with the ties, and the groups to exclude: what `solve` needs for a plan the config states."""
+        return with_ties(problem, self.ties), list(self.keep)
 
 
 def statable(model: nn.Module, graph: ChannelGraph) -> Statable:

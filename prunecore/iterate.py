@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from prunecore import hf
-from prunecore.allocate import allocation_problem, solve, with_ties
+from prunecore.allocate import allocation_problem, solve
 from prunecore.cost import count
+from prunecore.devices import model_device, resolve_device
 from prunecore.errors import ArgumentError
 from prunecore.evaluate import evaluate, get_metric, recalibrate_bn_
 from prunecore.graph import ChannelGraph, trace
 from prunecore.plan import Budget, Plan, compose
-from prunecore.devices import model_device, resolve_device
 from prunecore.recover import EpochRecord, FinetuneError, default_metrics, finetune
 from prunecore.sensitivity import DEFAULT_LEVELS, sweep
 from prunecore.surgery import apply_plan
@@ -143,7 +143,7 @@ def prune_iteratively(
         exclude: list[str] = []
         if statable:
             limits = hf.statable(current, graph)
-            problem, exclude = with_ties(problem, limits.ties), list(limits.keep)
+            problem, exclude = limits.constrain(problem)
         absolute = Budget(**{kind: max(target * dense_cost[kind], 1.0 + 1e-9)})  # of the original model
         renumbered = _renumbered(plan, graph)
         if renumbered:

@@ -135,13 +135,14 @@ def test_statable_allocation_always_reloads_with_from_pretrained(name: str, tmp_
     tied = {g for t in limits.ties for g in t}
     assert tuple(len(t) for t in limits.ties) == STATABLE[name]
     assert tied | set(limits.keep) == {g.name for g in graph.prunable} and not tied & set(limits.keep)
-    problem = pc.with_ties(pc.allocation_problem(synthetic_curves(graph), graph, model), limits.ties)
+    problem, exclude = limits.constrain(pc.allocation_problem(synthetic_curves(graph), graph, model))
+    assert exclude == list(limits.keep)
     if not limits.ties:
         with pytest.raises(pc.AllocationError, match="cannot be met"):
-            pc.solve(problem, pc.Budget(flops=0.9), "dp", exclude=list(limits.keep))
+            pc.solve(problem, pc.Budget(flops=0.9), "dp", exclude=exclude)
         return
-    floor = problem.floor("flops", exclude=list(limits.keep)) / problem.cost.dense[1]
-    plans = {method: pc.solve(problem, pc.Budget(flops=(1 + floor) / 2), method, exclude=list(limits.keep))
+    floor = problem.floor("flops", exclude=exclude) / problem.cost.dense[1]
+    plans = {method: pc.solve(problem, pc.Budget(flops=(1 + floor) / 2), method, exclude=exclude)
              for method in ("dp", "global")}  # fmt: skip
     for sparsity in (0.3, 0.5):  # every statable group at once, as the issue's round-trip asks
         fractions = {g: 1 - pc.kept_units(graph[t[0]].size, sparsity) / graph[t[0]].size
@@ -196,7 +197,7 @@ def test_save_pretrained_checks_shapes_of_unknown_architectures(tmp_path: Path) 
 
 def test_dense_config_is_restored_after_a_sweep_like_swap() -> None:
     """`fix` is a function of the tensors: swapping the dense tensors back restores the config."""
-    from prunecore.surgery import sliced_tensors, swap_tensors_, kept_positions
+    from prunecore.surgery import kept_positions, sliced_tensors, swap_tensors_
 
     model, x = hf_zoo.build("llama")
     graph = pc.trace(model, x)

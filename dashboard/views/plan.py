@@ -85,7 +85,7 @@ if limits is not None:  # a transformers model: offer plans its config can state
                    "size dense, so that the Export page can save the pruned model for transformers' "
                    "from_pretrained. Sliders you edit afterwards may leave that.")  # fmt: skip
     if st.session_state[state.STATABLE]:
-        allocating, exclude = pc.with_ties(problem, limits.ties), list(limits.keep)
+        allocating, exclude = limits.constrain(problem)
         kept_dense = sorted(set(limits.keep.values()))
         st.caption(f"{len(limits.ties)} set(s) of groups move together; {len(limits.keep)} group(s) stay dense"
                    + (": " + "; ".join(kept_dense) if kept_dense else "") + ".")  # fmt: skip
