@@ -23,6 +23,12 @@ Protocol, chosen so that nothing is selected on held-out data:
 The additive error is computed on drops (its predicted drop plus the dense held-out value), as
 `bench_allocate.py` does, which is kinder to it than its raw value.
 
+Two columns say how far any predictor of this kind could get, so the errors can be read against them:
+- "from measured loss": the predictor's own loss-to-accuracy map applied to each plan's *measured*
+  held-out loss, i.e. the accuracy error that would remain if loss were predicted exactly;
+- "sampling": the error a perfect predictor of the plan's accuracy on unseen digits would still show
+  on 1,000 images, sqrt(2/pi) times the binomial standard deviation at the measured accuracy.
+
 Run: `.venv/bin/python bench/bench_truth.py [--models resnet20,vit] [--store PATH] [--json PATH]`
 (about 3 minutes for resnet20 once swept; measurements are cached beside the store).
 """
@@ -41,7 +47,7 @@ import torch
 
 import prunecore as pc
 from prunecore.datasets import load_data
-from prunecore.predict import calibrate, objective_problem
+from prunecore.predict import Predictor, calibrate, objective_problem
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 CURVE_METHODS = ("dp", "greedy", "threshold")
@@ -102,6 +108,13 @@ def truth_plans(problem: pc.AllocationProblem, n: int, seed: int) -> list[tuple[
     return out
 
 
+def accuracy_from_loss(predictor: Predictor, loss: float) -> float:
+    """The predictor's loss-to-accuracy map at a held-out `loss`: its accuracy if loss were predicted exactly."""
+    base = loss - predictor.shift.get("loss", 0.0)  # the same loss on the calibration data
+    accuracy = float(np.interp(base, *predictor.maps["accuracy"])) * predictor.shift.get("accuracy", 1.0)
+    return min(max(accuracy, 0.0), 1.0)
+
+
 def run_model(name: str, store: Path, bn_batches: int) -> tuple[pd.DataFrame, dict[str, Any]]:
     measure = Measurer(name, store.with_suffix(".measured.json"), bn_batches)
     sample, data, graph = measure.sample, measure.data, measure.graph
@@ -127,6 +140,7 @@ def run_model(name: str, store: Path, bn_batches: int) -> tuple[pd.DataFrame, di
                           pc.solve(corrected, pc.Budget(flops=budget), method).sparsities))  # fmt: skip
     plans += [("-", f"random:{kind}", None, s) for kind, s in truth_plans(problem, N_RANDOM, seed=1000)]
     rows = []
+    samples = len(data.evaluation.dataset)
     for objective, method, budget, s in plans:
         p0, f0 = problem.cost.dense
         params, flops = problem.price(s)
@@ -137,6 +151,8 @@ def run_model(name: str, store: Path, bn_batches: int) -> tuple[pd.DataFrame, di
             **{f"{m}_{k}": getattr(new[m], k) for m in METRICS for k in ("value", "low", "high")},
             **{f"{m}_additive": old[m] - problem.dense[m] + reference[m] for m in METRICS},
             **{f"{m}_measured": truth[m] for m in METRICS},
+            "accuracy_from_loss": accuracy_from_loss(predictor, truth["loss"]),
+            "sampling_sd": float(np.sqrt(truth["accuracy"] * (1.0 - truth["accuracy"]) / samples)),
         })  # fmt: skip
     info["measure_s"] = dict(measure.seconds)
     return pd.DataFrame(rows), info
@@ -147,6 +163,7 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
     t = table[(table.flops_kept >= 0.3 - 1e-9) & (table.flops_kept <= 0.9 + 1e-9)]
     err = (t.accuracy_value - t.accuracy_measured).abs() * 100
     old = (t.accuracy_additive - t.accuracy_measured).abs() * 100
+    from_loss = (t.accuracy_from_loss - t.accuracy_measured).abs() * 100
     covered = (t.accuracy_low <= t.accuracy_measured) & (t.accuracy_measured <= t.accuracy_high)
     loss_covered = (t.loss_low <= t.loss_measured) & (t.loss_measured <= t.loss_high)
     return {
@@ -155,6 +172,8 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
         "loss_rel_worst": ((t.loss_value - t.loss_measured).abs() / t.loss_measured).max(),
         "loss_coverage": loss_covered.mean(), "additive_mae": old.mean(), "additive_worst": old.max(),
         "additive_loss_rel": ((t.loss_additive - t.loss_measured).abs() / t.loss_measured).mean(),
+        "from_loss_mae": from_loss.mean(), "from_loss_worst": from_loss.max(),
+        "sampling_mae": (t.sampling_sd * np.sqrt(2.0 / np.pi) * 100).mean(),
     }  # fmt: skip
 
 
@@ -181,8 +200,8 @@ def report(results: pd.DataFrame, infos: list[dict[str, Any]]) -> str:
                 f"| {r.loss_measured:.3f} |"
             )
         lines.append("\n| plans | n | MAE (worst), pts | band coverage | loss rel. err (worst) | additive MAE (worst) "
-                     "| additive loss rel. |")  # fmt: skip
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+                     "| additive loss rel. | from measured loss: MAE (worst) | sampling MAE |")  # fmt: skip
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         curve = table.method.isin(CURVE_METHODS)
         random = table.method.str.startswith("random")
         groups = (("all", table), ("curve methods", table[curve]), ("random", table[random]),
@@ -193,7 +212,8 @@ def report(results: pd.DataFrame, infos: list[dict[str, Any]]) -> str:
                 f"| {label} | {s['plans']} | {s['mae']:.2f} ({s['worst']:.1f}) | {s['coverage']:.0%} "
                 f"| {s['loss_rel']:.1%} ({s['loss_rel_worst']:.0%}) "
                 f"| {s['additive_mae']:.2f} ({s['additive_worst']:.1f}) "
-                f"| {s['additive_loss_rel']:.1%} |"
+                f"| {s['additive_loss_rel']:.1%} | {s['from_loss_mae']:.2f} ({s['from_loss_worst']:.1f}) "
+                f"| {s['sampling_mae']:.2f} |"
             )
         for budget in (0.4, 0.3):
             cells = []
