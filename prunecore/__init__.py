@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from prunecore.recover import FinetuneResult, distillation_loss, finetune
     from prunecore.predict import Predictor, calibrate
     from prunecore.prune import make_plan, prune
+    from prunecore.refine import Refined, refine
     from prunecore.samples import Sample, SampleError, list_samples, load_sample
     from prunecore.sensitivity import DENSE, sweep
     from prunecore.store import RunStore, StoreError
@@ -82,6 +83,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("measure", n) for n in ("PlanMeasurement", "measure_plan")},
     **{n: ("predict", n) for n in ("Predictor", "calibrate")},
     **{n: ("prune", n) for n in ("make_plan", "prune")},
+    **{n: ("refine", n) for n in ("Refined", "refine")},
     **{n: ("samples", n) for n in ("Sample", "SampleError", "list_samples", "load_sample")},
     **{n: ("sensitivity", n) for n in ("DENSE", "sweep")},
     **{n: ("store", n) for n in ("RunStore", "StoreError")},
@@ -159,6 +161,7 @@ __all__ = [
     "PredictedBy",
     "Predictor",
     "PrunedMultiheadAttention",
+    "Refined",
     "RunStore",
     "Sample",
     "SampleError",
@@ -200,6 +203,7 @@ __all__ = [
     "prune_iteratively",
     "quantize_int8",
     "recalibrate_bn_",
+    "refine",
     "save_pretrained",
     "save_pruned",
     "register_criterion",

@@ -233,6 +233,20 @@ def test_allocate_apply_evaluate(tmp_path, store, plan_file, capsys):
     assert _metric_rows(by_plan)[0].split() == ["metric", "dense", "predicted", "measured"]
 
 
+def test_allocate_refine_measures_no_worse_than_the_plan_it_starts_from(tmp_path, run, plan_file, capsys):
+    """On the data it refines on, the refined plan's measured loss is at most the dp plan's (same measuring)."""
+    path = tmp_path / "refined.json"
+    args = ["allocate", "--model", SPEC, "--budget", "flops=0.6", "--method", "dp", *run, "--out", str(path),
+            "--data", "sample", "--evaluate", "--refine", "4", *QUICK]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"refined +\d+ measured moves on sample held-out digits .*, \d+ kept: loss ", printed)
+    start, refined = Plan.from_json(plan_file.read_text()), Plan.from_json(path.read_text())
+    assert refined.allocation.method == "dp+refine" and str(refined.allocation.budget) == "flops=0.6"
+    assert refined.totals.flops_after <= 0.6 * refined.totals.flops_before
+    assert refined.measured["loss"] <= start.measured["loss"]
+
+
 def test_evaluate_update_adds_measured_metrics(tmp_path, plan_file):
     path = tmp_path / "plan.json"
     plan = dataclasses.replace(Plan.from_json(plan_file.read_text()), measured={}, measured_on=None)
@@ -281,6 +295,7 @@ def test_allocate_from_a_run_id_or_a_curves_file(tmp_path, store, capsys):
         (["--lock", "stem.0=1.5"], r"locked sparsity of 'stem.0' must be a number in \[0, 1\)"),
         (["--lock", "nothing=0.5"], "no channel group named 'nothing'"),
         (["--evaluate"], "--evaluate and --data go together"),
+        (["--refine", "3"], "--refine measures plans: give it --data SPEC"),
         (["--curves", "/nonexistent/curves.csv"], "curves file '/nonexistent/curves.csv' does not exist"),
         (["--metric", "kl"], "the curves have no 'kl' column"),
     ],
