@@ -45,11 +45,12 @@ from prunecore.devices import check_autocast, resolve_device
 from prunecore.errors import UserError
 from prunecore.evaluate import get_metric
 from prunecore.importance import get_criterion
-from prunecore.jobs import FinetuneJob, Job, JobStatus, MeasureJob, Recovery, SweepJob
+from prunecore.jobs import FinetuneJob, Job, JobStatus, MeasureJob, Recovery, RefineJob, SweepJob
 from prunecore.latency import LatencyModel, latency_model
 from prunecore.measure import PlanMeasurement
-from prunecore.predict import Predictor
 from prunecore.models import DATA_SPEC_KINDS, ModelSpecError, default_input_shape, example_input, load_model
+from prunecore.predict import Predictor
+from prunecore.refine import Refined
 from prunecore.sensitivity import DENSE, sweep_run_id
 from prunecore.store import StoreError, default_store_path
 
@@ -112,6 +113,10 @@ MEASURE_LATENCY = "latency_measure"  # its "Measure latency tables" button
 LATENCY = "latency_built"  # what the Plan page predicts latency with: (workspace key, runtime, batch), or None
 LATENCY_MS = "latency_budget_ms"  # the latency budget in milliseconds, when the budget is on latency
 STATABLE = "statable"  # the Plan page allocates only what a transformers config can state (`prunecore.statable`)
+REFINE_STEPS = "refine_steps"  # the Plan page's measured moves per refinement
+REFINE_JOB = "refine_job"  # the key of the Plan page's refinement job (`refine_job`)
+REFINE_CACHE = "refine_job_cache"  # (the refinement's settings, its job key)
+RUN_REFINE, CANCEL_REFINE, USE_REFINED = "refine_run", "refine_cancel", "refine_use"  # its buttons
 PLAN_PAGE_WIDGETS = (LATENCY_MS,)  # kept across pages without a default (it is set when latency is measured)
 
 DEFAULTS: dict[str, Any] = {
@@ -137,6 +142,7 @@ DEFAULTS: dict[str, Any] = {
     LATENCY_BATCH: 1,
     LIVE_ON: True,
     STATABLE: False,
+    REFINE_STEPS: 30,
     FT_EPOCHS: 3,
     FT_LR: 0.01,
     FT_DISTILL_ON: True,
@@ -553,6 +559,16 @@ MEASURE_TEXT = PanelText(
 )  # fmt: skip
 
 
+REFINE_TEXT = PanelText(
+    "Refine by measuring", RUN_REFINE,
+    "Measures neighbouring plans in a background process: each moves a slice of the budget from one group to another "
+    "(locked groups stay), is applied, has BatchNorm re-estimated as the sweep did, and is measured on the sweep's "
+    "data; a move is kept when the measured loss improves. The result is stored by plan and budget.",
+    CANCEL_REFINE, "Stops after the current plan; nothing is kept.", "Refine again", RUN_REFINE,
+    "Starts the refinement over.",
+)  # fmt: skip
+
+
 def sweep_panel(job: SweepJob, key: str, status: JobStatus | None) -> None:
     """The sweep's Run button, or its progress with Cancel (running) or Resume (cancelled, died), or its error.
 
@@ -573,6 +589,19 @@ def measure_panel(job: MeasureJob, key: str, status: JobStatus | None) -> PlanMe
         return done
     every = 1.0 if status is not None and status.state in jobs.ACTIVE else None
     st.fragment(_panel, run_every=every)(job, key, _phase(status), MEASURE_TEXT)
+    return None
+
+
+def refine_panel(job: RefineJob, key: str, status: JobStatus | None) -> Refined | None:
+    """The refinement's result once done; until then its Run button or progress (a fragment, as `sweep_panel`)."""
+    done = None
+    if status is not None and status.state == "done":
+        with user_errors(stop=False):
+            done = jobs.result(key, store_path())
+    if isinstance(done, Refined):
+        return done
+    every = 1.0 if status is not None and status.state in jobs.ACTIVE else None
+    st.fragment(_panel, run_every=every)(job, key, _phase(status), REFINE_TEXT)
     return None
 
 
@@ -601,7 +630,7 @@ def _finished(job: Job, key: str, status: JobStatus | None) -> bool:
     result file."""
     if status is None or status.state != "done":
         return False
-    if isinstance(job, (MeasureJob, FinetuneJob)):
+    if isinstance(job, (MeasureJob, FinetuneJob, RefineJob)):
         with contextlib.suppress(jobs.JobError):
             return jobs.result(key, store_path()) is not None
         return False
@@ -754,6 +783,21 @@ def _live(job: MeasureJob, key: str, shown: str | None) -> None:
     else:  # cancelled (by another session), or its worker died
         st.caption(f"The measurement {status.state}.")
         st.button("Measure this plan", key="live_measure_again", on_click=submit_job, args=(job,))
+
+
+# -- refining the plan by measuring, in the background ---------------------------------------------------
+def refine_job(ws: Workspace, plan: pc.Plan, run_id: str, frozen: Iterable[str],
+               ties: Sequence[Sequence[str]] = ()) -> tuple[RefineJob, str]:  # fmt: skip
+    """The refinement of the Plan page's plan on the sweep's data (BatchNorm re-estimated as the sweep did), on
+    the problem of run `run_id` with `ties`, `frozen` groups kept; and its key (also under `REFINE_JOB`)."""
+    shape = st.session_state.get(INPUT_SHAPE)
+    job = RefineJob(ws.spec, st.session_state[DATA_SPEC], str(store_path()), run_id, plan.to_json(),
+                    input_shape=tuple(shape) if shape else None, limit=st.session_state.get(DATA_LIMIT) or None,
+                    steps=int(st.session_state[REFINE_STEPS]), bn_recalibration=int(st.session_state[BN_BATCHES]),
+                    frozen=tuple(frozen), ties=tuple(tuple(t) for t in ties),
+                    device=job_device(st.session_state[SWEEP_DEVICE]))  # fmt: skip
+    key = st.session_state[REFINE_JOB] = _keyed(job, REFINE_CACHE)
+    return job, key
 
 
 # -- fine-tuning the plan in the background --------------------------------------------------------------

@@ -19,6 +19,9 @@ A `MeasureJob` applies one plan and measures it (`prunecore.measure.measure_plan
 BatchNorm re-estimation, size, latency); its key names the plan's kept units, so measuring the same
 plan again, from any session, reads the stored result (`result(key)`) instead of starting a worker.
 
+A `RefineJob` refines one plan by measured moves within its budget (`prunecore.refine`), on the
+allocation problem of a stored run, and writes the `Refined` result (`result(key)`).
+
 A `FinetuneJob` applies one plan, re-estimates BatchNorm and fine-tunes the pruned model
 (`prunecore.recover.finetune`) with a checkpoint in its folder, so a cancelled job submitted again
 continues from its last finished epoch. After every epoch it rewrites `history.json` (`history(key)`,
@@ -27,7 +30,7 @@ a `Recovery`: what a page draws while it trains); at the end it writes the recov
 
 A job lives in `<store folder>/jobs/<key>/`: `job.json` (the job), `status.json` (what the worker
 reports, written atomically about once a second), `worker.log` (its output and tracebacks),
-`result.json` (a measurement's or a fine-tuning's result; a fine-tuning also keeps `finetune.pt`,
+`result.json` (a measurement's, a refinement's or a fine-tuning's result; a fine-tuning also keeps `finetune.pt`,
 its checkpoint, `history.json` and `recovered.pt`) and `lock`, which the worker holds (`flock`)
 until it has written its final status. A lock nobody holds means no worker, whatever `status.json`
 last said: a "running" job whose worker is gone (killed, crashed) reads as "died", and submitting it
@@ -67,8 +70,9 @@ if TYPE_CHECKING:
 
 # torch and the engine are imported inside the worker, after it has set up its SIGTERM handler
 
-__all__ = ["DELAY_ENV", "FinetuneJob", "Job", "JobError", "JobStatus", "MeasureJob", "Recovery", "STATES", "SweepJob",
-           "cancel", "history", "job_key", "list_jobs", "main", "read_job", "result", "status", "submit"]  # fmt: skip
+__all__ = ["DELAY_ENV", "FinetuneJob", "Job", "JobError", "JobStatus", "MeasureJob", "Recovery", "RefineJob", "STATES",
+           "SweepJob", "cancel", "history", "job_key", "list_jobs", "main", "read_job", "result", "status",
+           "submit"]  # fmt: skip
 
 STATES = ("starting", "running", "done", "failed", "cancelled", "died")
 """What `JobStatus.state` can be; "died" is never written, it is read from a running job without a worker."""
@@ -226,8 +230,53 @@ class FinetuneJob:
         return _from_json(cls, text)
 
 
-Job = SweepJob | MeasureJob | FinetuneJob
-_KINDS: dict[str, type] = {"sweep": SweepJob, "measure": MeasureJob, "finetune": FinetuneJob}
+@dataclass(frozen=True)
+class RefineJob:
+    """One refinement of a plan as plain values: the dense model and data, the run whose curves make the
+    allocation problem, the plan, and how many measured moves (`prunecore.refine`).
+
+    The worker rebuilds the problem the Plan page allocates on: the run's curves, its stored predictor
+    (if any) and `ties`. Plans are measured on `data` as the sweep measured its points (BatchNorm
+    re-estimated on `bn_recalibration` calibration batches); the plan's own budget is kept and `frozen`
+    groups stay as they are. The key digests the plan by what it prunes and by its budget.
+    """
+
+    model: str  # a model spec, as `load_model` takes it
+    data: str  # the sweep's data, as `load_data` takes it
+    store: str  # the run store file: the run's curves, and the job's folder
+    run_id: str  # the sweep whose curves (and predictor) make the problem
+    plan: str  # the plan's JSON, allocated for a budget
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    limit: int | None = None
+    steps: int = 30
+    bn_recalibration: int = 0
+    frozen: tuple[str, ...] = ()
+    ties: tuple[tuple[str, ...], ...] = ()
+    device: str | None = None  # where plans are measured (None: CUDA when present, else the CPU)
+
+    kind = "refine"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", str(Path(self.store).expanduser().resolve()))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(n) for n in self.input_shape))
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "ties", tuple(tuple(t) for t in self.ties))
+
+    def to_json(self) -> str:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> RefineJob:
+        return _from_json(cls, text)
+
+
+Job = SweepJob | MeasureJob | FinetuneJob | RefineJob
+_KINDS: dict[str, type] = {"sweep": SweepJob, "measure": MeasureJob, "finetune": FinetuneJob, "refine": RefineJob}
 RECOVERY_FORMAT = "prunecore.recovery/1"
 
 
@@ -332,7 +381,10 @@ def job_key(job: Job) -> str:
     fields = dataclasses.asdict(job)
     if job.weights is not None:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
-    if isinstance(job, (MeasureJob, FinetuneJob)):
+    if isinstance(job, RefineJob):
+        fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
+        fields["budget"] = (json.loads(job.plan).get("allocation") or {}).get("budget")  # refinement keeps it
+    elif isinstance(job, (MeasureJob, FinetuneJob)):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
         if isinstance(job, MeasureJob) and not job.int8:
             del fields["int8"]  # measurements keep the keys they had before INT8 existed
@@ -418,19 +470,23 @@ def _parse_job(text: str) -> Job:
 
 
 def result(key: str, store: str | Path | None = None) -> Any:
-    """A finished measurement's `PlanMeasurement`, or a finished fine-tuning's `Recovery` (its `model_file` set);
-    None while it has none (not done, or a sweep)."""
+    """A finished measurement's `PlanMeasurement`, a finished fine-tuning's `Recovery` (its `model_file` set), or a
+    finished refinement's `prunecore.refine.Refined`; None while it has none (not done, or a sweep)."""
     from prunecore.measure import MeasureError, PlanMeasurement
+    from prunecore.refine import FORMAT as REFINED_FORMAT
+    from prunecore.refine import Refined
 
     folder = _jobs_folder(store) / key
     try:
         data = json.loads((folder / "result.json").read_text())
         if isinstance(data, dict) and data.get("format") == RECOVERY_FORMAT:
             return Recovery.from_dict(data, model_file=str(folder / "recovered.pt"))
+        if isinstance(data, dict) and data.get("format") == REFINED_FORMAT:
+            return Refined.from_dict(data)
         return PlanMeasurement.from_dict(data)
     except FileNotFoundError:
         return None
-    except (ValueError, MeasureError) as exc:  # JobError is a ValueError too
+    except (ValueError, MeasureError) as exc:  # JobError and AllocationError are ValueErrors too
         raise JobError(f"job {key!r}: result.json cannot be read ({exc}); submit the job again") from None
 
 
@@ -540,7 +596,7 @@ def _finished(folder: Path, job: Job) -> bool:
         last = json.loads((folder / "status.json").read_text())
     except (OSError, ValueError):
         return False
-    if isinstance(job, MeasureJob):
+    if isinstance(job, (MeasureJob, RefineJob)):
         return last.get("state") == "done" and (folder / "result.json").is_file()
     if isinstance(job, FinetuneJob):
         return last.get("state") == "done" and all((folder / f).is_file() for f in ("result.json", "recovered.pt"))
@@ -806,6 +862,43 @@ def _finetune(job: FinetuneJob, folder: Path, worker: _Worker) -> None:
     write_atomic(folder / "result.json", json.dumps(record.to_dict()), what="fine-tuning result")
 
 
+def _refine(job: RefineJob, folder: Path, worker: _Worker) -> None:
+    """Rebuild the allocation problem from the run, refine the plan by measured moves, write `result.json`."""
+    from prunecore.allocate import allocation_problem, with_predictor, with_ties
+    from prunecore.datasets import load_data
+    from prunecore.devices import resolve_device
+    from prunecore.graph import trace
+    from prunecore.models import load_model
+    from prunecore.plan import Plan
+    from prunecore.predict import Predictor
+    from prunecore.refine import refine
+    from prunecore.store import RunStore
+
+    plan = Plan.from_json(job.plan)
+    worker.write(force=True, unit="plans", done=0, total=job.steps + 1, group="loading the model, data and curves")
+    model = load_model(job.model, job.weights)
+    example = tuple(spec.example() for spec in plan.inputs)
+    data = load_data(job.data, input_shape=tuple(job.input_shape or example[0].shape), limit=job.limit,
+                     model=job.model)  # fmt: skip
+    graph = trace(model, example)
+    plan.check(graph)
+    runs = RunStore(job.store)
+    try:
+        curves, stored = runs.points(job.run_id), runs.get_predictor(job.run_id)
+    finally:
+        runs.close()
+    problem = allocation_problem(curves, graph, model, model_name=job.model)
+    if stored is not None:
+        problem = with_predictor(problem, Predictor.from_dict(stored))
+    if job.ties:
+        problem = with_ties(problem, job.ties)
+    worker.write(force=True, group="measuring neighbouring plans")
+    refined = refine(model, problem, plan, data.evaluation, steps=job.steps, frozen=job.frozen,
+                     bn_recalibration=job.bn_recalibration, bn_data=data.calibration, graph=graph,
+                     device=resolve_device(job.device), progress=worker.progress)  # fmt: skip
+    write_atomic(folder / "result.json", json.dumps(refined.to_dict()), what="refinement")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m prunecore.jobs FOLDER [--lock-fd N]`: run the job in FOLDER, as `submit` starts it."""
     parser = argparse.ArgumentParser(prog="python -m prunecore.jobs", description=main.__doc__)
@@ -833,6 +926,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in ("result.json", "recovered.pt"):
                 (folder / name).unlink(missing_ok=True)
             _finetune(job, folder, worker)
+            run_id = None
+        elif isinstance(job, RefineJob):
+            (folder / "result.json").unlink(missing_ok=True)
+            _refine(job, folder, worker)
             run_id = None
         else:
             run_id = _sweep(job, worker)

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
     from prunecore.graph import ChannelGraph
 
-__all__ = ["Refined", "Trial", "refine"]
+__all__ = ["FORMAT", "Refined", "Trial", "refine"]
+
+FORMAT = "prunecore.refined/1"
 
 _PROPOSALS_PER_STEP = 50  # draws allowed per measurement before giving up: most draws are cheap no-ops
 _BISECTIONS = 14  # halvings of the amount given back: finer than one unit of any group of up to ~16k units
@@ -67,6 +69,32 @@ class Refined:
     def moves(self) -> int:
         """How many trials the search moved to (0: no measured neighbour beat the start)."""
         return sum(t.accepted for t in self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict tagged with `FORMAT`: what a refinement job writes as its result."""
+        return {
+            "format": FORMAT, "plan": self.plan.to_dict(), "objective": self.objective, "start": dict(self.start),
+            "metrics": dict(self.metrics),
+            "trials": [{"sparsities": dict(t.sparsities), "metrics": dict(t.metrics), "accepted": t.accepted}
+                       for t in self.trials],
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Refined:
+        """Inverse of `to_dict`; anything else raises `AllocationError` naming what is wrong."""
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise AllocationError(f"not a refinement of format {FORMAT!r}")
+        try:
+            trials = tuple(Trial(_floats(t["sparsities"]), _floats(t["metrics"]), bool(t["accepted"]))
+                           for t in data["trials"])  # fmt: skip
+            return cls(Plan.from_dict(data["plan"]), str(data["objective"]), _floats(data["start"]),
+                       _floats(data["metrics"]), trials)  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AllocationError(f"malformed refinement: {type(exc).__name__}: {exc}") from exc
+
+
+def _floats(values: Any) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()}
 
 
 def refine(

@@ -15,7 +15,9 @@ from streamlit.testing.v1 import AppTest
 
 import prunecore as pc
 from dashboard import charts, state
-from dashboard_sweeps import open_app, run_sweep, store  # noqa: F401 (store: the module's run store)
+from prunecore import jobs
+from dashboard_sweeps import open_app, run_sweep, wait_for_job, worker_log
+from dashboard_sweeps import store  # noqa: F401 (the module's run store)
 
 HEADS = "encoder.layers.encoder_layer_0.self_attention"  # 4 attention heads in the sample ViT
 
@@ -240,3 +242,23 @@ def test_a_transformers_model_allocates_what_its_config_states_and_exports_a_fol
     pruned = pc.apply_plan(sample.model, plan)
     with torch.no_grad():
         assert torch.equal(again(sample.example).logits, pruned(sample.example).logits)
+
+
+def test_refine_by_measuring_runs_in_a_worker_and_its_plan_goes_on_the_sliders(swept):
+    at = app("plan", refine_steps=5)
+    at.number_input(key=state.REFINE_STEPS).set_value(6).run()
+    at.button(key=state.RUN_REFINE).click().run()
+    key = at.session_state[state.REFINE_JOB]
+    assert wait_for_job(key).state == "done", worker_log(key)
+    at.run()
+    ok(at)
+    refined = jobs.result(key, state.store_path())
+    assert isinstance(refined, pc.Refined) and len(refined.trials) == 6
+    assert refined.plan.allocation.budget == pc.Budget(flops=0.5) and refined.plan.totals.flops_after <= (
+        0.5 * refined.plan.totals.flops_before)
+    assert refined.moves > 0 and refined.metrics["loss"] < refined.start["loss"]
+    shown = " ".join(m.value for m in at.markdown)
+    assert f"{refined.moves} of 6 measured moves kept" in shown
+    at.button(key=state.USE_REFINED).click().run()
+    ok(at)
+    assert kept(at) == {name: len(g.keep) for name, g in refined.plan.groups.items()}

@@ -7,6 +7,8 @@ are the refined plan's own.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -15,6 +17,8 @@ from test_allocate import chain_problem, synthetic_curves
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunecore as pc
+from prunecore import jobs
+from prunecore.jobs import RefineJob
 from prunecore.refine import refine
 
 
@@ -140,3 +144,27 @@ def test_a_plan_without_a_budget_needs_one_and_a_measurement_without_the_objecti
         refine(None, problem, start, None, measure=lambda s: {"loss": math.nan})
     with pytest.raises(pc.AllocationError, match="no finite 'loss'"):
         refine(None, problem, start, None, measure=lambda s: {"accuracy": 0.5})
+
+
+def test_a_refinement_round_trips_through_json_and_a_bad_dict_is_named():
+    _, _, problem, names = _loss_problem()
+    start = pc.solve(problem, pc.Budget(flops=0.5), "dp")
+    refined = refine(None, problem, start, None, steps=4, measure=_true_loss(problem, dict.fromkeys(names, 1.0)))
+    again = pc.Refined.from_dict(json.loads(json.dumps(refined.to_dict())))
+    assert again == refined
+    for bad in ({"format": "other"}, {**refined.to_dict(), "trials": [{"sparsities": {}}]}, [1, 2]):
+        with pytest.raises(pc.AllocationError, match="refinement"):
+            pc.Refined.from_dict(bad)
+
+
+def test_a_refine_job_round_trips_and_its_key_names_the_plan_and_its_budget_not_when_it_was_made(tmp_path):
+    model, graph, problem, _ = _loss_problem()
+    plan = pc.solve(problem, pc.Budget(flops=0.5), "dp")
+    job = RefineJob("sample:resnet20", "sample", str(tmp_path / "runs.db"), "0123", plan.to_json(), steps=5,
+                    frozen=["a"], ties=[["b", "c"]])  # fmt: skip
+    assert RefineJob.from_json(job.to_json()) == job and job.frozen == ("a",) and job.ties == (("b", "c"),)
+    later = dataclasses.replace(plan, created="2030-01-01T00:00:00+00:00")
+    assert jobs.job_key(dataclasses.replace(job, plan=later.to_json())) == jobs.job_key(job)
+    other_budget = dataclasses.replace(plan, allocation=pc.Allocation("dp", pc.Budget(flops=0.6), "loss"))
+    assert jobs.job_key(dataclasses.replace(job, plan=other_budget.to_json())) != jobs.job_key(job)
+    assert jobs.job_key(dataclasses.replace(job, steps=6)) != jobs.job_key(job)

@@ -2,7 +2,8 @@
 
 Once the sliders rest for a second, a background worker measures their plan on the sweep's data
 (`state.live_measurement`): measured cards appear under the predicted ones, and every plan
-measured shows on the Pareto chart. No slider waits for it.
+measured shows on the Pareto chart. No slider waits for it. "Refine by measuring" runs `prunecore.refine`
+on the current plan in a background worker (`state.refine_job`), and "Use the refined plan" loads its result.
 
 Each slider moves its group's sparsity one unit a step (one `round_to` multiple): a 4-head group
 in quarters, every position a kept count, which shows beside it. Edits are never thrown away
@@ -148,6 +149,34 @@ elif report.predicted_by is not None:
                "knows damage compounds, or watch the measured cards.")  # fmt: skip
 if report.over_budget:
     st.warning(f"The edited plan is over the budget ({budget}).")
+with st.expander("Refine by measuring", icon=":material/science:"):
+    st.number_input("Measured moves", min_value=5, max_value=500, step=5, key=state.REFINE_STEPS,
+                    help="Each move is one plan measured in the background (about as long as the measured card "
+                         "takes).")  # fmt: skip
+    if not problem.curves:
+        st.caption("Refinement moves the budget between swept groups: it needs the sensitivity curves.")
+    elif budget.kind == "latency":
+        st.caption("Refinement keeps a FLOPs or params budget: choose one above to refine this plan.")
+    elif report.over_budget:
+        st.caption("Refinement keeps the plan within its budget: bring the plan within it first.")
+    else:
+        st.caption("Predictions are least reliable where plans cut deep, so this measures instead: moves that shift "
+                   "a slice of the budget between groups, each kept when the measured loss on the sweep's data "
+                   "improves. Locked groups stay. It chooses on the sweep's data: check the result on other "
+                   "data (Validate page).")  # fmt: skip
+        locked = [n for n in names if st.session_state.get(state.lock_key(n))]
+        refine_job, refine_key = state.refine_job(ws, st.session_state[state.EDITED_PLAN], run_id, locked,
+                                                  allocating.ties)  # fmt: skip
+        refined = state.refine_panel(refine_job, refine_key, state.job_status(refine_key))
+        if refined is not None:
+            changes = ", ".join(f"{m} {charts.format_metric(m, refined.start[m])} → "
+                                f"{charts.format_metric(m, refined.metrics[m])}"
+                                for m in refined.metrics if m in refined.start)  # fmt: skip
+            st.markdown(f"**{refined.moves} of {len(refined.trials)} measured moves kept**: {changes} (measured on "
+                        "the sweep's data).")  # fmt: skip
+            st.button("Use the refined plan", key=state.USE_REFINED, type="primary", on_click=state.load_sliders,
+                      args=(refined.plan,), disabled=not refined.moves,
+                      help="Puts the refined plan's kept counts on the sliders, unlocked.")  # fmt: skip
 if report.beyond:
     beyond = ", ".join(report.beyond[:5]) + (", ..." if len(report.beyond) > 5 else "")
     st.caption(f"{len(report.beyond)} group(s) beyond their largest measured sparsity ({beyond}): the prediction "
