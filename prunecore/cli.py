@@ -273,7 +273,8 @@ def _allocate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", type=_non_negative, default=0, metavar="N",
                    help="then refine the plan by up to N measured moves on --data (give the data the sweep measured "
                         "on): each moves a slice of the budget from one group to another and is kept when the "
-                        "measured loss improves; about N plan evaluations")  # fmt: skip
+                        "measured loss (without labels: the protected metric) improves; about N plan "
+                        "evaluations")  # fmt: skip
     p.add_argument("--bn-recalibration", type=_non_negative, default=50, metavar="N",
                    help="with --evaluate or --refine: BatchNorm re-estimation batches (0: off)")  # fmt: skip
     p.add_argument("--limit", type=_positive, help="with --evaluate or --refine: use at most N images")
