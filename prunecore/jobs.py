@@ -383,7 +383,8 @@ def job_key(job: Job) -> str:
         fields["weights"] = "sha256:" + _digest(Path(job.weights))
     if isinstance(job, RefineJob):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
-        fields["budget"] = (json.loads(job.plan).get("allocation") or {}).get("budget")  # refinement keeps it
+        allocation = json.loads(job.plan).get("allocation")  # the plan's JSON parsed above: refinement keeps its budget
+        fields["budget"] = allocation.get("budget") if isinstance(allocation, dict) else None
     elif isinstance(job, (MeasureJob, FinetuneJob)):
         fields["kind"], fields["plan"] = job.kind, _plan_identity(job.plan)
         if isinstance(job, MeasureJob) and not job.int8:

@@ -129,6 +129,8 @@ def refine(
     `progress(done, steps + 1)` is called after each measurement (the start's is the first).
     """
     budget = _budget_of(plan, budget)
+    if not problem.curves:
+        raise AllocationError("refine moves the budget between swept groups: the problem has no sensitivity curves")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise AllocationError(f"steps must be a whole number >= 0, got {steps!r}")
     if not 0.0 < step <= 0.5:

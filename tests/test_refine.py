@@ -140,6 +140,8 @@ def test_a_plan_without_a_budget_needs_one_and_a_measurement_without_the_objecti
     with pytest.raises(pc.AllocationError, match="records no budget"):
         refine(model, problem, bare, None, measure=lambda s: {"loss": 1.0})
     start = pc.solve(problem, pc.Budget(flops=0.5), "dp")
+    with pytest.raises(pc.AllocationError, match="no sensitivity curves"):
+        refine(None, dataclasses.replace(problem, curves={}), start, None, measure=lambda s: {"loss": 1.0})
     with pytest.raises(pc.AllocationError, match="no finite 'loss'"):
         refine(None, problem, start, None, measure=lambda s: {"loss": math.nan})
     with pytest.raises(pc.AllocationError, match="no finite 'loss'"):
