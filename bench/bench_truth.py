@@ -34,7 +34,7 @@ Two columns say how far any predictor of this kind could get, so the errors can 
   on 1,000 images, sqrt(2/pi) times the binomial standard deviation at the measured accuracy.
 
 Run: `.venv/bin/python bench/bench_truth.py [--models resnet20,vit] [--store PATH] [--json PATH]`
-(about 3 minutes for resnet20 once swept; measurements are cached beside the store).
+(about 10 minutes for the three samples on a fresh store; measurements are cached beside it).
 """
 
 from __future__ import annotations
