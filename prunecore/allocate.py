@@ -194,17 +194,27 @@ class AllocationProblem:
         ms = dense_ms = None
         if self.latency is not None:
             ms, dense_ms = self.latency.price(kept), self.latency.dense_ms
-        over = False
-        if budget is not None:
-            if budget.kind == "latency" and ms is None:
-                raise AllocationError(_NO_LATENCY_MODEL)
-            spent, dense = {"flops": (flops, dense_flops), "params": (params, dense_params),
-                            "latency": (ms, dense_ms)}[budget.kind]  # fmt: skip
-            over = spent > budget.target(dense)
+        over = budget is not None and self._over(budget, params, flops, ms)
         beyond = tuple(n for n, k in kept.items()
                        if n in self.curves and 1.0 - k / self.graph[n].size > self.curves[n].fractions[-1] + 1e-9)
         return PlanReport(kept, params, flops, dense_params, dense_flops, self._predict(kept),
                           self._band(kept), self.predicted_by, over, beyond, ms, dense_ms)  # fmt: skip
+
+    def over_budget(self, sparsities: Mapping[str, float], budget: Budget) -> bool:
+        """`report(sparsities, budget).over_budget` without the prediction: for searches that check many plans."""
+        kept = self.kept(sparsities)
+        ms = self.latency.price(kept) if budget.kind == "latency" and self.latency is not None else None
+        return self._over(budget, *self.cost.price(kept), ms)
+
+    def _over(self, budget: Budget, params: int, flops: int, ms: float | None) -> bool:
+        """Whether a plan that spends `params`, `flops` and `ms` (None: no latency model) exceeds `budget`."""
+        if budget.kind == "latency":
+            if self.latency is None or ms is None:
+                raise AllocationError(_NO_LATENCY_MODEL)
+            return ms > budget.target(self.latency.dense_ms)
+        dense_params, dense_flops = self.cost.dense
+        return (flops if budget.kind == "flops" else params) > budget.target(
+            dense_flops if budget.kind == "flops" else dense_params)
 
     def floor(self, kind: str, method: str = "dp", min_sparsity: Bound = 0.0, max_sparsity: Bound = 0.9,
               locked: Mapping[str, float] | None = None, exclude: Sequence[str] = ()) -> float:  # fmt: skip

@@ -143,7 +143,7 @@ def refine(
     if unknown:
         raise AllocationError(f"frozen names no prunable group: {', '.join(map(repr, unknown[:5]))}")
     current = {n: float(s) for n, s in plan.sparsities.items()}
-    if problem.report(current, budget).over_budget:
+    if problem.over_budget(current, budget):
         raise AllocationError(f"the plan to refine does not meet the budget {budget}; refine keeps it, so it must")
     if measure is None:
         measure = _evaluator(model, problem, data, objective, bn_recalibration, bn_data, graph, device, autocast,
@@ -151,18 +151,16 @@ def refine(
     units = _units(problem, frozen)
     measured: dict[tuple[tuple[str, int], ...], Mapping[str, float]] = {}
 
-    def metrics_of(sparsities: Mapping[str, float]) -> Mapping[str, float]:
-        key = _key(problem, sparsities)
-        if key not in measured:
-            values = dict(measure(sparsities))
-            if objective not in values or not math.isfinite(float(values[objective])):
-                raise AllocationError(f"measuring a plan gave no finite {objective!r}: {values}")
-            measured[key] = values
-            if progress is not None:
-                progress(len(measured), steps + 1)
-        return measured[key]
+    def metrics_of(sparsities: Mapping[str, float], key: tuple[tuple[str, int], ...]) -> Mapping[str, float]:
+        values = dict(measure(sparsities))
+        if objective not in values or not math.isfinite(float(values[objective])):
+            raise AllocationError(f"measuring a plan gave no finite {objective!r}: {values}")
+        measured[key] = values
+        if progress is not None:
+            progress(len(measured), steps + 1)
+        return values
 
-    start = metrics_of(current)
+    start = metrics_of(current, _key(problem, current))
     best = start
     trials: list[Trial] = []
     rng = np.random.default_rng(seed)
@@ -170,9 +168,10 @@ def refine(
         if len(measured) - 1 >= steps or len(units) < 2:
             break
         candidate = _move(problem, budget, current, units, step, max_sparsity, rng)
-        if candidate is None or _key(problem, candidate) in measured:
+        key = None if candidate is None else _key(problem, candidate)
+        if key is None or key in measured:
             continue
-        values = metrics_of(candidate)
+        values = metrics_of(candidate, key)
         accepted = sign * float(values[objective]) < sign * float(best[objective])
         trials.append(Trial(candidate, values, accepted))
         if accepted:
@@ -218,7 +217,7 @@ def _move(
     low, high = 0.0, min(_stride(problem, second, step), given)  # how much to give back: the most that fits
     for _ in range(_BISECTIONS):
         mid = (low + high) / 2
-        if problem.report(moved | {n: given - mid for n in second}, budget).over_budget:
+        if problem.over_budget(moved | {n: given - mid for n in second}, budget):
             high = mid
         else:
             low = mid
